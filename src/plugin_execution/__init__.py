@@ -1,0 +1,107 @@
+"""plugin-execution: run plugin handlers for trio applications.
+
+The public API is re-exported here, explicitly. Names load on first use (PEP 562): a worker
+child imports ``plugin_execution.worker`` through this package and must not pay for trio,
+attrs and cattrs when the handler it runs needs none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backends.base import ExecutionBackend as ExecutionBackend
+    from .backends.in_process import InProcessBackend as InProcessBackend
+    from .context import ExecutionContext as ExecutionContext
+    from .errors import AbortedError as AbortedError
+    from .errors import AcquireTimeoutError as AcquireTimeoutError
+    from .errors import BackendClosedError as BackendClosedError
+    from .errors import ExecutionError as ExecutionError
+    from .errors import ExecutionTimeoutError as ExecutionTimeoutError
+    from .errors import HandlerContractError as HandlerContractError
+    from .errors import HandlerError as HandlerError
+    from .errors import HandlerNotFoundError as HandlerNotFoundError
+    from .errors import InvalidRequestError as InvalidRequestError
+    from .errors import ManifestError as ManifestError
+    from .errors import PermissionDeniedError as PermissionDeniedError
+    from .errors import PluginNotFoundError as PluginNotFoundError
+    from .errors import QueueFullError as QueueFullError
+    from .errors import ValidationError as ValidationError
+    from .errors import WorkerCrashedError as WorkerCrashedError
+    from .errors import WorkerUnhealthyError as WorkerUnhealthyError
+    from .errors import WorkspaceError as WorkspaceError
+    from .factory import create_execution_backend as create_execution_backend
+    from .manifest import ChannelSpec as ChannelSpec
+    from .manifest import HandlerSpec as HandlerSpec
+    from .manifest import Permissions as Permissions
+    from .manifest import PluginManifest as PluginManifest
+    from .manifest import Quotas as Quotas
+    from .manifest import load_manifest as load_manifest
+    from .registry import PluginRegistry as PluginRegistry
+    from .streaming import Execution as Execution
+    from .types import ExecutionEvent as ExecutionEvent
+    from .types import ExecutionRequest as ExecutionRequest
+    from .types import ExecutionResult as ExecutionResult
+    from .types import ExecutionStats as ExecutionStats
+    from .types import HealthStatus as HealthStatus
+    from .types import LatencySummary as LatencySummary
+    from .workspace import WorkspaceLease as WorkspaceLease
+    from .workspace import WorkspaceManager as WorkspaceManager
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "ExecutionBackend": "backends.base",
+    "InProcessBackend": "backends.in_process",
+    "ExecutionContext": "context",
+    "AbortedError": "errors",
+    "AcquireTimeoutError": "errors",
+    "BackendClosedError": "errors",
+    "ExecutionError": "errors",
+    "ExecutionTimeoutError": "errors",
+    "HandlerContractError": "errors",
+    "HandlerError": "errors",
+    "HandlerNotFoundError": "errors",
+    "InvalidRequestError": "errors",
+    "ManifestError": "errors",
+    "PermissionDeniedError": "errors",
+    "PluginNotFoundError": "errors",
+    "QueueFullError": "errors",
+    "ValidationError": "errors",
+    "WorkerCrashedError": "errors",
+    "WorkerUnhealthyError": "errors",
+    "WorkspaceError": "errors",
+    "create_execution_backend": "factory",
+    "ChannelSpec": "manifest",
+    "HandlerSpec": "manifest",
+    "Permissions": "manifest",
+    "PluginManifest": "manifest",
+    "Quotas": "manifest",
+    "load_manifest": "manifest",
+    "PluginRegistry": "registry",
+    "Execution": "streaming",
+    "ExecutionEvent": "types",
+    "ExecutionRequest": "types",
+    "ExecutionResult": "types",
+    "ExecutionStats": "types",
+    "HealthStatus": "types",
+    "LatencySummary": "types",
+    "WorkspaceLease": "workspace",
+    "WorkspaceManager": "workspace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plugin_execution' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

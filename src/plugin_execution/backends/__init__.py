@@ -1,0 +1,1 @@
+"""The execution backends: where a handler runs is a configuration choice."""

@@ -1,0 +1,305 @@
+"""ExecutionBackend: the one interface every backend implements.
+
+The base class owns what every backend shares: the lifecycle (an async context manager with a
+supervisor nursery), request resolution, the effective timeout, result/error shaping,
+``raise_errors``, stats, and the streaming form. A backend implements :meth:`_run` (place and
+run one job) and, if it owns resources, :meth:`_start` / :meth:`_stop`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import traceback
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+
+import attrs
+import trio
+
+from ..context import NULL_SINK
+from ..errors import BackendClosedError, ExecutionError, ExecutionTimeoutError
+from ..registry import PluginRegistry, ResolvedHandler
+from ..stats import StatsRecorder
+from ..streaming import ChannelSink, Execution
+from ..types import (
+    DEFAULT_TIMEOUT_S,
+    ExecutionEvent,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStats,
+    HealthStatus,
+    check_timeout,
+)
+from ..workspace import WorkspaceManager
+
+if TYPE_CHECKING:
+    from ..context import EventSink
+
+__all__ = ["ExecutionBackend", "Job"]
+
+_State = Literal["new", "running", "closing", "closed"]
+
+
+@attrs.define(slots=True, eq=False)
+class Job:
+    """One execution as a backend sees it: the request, resolved, with its limits."""
+
+    request: ExecutionRequest
+    target: ResolvedHandler
+    timeout: float
+    deadline: float  # trio clock
+    sink: EventSink
+    started: float  # time.perf_counter()
+
+    def timeout_error(self, what: str = "") -> ExecutionTimeoutError:
+        return ExecutionTimeoutError(
+            f"execution exceeded its {self.timeout:g} s timeout{what} and was stopped",
+            details={"timeout_s": self.timeout},
+        )
+
+
+class ExecutionBackend(abc.ABC):
+    """Runs plugin handlers. Use as ``async with backend: ...``.
+
+    Entering starts the backend's background tasks in its own nursery; leaving stops them,
+    and guarantees that no worker, thread, process, fd or workspace outlives the block.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        registry: PluginRegistry,
+        platform: Any = None,
+        workspace: WorkspaceManager | None = None,
+    ) -> None:
+        self.registry = registry
+        self.platform = platform
+        self.workspaces = workspace if workspace is not None else WorkspaceManager()
+        self._state: _State = "new"
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self._stats = StatsRecorder(self.name)
+        self._started_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise BackendClosedError(f"{self.name} backend was already started; make a new one")
+        self._state = "running"
+        try:
+            await self._stack.enter_async_context(self.workspaces)
+            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+            await self._start(self._nursery)
+        except BaseException:
+            self._state = "closed"
+            await self._stack.aclose()
+            raise
+        self._started_at = time.monotonic()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._state = "closing"
+        try:
+            with trio.CancelScope(shield=True):
+                await self._stop()
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+        finally:
+            try:
+                # Not __aexit__(*exc_info): a nursery would wrap the caller's own exception
+                # in an ExceptionGroup. The caller's exception propagates unchanged.
+                await self._stack.aclose()
+            finally:
+                self._state = "closed"
+
+    async def _start(self, nursery: trio.Nursery) -> None:  # noqa: B027
+        """Start background tasks (workers, reapers) in ``nursery``."""
+
+    async def _stop(self) -> None:  # noqa: B027
+        """Drain or stop what is in flight; runs shielded before the nursery is cancelled."""
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            why = {
+                "new": "has not been started: use it inside 'async with backend:'",
+                "closing": "is shutting down",
+                "closed": "is closed",
+            }[self._state]
+            raise BackendClosedError(f"the {self.name} backend {why}")
+
+    # -- executing ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _run(self, job: Job) -> ExecutionResult:
+        """Run one job to completion; raise an ExecutionError on failure.
+
+        Must stop the work and raise ``job.timeout_error()`` once ``job.deadline`` passes,
+        and stop the work when cancelled by the caller.
+        """
+
+    def _job(self, request: ExecutionRequest, timeout: float | None, sink: EventSink) -> Job:
+        target = self.registry.resolve(request.plugin_id, request.handler_id)
+        if timeout is not None:
+            check_timeout(None, None, timeout)
+        limit = timeout if timeout is not None else request.timeout
+        if limit is None:
+            limit = getattr(target.spec, "timeout", None) or DEFAULT_TIMEOUT_S
+        quota = target.permissions.quotas.timeout
+        if quota is not None and quota < limit:
+            limit = quota
+        return Job(
+            request, target, limit, trio.current_time() + limit, sink, time.perf_counter()
+        )
+
+    async def execute(
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None = None,
+        raise_errors: bool = True,
+    ) -> ExecutionResult:
+        """Run ``request`` and return its result.
+
+        ``timeout`` (seconds) overrides the request's. On failure raises an
+        :class:`ExecutionError` subclass, or with ``raise_errors=False`` returns a result
+        with ``ok=False`` and ``error`` set. Cancelling the call cancels the execution
+        wherever it runs, then raises :class:`trio.Cancelled` as usual.
+        """
+        return await self._execute(request, timeout, NULL_SINK, raise_errors)
+
+    async def _execute(
+        self,
+        request: ExecutionRequest,
+        timeout: float | None,
+        sink: EventSink,
+        raise_errors: bool,
+    ) -> ExecutionResult:
+        started = time.perf_counter()
+        stats = self._stats
+        stats.in_flight += 1
+        try:
+            self._check_running()
+            result = await self._run(self._job(request, timeout, sink))
+        except ExecutionError as exc:
+            error = exc
+        except trio.Cancelled:
+            stats.record_failure("ABORTED", time.perf_counter() - started)
+            raise
+        except Exception as exc:
+            error = ExecutionError(
+                f"internal error in the {self.name} backend: {type(exc).__name__}: {exc}",
+                details={"traceback": traceback.format_exc()},
+            )
+        else:
+            stats.record_ok(result.duration_s)
+            return result
+        finally:
+            stats.in_flight -= 1
+        duration = time.perf_counter() - started
+        error.with_ids(
+            execution_id=request.execution_id,
+            plugin_id=request.plugin_id,
+            handler_id=request.handler_id,
+        )
+        stats.record_failure(error.code, duration, error.message)
+        if raise_errors:
+            raise error
+        return ExecutionResult(
+            execution_id=request.execution_id,
+            ok=False,
+            error=error,
+            duration_s=duration,
+            backend=self.name,
+        )
+
+    @asynccontextmanager
+    async def open_execution(
+        self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024
+    ) -> AsyncIterator[Execution]:
+        """Start ``request`` and stream it: ``async with backend.open_execution(r) as ex:``.
+
+        ``ex.events`` yields the handler's events as they happen and ends with the
+        execution; ``await ex.result()`` gives the outcome. Leaving the block before the
+        execution ends cancels it. Events wait for buffer space when the handler awaits
+        ``ctx.emit``; non-blocking emits beyond ``buffer`` unread events are dropped.
+        """
+        self._check_running()
+        send, receive = trio.open_memory_channel[ExecutionEvent](buffer)
+        execution = Execution(request.execution_id, receive)
+        sink = ChannelSink(request.execution_id, send)
+
+        async def run() -> None:
+            async with send:
+                try:
+                    result = await self._execute(request, timeout, sink, raise_errors=False)
+                except trio.Cancelled:
+                    execution._fail(_aborted(request))
+                    raise
+                if sink.dropped:
+                    result = attrs.evolve(
+                        result, metadata={**result.metadata, "events_dropped": sink.dropped}
+                    )
+                execution._finish(result, None)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                try:
+                    yield execution
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Only the caller's block can raise here: give them their exception, unwrapped.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    # -- observing ------------------------------------------------------------------------
+
+    def stats(self) -> ExecutionStats:
+        """Counters since start and latency percentiles over recent executions."""
+        return self._stats.snapshot(**self._stats_details())
+
+    def _stats_details(self) -> dict[str, Any]:
+        return {}
+
+    async def health(self) -> HealthStatus:
+        """Whether the backend can take work, with details. A checkpoint."""
+        await trio.lowlevel.checkpoint()
+        details = {
+            "state": self._state,
+            "uptime_s": time.monotonic() - self._started_at if self._started_at else 0.0,
+            "in_flight": self._stats.in_flight,
+            "last_error": self._stats.last_error,
+            **self._health_details(),
+        }
+        healthy = self._state == "running"
+        return HealthStatus(
+            healthy=healthy,
+            backend=self.name,
+            status="healthy" if healthy else "unhealthy",
+            details=details,
+        )
+
+    def _health_details(self) -> dict[str, Any]:
+        return {}
+
+
+def _aborted(request: ExecutionRequest) -> ExecutionError:
+    from ..errors import AbortedError
+
+    return AbortedError(
+        "the execution was cancelled by its caller",
+        execution_id=request.execution_id,
+        plugin_id=request.plugin_id,
+        handler_id=request.handler_id,
+    )

@@ -1,0 +1,169 @@
+"""The values that flow through the public API: requests, results, events, health and stats.
+
+All are ``attrs`` frozen classes. Validation happens at the edge, in field validators, and
+raises :class:`~plugin_execution.errors.InvalidRequestError` so a bad request never gets as far
+as a backend.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from .errors import ExecutionError, InvalidRequestError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ExecutionEvent",
+    "ExecutionRequest",
+    "ExecutionResult",
+    "ExecutionStats",
+    "HealthStatus",
+    "LatencySummary",
+    "new_execution_id",
+]
+
+DEFAULT_TIMEOUT_S = 30.0
+
+#: Plugin, handler and execution ids: safe as file names and log fields.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_EXECUTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def new_execution_id() -> str:
+    """A fresh 128-bit random execution id (hex)."""
+    return os.urandom(16).hex()
+
+
+def _check_id(pattern: re.Pattern[str], what: str) -> Any:
+    def check(_inst: Any, _attr: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, str) or pattern.fullmatch(value) is None:
+            raise InvalidRequestError(
+                f"{what} must be 1-128 characters of letters, digits and "
+                f"{'-_' if pattern is _EXECUTION_ID else '._:@-'}, starting with a letter or "
+                f"digit; got {value!r}"
+            )
+
+    return check
+
+
+def check_timeout(_inst: Any, _attr: Any, value: float | None) -> None:
+    """Raise InvalidRequestError unless ``value`` is None or a positive number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidRequestError(f"timeout must be a positive number of seconds; got {value!r}")
+
+
+def _to_context(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"context must be a mapping; got {type(value).__name__}")
+    return dict(value)
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionRequest:
+    """One call of ``plugin_id`` / ``handler_id`` with an input and a context.
+
+    ``context`` is the caller's descriptor (host type such as ``cli``, ``rest``, ``ws``;
+    request, trace and tenant ids; config). ``execution_id`` is generated when absent and is
+    distinct from any request id in ``context``: a retry of one request is a new execution.
+    ``timeout`` is in seconds; None means the handler's own default, else
+    :data:`DEFAULT_TIMEOUT_S` (30 s). A plugin's quota may lower it, never raise it.
+    """
+
+    plugin_id: str = attrs.field(validator=_check_id(_ID, "plugin_id"))
+    handler_id: str = attrs.field(validator=_check_id(_ID, "handler_id"))
+    input: Any = None
+    context: dict[str, Any] = attrs.field(factory=dict, converter=_to_context)
+    execution_id: str = attrs.field(
+        factory=new_execution_id, validator=_check_id(_EXECUTION_ID, "execution_id")
+    )
+    timeout: float | None = attrs.field(default=None, validator=check_timeout)
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionResult:
+    """The outcome of one execution: ``ok`` with ``output``, or not ``ok`` with ``error``.
+
+    ``metadata`` carries what the backend measured: ``workspace_id``, ``warm``,
+    ``peak_memory_kb`` where known, and backend-specific details.
+    """
+
+    execution_id: str
+    ok: bool
+    output: Any = None
+    error: ExecutionError | None = attrs.field(default=None, eq=False)
+    duration_s: float = 0.0
+    backend: str = ""
+    worker_id: str | None = None
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+    def unwrap(self) -> Any:
+        """Return ``output``, or raise ``error`` when the execution failed."""
+        if self.error is not None:
+            raise self.error
+        return self.output
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionEvent:
+    """Something a running execution reported: progress, a log line, or a custom event.
+
+    ``kind`` is ``"progress"`` (``data = {"done": n, "total": m}``), ``"log"``
+    (``data = {"level": ..., "message": ...}``) or any name the handler chose.
+    """
+
+    execution_id: str
+    kind: str
+    data: Any = None
+    timestamp: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class HealthStatus:
+    """A backend's health: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``."""
+
+    healthy: bool
+    backend: str
+    status: Literal["healthy", "degraded", "unhealthy"] = "healthy"
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class LatencySummary:
+    """Average and percentiles in seconds over a recent window of samples."""
+
+    count: int = 0
+    avg: float = 0.0
+    p50: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+    max: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class ExecutionStats:
+    """Counters since the backend started, and latency over a recent window."""
+
+    backend: str
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    failed_by_code: dict[str, int] = attrs.field(factory=dict)
+    in_flight: int = 0
+    queued: int = 0
+    queue_full_rejections: int = 0
+    acquire_timeouts: int = 0
+    worker_crashes: int = 0
+    workers_recycled: int = 0
+    permission_denials: int = 0
+    latency: LatencySummary = attrs.field(factory=LatencySummary)
+    queue_wait: LatencySummary = attrs.field(factory=LatencySummary)
+    details: dict[str, Any] = attrs.field(factory=dict)

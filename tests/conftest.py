@@ -1,0 +1,107 @@
+"""Shared fixtures: the test plugin registry, a private workspace root, and leak checks.
+
+Every test runs under ``no_leaks``: after it, this process has the same open fds and no child
+processes (zombies included) that it did not have before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin_execution import PluginRegistry, WorkspaceManager
+
+PLUGINS = Path(__file__).parent / "plugins"
+SRC = Path(__file__).parents[1] / "src"
+
+
+def open_fds() -> set[int]:
+    """This process's open fds, less the one used to list them."""
+    listing = f"/proc/{os.getpid()}/fd"
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != listing:
+                fds.add(int(name))
+        except OSError:
+            continue
+    return fds
+
+
+def child_pids(parent: int | None = None) -> set[int]:
+    """Pids whose parent is ``parent`` (default: this process), zombies included."""
+    parent = os.getpid() if parent is None else parent
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[1]) == parent:
+            found.add(int(entry))
+    return found
+
+
+def _settle(check: callable, timeout: float = 5.0) -> bool:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    fds_before = open_fds()
+    children_before = child_pids()
+    yield
+    assert _settle(lambda: open_fds() <= fds_before), (
+        f"fds leaked: {sorted(open_fds() - fds_before)} -> "
+        + ", ".join(_describe_fd(fd) for fd in sorted(open_fds() - fds_before))
+    )
+    assert _settle(lambda: child_pids() <= children_before), (
+        f"child processes leaked: {sorted(child_pids() - children_before)}"
+    )
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return f"{fd}={os.readlink(f'/proc/self/fd/{fd}')}"
+    except OSError:
+        return f"{fd}=?"
+
+
+@pytest.fixture
+def registry() -> PluginRegistry:
+    """The test plugin ``tests.sample`` (loaded from its plugin.toml) and the examples."""
+    registry = PluginRegistry.from_entry_points()
+    registry.load_path(PLUGINS)
+    return registry
+
+
+@pytest.fixture
+def workspace_root(tmp_path: Path) -> Iterator[Path]:
+    """A workspace root that must be empty of workspaces when the test ends."""
+    root = tmp_path / "workspaces"
+    yield root
+    leftovers = [p for p in root.rglob("*") if p.is_dir() and p.parent != root] if root.exists() else []
+    assert not leftovers, f"workspace dirs leaked: {leftovers}"
+
+
+@pytest.fixture
+def workspaces(workspace_root: Path) -> WorkspaceManager:
+    return WorkspaceManager(root=workspace_root)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.path.insert(0, str(PLUGINS))  # lets tests import the sample plugin directly

@@ -1,0 +1,1 @@
+"""Plugins used by the tests: real handlers for every path the backends must handle."""

@@ -1,0 +1,137 @@
+"""Handlers for tests. Importable as ``tests.plugins.sample`` or, with the plugin root on
+``sys.path``, as ``sample`` (how a worker child imports an uninstalled plugin)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import attrs
+
+
+async def echo(ctx: Any, input: Any) -> Any:
+    return input
+
+
+def add(ctx: Any, input: dict[str, int]) -> int:
+    return input["a"] + input["b"]
+
+
+async def sleep(ctx: Any, input: dict[str, float]) -> str:
+    import trio
+
+    await trio.sleep(input["seconds"])
+    return "slept"
+
+
+def sleep_sync(ctx: Any, input: dict[str, float]) -> str:
+    time.sleep(input["seconds"])
+    return "slept"
+
+
+def spin(ctx: Any, input: Any) -> None:
+    """A tight CPU loop that never yields and never returns."""
+    while True:
+        pass
+
+
+async def fail(ctx: Any, input: Any) -> None:
+    raise ValueError(f"bad input: {input!r}")
+
+
+def fail_sync(ctx: Any, input: Any) -> None:
+    raise KeyError("missing")
+
+
+async def events(ctx: Any, input: dict[str, int]) -> int:
+    for i in range(input["count"]):
+        ctx.progress(i + 1, input["count"])
+        await ctx.emit("tick", {"i": i})
+    ctx.logger.info("done after %d", input["count"])
+    return input["count"]
+
+
+def events_sync(ctx: Any, input: dict[str, int]) -> int:
+    for i in range(input["count"]):
+        ctx.progress(i + 1, input["count"])
+    return input["count"]
+
+
+async def unserializable(ctx: Any, input: Any) -> object:
+    return object()
+
+
+async def use_workspace(ctx: Any, input: Any) -> dict[str, Any]:
+    path = ctx.workspace / "note.txt"
+    path.write_text("hello")
+    return {"dir": str(ctx.workspace), "mode": oct(os.stat(ctx.workspace).st_mode & 0o777)}
+
+
+def whoami(ctx: Any, input: Any) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "execution_id": ctx.execution_id,
+        "plugin_id": ctx.plugin_id,
+        "handler_id": ctx.handler_id,
+        "context": dict(ctx.context),
+    }
+
+
+def crash(ctx: Any, input: dict[str, int]) -> None:
+    os._exit(input.get("code", 3))
+
+
+def kill_self(ctx: Any, input: dict[str, int]) -> None:
+    import signal
+
+    os.kill(os.getpid(), input.get("signal", signal.SIGKILL))
+
+
+def noisy(ctx: Any, input: Any) -> str:
+    print("to stdout")
+    import sys
+
+    print("to stderr", file=sys.stderr)
+    os.write(1, b"raw fd 1\n")
+    return "quiet result"
+
+
+@attrs.frozen
+class Point:
+    x: int
+    y: int
+
+
+@attrs.frozen
+class Norm:
+    squared: int
+
+
+def typed(ctx: Any, input: Point) -> Norm:
+    return Norm(input.x * input.x + input.y * input.y)
+
+
+class Counter:
+    """A class handler: instantiated once per process, with warmup() and describe()."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.warm = False
+
+    def warmup(self) -> None:
+        self.warm = True
+
+    def describe(self) -> dict[str, str]:
+        return {"summary": "counts calls"}
+
+    async def execute(self, ctx: Any, input: Any) -> dict[str, Any]:
+        self.calls += 1
+        return {"calls": self.calls, "warm": self.warm}
+
+
+not_a_handler = 42
+
+
+class NoExecute:
+    pass
