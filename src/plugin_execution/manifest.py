@@ -198,13 +198,38 @@ class PluginManifest:
 _strict = cattrs.Converter(forbid_extra_keys=True)
 
 
+def _structure_strings(value: Any, _: Any) -> tuple[str, ...]:
+    """A string is one pattern (not its characters); every item must be a string."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"expected a string or a list of strings, got {type(value).__name__}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected strings, got {item!r} ({type(item).__name__})")
+    return tuple(value)
+
+
+_strict.register_structure_hook_func(
+    lambda t: t == tuple[str, ...], _structure_strings
+)
+
+
 
 
 def _keyed_list(value: Any) -> Any:
     """Accept ``[handlers.greet] entry = ...`` (a table keyed by id) as well as a list."""
     if isinstance(value, Mapping):
-        return [{"id": key, **body} if isinstance(body, Mapping) else body
-                for key, body in value.items()]
+        items = []
+        for key, body in value.items():
+            if isinstance(body, Mapping):
+                if body.get("id", key) != key:
+                    raise ManifestError(
+                        f"handler table [handlers.{key}] sets a different id {body['id']!r}"
+                    )
+                body = {**body, "id": key}
+            items.append(body)
+        return items
     return value
 
 

@@ -8,6 +8,7 @@ not import handler code (backends do that where the handler runs).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -156,7 +157,10 @@ def _manifest_of(ep: EntryPoint) -> PluginManifest:
     if isinstance(obj, PluginManifest):
         return obj
     if isinstance(obj, Mapping):
-        return manifest_from_dict(obj)
+        # a relative root is relative to the module that declared the manifest
+        module = getattr(ep, "module", "") or ""
+        origin = getattr(sys.modules.get(module), "__file__", None)
+        return manifest_from_dict(obj, base_dir=Path(origin).parent if origin else None)
     if isinstance(obj, str | Path):
         return load_manifest(obj)
     raise ManifestError(
