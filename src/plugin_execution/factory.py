@@ -20,6 +20,10 @@ def _backend_class(type: str) -> type[ExecutionBackend]:
         from .backends.in_process import InProcessBackend
 
         return InProcessBackend
+    if type == "worker-pool":
+        from .backends.worker_pool import WorkerPoolBackend
+
+        return WorkerPoolBackend
     if type == "subprocess":
         from .backends.subprocess import SubprocessBackend
 

@@ -135,3 +135,26 @@ not_a_handler = 42
 
 class NoExecute:
     pass
+
+
+def environment(ctx: Any, input: Any) -> dict[str, str]:
+    return dict(os.environ)
+
+
+def limits(ctx: Any, input: Any) -> dict[str, Any]:
+    import resource
+
+    return {
+        name: list(resource.getrlimit(getattr(resource, name)))
+        for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_FSIZE")
+    } | {"cwd": os.getcwd(), "pgid": os.getpgid(0), "pid": os.getpid()}
+
+
+def allocate(ctx: Any, input: dict[str, int]) -> int:
+    """Allocate ``mb`` megabytes and touch them."""
+    block = bytearray(input["mb"] * 1024 * 1024)
+    return len(block)
+
+
+def open_fds(ctx: Any, input: Any) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
