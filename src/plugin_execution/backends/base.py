@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 import attrs
 import trio
 
+from .._groups import unwrap_single
 from ..context import NULL_SINK
 from ..errors import BackendClosedError, ExecutionError, ExecutionTimeoutError
 from ..registry import PluginRegistry, ResolvedHandler
@@ -250,18 +251,13 @@ class ExecutionBackend(abc.ABC):
                     )
                 execution._finish(result, None)
 
-        try:
+        with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run)
                 try:
                     yield execution
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # Only the caller's block can raise here: give them their exception, unwrapped.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
     # -- observing ------------------------------------------------------------------------
 

@@ -1,0 +1,35 @@
+"""Keeping a caller's exception unwrapped when it passes through our nurseries.
+
+A context manager that yields inside a nursery (a worker, an execution stream) would hand the
+caller's own exception back wrapped in an ``ExceptionGroup``. Our background tasks never
+raise into those nurseries, so a one-exception group is the caller's exception: unwrap it.
+A group made only of ``trio.Cancelled`` (the body and the tasks all cancelled together) is
+one cancellation: re-raise a single ``Cancelled`` so callers can ``except trio.Cancelled``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+__all__ = ["unwrap_single"]
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+@contextmanager
+def unwrap_single() -> Iterator[None]:
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from None
+        _, rest = group.split(trio.Cancelled)
+        if rest is None:
+            raise _first_leaf(group) from None
+        raise

@@ -1,0 +1,165 @@
+"""SubprocessBackend: a fresh child process per execution, for untrusted plugins.
+
+Each execution gets its own worker child: its own session and process group, cwd = the
+execution's workspace, an environment reduced to an allow-list (a minimal base plus the
+variables the manifest's ``env.read`` grants), and resource limits (``setrlimit``) applied
+before plugin code is imported. Nothing is shared between executions.
+
+A timeout sends ``Cancel``, waits ``cancel_grace`` seconds, then SIGKILLs the whole process
+group: even a tight CPU loop or a ``time.sleep`` in a sync handler is stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import trio
+
+from ..manifest import Permissions
+from ..process import WorkerLimits, open_worker_process
+from ..types import ExecutionResult
+from ..zygote import Zygote, open_zygote
+from .base import ExecutionBackend, Job
+
+__all__ = ["SubprocessBackend"]
+
+#: Variables every child gets (when the host has them): enough to run Python and locale.
+BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+def child_environment(
+    permissions: Permissions, workspace: str, host_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The child's whole environment: the base, the granted variables, HOME/TMPDIR."""
+    host_env = os.environ if host_env is None else host_env
+    granted = permissions.env.read
+    env = {name: host_env[name] for name in BASE_ENV if name in host_env}
+    for name, value in host_env.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in granted):
+            env[name] = value
+    env["HOME"] = env["TMPDIR"] = workspace
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    return env
+
+
+class SubprocessBackend(ExecutionBackend):
+    """Runs every execution in a fresh, isolated child process.
+
+    Options:
+
+    - ``start_method``: ``"spawn"`` (a fresh ``python -I``, the default) or ``"zygote"``
+      (a pre-warmed helper forks each child: faster start, same isolation between runs).
+    - ``cancel_grace``: seconds between ``Cancel`` and SIGKILL (default 0.5).
+    - ``memory_mb`` (address space, default 4096), ``open_files`` (default 256),
+      ``file_size_mb`` (default 1024): per-child limits; a plugin's quotas lower
+      ``memory_mb`` and set the CPU-seconds limit (default: the timeout, rounded up, + 1).
+    - ``max_concurrent``: children alive at once (default 64); more executions wait.
+    """
+
+    name = "subprocess"
+
+    def __init__(
+        self,
+        *,
+        start_method: Literal["spawn", "zygote"] = "spawn",
+        cancel_grace: float = 0.5,
+        memory_mb: int = 4096,
+        open_files: int = 256,
+        file_size_mb: int = 1024,
+        max_concurrent: int = 64,
+        start_timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if start_method not in ("spawn", "zygote"):
+            raise ValueError(f"start_method must be 'spawn' or 'zygote', not {start_method!r}")
+        self.start_method = start_method
+        self.cancel_grace = cancel_grace
+        self._memory_mb = memory_mb
+        self._open_files = open_files
+        self._file_size_mb = file_size_mb
+        self._start_timeout = start_timeout
+        self._slots = trio.CapacityLimiter(max_concurrent)
+        self._children = 0
+        self._zygote: Zygote | None = None
+        self._zygote_ready = trio.Event()
+        self.zygote_restarts = 0
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        if self.start_method == "zygote":
+            await nursery.start(self._keep_zygote)
+
+    async def _keep_zygote(self, task_status: trio.TaskStatus[None]) -> None:
+        """Own the zygote: start it, and replace it (with backoff) whenever it dies."""
+        delay = 0.05
+        while True:
+            async with open_zygote(start_timeout=self._start_timeout) as zygote:
+                self._zygote = zygote
+                self._zygote_ready.set()
+                if delay == 0.05:
+                    task_status.started()
+                await zygote.lost.wait()
+            self._zygote_ready = trio.Event()
+            self.zygote_restarts += 1
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _zygote_for_spawn(self) -> Zygote | None:
+        if self.start_method != "zygote":
+            return None
+        await self._zygote_ready.wait()
+        return self._zygote
+
+    def _limits(self, job: Job) -> WorkerLimits:
+        quotas = job.target.permissions.quotas
+        memory = self._memory_mb
+        if quotas.memory_mb is not None:
+            memory = min(memory, quotas.memory_mb)
+        cpu = quotas.cpu_s if quotas.cpu_s is not None else math.ceil(job.timeout) + 1
+        return WorkerLimits(
+            address_space_mb=memory,
+            cpu_s=cpu,
+            open_files=self._open_files,
+            file_size_mb=self._file_size_mb,
+        )
+
+    async def _run(self, job: Job) -> ExecutionResult:
+        request = job.request
+        async with self._slots:
+            async with self.workspaces.lease(request.execution_id) as lease:
+                workspace = str(lease.dir)
+                self._children += 1
+                try:
+                    async with open_worker_process(
+                        cwd=workspace,
+                        env=child_environment(job.target.permissions, workspace),
+                        limits=self._limits(job),
+                        zygote=await self._zygote_for_spawn(),
+                        start_timeout=self._start_timeout,
+                        close_grace=self.cancel_grace,
+                    ) as worker:
+                        return await worker.execute(
+                            job,
+                            backend=self.name,
+                            workspace=workspace,
+                            cancel_grace=self.cancel_grace,
+                        )
+                finally:
+                    self._children -= 1
+
+    def _health_details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "active_subprocesses": self._children,
+            "start_method": self.start_method,
+        }
+        if self.start_method == "zygote":
+            details["zygote_pid"] = self._zygote.pid if self._zygote else None
+            details["zygote_restarts"] = self.zygote_restarts
+        return details
+
+    def _stats_details(self) -> dict[str, Any]:
+        return {"active_subprocesses": self._children}

@@ -1,0 +1,520 @@
+"""WorkerProcess: the host's handle on one worker child.
+
+It starts the child (``python -I -m plugin_execution.worker`` on an inherited socketpair, in a
+session and process group of its own), completes the handshake, multiplexes executions over
+the protocol, and reaps the child. Every process backend is built on it: the subprocess
+backend opens one per execution, the pool keeps several alive.
+
+``open_worker_process()`` is an async context manager: when its block exits the child has been
+asked to stop, killed if it did not, and reaped; its fds are closed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ._groups import unwrap_single
+from .errors import ExecutionError, WorkerCrashedError
+from .protocol import (
+    Cancel,
+    Connection,
+    Error,
+    Event,
+    Execute,
+    Hello,
+    Ping,
+    Pong,
+    ProtocolError,
+    Result,
+    Shutdown,
+    Warmed,
+    Warmup,
+)
+from .types import ExecutionResult
+
+if TYPE_CHECKING:
+    from .backends.base import Job
+    from .zygote import Zygote
+
+
+class ChildProcess(Protocol):
+    """What a worker needs of its process: a ``trio.Process`` or a zygote's child."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+__all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
+
+_ids = itertools.count(1)
+_STDERR_TAIL_BYTES = 8192
+
+
+class WorkerLimits:
+    """Resource limits applied by the child to itself before it imports plugin code."""
+
+    __slots__ = ("address_space_mb", "cpu_s", "file_size_mb", "open_files", "processes")
+
+    def __init__(
+        self,
+        *,
+        address_space_mb: int | None = None,
+        cpu_s: float | None = None,
+        open_files: int | None = None,
+        file_size_mb: int | None = None,
+        processes: int | None = None,
+    ) -> None:
+        self.address_space_mb = address_space_mb
+        self.cpu_s = cpu_s
+        self.open_files = open_files
+        self.file_size_mb = file_size_mb
+        self.processes = processes
+
+    def to_arg(self) -> str:
+        parts = []
+        if self.address_space_mb:
+            parts.append(f"as={self.address_space_mb * 1024 * 1024}")
+        if self.cpu_s:
+            parts.append(f"cpu={max(1, int(self.cpu_s + 0.999))}")
+        if self.open_files:
+            parts.append(f"nofile={self.open_files}")
+        if self.file_size_mb:
+            parts.append(f"fsize={self.file_size_mb * 1024 * 1024}")
+        if self.processes:
+            parts.append(f"nproc={self.processes}")
+        return ",".join(parts)
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result", "sink")
+
+    def __init__(self, sink: Any) -> None:
+        self.done = trio.Event()
+        self.sink = sink
+        self.result: Result | None = None
+        self.error: ExecutionError | None = None
+
+
+class WorkerProcess:
+    """One live worker child. Create it with :func:`open_worker_process`."""
+
+    def __init__(
+        self,
+        process: ChildProcess,
+        stream: trio.SocketStream,
+        stderr: trio.lowlevel.FdStream | None,
+        kill: Callable[[], None] | None = None,
+    ) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.worker_id = f"w{next(_ids)}-{process.pid}"
+        self.started_at = time.monotonic()
+        self.executions = 0
+        self._stream = stream
+        self._stderr = stderr
+        self._force_kill = kill or self._kill_group
+        self._stderr_tail: deque[bytes] = deque()
+        self._stderr_bytes = 0
+        self._conn = Connection(role="host")
+        self._send_lock = trio.StrictFIFOLock()
+        self._pending: dict[str, _Pending] = {}
+        self._pongs: dict[int, trio.MemorySendChannel[Pong]] = {}
+        self._warmed: dict[tuple[str, str], trio.MemorySendChannel[Warmed]] = {}
+        self._ping_seq = itertools.count()
+        self._ready = trio.Event()  # set by Hello, or by the worker's loss
+        self._stderr_eof = trio.Event()
+        self.lost = trio.Event()
+        self.crash: ExecutionError | None = None
+        self._kill_error: ExecutionError | None = None
+        self._closing = False
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        return not self.lost.is_set()
+
+    def crash_error(self) -> ExecutionError:
+        """A fresh copy of why the worker was lost (one exception object per raise)."""
+        if self.crash is None:
+            return WorkerCrashedError(f"worker {self.worker_id} is not available")
+        return ExecutionError.from_dict(self.crash.to_dict())
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        text = b"".join(self._stderr_tail).decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- background tasks -----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        reason = "the host stopped the worker"
+        try:
+            while True:
+                data = await self._stream.receive_some(262144)
+                self._conn.receive_data(data)
+                while (msg := self._conn.next_message()) is not None:
+                    self._dispatch(msg)
+                if not data:
+                    reason = "the worker closed its connection"
+                    break
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            # Even when cancelled: whoever waits on this worker must hear that it is gone.
+            await self._lose(reason)
+
+    async def _drain_stderr(self) -> None:
+        if self._stderr is None:
+            self._stderr_eof.set()
+            return
+        try:
+            while chunk := await self._stderr.receive_some(65536):
+                self._stderr_tail.append(chunk)
+                self._stderr_bytes += len(chunk)
+                while self._stderr_bytes > _STDERR_TAIL_BYTES and len(self._stderr_tail) > 1:
+                    self._stderr_bytes -= len(self._stderr_tail.popleft())
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            self._stderr_eof.set()
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, Event):
+            pending = self._pending.get(msg.execution_id)
+            if pending is not None:
+                pending.sink.emit(msg.kind, msg.data)
+        elif isinstance(msg, Result | Error):
+            pending = self._pending.get(msg.execution_id)
+            if pending is not None and not pending.done.is_set():
+                if isinstance(msg, Result):
+                    pending.result = msg
+                else:
+                    pending.error = ExecutionError.from_dict(msg.error)
+                pending.done.set()
+        elif isinstance(msg, Pong):
+            waiter = self._pongs.pop(msg.seq, None)
+            if waiter is not None:
+                waiter.send_nowait(msg)
+        elif isinstance(msg, Warmed):
+            waiter = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
+            if waiter is not None:
+                waiter.send_nowait(msg)
+        elif isinstance(msg, Hello):
+            self._ready.set()
+
+    async def _lose(self, reason: str) -> None:
+        """The worker is gone (or unusable): reap it and fail what it was running."""
+        if self.lost.is_set():
+            return
+        with trio.CancelScope(shield=True):
+            if not self._closing:
+                self.kill()
+            await self.process.wait()
+            with trio.move_on_after(1):  # let the stderr pipe drain to EOF
+                await self._stderr_eof.wait()
+        code = self.process.returncode
+        details: dict[str, Any] = {"stderr_tail": self.stderr_tail(), "pid": self.pid}
+        if code is not None and code < 0:
+            details["signal"] = -code
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            details["exit_code"] = code
+            how = f"exited with status {code}"
+        if self._kill_error is not None:
+            self._kill_error.details.update(details)
+            self.crash = self._kill_error
+        else:
+            self.crash = WorkerCrashedError(
+                f"worker {self.worker_id} {how} ({reason})", details=details
+            )
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.error = self.crash_error()
+                pending.done.set()
+        for waiters in (self._pongs, self._warmed):
+            for channel in waiters.values():
+                channel.close()
+            waiters.clear()
+        self.lost.set()
+        self._ready.set()
+
+    # -- talking to the worker ------------------------------------------------------------
+
+    async def _send(self, msg: Any) -> None:
+        data = self._conn.send(msg)
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self.lost.wait()
+                raise self.crash_error() from None
+
+    async def execute(
+        self,
+        job: Job,
+        *,
+        backend: str,
+        workspace: str | None = None,
+        cancel_grace: float = 1.0,
+    ) -> ExecutionResult:
+        """Run ``job`` on this worker and return its result.
+
+        Raises the handler's :class:`ExecutionError`; ``WorkerCrashedError`` when the worker
+        dies; ``job.timeout_error()`` at the deadline, after sending ``Cancel`` and waiting
+        ``cancel_grace`` seconds for the worker to stop the handler, killing the worker if it
+        did not. Cancellation does the same, then re-raises.
+        """
+        if self.lost.is_set():
+            raise self.crash_error()
+        request = job.request
+        execution_id = request.execution_id
+        pending = self._pending[execution_id] = _Pending(job.sink)
+        self.executions += 1
+        try:
+            await self._send(
+                Execute(
+                    execution_id=execution_id,
+                    plugin_id=request.plugin_id,
+                    handler_id=request.handler_id,
+                    entry=job.target.entry,
+                    root=job.target.root,
+                    input=request.input,
+                    context=request.context,
+                    workspace=workspace,
+                    timeout=max(0.001, job.deadline - trio.current_time()),
+                )
+            )
+            with trio.CancelScope(deadline=job.deadline):
+                await pending.done.wait()
+            if not pending.done.is_set():
+                await self._stop_execution(execution_id, pending, cancel_grace)
+                raise job.timeout_error()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self._stop_execution(execution_id, pending, cancel_grace)
+            raise
+        finally:
+            del self._pending[execution_id]
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return ExecutionResult(
+            execution_id=execution_id,
+            ok=True,
+            output=pending.result.output,
+            duration_s=time.perf_counter() - job.started,
+            backend=backend,
+            worker_id=self.worker_id,
+            metadata=pending.result.metadata,
+        )
+
+    async def _stop_execution(self, execution_id: str, pending: _Pending, grace: float) -> None:
+        if pending.done.is_set() or self.lost.is_set():
+            return
+        try:
+            await self._send(Cancel(execution_id=execution_id, reason="stopped by the host"))
+        except ExecutionError:
+            return
+        with trio.move_on_after(grace):
+            await pending.done.wait()
+        if not pending.done.is_set():
+            self.kill()
+
+    async def ping(self) -> Pong:
+        """Ask the worker for a ``Pong`` (RSS, uptime, in-flight); wait as long as it takes.
+
+        Raises ``WorkerCrashedError`` when the worker dies first. Wrap in a timeout to
+        detect a hung worker.
+        """
+        seq = next(self._ping_seq)
+        send, receive = trio.open_memory_channel[Pong](1)
+        self._pongs[seq] = send
+        try:
+            await self._send(Ping(seq=seq))
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                raise self.crash_error() from None
+        finally:
+            self._pongs.pop(seq, None)
+
+    async def warmup(self, plugin_id: str, handler_id: str, entry: str, root: str | None) -> None:
+        """Import a handler and run its ``warmup()`` hook in the worker; raise on failure."""
+        send, receive = trio.open_memory_channel[Warmed](1)
+        self._warmed[(plugin_id, handler_id)] = send
+        await self._send(Warmup(plugin_id=plugin_id, handler_id=handler_id, entry=entry, root=root))
+        try:
+            reply = await receive.receive()
+        except trio.EndOfChannel:
+            raise self.crash_error() from None
+        if not reply.ok and reply.error is not None:
+            raise ExecutionError.from_dict(reply.error)
+
+    def kill(self, error: ExecutionError | None = None) -> None:
+        """SIGKILL the worker's whole process group (it runs in a session of its own).
+
+        ``error``, when given, is what its in-flight executions fail with (default:
+        ``WorkerCrashedError``); e.g. ``WorkerUnhealthyError`` after a failed health check.
+        """
+        if error is not None and self._kill_error is None and not self.lost.is_set():
+            self._kill_error = error
+        if self.process.returncode is None:
+            self._force_kill()
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        """Ask the worker to exit; kill it after ``grace`` seconds; reap it. Idempotent.
+
+        Shielded from cancellation, and independent of the reader task (which may already
+        be cancelled): it waits on the process itself.
+        """
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                with trio.move_on_after(grace):
+                    if not self.lost.is_set():
+                        try:
+                            await self._send(Shutdown())
+                        except ExecutionError:
+                            pass
+                    await self.process.wait()
+            if self.process.returncode is None:
+                self.kill()
+                await self.process.wait()
+
+
+def worker_argv(limits: WorkerLimits | None, fd: int) -> list[str]:
+    argv = [sys.executable, "-I", "-m", "plugin_execution.worker", "--fd", str(fd)]
+    if limits is not None and (arg := limits.to_arg()):
+        argv += ["--limits", arg]
+    return argv
+
+
+@asynccontextmanager
+async def open_worker_process(
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    limits: WorkerLimits | None = None,
+    zygote: Zygote | None = None,
+    start_timeout: float = 30.0,
+    close_grace: float = 2.0,
+) -> AsyncIterator[WorkerProcess]:
+    """Start a worker child and yield it once it said ``Hello``.
+
+    The child is a fresh ``python -I`` by default, or forked by ``zygote``. Raises
+    ``WorkerCrashedError`` if it dies or stays silent for ``start_timeout`` seconds before the
+    handshake. On exit it is shut down (killed after ``close_grace``) and reaped.
+    """
+    host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    err_read, err_write = os.pipe()
+    process: ChildProcess
+    try:
+        if zygote is not None:
+            process = await zygote.spawn(
+                child_sock.fileno(),
+                err_write,
+                cwd=cwd,
+                env=env,
+                limits=limits.to_arg() if limits is not None else "",
+            )
+        else:
+            process = await trio.lowlevel.open_process(
+                worker_argv(limits, child_sock.fileno()),
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=err_write,
+                stderr=err_write,
+                start_new_session=True,
+                cwd=cwd,
+                env=env,
+            )
+    except BaseException:
+        host_sock.close()
+        os.close(err_read)
+        raise
+    finally:
+        child_sock.close()
+        os.close(err_write)
+    async with serve_worker(
+        process,
+        host_sock,
+        trio.lowlevel.FdStream(err_read),
+        start_timeout=start_timeout,
+        close_grace=close_grace,
+    ) as worker:
+        yield worker
+
+
+@asynccontextmanager
+async def serve_worker(
+    process: ChildProcess,
+    host_sock: socket.socket,
+    stderr: trio.lowlevel.FdStream | None,
+    *,
+    kill: Callable[[], None] | None = None,
+    start_timeout: float = 30.0,
+    close_grace: float = 2.0,
+) -> AsyncIterator[WorkerProcess]:
+    """Drive a started worker: handshake, serve, and always shut it down and reap it.
+
+    Takes ownership of ``host_sock`` and ``stderr``. ``kill`` stops the worker by force
+    (default: SIGKILL its process group).
+    """
+    worker = WorkerProcess(
+        process, trio.SocketStream(trio.socket.from_stdlib_socket(host_sock)), stderr, kill
+    )
+    try:
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker._read_loop)
+                nursery.start_soon(worker._drain_stderr)
+                try:
+                    with trio.move_on_after(start_timeout):
+                        await worker._ready.wait()
+                    if worker.lost.is_set():
+                        raise worker.crash_error()
+                    if not worker._ready.is_set():
+                        raise WorkerCrashedError(
+                            f"worker {worker.worker_id} did not start within "
+                            f"{start_timeout:g} s",
+                            details={"stderr_tail": worker.stderr_tail()},
+                        )
+                    yield worker
+                finally:
+                    await worker.aclose(close_grace)
+                    nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await worker._stream.aclose()
+            if stderr is not None:
+                await stderr.aclose()
+            if process.returncode is None:
+                worker.kill()
+                await process.wait()

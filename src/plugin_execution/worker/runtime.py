@@ -1,0 +1,443 @@
+"""The worker runtime: read frames, run handlers, answer.
+
+Threads, not an event loop, so a child that runs a sync handler never imports trio:
+
+- the main thread reads the socket and dispatches; it answers ``Ping`` at once even while
+  handlers run, and exits the process when the host goes away (EOF) or says ``Shutdown``;
+- a sync handler runs on an executor thread (one per concurrent execution, reused);
+- async handlers share one trio loop on a thread of its own, started on first need.
+
+Whatever a handler prints is captured per execution and sent as ``log`` events; fd 1 is
+pointed at fd 2, so even raw writes never reach the protocol socket.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+import threading
+import time
+from queue import Empty, SimpleQueue
+
+from ..context import ExecutionContext
+from ..errors import (
+    AbortedError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    HandlerError,
+    WorkerCrashedError,
+)
+from ..errors import InvalidRequestError as _InvalidRequest
+from ..handlers import Handler, load_handler
+from ._wire import FrameDecoder, encode
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
+
+PROTOCOL_VERSION = 1
+_OOM_EXIT = 137
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+def _handler_error(exc: BaseException) -> HandlerError:
+    import traceback
+
+    kind = type(exc)
+    return HandlerError(
+        f"handler raised {kind.__name__}: {exc}",
+        details={
+            "remote_type": f"{kind.__module__}.{kind.__qualname__}",
+            "remote_traceback": "".join(traceback.format_exception(exc)),
+        },
+    )
+
+
+class _Stop(Exception):
+    """Ends an in-thread worker's serve loop."""
+
+
+class _FrameSink:
+    """Sends a context's events to the host as ``event`` frames."""
+
+    __slots__ = ("_execution_id", "_worker")
+
+    def __init__(self, worker: Worker, execution_id: str) -> None:
+        self._worker = worker
+        self._execution_id = execution_id
+
+    def emit(self, kind: str, data: Any) -> None:
+        self._worker.send(
+            "event",
+            {"execution_id": self._execution_id, "kind": kind, "data": data, "timestamp": time.time()},
+        )
+
+    async def aemit(self, kind: str, data: Any) -> None:
+        self.emit(kind, data)
+
+
+class _CapturedStream:
+    """A text stream that turns a handler's prints into ``log`` events, line by line."""
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        self._worker = worker
+        self._name = name
+        self._partial: dict[str, str] = {}
+        self.encoding = "utf-8"
+
+    def write(self, text: str) -> int:
+        execution_id = _current.get()
+        if execution_id is None:
+            os.write(2, text.encode("utf-8", "replace"))
+            return len(text)
+        buffered = self._partial.pop(execution_id, "") + text
+        *lines, rest = buffered.split("\n")
+        for line in lines:
+            self._emit(execution_id, line)
+        if rest:
+            self._partial[execution_id] = rest
+        return len(text)
+
+    def finish(self, execution_id: str) -> None:
+        rest = self._partial.pop(execution_id, None)
+        if rest:
+            self._emit(execution_id, rest)
+
+    def _emit(self, execution_id: str, line: str) -> None:
+        self._worker.send(
+            "event",
+            {
+                "execution_id": execution_id,
+                "kind": "log",
+                "data": {"stream": self._name, "message": line},
+                "timestamp": time.time(),
+            },
+        )
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 2
+
+
+class _Executor(threading.Thread):
+    """A reusable thread for sync handlers; returns itself to the idle queue after each job."""
+
+    def __init__(self, idle: SimpleQueue[_Executor]) -> None:
+        super().__init__(name="worker-executor", daemon=True)
+        self._jobs: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self._idle = idle
+        self.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def run(self) -> None:
+        while True:
+            self._jobs.get()()
+            self._idle.put(self)
+
+
+class _TrioLoop:
+    """One trio loop on its own thread, for async handlers; started on first need."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self._trio = trio
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                ready.set()
+                await trio.sleep_forever()
+
+        threading.Thread(target=trio.run, args=(main,), name="worker-trio", daemon=True).start()
+        ready.wait()
+
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.token.run_sync_soon(self.nursery.start_soon, fn, *args)
+
+
+class _Running:
+    """What the worker knows about an execution in flight."""
+
+    __slots__ = ("cancel", "ctx")
+
+    def __init__(self, ctx: ExecutionContext) -> None:
+        self.ctx = ctx
+        self.cancel: Callable[[], None] = ctx.cancel
+
+
+class Worker:
+    """Serves one host over ``sock`` until EOF or ``Shutdown``."""
+
+    def __init__(self, sock: socket.socket, *, in_thread: bool = False) -> None:
+        self._sock = sock
+        self._in_thread = in_thread
+        self._send_lock = threading.Lock()
+        self._started = time.monotonic()
+        self._handlers: dict[tuple[str, str | None], Handler] = {}
+        self._running: dict[str, _Running] = {}
+        self._idle: SimpleQueue[_Executor] = SimpleQueue()
+        self._trio: _TrioLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._stdout = _CapturedStream(self, "stdout")
+        self._stderr = _CapturedStream(self, "stderr")
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    def send(self, tag: str, fields: dict[str, Any]) -> None:
+        frame = encode(tag, fields)
+        with self._send_lock:
+            try:
+                self._sock.sendall(frame)
+            except OSError:
+                pass  # the host is gone; the reader sees EOF and stops the worker
+
+    def serve(self) -> None:
+        """Serve until the host goes away or says ``Shutdown``.
+
+        In a child process this never returns (the process exits). In a thread (the pool's
+        ``thread`` kind) it returns, abandoning handlers still running on executor threads.
+        """
+        if not self._in_thread:
+            os.dup2(2, 1)
+            sys.stdout, sys.stderr = self._stdout, self._stderr  # type: ignore[assignment]
+        self.send("hello", {"version": PROTOCOL_VERSION, "pid": os.getpid()})
+        decoder = FrameDecoder()
+        recv = self._sock.recv
+        try:
+            while True:
+                try:
+                    data = recv(262144)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._exit(0)
+                decoder.feed(data)
+                for tag, fields in decoder:
+                    self._dispatch(tag, fields)
+        except _Stop:
+            self._sock.close()
+
+    def _exit(self, code: int) -> None:
+        if self._in_thread:
+            raise _Stop
+        os._exit(code)
+
+    def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
+        if tag == "execute":
+            self._start(msg)
+        elif tag == "cancel":
+            running = self._running.get(msg["execution_id"])
+            if running is not None:
+                running.cancel()
+        elif tag == "ping":
+            self.send(
+                "pong",
+                {
+                    "seq": msg["seq"],
+                    "rss_bytes": _rss_bytes(),
+                    "uptime_s": time.monotonic() - self._started,
+                    "in_flight": len(self._running),
+                },
+            )
+        elif tag == "warmup":
+            self._on_executor(lambda: self._warmup(msg))
+        elif tag == "shutdown":
+            self._exit(0)
+
+    # -- running handlers -----------------------------------------------------------------
+
+    def _handler(self, entry: str, root: str | None) -> tuple[Handler, bool]:
+        key = (entry, root)
+        handler = self._handlers.get(key)
+        if handler is not None:
+            return handler, True
+        handler = self._handlers[key] = load_handler(entry, root)
+        return handler, False
+
+    def _start(self, msg: dict[str, Any]) -> None:
+        execution_id = msg["execution_id"]
+        workspace = msg.get("workspace")
+        ctx = ExecutionContext(
+            execution_id=execution_id,
+            plugin_id=msg["plugin_id"],
+            handler_id=msg["handler_id"],
+            context=msg.get("context") or {},
+            sink=_FrameSink(self, execution_id),
+            workspace=_workspace_provider(workspace) if workspace else None,
+        )
+        self._running[execution_id] = running = _Running(ctx)
+        try:
+            handler, warm = self._handler(msg["entry"], msg.get("root"))
+        except ExecutionError as exc:
+            self._finish(execution_id, error=exc)
+            return
+        if handler.is_async:
+            self._loop().start_soon(self._run_async, handler, warm, msg, running)
+        else:
+            self._on_executor(lambda: self._run_sync(handler, warm, msg, running))
+
+    def _on_executor(self, job: Callable[[], None]) -> None:
+        try:
+            executor = self._idle.get_nowait()
+        except Empty:
+            executor = _Executor(self._idle)
+        executor.submit(job)
+
+    def _run_sync(self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running) -> None:
+        started = time.perf_counter()
+        token = _current.set(msg["execution_id"])
+        try:
+            output = handler.plain_output(handler.call(run.ctx, msg["input"]))
+        except ExecutionError as exc:
+            self._finish(msg["execution_id"], error=exc)
+        except MemoryError:
+            self._out_of_memory(msg["execution_id"])
+        except BaseException as exc:
+            self._finish(msg["execution_id"], error=_handler_error(exc))
+        else:
+            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
+        finally:
+            _current.reset(token)
+
+    async def _run_async(
+        self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running
+    ) -> None:
+        trio = self._trio._trio  # type: ignore[union-attr]
+        token = self._trio.token  # type: ignore[union-attr]
+        started = time.perf_counter()
+        _current.set(msg["execution_id"])
+        timeout = msg.get("timeout")
+        with trio.CancelScope() as scope:
+            if timeout:
+                scope.deadline = trio.current_time() + timeout
+            cancel = run.cancel
+            run.cancel = lambda: (cancel(), token.run_sync_soon(scope.cancel))
+            try:
+                output = handler.plain_output(await handler.call(run.ctx, msg["input"]))
+            except ExecutionError as exc:
+                self._finish(msg["execution_id"], error=exc)
+                return
+            except MemoryError:
+                self._out_of_memory(msg["execution_id"])
+                return
+            except Exception as exc:
+                self._finish(msg["execution_id"], error=_handler_error(exc))
+                return
+        if not scope.cancelled_caught:
+            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
+        elif run.ctx.cancelled:
+            self._finish(msg["execution_id"], error=AbortedError("cancelled by the host"))
+        else:
+            self._finish(
+                msg["execution_id"],
+                error=ExecutionTimeoutError(
+                    f"execution exceeded its {timeout:g} s timeout and was stopped",
+                    details={"timeout_s": timeout},
+                ),
+            )
+
+    def _out_of_memory(self, execution_id: str) -> None:
+        """A handler hit the memory limit: report it, then exit, since this process's
+        state can no longer be trusted (the pool replaces the worker)."""
+        error = WorkerCrashedError(
+            "the worker ran out of memory (its address-space limit was reached) and exited",
+            details={"reason": "memory_limit", "exit_code": _OOM_EXIT, "pid": os.getpid()},
+        )
+        try:
+            self._finish(execution_id, error=error)
+        finally:
+            self._exit(_OOM_EXIT)
+
+    def _finish(
+        self,
+        execution_id: str,
+        *,
+        output: Any = None,
+        error: ExecutionError | None = None,
+        started: float = 0.0,
+        warm: bool = False,
+    ) -> None:
+        self._stdout.finish(execution_id)
+        self._stderr.finish(execution_id)
+        self._running.pop(execution_id, None)
+        if error is None:
+            fields = {
+                "execution_id": execution_id,
+                "output": output,
+                "duration_s": time.perf_counter() - started,
+                "metadata": {"warm": warm, "pid": os.getpid()},
+            }
+            try:
+                self.send("result", fields)
+                return
+            except (TypeError, ValueError, OverflowError) as exc:
+                error = _InvalidRequest(
+                    f"the handler's output is not serializable (plain data only): "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        self.send("error", {"execution_id": execution_id, "error": error.to_dict()})
+
+    def _await_on_loop(self, awaitable: Any) -> Any:
+        """Run an awaitable on the trio loop and wait for it (from an executor thread)."""
+        loop = self._loop()
+
+        async def wait() -> Any:
+            return await awaitable
+
+        return loop._trio.from_thread.run(wait, trio_token=loop.token)
+
+    def _loop(self) -> _TrioLoop:
+        with self._loop_lock:
+            if self._trio is None:
+                self._trio = _TrioLoop()
+            return self._trio
+
+    def _warmup(self, msg: dict[str, Any]) -> None:
+        fields = {"plugin_id": msg["plugin_id"], "handler_id": msg["handler_id"]}
+        try:
+            handler, _ = self._handler(msg["entry"], msg.get("root"))
+            pending = handler.warmup()
+            if hasattr(pending, "__await__"):
+                self._await_on_loop(pending)
+        except ExecutionError as exc:
+            self.send("warmed", {**fields, "ok": False, "error": exc.to_dict()})
+        except Exception as exc:
+            self.send("warmed", {**fields, "ok": False, "error": _handler_error(exc).to_dict()})
+        else:
+            self.send("warmed", {**fields, "ok": True, "error": None})
+
+
+def _workspace_provider(path: str) -> Callable[[], Path]:
+    def provide() -> Path:
+        from pathlib import Path
+
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        return Path(path)
+
+    return provide

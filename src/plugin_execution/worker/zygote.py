@@ -1,0 +1,138 @@
+"""The zygote: a warm helper process that forks one fresh worker child per request.
+
+It imports the worker runtime (and trio, for async handlers) once; each fork then starts with
+all of that already in memory, in ~2 ms instead of a fresh interpreter's tens of ms. Children
+share nothing after the fork: each gets its own socket, session, cwd, environment and limits.
+
+Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per message.
+
+- host -> zygote: ``{"t": "spawn", "id", "cwd", "env", "limits"}`` carrying two fds
+  (SCM_RIGHTS): the child's protocol socket and its stdout/stderr pipe;
+- zygote -> host: ``{"t": "ready", "pid"}`` once warm; ``{"t": "spawned", "id", "pid"}``
+  or ``{"t": "spawn_failed", "id", "error"}``; ``{"t": "exited", "pid", "status"}`` when it
+  reaps a child (``status`` as ``subprocess`` reports it: exit code, or -signal).
+
+The zygote exits when the host closes the channel.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import select
+import signal
+import socket
+
+import msgpack
+
+_MAX_MESSAGE = 1 << 20
+
+
+def _recv(ctl: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _addr = ctl.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        return None, list(fds)
+    return msgpack.unpackb(data, raw=False), list(fds)
+
+
+def _send(ctl: socket.socket, message: dict[str, object]) -> None:
+    ctl.send(msgpack.packb(message, use_bin_type=True))
+
+
+def _status(raw: int) -> int:
+    return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+
+
+def _reap(ctl: socket.socket) -> None:
+    while True:
+        try:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(ctl, {"t": "exited", "pid": pid, "status": _status(raw)})
+
+
+def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> None:
+    """In the forked child: detach from the zygote, set up, and serve. Never returns."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.closerange(3, sock_fd)  # the control socket, the wake pipe, out_fd: all of them
+        os.closerange(sock_fd + 1, 1 << 16)
+        cwd = request.get("cwd")
+        if isinstance(cwd, str):
+            os.chdir(cwd)
+        env = request.get("env")
+        if isinstance(env, dict):
+            os.environ.clear()
+            os.environ.update(env)
+        from .bootstrap import serve
+
+        serve(sock_fd, str(request.get("limits") or ""))
+    except BaseException as exc:
+        os.write(2, f"zygote child failed to start: {type(exc).__name__}: {exc}\n".encode())
+    finally:
+        os._exit(70)
+
+
+def _spawn(ctl: socket.socket, request: dict[str, object], fds: list[int]) -> None:
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": "expected 2 fds"})
+        return
+    sock_fd, out_fd = fds
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": str(exc)})
+        pid = -1
+    if pid == 0:
+        _become_worker(request, sock_fd, out_fd)
+    os.close(sock_fd)
+    os.close(out_fd)
+    if pid > 0:
+        _send(ctl, {"t": "spawned", "id": request.get("id"), "pid": pid})
+
+
+def main(fd: int) -> None:
+    """Serve spawn requests on control socket ``fd`` until the host goes away."""
+    ctl = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    from . import runtime  # noqa: F401  (warm: every child starts with it imported)
+
+    try:
+        import trio  # noqa: F401  (warm for async handlers)
+    except ImportError:
+        pass
+    wake = os.pipe()
+    os.set_blocking(wake[1], False)
+    signal.set_wakeup_fd(wake[1])
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    _send(ctl, {"t": "ready", "pid": os.getpid()})
+    while True:
+        try:
+            readable, _, _ = select.select([ctl, wake[0]], [], [])
+        except InterruptedError:
+            continue
+        if wake[0] in readable:
+            os.read(wake[0], 4096)
+            _reap(ctl)
+        if ctl in readable:
+            request, fds = _recv(ctl)
+            if request is None:
+                os._exit(0)
+            if request.get("t") == "spawn":
+                _spawn(ctl, request, fds)
+            else:
+                for extra in fds:
+                    os.close(extra)

@@ -1,0 +1,193 @@
+"""Zygote: the host's handle on a warm helper that forks worker children on request.
+
+``open_zygote()`` starts ``python -I -m plugin_execution.worker --zygote`` and yields a
+:class:`Zygote` whose :meth:`Zygote.spawn` returns a :class:`ZygoteChild`: a fresh worker
+process, forked from the warm zygote, that the zygote reaps and reports back. The wire format
+of the control channel is documented in ``worker/zygote.py``.
+
+A ``ZygoteChild`` looks like a ``trio.Process`` to :class:`~plugin_execution.process.WorkerProcess`
+(``pid``, ``returncode``, ``await wait()``), so every start method shares one code path.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import msgpack
+import trio
+
+from ._groups import unwrap_single
+from .errors import WorkerCrashedError
+
+__all__ = ["Zygote", "ZygoteChild", "open_zygote"]
+
+_MAX_MESSAGE = 1 << 20
+
+
+class ZygoteChild:
+    """A worker child forked by the zygote. Not our child: the zygote reaps it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = trio.Event()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _set_exited(self, status: int) -> None:
+        if self.returncode is None:
+            self.returncode = status
+            self._exited.set()
+
+
+class Zygote:
+    """A live zygote. Create it with :func:`open_zygote`."""
+
+    def __init__(self, process: trio.Process, ctl: trio.socket.SocketType) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._ctl = ctl
+        self._ids = itertools.count()
+        self._spawning: dict[int, trio.MemorySendChannel[int | str]] = {}
+        self._children: dict[int, ZygoteChild] = {}
+        self._early_exits: dict[int, int] = {}
+        self.lost = trio.Event()
+
+    @property
+    def children(self) -> int:
+        return len(self._children)
+
+    async def spawn(
+        self,
+        sock_fd: int,
+        out_fd: int,
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        limits: str,
+    ) -> ZygoteChild:
+        """Fork a worker child that serves on ``sock_fd`` and writes output to ``out_fd``.
+
+        The fds are duplicated into the child; the caller still owns (and closes) its own.
+        Raises ``WorkerCrashedError`` when the zygote is gone or the fork failed.
+        """
+        if self.lost.is_set():
+            raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone")
+        request_id = next(self._ids)
+        send, receive = trio.open_memory_channel[int | str](1)
+        self._spawning[request_id] = send
+        message = msgpack.packb(
+            {"t": "spawn", "id": request_id, "cwd": cwd, "env": dict(env or os.environ),
+             "limits": limits},
+            use_bin_type=True,
+        )
+        fds = array.array("i", [sock_fd, out_fd]).tobytes()
+        try:
+            await self._ctl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            reply = await receive.receive()
+        except (OSError, trio.EndOfChannel):
+            raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone") from None
+        finally:
+            self._spawning.pop(request_id, None)
+        if isinstance(reply, str):
+            raise WorkerCrashedError(f"the zygote could not fork a worker: {reply}")
+        child = self._children[reply] = ZygoteChild(reply)
+        if reply in self._early_exits:
+            self._set_exited(reply, self._early_exits.pop(reply))
+        return child
+
+    def _set_exited(self, pid: int, status: int) -> None:
+        child = self._children.pop(pid, None)
+        if child is None:
+            self._early_exits[pid] = status  # reaped before "spawned" was read
+        else:
+            child._set_exited(status)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._ctl.recv(_MAX_MESSAGE)
+                if not data:
+                    break
+                message = msgpack.unpackb(data, raw=False)
+                kind = message.get("t")
+                if kind == "exited":
+                    self._set_exited(message["pid"], message["status"])
+                elif kind in ("spawned", "spawn_failed"):
+                    waiter = self._spawning.get(message["id"])
+                    if waiter is not None:
+                        waiter.send_nowait(message.get("pid") or str(message.get("error")))
+        except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError):
+            pass
+        self._lose()
+
+    def _lose(self) -> None:
+        """The zygote is gone: its children are orphans we can no longer reap; kill them."""
+        self.lost.set()
+        for waiter in self._spawning.values():
+            waiter.close()
+        for pid, child in list(self._children.items()):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            child._set_exited(-signal.SIGKILL)
+        self._children.clear()
+
+
+@asynccontextmanager
+async def open_zygote(*, start_timeout: float = 30.0) -> AsyncIterator[Zygote]:
+    """Start a zygote and yield it once warm. On exit it is stopped and reaped.
+
+    Children still running when the block exits are killed. Raises ``WorkerCrashedError``
+    when the zygote fails to start.
+    """
+    host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-I", "-m", "plugin_execution.worker", "--zygote",
+             "--fd", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except BaseException:
+        host.close()
+        raise
+    finally:
+        child.close()
+    ctl = trio.socket.from_stdlib_socket(host)
+    zygote = Zygote(process, ctl)
+    try:
+        data = b""
+        with trio.move_on_after(start_timeout):
+            data = await ctl.recv(_MAX_MESSAGE)
+        if not data or msgpack.unpackb(data, raw=False).get("t") != "ready":
+            raise WorkerCrashedError("the zygote failed to start", details={"pid": process.pid})
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(zygote._read_loop)
+                try:
+                    yield zygote
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            ctl.close()
+            zygote._lose()
+            with trio.move_on_after(2):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
