@@ -230,7 +230,7 @@ def test_duplicate_ids_across_entry_points_are_load_errors(
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pe-dup-dist\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
-        f"[{ENTRY_POINT_GROUP}]\nclash = plugin_execution.examples:manifest\n"
+        f"[{ENTRY_POINT_GROUP}]\nclash = plugin_execution.examples.manifest:manifest\n"
     )
     monkeypatch.syspath_prepend(str(site))
     registry = PluginRegistry.from_entry_points()

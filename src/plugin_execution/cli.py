@@ -365,7 +365,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     types: list[str] = args.backends or [t for t in BACKEND_TYPES if t != "auto"]
     registry = PluginRegistry.from_entry_points()
     if DEMO_PLUGIN not in registry:  # running from a source tree without entry points
-        from .examples import manifest
+        from .examples.manifest import manifest
 
         registry.register(manifest)
     rows, unavailable = trio.run(_demo, registry, list(dict.fromkeys(types)))

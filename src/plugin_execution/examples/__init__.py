@@ -1,23 +1,6 @@
 """The bundled example plugin ``examples.hello``, used by ``plugin-execution demo``.
 
-It is registered through the ``plugin_execution.plugins`` entry point of this distribution,
-like any third-party plugin would be.
+Its manifest (``examples/manifest.py``) is registered through the ``plugin_execution.plugins``
+entry point of this distribution, like any third-party plugin. This package itself imports
+nothing, so a worker child importing ``examples.hello`` pays only for the handlers.
 """
-
-from __future__ import annotations
-
-from ..manifest import HandlerSpec, PluginManifest
-
-__all__ = ["manifest"]
-
-manifest = PluginManifest(
-    id="examples.hello",
-    version="1.0.0",
-    description="Greets, counts words and computes Fibonacci numbers: one handler per style.",
-    handlers=(
-        HandlerSpec(id="greet", entry="plugin_execution.examples.hello:greet"),
-        HandlerSpec(id="wordcount", entry="plugin_execution.examples.hello:wordcount"),
-        HandlerSpec(id="fib", entry="plugin_execution.examples.hello:fib", warmup=True),
-        HandlerSpec(id="countdown", entry="plugin_execution.examples.hello:countdown"),
-    ),
-)

@@ -6,7 +6,10 @@ Nothing here imports trio: the handlers run the same in-process and in worker ch
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 async def greet(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
