@@ -108,12 +108,16 @@ def main(fd: int) -> None:
     """Serve spawn requests on control socket ``fd`` until the host goes away."""
     ctl = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
-    from . import runtime  # noqa: F401  (warm: every child starts with it imported)
+    import gc
+    import resource  # noqa: F401  (used by every child to apply its limits)
+
+    from . import bootstrap, runtime  # noqa: F401  (warm: every child starts with them)
 
     try:
         import trio  # noqa: F401  (warm for async handlers)
     except ImportError:
         pass
+    gc.freeze()  # children inherit a frozen heap: the GC won't touch (copy) its pages
     wake = os.pipe()
     os.set_blocking(wake[1], False)
     signal.set_wakeup_fd(wake[1])
