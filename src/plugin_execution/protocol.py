@@ -142,6 +142,7 @@ class Error:
 
     @classmethod
     def from_exception(cls, execution_id: str, exc: ExecutionError) -> Error:
+        """The message that reports ``exc`` as the end of execution ``execution_id``."""
         return cls(execution_id=execution_id, error=exc.to_dict())
 
     def exception(self) -> ExecutionError:

@@ -1,0 +1,642 @@
+"""The host <-> worker protocol: protocol.Connection, and the worker's lean mirror _wire."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import subprocess
+import sys
+import types
+from collections.abc import Iterable
+from typing import Any, Union, get_args, get_origin
+
+import attrs
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from plugin_execution.errors import HandlerError, HandlerNotFoundError
+from plugin_execution.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Cancel,
+    ChannelClose,
+    ChannelData,
+    ChannelOpen,
+    Connection,
+    Error,
+    Event,
+    Execute,
+    Hello,
+    Message,
+    Ping,
+    PlatformCall,
+    PlatformReply,
+    Pong,
+    ProtocolError,
+    Result,
+    Role,
+    Shutdown,
+    Warmed,
+    Warmup,
+)
+from plugin_execution.worker import _wire
+
+HELLO = Hello(version=PROTOCOL_VERSION, pid=4242)
+FROM_HOST: set[type[Message]] = {
+    Execute,
+    Cancel,
+    Ping,
+    Shutdown,
+    Warmup,
+    ChannelOpen,
+    ChannelData,
+    ChannelClose,
+    PlatformReply,
+}
+FROM_WORKER: set[type[Message]] = {
+    Hello,
+    Event,
+    Result,
+    Error,
+    Pong,
+    Warmed,
+    ChannelData,
+    ChannelClose,
+    PlatformCall,
+}
+PEER: dict[Role, Role] = {"host": "worker", "worker": "host"}
+
+EXECUTE = Execute(
+    execution_id="e-1",
+    plugin_id="acme.tools",
+    handler_id="run",
+    entry="acme.tools.handlers:run",
+    root="/srv/plugins/acme",
+    input={"args": ["--verbose"], "blob": b"\x00\xff", "mixed": [1, 2.5, None, True]},
+    context={"host": "cli", "trace": {"id": "t-1"}},
+    workspace="/tmp/ws/e-1",
+    timeout=30.0,
+    warmup=True,
+)
+RESULT = Result(
+    execution_id="e-1",
+    output={"text": "héllo ✓", 7: "int keys survive"},
+    duration_s=0.25,
+    metadata={"warm": False, "pid": 4242},
+)
+PONG = Pong(seq=7, rss_bytes=50_000_000, uptime_s=12.5, in_flight=2)
+SAMPLES: list[Message] = [
+    HELLO,
+    EXECUTE,
+    Event(execution_id="e-1", kind="progress", data={"done": 1, "total": 3}, timestamp=1.7e9),
+    RESULT,
+    Error.from_exception("e-1", HandlerError("boom", details={"remote_type": "ValueError"})),
+    Cancel(execution_id="e-1", reason="caller left"),
+    Ping(seq=7),
+    PONG,
+    Shutdown(),
+    Warmup(plugin_id="acme.tools", handler_id="run", entry="acme.tools:run", root=None),
+    Warmed(
+        plugin_id="acme.tools",
+        handler_id="run",
+        ok=False,
+        error=HandlerNotFoundError("no module named acme").to_dict(),
+    ),
+    ChannelOpen(
+        channel_id="c-1", execution_id="e-2", path="/chat", headers={"origin": "https://x.org"}
+    ),
+    ChannelData(channel_id="c-1", data="text stays str"),
+    ChannelData(channel_id="c-1", data=b"\x00bytes stay bytes"),
+    ChannelClose(channel_id="c-1", code=1000, reason="bye"),
+    PlatformCall(
+        call_id=1,
+        execution_id="e-1",
+        service="cache",
+        method="get",
+        args=["key"],
+        kwargs={"default": None},
+    ),
+    PlatformReply(call_id=1, ok=True, value={"v": [1, 2]}, error=None),
+]
+SENT = [
+    pytest.param(msg, role, id=f"{msg.tag}-from-{role}")
+    for msg in SAMPLES
+    for role, sent in (("host", FROM_HOST), ("worker", FROM_WORKER))
+    if type(msg) in sent
+]
+
+
+def pair(sender_role: Role, *, greet: bool = True) -> tuple[Connection, Connection]:
+    """A sender and a receiver, past the handshake when the worker is the sender."""
+    sender, receiver = Connection(sender_role), Connection(PEER[sender_role])
+    if greet and sender_role == "worker":
+        receiver.receive_data(sender.send(HELLO))
+        assert receiver.next_message() == HELLO
+    return sender, receiver
+
+
+def host() -> Connection:
+    """A host connection that has received its worker's Hello."""
+    return pair("worker")[1]
+
+
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def packed(obj: Any) -> bytes:
+    return frame(msgpack.packb(obj, use_bin_type=True))
+
+
+def fields_of(msg: Message) -> dict[str, Any]:
+    return attrs.asdict(msg, recurse=False)
+
+
+def receive(conn: Connection, data: bytes) -> list[Message]:
+    conn.receive_data(data)
+    return list(conn)
+
+
+def wire_decode(data: bytes, decoder: _wire.FrameDecoder | None = None) -> list[Any]:
+    decoder = decoder or _wire.FrameDecoder()
+    decoder.feed(data)
+    return list(decoder)
+
+
+# -- every message, both codecs ----------------------------------------------------------
+
+
+def test_the_samples_cover_every_message_type() -> None:
+    assert {type(msg) for msg in SAMPLES} == set(MESSAGE_TYPES.values())
+    assert {cls.tag: cls for cls in FROM_HOST | FROM_WORKER} == MESSAGE_TYPES
+
+
+def test_wire_mirrors_the_protocol_definition() -> None:
+    assert _wire.PROTOCOL_VERSION == PROTOCOL_VERSION
+    assert _wire.DEFAULT_MAX_FRAME_SIZE == DEFAULT_MAX_FRAME_SIZE
+    definition = {
+        tag: frozenset(f.name for f in attrs.fields(cls)) for tag, cls in MESSAGE_TYPES.items()
+    }
+    assert definition == _wire.FIELDS
+
+
+@pytest.mark.parametrize(("msg", "role"), SENT)
+def test_every_message_round_trips_through_connections(msg: Message, role: Role) -> None:
+    sender, receiver = pair(role, greet=msg != HELLO)
+    assert receive(receiver, sender.send(msg)) == [msg]
+
+
+@pytest.mark.parametrize(("msg", "role"), SENT)
+def test_wire_writes_the_same_bytes_as_the_connection(msg: Message, role: Role) -> None:
+    sender, _ = pair(role, greet=msg != HELLO)
+    assert _wire.encode(msg.tag, fields_of(msg)) == sender.send(msg)
+
+
+@pytest.mark.parametrize(("msg", "role"), SENT)
+def test_wire_reads_what_a_connection_sends(msg: Message, role: Role) -> None:
+    sender, _ = pair(role, greet=msg != HELLO)
+    assert wire_decode(sender.send(msg)) == [(msg.tag, fields_of(msg))]
+
+
+@pytest.mark.parametrize(("msg", "role"), SENT)
+def test_a_connection_reads_what_wire_sends(msg: Message, role: Role) -> None:
+    receiver = Connection(PEER[role]) if msg == HELLO else pair(role)[1]
+    assert receive(receiver, _wire.encode(msg.tag, fields_of(msg))) == [msg]
+
+
+# -- hypothesis: arbitrary messages, chunkings and garbage -------------------------------
+
+plain_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.binary(max_size=12)
+)
+plain = st.recursive(
+    plain_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
+    if tp is Any:
+        return plain
+    simple: dict[Any, st.SearchStrategy[Any]] = {
+        str: st.text(max_size=12),
+        bytes: st.binary(max_size=12),
+        int: st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        float: st.floats(allow_nan=False),
+        bool: st.booleans(),
+        type(None): st.none(),
+    }
+    if tp in simple:
+        return simple[tp]
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return st.one_of(*map(strategy_for, args))
+    if origin is list:
+        return st.lists(strategy_for(args[0]), max_size=4)
+    assert origin is dict, tp
+    return st.dictionaries(strategy_for(args[0]), strategy_for(args[1]), max_size=4)
+
+
+def messages(classes: Iterable[type[Message]]) -> st.SearchStrategy[Message]:
+    return st.one_of(
+        *(
+            st.builds(cls, **{f.name: strategy_for(f.type) for f in attrs.fields(cls)})
+            for cls in sorted(classes, key=lambda cls: cls.tag)
+        )
+    )
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@given(st.data(), st.sampled_from(["host", "worker"]))
+def test_any_chunking_of_a_valid_stream_gives_the_same_messages(
+    data: st.DataObject, role: Role
+) -> None:
+    sent = data.draw(st.lists(messages((FROM_HOST if role == "host" else FROM_WORKER) - {Hello})))
+    sender, receiver = pair(role)
+    stream = b"".join(map(sender.send, sent))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    received: list[Message] = []
+    for chunk in split(stream, cuts):
+        if chunk:
+            received += receive(receiver, chunk)
+    received += receive(receiver, b"")  # a clean EOF at a frame boundary
+    assert received == sent
+    assert receiver.eof_received
+    assert receiver.next_message() is None
+
+
+@given(st.data(), st.sampled_from(["host", "worker"]))
+def test_wire_agrees_with_connections_on_arbitrary_messages(
+    data: st.DataObject, role: Role
+) -> None:
+    msg = data.draw(messages((FROM_HOST if role == "host" else FROM_WORKER) - {Hello}))
+    sender, receiver = pair(role)
+    encoded = _wire.encode(msg.tag, fields_of(msg))
+    assert encoded == sender.send(msg)
+    assert wire_decode(encoded) == [(msg.tag, fields_of(msg))]
+    assert receive(receiver, encoded) == [msg]
+
+
+def feed_all(conn: Connection, chunks: Iterable[bytes]) -> None:
+    """Feed ``chunks`` then EOF, reading everything; only ProtocolError may escape."""
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        for msg in conn:
+            assert isinstance(msg, tuple(MESSAGE_TYPES.values()))
+    conn.receive_data(b"")
+    list(conn)
+
+
+def wire_feed_all(chunks: Iterable[bytes], max_frame_size: int) -> None:
+    decoder = _wire.FrameDecoder(max_frame_size)
+    for chunk in [*chunks, b""]:
+        decoder.feed(chunk)
+        for tag, fields in decoder:
+            assert fields.keys() == _wire.FIELDS[tag]
+
+
+garbage_maps = st.fixed_dictionaries(
+    {"t": st.sampled_from(sorted(MESSAGE_TYPES)) | plain_scalars},
+    optional={name: plain for name in sorted(set().union(*_wire.FIELDS.values()))},
+)
+garbage_frames = st.lists(
+    st.binary(max_size=40).map(frame) | (garbage_maps | plain).map(lambda obj: packed(obj)),
+    max_size=6,
+)
+max_sizes = st.sampled_from([16, 1024, DEFAULT_MAX_FRAME_SIZE])
+
+
+@given(st.lists(st.binary(max_size=64), max_size=6), st.sampled_from(["host", "worker"]), max_sizes)
+def test_arbitrary_bytes_raise_only_protocol_errors(
+    chunks: list[bytes], role: Role, max_frame_size: int
+) -> None:
+    with contextlib.suppress(ProtocolError):
+        feed_all(Connection(role, max_frame_size=max_frame_size), chunks)
+
+
+@given(garbage_frames, st.sampled_from(["host", "worker"]), st.booleans(), max_sizes)
+def test_well_framed_garbage_raises_only_protocol_errors(
+    frames: list[bytes], role: Role, greet: bool, max_frame_size: int
+) -> None:
+    conn = Connection(role, max_frame_size=max_frame_size)
+    with contextlib.suppress(ProtocolError):
+        feed_all(conn, [_wire.encode("hello", fields_of(HELLO))] * greet + frames)
+
+
+@given(st.lists(st.binary(max_size=64), max_size=6), max_sizes)
+def test_wire_raises_only_wire_errors_on_arbitrary_bytes(
+    chunks: list[bytes], max_frame_size: int
+) -> None:
+    with contextlib.suppress(_wire.WireError):
+        wire_feed_all(chunks, max_frame_size)
+
+
+@given(garbage_frames, max_sizes)
+def test_wire_raises_only_wire_errors_on_well_framed_garbage(
+    frames: list[bytes], max_frame_size: int
+) -> None:
+    with contextlib.suppress(_wire.WireError):
+        wire_feed_all(frames, max_frame_size)
+
+
+# -- each named failure ------------------------------------------------------------------
+
+
+def test_an_oversize_frame_is_refused_from_its_header_alone() -> None:
+    conn = Connection("worker", max_frame_size=100)
+    conn.receive_data((101).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match=r"frame of 101 bytes, over the 100-byte limit"):
+        conn.next_message()
+
+
+def test_a_frame_of_exactly_the_limit_is_accepted() -> None:
+    data = Connection("host").send(Ping(seq=1))
+    conn = Connection("worker", max_frame_size=len(data) - 4)
+    assert receive(conn, data) == [Ping(seq=1)]
+    with pytest.raises(ProtocolError, match="over the"):
+        receive(Connection("worker", max_frame_size=len(data) - 5), data)
+
+
+@pytest.mark.parametrize(
+    ("cut", "error"),
+    [
+        (2, r"inside a frame header \(2 of 4 bytes\)"),
+        (7, r"inside a frame \(7 of \d+ bytes received\)"),
+    ],
+)
+def test_a_frame_cut_short_by_eof_is_an_error(cut: int, error: str) -> None:
+    conn = Connection("worker")
+    conn.receive_data(Connection("host").send(Ping(seq=1))[:cut])
+    assert conn.next_message() is None  # just incomplete, until EOF
+    conn.receive_data(b"")
+    with pytest.raises(ProtocolError, match=error):
+        conn.next_message()
+
+
+def test_a_clean_eof_is_not_an_error() -> None:
+    conn = Connection("worker")
+    assert not conn.eof_received
+    assert receive(conn, Connection("host").send(Ping(seq=1))) == [Ping(seq=1)]
+    conn.receive_data(b"")
+    assert conn.eof_received
+    assert conn.next_message() is None
+    with pytest.raises(ProtocolError, match="after EOF"):
+        conn.receive_data(b"more")
+
+
+def test_an_unknown_tag_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match=r"unknown message tag 'launch_missiles'"):
+        receive(Connection("worker"), packed({"t": "launch_missiles"}))
+    with pytest.raises(ProtocolError, match="unknown message tag None"):
+        receive(Connection("worker"), packed({"seq": 1}))
+
+
+def test_a_version_mismatch_names_both_versions() -> None:
+    with pytest.raises(ProtocolError, match=r"worker speaks version 2, this host speaks version 1"):
+        receive(Connection("host"), packed({"t": "hello", "version": 2, "pid": 1}))
+
+
+def test_a_host_must_hear_hello_first_and_once() -> None:
+    event = {"t": "event", "execution_id": "e", "kind": "log", "data": None, "timestamp": 0.0}
+    with pytest.raises(ProtocolError, match=r"must send 'hello' before anything else, not 'event'"):
+        receive(Connection("host"), packed(event))
+    with pytest.raises(ProtocolError, match="'hello' twice"):
+        receive(host(), _wire.encode("hello", fields_of(HELLO)))
+
+
+def test_messages_travel_one_way_only() -> None:
+    execute = next(msg for msg in SAMPLES if isinstance(msg, Execute))
+    with pytest.raises(ProtocolError, match="a worker must not send 'execute' messages"):
+        receive(host(), _wire.encode("execute", fields_of(execute)))
+    with pytest.raises(ProtocolError, match="a host must not send 'pong' messages"):
+        receive(Connection("worker"), _wire.encode("pong", fields_of(PONG)))
+    with pytest.raises(ProtocolError, match="a host must not send 'result' messages"):
+        Connection("host").send(RESULT)
+    with pytest.raises(ProtocolError, match="a worker must not send 'ping' messages"):
+        pair("worker")[0].send(Ping(seq=1))
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({}, r"required field missing @ \$\.seq"),
+        ({"seq": 1, "extra": 2}, r"extra fields found \(extra\) @ \$"),
+        ({"seq": "1"}, r"expected int, got str \'1\' @ \$\.seq"),
+        ({"seq": True}, r"expected int, got bool True @ \$\.seq"),
+        ({"seq": 1.0}, r"expected int, got float 1\.0 @ \$\.seq"),
+    ],
+)
+def test_missing_extra_and_ill_typed_fields_are_errors(fields: dict[str, Any], error: str) -> None:
+    with pytest.raises(ProtocolError, match=r"malformed 'ping' message: " + error):
+        receive(Connection("worker"), packed({"t": "ping", **fields}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("execution_id", 5, r"expected str, got int 5 @ \$\.execution_id"),
+        ("root", b"/x", r"expected str \| None, got bytes b\'/x\' @ \$\.root"),
+        ("context", [], r"expected dict\[str, Any\], got list \[\] @ \$\.context"),
+        ("context", {1: "x"}, r"expected dict\[str, Any\], got dict \{1: \'x\'\} @ \$\.context"),
+        ("timeout", "30", r"expected float \| None, got str \'30\' @ \$\.timeout"),
+    ],
+)
+def test_field_types_are_checked_without_coercion(field: str, value: Any, error: str) -> None:
+    execute = fields_of(EXECUTE)
+    with pytest.raises(ProtocolError, match=error):
+        receive(Connection("worker"), packed({"t": "execute", **execute, field: value}))
+
+
+def test_lenient_where_the_types_allow() -> None:
+    # An int is a float; Any takes any plain data; a field with a default may be omitted.
+    cancel = receive(Connection("worker"), packed({"t": "cancel", "execution_id": "e"}))
+    assert cancel == [Cancel(execution_id="e", reason="")]
+    event = {"t": "event", "execution_id": "e", "kind": "k", "data": [{1: b""}], "timestamp": 1}
+    assert receive(host(), packed(event)) == [
+        Event(execution_id="e", kind="k", data=[{1: b""}], timestamp=1)
+    ]
+
+
+def test_a_payload_that_is_not_a_map_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match="a frame holds list, not a map"):
+        receive(Connection("worker"), packed(["ping", 1]))
+
+
+def test_garbage_msgpack_is_an_error() -> None:
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        receive(Connection("worker"), frame(b"\xc1"))
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        receive(Connection("worker"), frame(msgpack.packb({"t": "ping", "seq": 1}) + b"\x00"))
+
+
+def test_a_failed_connection_stays_failed() -> None:
+    conn = Connection("worker")
+    conn.receive_data(packed({"t": "nope"}) + Connection("host").send(Ping(seq=1)))
+    with pytest.raises(ProtocolError, match="unknown message tag"):
+        conn.next_message()
+    with pytest.raises(ProtocolError, match="already failed: unknown message tag 'nope'"):
+        conn.next_message()
+
+
+def test_a_worker_must_send_hello_first_and_once() -> None:
+    worker = Connection("worker")
+    with pytest.raises(ProtocolError, match="must send 'hello' before anything else, not 'pong'"):
+        worker.send(PONG)
+    worker.send(HELLO)
+    with pytest.raises(ProtocolError, match="'hello' only once"):
+        worker.send(HELLO)
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (Ping(seq=2**64), r"cannot encode 'ping'"),
+        (Cancel(execution_id="\ud800"), r"cannot encode 'cancel'"),
+        (
+            ChannelData(channel_id="c", data=b"x" * 2000),
+            r"frame of 2032 bytes is over the 1000-byte limit",
+        ),
+        (Opaque(), r"not a protocol message"),
+    ],
+)
+def test_what_cannot_be_sent_raises_and_leaves_the_connection_usable(
+    message: Any, error: str
+) -> None:
+    conn = Connection("host", max_frame_size=1000)
+    with pytest.raises(ProtocolError, match=error):
+        conn.send(message)
+    execute = attrs.evolve(EXECUTE, input={"x": Opaque()})
+    with pytest.raises(ProtocolError, match=r"cannot encode 'execute': .*Opaque"):
+        conn.send(execute)
+    assert receive(Connection("worker"), conn.send(Ping(seq=1))) == [Ping(seq=1)]
+
+
+@attrs.frozen
+class Point:
+    x: int
+    y: int
+
+
+def test_values_msgpack_cannot_pack_go_through_the_converter() -> None:
+    host_conn, worker = pair("host")
+    execute = attrs.evolve(EXECUTE, input={"at": Point(1, 2), "tags": frozenset({"a"})})
+    (received,) = receive(worker, host_conn.send(execute))
+    assert isinstance(received, Execute)
+    assert received.input == {"at": {"x": 1, "y": 2}, "tags": ["a"]}
+
+
+def test_an_error_message_carries_the_exception_back() -> None:
+    sent = HandlerError("boom", execution_id="e-1", details={"remote_type": "x.Y"})
+    msg = Error.from_exception("e-1", sent)
+    worker, host_conn = pair("worker")
+    (received,) = receive(host_conn, worker.send(msg))
+    assert isinstance(received, Error)
+    error = received.exception()
+    assert type(error) is HandlerError
+    assert error.to_dict() == sent.to_dict()
+    assert received.exception() is not error  # a fresh exception for every raise
+
+
+def test_a_large_frame_in_small_chunks_is_read_in_linear_time() -> None:
+    # Quadratic buffering would copy ~8 GiB here; linear buffering copies ~8 MiB.
+    blob = bytes(range(256)) * (4 * 1024 * 1024 // 256)
+    data = Connection("host").send(ChannelData(channel_id="c", data=blob)) * 2
+    conn, decoder = Connection("worker"), _wire.FrameDecoder()
+    received: list[Message] = []
+    wired: list[Any] = []
+    for start in range(0, len(data), 1024):
+        received += receive(conn, data[start : start + 1024])
+        wired += wire_decode(data[start : start + 1024], decoder)
+    assert received == [ChannelData(channel_id="c", data=blob)] * 2
+    assert wired == [("ch_data", {"channel_id": "c", "data": blob})] * 2
+
+
+def test_connection_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="role must be"):
+        Connection("client")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_frame_size"):
+        Connection("host", max_frame_size=2**32)
+
+
+# -- the worker's mirror: its own error type ---------------------------------------------
+
+
+def test_wire_errors_are_value_errors() -> None:
+    # The worker runtime turns an unencodable handler output into an error reply by
+    # catching what msgpack raises (TypeError, ValueError); WireError must be among them.
+    assert issubclass(_wire.WireError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("tag", "fields", "error"),
+    [
+        ("launch", {}, r"unknown message tag 'launch'"),
+        ("ping", {}, r"'ping' message: missing fields: seq; extra: none"),
+        ("ping", {"seq": 1, "x": 2}, r"'ping' message: missing fields: none; extra: 'x'"),
+        ("ping", {"seq": Opaque()}, r"cannot encode 'ping': .*Opaque"),
+        ("ch_data", {"channel_id": "c", "data": b"x" * 200}, r"over the 100-byte limit"),
+    ],
+)
+def test_wire_refuses_to_encode_bad_messages(tag: str, fields: dict[str, Any], error: str) -> None:
+    with pytest.raises(_wire.WireError, match=error):
+        _wire.encode(tag, fields, max_frame_size=100)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ((101).to_bytes(4, "big"), r"frame of 101 bytes announced, over the 100-byte limit"),
+        (packed({"t": "launch"}), r"unknown message tag 'launch'"),
+        (packed({"t": "ping"}), r"missing fields: seq"),
+        (packed({"t": "ping", "seq": 1, 2: 3}), r"extra: 2"),
+        (packed([1]), r"a frame holds list, not a map"),
+        (frame(b"\xc1"), r"not valid msgpack"),
+    ],
+)
+def test_wire_refuses_bad_frames(data: bytes, error: str) -> None:
+    decoder = _wire.FrameDecoder(max_frame_size=100)
+    with pytest.raises(_wire.WireError, match=error):
+        wire_decode(data, decoder)
+    with pytest.raises(_wire.WireError, match="already failed"):
+        next(decoder)
+
+
+@pytest.mark.parametrize(
+    ("cut", "error"), [(3, r"inside a frame header"), (6, r"inside a frame \(6 of")]
+)
+def test_wire_refuses_a_frame_cut_short_by_eof(cut: int, error: str) -> None:
+    decoder = _wire.FrameDecoder()
+    assert wire_decode(_wire.encode("ping", {"seq": 1})[:cut], decoder) == []
+    decoder.feed(b"")
+    with pytest.raises(_wire.WireError, match=error):
+        next(decoder)
+
+
+def test_wire_imports_no_heavy_dependencies() -> None:
+    # A worker child starts on _wire; attrs/cattrs/trio would cost it ~100 ms each. This
+    # includes the plugin_execution and plugin_execution.worker packages it imports first.
+    code = "import sys, plugin_execution.worker._wire; print(*sorted(sys.modules))"
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = set(run.stdout.split())
+    assert "plugin_execution.worker._wire" in loaded
+    heavy = {"attr", "attrs", "cattrs", "trio", "plugin_execution.protocol"}
+    assert not {name for name in loaded if name.split(".")[0] in heavy or name in heavy}
