@@ -162,6 +162,20 @@ async def test_sync_timeout_is_real_and_sets_cancelled(registry, workspaces) -> 
     assert backend.stats().details["threads_running"] == 0
 
 
+async def test_abandoned_thread_gets_no_workspace(registry, workspaces, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    report = tmp_path / "report"
+    async with create_execution_backend(
+        type="in-process", registry=registry, workspace=workspaces, thread_grace=10
+    ) as backend:
+        with pytest.raises(ExecutionTimeoutError):
+            await backend.execute(
+                req("late_workspace", {"seconds": 0.3, "report": str(report)}), timeout=0.05
+            )
+    # leaving the block waited for the thread; its late request was refused, nothing leaked
+    assert report.read_text().startswith("WorkspaceError: ")
+    assert "has ended" in report.read_text()
+
+
 async def test_caller_cancellation(backend) -> None:  # type: ignore[no-untyped-def]
     with trio.move_on_after(0.05) as scope:
         await backend.execute(req("sleep", {"seconds": 30}))

@@ -86,6 +86,9 @@ def kill_self(ctx: Any, input: dict[str, int]) -> None:
     import signal
 
     os.kill(os.getpid(), input.get("signal", signal.SIGKILL))
+    # The kernel may deliver the signal to another thread of this process a moment later;
+    # never answer, so the test sees the death and not a race with our own Result.
+    time.sleep(60)
 
 
 def noisy(ctx: Any, input: Any) -> str:
@@ -158,3 +161,14 @@ def allocate(ctx: Any, input: dict[str, int]) -> int:
 
 def open_fds(ctx: Any, input: Any) -> list[int]:
     return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+
+
+def late_workspace(ctx: Any, input: dict[str, Any]) -> None:
+    """Outlive the timeout, then ask for the workspace; write what happened to input["report"]."""
+    time.sleep(input["seconds"])
+    try:
+        outcome = f"got {ctx.workspace}"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    with open(input["report"], "w") as report:
+        report.write(outcome)

@@ -12,17 +12,21 @@ for code that must really be stopped.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import trio
 
 from ..context import ExecutionContext
-from ..errors import ExecutionError, HandlerError, InvalidRequestError
+from ..errors import ExecutionError, HandlerError, InvalidRequestError, WorkspaceError
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult
+from ..workspace import WorkspaceLease, WorkspaceManager
 from .base import ExecutionBackend, Job
 
 __all__ = ["InProcessBackend"]
@@ -50,6 +54,43 @@ def handler_error(exc: BaseException) -> HandlerError:
     )
 
 
+class _LazyWorkspace:
+    """The context's workspace provider: leases a directory only when a handler asks for one.
+
+    Most handlers never touch their workspace; they then cost no lease and no syscall. A sync
+    handler's thread may outlive its execution (timeouts abandon threads), so asking after
+    :meth:`close` raises :class:`WorkspaceError` instead of leasing a directory nobody frees.
+    """
+
+    __slots__ = ("_closed", "_lease", "_lock", "_manager", "_execution_id")
+
+    def __init__(self, manager: WorkspaceManager, execution_id: str) -> None:
+        self._manager = manager
+        self._execution_id = execution_id
+        self._lease: WorkspaceLease | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Path:
+        with self._lock:
+            if self._lease is None:
+                if self._closed:
+                    raise WorkspaceError(
+                        f"execution {self._execution_id!r} has ended; its workspace is gone",
+                        execution_id=self._execution_id,
+                    )
+                self._lease = self._manager.reserve(self._execution_id)
+        return self._lease.ensure()
+
+    async def close(self) -> None:
+        """Remove the directory if one was leased. Not cancellable (see WorkspaceLease.release)."""
+        with self._lock:
+            self._closed = True
+            lease = self._lease
+        if lease is not None:
+            await lease.release()
+
+
 class InProcessBackend(ExecutionBackend):
     """Runs handlers in this process and this trio loop."""
 
@@ -74,14 +115,14 @@ class InProcessBackend(ExecutionBackend):
         request = job.request
         handler = self._handler(job)
         _check_serializable(request.input, "input")
-        lease = self.workspaces.reserve(request.execution_id)
+        workspace = _LazyWorkspace(self.workspaces, request.execution_id)
         ctx = ExecutionContext(
             execution_id=request.execution_id,
             plugin_id=request.plugin_id,
             handler_id=request.handler_id,
             context=request.context,
             sink=job.sink,
-            workspace=lease.ensure,
+            workspace=workspace,
         )
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
@@ -99,8 +140,7 @@ class InProcessBackend(ExecutionBackend):
             if scope.cancelled_caught:
                 raise job.timeout_error()
         finally:
-            with trio.CancelScope(shield=True):
-                await lease.release()
+            await workspace.close()
         output = handler.plain_output(output)
         _check_serializable(output, "the handler's output")
         return ExecutionResult(
@@ -123,10 +163,9 @@ class InProcessBackend(ExecutionBackend):
             try:
                 return handler.call(ctx, input)
             finally:
-                try:
-                    trio.from_thread.run_sync(self._thread_done, trio_token=token)
-                except trio.RunFinishedError:
-                    pass
+                # Fire and forget: the count matters only to _stop, which runs in the loop.
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(self._thread_done)
 
         return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
 
