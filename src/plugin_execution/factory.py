@@ -45,7 +45,7 @@ def create_execution_backend(
 
     ``auto`` picks ``in-process``. ``workspace`` is a :class:`WorkspaceManager` or a root
     directory for per-execution workspaces. ``backend_options`` go to the backend's
-    constructor; an unknown option raises :class:`InvalidRequestError`.
+    constructor; an unknown option or a bad value raises :class:`InvalidRequestError`.
     """
     if not isinstance(registry, PluginRegistry):
         raise InvalidRequestError(
@@ -56,5 +56,5 @@ def create_execution_backend(
         workspace = WorkspaceManager(root=workspace)
     try:
         return cls(registry=registry, platform=platform, workspace=workspace, **backend_options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"bad option for the {type} backend: {exc}") from None

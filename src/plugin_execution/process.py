@@ -434,16 +434,22 @@ async def open_worker_process(
     """
     host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     err_read, err_write = os.pipe()
-    process: ChildProcess
+    process: ChildProcess | None = None
     try:
         if zygote is not None:
-            process = await zygote.spawn(
-                child_sock.fileno(),
-                err_write,
-                cwd=cwd,
-                env=env,
-                limits=limits.to_arg() if limits is not None else "",
-            )
+            with trio.move_on_after(start_timeout):
+                process = await zygote.spawn(
+                    child_sock.fileno(),
+                    err_write,
+                    cwd=cwd,
+                    env=env,
+                    limits=limits.to_arg() if limits is not None else "",
+                )
+            if process is None:
+                raise WorkerCrashedError(
+                    f"the zygote (pid {zygote.pid}) did not fork a worker within "
+                    f"{start_timeout:g} s"
+                )
         else:
             process = await trio.lowlevel.open_process(
                 worker_argv(limits, child_sock.fileno()),

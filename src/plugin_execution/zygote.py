@@ -62,6 +62,7 @@ class Zygote:
         self._spawning: dict[int, trio.MemorySendChannel[int | str]] = {}
         self._children: dict[int, ZygoteChild] = {}
         self._early_exits: dict[int, int] = {}
+        self._abandoned: set[int] = set()
         self.lost = trio.Event()
 
     @property
@@ -95,7 +96,11 @@ class Zygote:
         fds = array.array("i", [sock_fd, out_fd]).tobytes()
         try:
             await self._ctl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            reply = await receive.receive()
+            try:
+                reply = await receive.receive()
+            except trio.Cancelled:
+                self._abandon(receive)
+                raise
         except (OSError, trio.EndOfChannel):
             raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone") from None
         finally:
@@ -107,7 +112,26 @@ class Zygote:
             self._set_exited(reply, self._early_exits.pop(reply))
         return child
 
+    def _abandon(self, receive: trio.MemoryReceiveChannel[int | str]) -> None:
+        """The caller was cancelled after asking for a fork: kill the child if it came."""
+        try:
+            reply = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return  # a later reply finds no waiter: _read_loop kills that child
+        if isinstance(reply, int):
+            self._kill_abandoned(reply)
+
+    def _kill_abandoned(self, pid: int) -> None:
+        self._abandoned.add(pid)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def _set_exited(self, pid: int, status: int) -> None:
+        if pid in self._abandoned:
+            self._abandoned.discard(pid)
+            return
         child = self._children.pop(pid, None)
         if child is None:
             self._early_exits[pid] = status  # reaped before "spawned" was read
@@ -128,6 +152,8 @@ class Zygote:
                     waiter = self._spawning.get(message["id"])
                     if waiter is not None:
                         waiter.send_nowait(message.get("pid") or str(message.get("error")))
+                    elif message.get("pid"):
+                        self._kill_abandoned(message["pid"])
         except (OSError, ValueError, msgpack.ExtraData, msgpack.FormatError):
             pass
         self._lose()

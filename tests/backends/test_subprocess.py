@@ -19,6 +19,7 @@ from plugin_execution import (
     ExecutionTimeoutError,
     HandlerError,
     HandlerNotFoundError,
+    InvalidRequestError,
     PluginRegistry,
     WorkerCrashedError,
     WorkspaceManager,
@@ -204,3 +205,42 @@ async def test_zygote_is_replaced_when_it_dies(registry, workspaces) -> None:  #
                 await trio.sleep(0.02)
         assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
         assert (await backend.health()).details["zygote_pid"] not in (first, None)
+
+
+async def test_waiting_for_a_slot_counts_toward_the_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with create_execution_backend(
+        type="subprocess", registry=registry, workspace=workspaces, max_concurrent=1
+    ) as backend, trio.open_nursery() as nursery:
+        nursery.start_soon(backend.execute, req("sleep", {"seconds": 1.5}))
+        await trio.sleep(0.05)
+        with pytest.raises(ExecutionTimeoutError, match="waiting for a free child slot"):
+            await backend.execute(req("echo", 1), timeout=0.2)
+        assert backend.stats().details["active_subprocesses"] <= 1
+
+
+async def test_a_start_that_outlives_the_deadline_is_a_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with create_execution_backend(
+        type="subprocess", registry=registry, workspace=workspaces
+    ) as backend:
+        # far shorter than any interpreter start: the deadline passes before the handshake
+        with pytest.raises(ExecutionTimeoutError, match="before its child process started"):
+            await backend.execute(req("echo", 1), timeout=0.001)
+        assert backend.stats().details["active_subprocesses"] == 0
+
+
+async def test_cancelled_while_the_zygote_forks(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with create_execution_backend(
+        type="subprocess", registry=registry, workspace=workspaces, start_method="zygote"
+    ) as backend:
+        # cancel at many points of the start sequence; no child may outlive its execution
+        for delay in (0, 0.0005, 0.001, 0.002, 0.004, 0.008):
+            with trio.move_on_after(delay):
+                await backend.execute(req("echo", 1))
+        assert (await backend.execute(req("add", {"a": 1, "b": 2}))).output == 3
+    # the no_leaks fixture checks that every forked child is gone
+
+
+@pytest.mark.parametrize("options", [{"start_method": "fork"}, {"max_concurrent": "many"}])
+async def test_bad_options_are_invalid_requests(registry, options) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequestError, match="bad option for the subprocess backend"):
+        create_execution_backend(type="subprocess", registry=registry, **options)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import trio
 
+from ..errors import WorkerCrashedError
 from ..manifest import Permissions
 from ..process import WorkerLimits, open_worker_process
 from ..types import ExecutionResult
@@ -108,11 +109,13 @@ class SubprocessBackend(ExecutionBackend):
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _zygote_for_spawn(self) -> Zygote | None:
+    async def _zygote_for_spawn(self, job: Job) -> Zygote | None:
         if self.start_method != "zygote":
             return None
-        await self._zygote_ready.wait()
-        return self._zygote
+        with trio.CancelScope(deadline=job.deadline):
+            await self._zygote_ready.wait()
+            return self._zygote
+        raise job.timeout_error(" while the zygote was being restarted")
 
     def _limits(self, job: Job) -> WorkerLimits:
         quotas = job.target.permissions.quotas
@@ -128,28 +131,42 @@ class SubprocessBackend(ExecutionBackend):
         )
 
     async def _run(self, job: Job) -> ExecutionResult:
-        request = job.request
-        async with self._slots:
-            async with self.workspaces.lease(request.execution_id) as lease:
-                workspace = str(lease.dir)
-                self._children += 1
-                try:
-                    async with open_worker_process(
-                        cwd=workspace,
-                        env=child_environment(job.target.permissions, workspace),
-                        limits=self._limits(job),
-                        zygote=await self._zygote_for_spawn(),
-                        start_timeout=self._start_timeout,
-                        close_grace=self.cancel_grace,
-                    ) as worker:
-                        return await worker.execute(
-                            job,
-                            backend=self.name,
-                            workspace=workspace,
-                            cancel_grace=self.cancel_grace,
-                        )
-                finally:
-                    self._children -= 1
+        """Wait for a slot, start a child, run the job in it. Every wait counts toward the
+        job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
+        """
+        with trio.CancelScope(deadline=job.deadline) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise job.timeout_error(" while waiting for a free child slot")
+        try:
+            zygote = await self._zygote_for_spawn(job)
+            async with self.workspaces.lease(job.request.execution_id) as lease:
+                return await self._run_in_child(job, str(lease.dir), zygote)
+        finally:
+            self._slots.release()
+
+    async def _run_in_child(self, job: Job, workspace: str, zygote: Zygote | None) -> ExecutionResult:
+        self._children += 1
+        started = False
+        try:
+            async with open_worker_process(
+                cwd=workspace,
+                env=child_environment(job.target.permissions, workspace),
+                limits=self._limits(job),
+                zygote=zygote,
+                start_timeout=max(0.0, min(self._start_timeout, job.deadline - trio.current_time())),
+                close_grace=self.cancel_grace,
+            ) as worker:
+                started = True
+                return await worker.execute(
+                    job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
+                )
+        except WorkerCrashedError:
+            if not started and trio.current_time() >= job.deadline:
+                raise job.timeout_error(" before its child process started") from None
+            raise
+        finally:
+            self._children -= 1
 
     def _health_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {
