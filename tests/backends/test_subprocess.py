@@ -244,3 +244,10 @@ async def test_cancelled_while_the_zygote_forks(registry, workspaces) -> None:  
 async def test_bad_options_are_invalid_requests(registry, options) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidRequestError, match="bad option for the subprocess backend"):
         create_execution_backend(type="subprocess", registry=registry, **options)
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, object(), 2**70])
+async def test_unserializable_input_is_rejected_before_any_child(backend, bad) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequestError, match="input is not serializable"):
+        await backend.execute(req("echo", bad))
+    assert backend.stats().failed_by_code == {"INVALID_REQUEST": 1}

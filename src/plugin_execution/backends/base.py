@@ -16,11 +16,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import attrs
+import msgpack
 import trio
 
 from .._groups import unwrap_single
 from ..context import NULL_SINK
-from ..errors import BackendClosedError, ExecutionError, ExecutionTimeoutError
+from ..errors import (
+    BackendClosedError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    InvalidRequestError,
+)
 from ..registry import PluginRegistry, ResolvedHandler
 from ..stats import StatsRecorder
 from ..streaming import ChannelSink, Execution
@@ -38,7 +44,7 @@ from ..workspace import WorkspaceManager
 if TYPE_CHECKING:
     from ..context import EventSink
 
-__all__ = ["ExecutionBackend", "Job"]
+__all__ = ["ExecutionBackend", "Job", "check_serializable"]
 
 _State = Literal["new", "running", "closing", "closed"]
 
@@ -151,6 +157,7 @@ class ExecutionBackend(abc.ABC):
         target = self.registry.resolve(request.plugin_id, request.handler_id)
         if timeout is not None:
             check_timeout(None, None, timeout)
+        check_serializable(request.input, "input")
         limit = timeout if timeout is not None else request.timeout
         if limit is None:
             limit = getattr(target.spec, "timeout", None) or DEFAULT_TIMEOUT_S
@@ -288,6 +295,17 @@ class ExecutionBackend(abc.ABC):
 
     def _health_details(self) -> dict[str, Any]:
         return {}
+
+
+def check_serializable(value: Any, what: str) -> None:
+    """Raise InvalidRequestError unless ``value`` is plain data every backend can carry."""
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except Exception as exc:
+        raise InvalidRequestError(
+            f"{what} is not serializable (plain data only: dict, list, str, bytes, int, "
+            f"float, bool, None): {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _aborted(request: ExecutionRequest) -> ExecutionError:

@@ -19,7 +19,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import trio
 
 from ..context import ExecutionContext
@@ -27,19 +26,9 @@ from ..errors import ExecutionError, HandlerError, InvalidRequestError, Workspac
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult
 from ..workspace import WorkspaceLease, WorkspaceManager
-from .base import ExecutionBackend, Job
+from .base import ExecutionBackend, Job, check_serializable
 
 __all__ = ["InProcessBackend"]
-
-
-def _check_serializable(value: Any, what: str) -> None:
-    try:
-        msgpack.packb(value, use_bin_type=True)
-    except Exception as exc:
-        raise InvalidRequestError(
-            f"{what} is not serializable (plain data only: dict, list, str, bytes, int, "
-            f"float, bool, None): {type(exc).__name__}: {exc}"
-        ) from None
 
 
 def handler_error(exc: BaseException) -> HandlerError:
@@ -114,7 +103,6 @@ class InProcessBackend(ExecutionBackend):
     async def _run(self, job: Job) -> ExecutionResult:
         request = job.request
         handler = self._handler(job)
-        _check_serializable(request.input, "input")
         workspace = _LazyWorkspace(self.workspaces, request.execution_id)
         ctx = ExecutionContext(
             execution_id=request.execution_id,
@@ -142,7 +130,7 @@ class InProcessBackend(ExecutionBackend):
         finally:
             await workspace.close()
         output = handler.plain_output(output)
-        _check_serializable(output, "the handler's output")
+        check_serializable(output, "the handler's output")
         return ExecutionResult(
             execution_id=request.execution_id,
             ok=True,
