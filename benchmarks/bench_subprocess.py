@@ -69,14 +69,19 @@ async def main(rounds: int) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as root:
         async with (
             create_execution_backend(
-                type="subprocess", registry=registry(), start_method="spawn",
+                type="subprocess",
+                registry=registry(),
+                start_method="spawn",
                 workspace=WorkspaceManager(Path(root) / "spawn"),
             ) as spawn,
             create_execution_backend(
-                type="subprocess", registry=registry(), start_method="zygote",
+                type="subprocess",
+                registry=registry(),
+                start_method="zygote",
                 workspace=WorkspaceManager(Path(root) / "zygote"),
             ) as zygote,
         ):
+
             async def timed(backend: Any, handler: str) -> float:
                 start = time.perf_counter()
                 await backend.execute(
@@ -117,9 +122,7 @@ def report(results: dict[str, dict[str, float]]) -> None:
             target = "<= 5.0 ms " + ("met" if median <= 5 else "MISSED")
         else:
             target = "(floor)"
-        print(
-            f"{name:<26}{median:>11.2f}{figures['p99_ms']:>9.2f}{median / bare:>8.2f}  {target}"
-        )
+        print(f"{name:<26}{median:>11.2f}{figures['p99_ms']:>9.2f}{median / bare:>8.2f}  {target}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def workspace_root(tmp_path: Path) -> Iterator[Path]:
     """A workspace root that must be empty of workspaces when the test ends."""
     root = tmp_path / "workspaces"
     yield root
-    leftovers = [p for p in root.rglob("*") if p.is_dir() and p.parent != root] if root.exists() else []
+    leftovers = (
+        [p for p in root.rglob("*") if p.is_dir() and p.parent != root] if root.exists() else []
+    )
     assert not leftovers, f"workspace dirs leaked: {leftovers}"
 
 

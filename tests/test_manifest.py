@@ -122,7 +122,9 @@ def test_a_single_string_permission_is_one_pattern(tmp_path: Path) -> None:
 
 def test_a_non_string_permission_is_rejected(tmp_path: Path) -> None:
     path = write(tmp_path, 'id = "p"\n[permissions.env]\nread = ["HOME", 3]\n')
-    with pytest.raises(ManifestError, match=r"expected strings, got 3 \(int\) @ manifest\.permissions\.env\.read"):
+    with pytest.raises(
+        ManifestError, match=r"expected strings, got 3 \(int\) @ manifest\.permissions\.env\.read"
+    ):
         load_manifest(path)
 
 

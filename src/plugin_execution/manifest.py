@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,6 +163,14 @@ def _unique(what: str, key: str) -> Any:
     return check
 
 
+def _handler_tuple(handlers: Iterable[HandlerSpec]) -> tuple[HandlerSpec, ...]:
+    return tuple(handlers)
+
+
+def _channel_tuple(channels: Iterable[ChannelSpec]) -> tuple[ChannelSpec, ...]:
+    return tuple(channels)
+
+
 @attrs.frozen
 class PluginManifest:
     """A plugin: its id, version, handlers, channels and permissions.
@@ -174,10 +182,10 @@ class PluginManifest:
     id: str = attrs.field(validator=_matches(_ID, "plugin id"))
     version: str = "0"
     handlers: tuple[HandlerSpec, ...] = attrs.field(
-        default=(), converter=tuple, validator=_unique("handler id", "id")
+        default=(), converter=_handler_tuple, validator=_unique("handler id", "id")
     )
     channels: tuple[ChannelSpec, ...] = attrs.field(
-        default=(), converter=tuple, validator=_unique("channel path", "path")
+        default=(), converter=_channel_tuple, validator=_unique("channel path", "path")
     )
     permissions: Permissions = attrs.field(factory=Permissions)
     root: str | None = None
@@ -199,22 +207,23 @@ _strict = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _structure_strings(value: Any, _: Any) -> tuple[str, ...]:
-    """A string is one pattern (not its characters); every item must be a string."""
+    """A string is one pattern (not its characters); every item must be a string.
+
+    Raises ValueError, as every other manifest check does, so load errors are uniform.
+    """
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, list | tuple):
-        raise ValueError(f"expected a string or a list of strings, got {type(value).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"expected a string or a list of strings, got {type(value).__name__}"
+        )
     for item in value:
         if not isinstance(item, str):
-            raise ValueError(f"expected strings, got {item!r} ({type(item).__name__})")
+            raise ValueError(f"expected strings, got {item!r} ({type(item).__name__})")  # noqa: TRY004
     return tuple(value)
 
 
-_strict.register_structure_hook_func(
-    lambda t: t == tuple[str, ...], _structure_strings
-)
-
-
+_strict.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_strings)
 
 
 def _keyed_list(value: Any) -> Any:

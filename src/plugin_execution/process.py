@@ -59,6 +59,7 @@ class ChildProcess(Protocol):
 
     async def wait(self) -> int: ...
 
+
 __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
 
 _ids = itertools.count(1)
@@ -213,13 +214,13 @@ class WorkerProcess:
                     pending.error = ExecutionError.from_dict(msg.error)
                 pending.done.set()
         elif isinstance(msg, Pong):
-            waiter = self._pongs.pop(msg.seq, None)
-            if waiter is not None:
-                waiter.send_nowait(msg)
+            pong_waiter = self._pongs.pop(msg.seq, None)
+            if pong_waiter is not None:
+                pong_waiter.send_nowait(msg)
         elif isinstance(msg, Warmed):
-            waiter = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
-            if waiter is not None:
-                waiter.send_nowait(msg)
+            warm_waiter = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
+            if warm_waiter is not None:
+                warm_waiter.send_nowait(msg)
         elif isinstance(msg, Hello):
             self._ready.set()
 
@@ -266,7 +267,7 @@ class WorkerProcess:
         async with self._send_lock:
             try:
                 await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.lost.wait()
                 raise self.crash_error() from None
 
@@ -508,8 +509,7 @@ async def serve_worker(
                         raise worker.crash_error()
                     if not worker._ready.is_set():
                         raise WorkerCrashedError(
-                            f"worker {worker.worker_id} did not start within "
-                            f"{start_timeout:g} s",
+                            f"worker {worker.worker_id} did not start within {start_timeout:g} s",
                             details={"stderr_tail": worker.stderr_tail()},
                         )
                     yield worker

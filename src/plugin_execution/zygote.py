@@ -89,8 +89,13 @@ class Zygote:
         send, receive = trio.open_memory_channel[int | str](1)
         self._spawning[request_id] = send
         message = msgpack.packb(
-            {"t": "spawn", "id": request_id, "cwd": cwd, "env": dict(env or os.environ),
-             "limits": limits},
+            {
+                "t": "spawn",
+                "id": request_id,
+                "cwd": cwd,
+                "env": dict(env or os.environ),
+                "limits": limits,
+            },
             use_bin_type=True,
         )
         fds = array.array("i", [sock_fd, out_fd]).tobytes()
@@ -182,8 +187,15 @@ async def open_zygote(*, start_timeout: float = 30.0) -> AsyncIterator[Zygote]:
     host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-m", "plugin_execution.worker", "--zygote",
-             "--fd", str(child.fileno())],
+            [
+                sys.executable,
+                "-I",
+                "-m",
+                "plugin_execution.worker",
+                "--zygote",
+                "--fd",
+                str(child.fileno()),
+            ],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             start_new_session=True,

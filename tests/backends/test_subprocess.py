@@ -85,7 +85,9 @@ async def test_environment_is_an_allow_list(backend, registry, monkeypatch) -> N
             "permissions": {"env": {"read": ["PE_GRANTED_*"]}},
         }
     )
-    env = (await backend.execute(ExecutionRequest(plugin_id="tests.envreader", handler_id="env"))).output
+    env = (
+        await backend.execute(ExecutionRequest(plugin_id="tests.envreader", handler_id="env"))
+    ).output
     assert env["PE_GRANTED_VALUE"] == "ok"
     assert "HOST_SECRET_TOKEN" not in env
 
@@ -208,9 +210,12 @@ async def test_zygote_is_replaced_when_it_dies(registry, workspaces) -> None:  #
 
 
 async def test_waiting_for_a_slot_counts_toward_the_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
-    async with create_execution_backend(
-        type="subprocess", registry=registry, workspace=workspaces, max_concurrent=1
-    ) as backend, trio.open_nursery() as nursery:
+    async with (
+        create_execution_backend(
+            type="subprocess", registry=registry, workspace=workspaces, max_concurrent=1
+        ) as backend,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(backend.execute, req("sleep", {"seconds": 1.5}))
         await trio.sleep(0.05)
         with pytest.raises(ExecutionTimeoutError, match="waiting for a free child slot"):

@@ -164,9 +164,7 @@ class ExecutionBackend(abc.ABC):
         quota = target.permissions.quotas.timeout
         if quota is not None and quota < limit:
             limit = quota
-        return Job(
-            request, target, limit, trio.current_time() + limit, sink, time.perf_counter()
-        )
+        return Job(request, target, limit, trio.current_time() + limit, sink, time.perf_counter())
 
     async def execute(
         self,

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from ..context import ExecutionContext
-from ..errors import ExecutionError, HandlerError, InvalidRequestError, WorkspaceError
+from ..errors import ExecutionError, HandlerError, WorkspaceError
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult
 from ..workspace import WorkspaceLease, WorkspaceManager
@@ -51,7 +51,7 @@ class _LazyWorkspace:
     :meth:`close` raises :class:`WorkspaceError` instead of leasing a directory nobody frees.
     """
 
-    __slots__ = ("_closed", "_lease", "_lock", "_manager", "_execution_id")
+    __slots__ = ("_closed", "_execution_id", "_lease", "_lock", "_manager")
 
     def __init__(self, manager: WorkspaceManager, execution_id: str) -> None:
         self._manager = manager

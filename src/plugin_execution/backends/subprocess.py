@@ -145,7 +145,9 @@ class SubprocessBackend(ExecutionBackend):
         finally:
             self._slots.release()
 
-    async def _run_in_child(self, job: Job, workspace: str, zygote: Zygote | None) -> ExecutionResult:
+    async def _run_in_child(
+        self, job: Job, workspace: str, zygote: Zygote | None
+    ) -> ExecutionResult:
         self._children += 1
         started = False
         try:
@@ -154,7 +156,9 @@ class SubprocessBackend(ExecutionBackend):
                 env=child_environment(job.target.permissions, workspace),
                 limits=self._limits(job),
                 zygote=zygote,
-                start_timeout=max(0.0, min(self._start_timeout, job.deadline - trio.current_time())),
+                start_timeout=max(
+                    0.0, min(self._start_timeout, job.deadline - trio.current_time())
+                ),
                 close_grace=self.cancel_grace,
             ) as worker:
                 started = True

@@ -82,7 +82,12 @@ class _FrameSink:
     def emit(self, kind: str, data: Any) -> None:
         self._worker.send(
             "event",
-            {"execution_id": self._execution_id, "kind": kind, "data": data, "timestamp": time.time()},
+            {
+                "execution_id": self._execution_id,
+                "kind": kind,
+                "data": data,
+                "timestamp": time.time(),
+            },
         )
 
     async def aemit(self, kind: str, data: Any) -> None:
@@ -222,7 +227,7 @@ class Worker:
         """
         if not self._in_thread:
             os.dup2(2, 1)
-            sys.stdout, sys.stderr = self._stdout, self._stderr  # type: ignore[assignment]
+            sys.stdout, sys.stderr = self._stdout, self._stderr
         self.send("hello", {"version": PROTOCOL_VERSION, "pid": os.getpid()})
         decoder = FrameDecoder()
         recv = self._sock.recv
@@ -333,8 +338,13 @@ class Worker:
         with trio.CancelScope() as scope:
             if timeout:
                 scope.deadline = trio.current_time() + timeout
-            cancel = run.cancel
-            run.cancel = lambda: (cancel(), token.run_sync_soon(scope.cancel))
+            cancel_ctx = run.cancel
+
+            def cancel() -> None:  # called from the reader thread
+                cancel_ctx()
+                token.run_sync_soon(scope.cancel)
+
+            run.cancel = cancel
             try:
                 output = handler.plain_output(await handler.call(run.ctx, msg["input"]))
             except ExecutionError as exc:

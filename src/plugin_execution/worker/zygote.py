@@ -125,13 +125,13 @@ def main(fd: int) -> None:
     _send(ctl, {"t": "ready", "pid": os.getpid()})
     while True:
         try:
-            readable, _, _ = select.select([ctl, wake[0]], [], [])
+            readable, _, _ = select.select([ctl.fileno(), wake[0]], [], [])
         except InterruptedError:
             continue
         if wake[0] in readable:
             os.read(wake[0], 4096)
             _reap(ctl)
-        if ctl in readable:
+        if ctl.fileno() in readable:
             request, fds = _recv(ctl)
             if request is None:
                 os._exit(0)
