@@ -43,7 +43,12 @@ class ChannelSink:
         except RuntimeError:  # a worker thread: wait for room
             try:
                 trio.from_thread.run(self._send.send, event, trio_token=self._token)
-            except (trio.RunFinishedError, trio.Cancelled, trio.ClosedResourceError):
+            except (
+                trio.RunFinishedError,
+                trio.Cancelled,
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+            ):
                 self.dropped += 1
             return
         try:

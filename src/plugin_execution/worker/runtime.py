@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
-from ._wire import FrameDecoder, encode
+from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-PROTOCOL_VERSION = 1
 _OOM_EXIT = 137
+_PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -242,6 +242,13 @@ class Worker:
                 decoder.feed(data)
                 for tag, fields in decoder:
                     self._dispatch(tag, fields)
+        except WireError as exc:
+            # Only a host bug gets here; say so on stderr (the host shows its tail in the
+            # WorkerCrashedError) rather than dying with a traceback.
+            os.write(2, f"plugin_execution worker: bad frame from the host: {exc}\n".encode())
+            if not self._in_thread:
+                os._exit(_PROTOCOL_EXIT)
+            self._sock.close()
         except _Stop:
             self._sock.close()
 
