@@ -16,10 +16,14 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, Protocol
 
+    from .types import ExecutionEvent
+
     class EventSink(Protocol):
         """Where a context's events go. ``emit`` never blocks the event loop for long."""
 
         def emit(self, kind: str, data: Any) -> None: ...
+
+        def deliver_nowait(self, event: ExecutionEvent) -> None: ...
 
         async def aemit(self, kind: str, data: Any) -> None: ...
 
@@ -31,6 +35,9 @@ class NullSink:
     """Discards events: used when nobody streams the execution."""
 
     def emit(self, kind: str, data: Any) -> None:
+        pass
+
+    def deliver_nowait(self, event: ExecutionEvent) -> None:
         pass
 
     async def aemit(self, kind: str, data: Any) -> None:

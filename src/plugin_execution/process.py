@@ -42,7 +42,7 @@ from .protocol import (
     Warmed,
     Warmup,
 )
-from .types import ExecutionResult
+from .types import ExecutionEvent, ExecutionResult
 
 if TYPE_CHECKING:
     from .backends.base import Job
@@ -203,8 +203,15 @@ class WorkerProcess:
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, Event):
             pending = self._pending.get(msg.execution_id)
-            if pending is not None:
-                pending.sink.emit(msg.kind, msg.data)
+            if pending is not None:  # stamped when the handler emitted it, in the worker
+                pending.sink.deliver_nowait(
+                    ExecutionEvent(
+                        execution_id=msg.execution_id,
+                        kind=msg.kind,
+                        data=msg.data,
+                        timestamp=msg.timestamp,
+                    )
+                )
         elif isinstance(msg, Result | Error):
             pending = self._pending.get(msg.execution_id)
             if pending is not None and not pending.done.is_set():

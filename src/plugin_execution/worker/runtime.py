@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from ..types import ExecutionEvent
+
 _OOM_EXIT = 137
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
@@ -87,6 +89,17 @@ class _FrameSink:
                 "kind": kind,
                 "data": data,
                 "timestamp": time.time(),
+            },
+        )
+
+    def deliver_nowait(self, event: ExecutionEvent) -> None:
+        self._worker.send(
+            "event",
+            {
+                "execution_id": self._execution_id,
+                "kind": event.kind,
+                "data": event.data,
+                "timestamp": event.timestamp,
             },
         )
 
