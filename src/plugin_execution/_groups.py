@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 import trio
 
@@ -22,14 +23,24 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+def _reraise_bare(error: BaseException) -> NoReturn:
+    """Raise ``error`` as if the group had never wrapped it: its cause and context kept."""
+    context = error.__context__
+    try:
+        raise error
+    finally:
+        error.__context__ = context
+        del error, context
+
+
 @contextmanager
 def unwrap_single() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
-            raise group.exceptions[0] from None
+            _reraise_bare(group.exceptions[0])
         _, rest = group.split(trio.Cancelled)
         if rest is None:
-            raise _first_leaf(group) from None
+            _reraise_bare(_first_leaf(group))
         raise

@@ -1,0 +1,693 @@
+"""The supervisor: start semantics, restart types, strategies, intensity, backoff, shutdown.
+
+Every async test runs on trio's MockClock with autojump (the ``autojump_clock`` fixture), so
+times read with ``trio.current_time()`` are exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from itertools import pairwise
+from random import Random
+from typing import Any
+
+import pytest
+import trio
+
+from plugin_execution.supervisor import (
+    ChildInfo,
+    ChildSpec,
+    SupervisorError,
+    backoff_delay,
+    open_supervisor,
+)
+
+Start = Callable[..., Awaitable[object]]
+
+
+class Boom(Exception):
+    pass
+
+
+class Family:
+    """Children that log their starts and stops, with times, in one shared list."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, float]] = []
+        self.runs: Counter[str] = Counter()
+
+    @property
+    def events(self) -> list[str]:
+        return [event for event, _ in self.log]
+
+    def rounded(self) -> list[tuple[str, float]]:
+        """The log with times rounded to the nanosecond, for exact comparisons."""
+        return [(event, round(at, 9)) for event, at in self.log]
+
+    def note(self, event: str) -> None:
+        self.log.append((event, trio.current_time()))
+
+    def child(
+        self,
+        name: str,
+        *,
+        crash_after: float | None = None,
+        start_delay: float = 0.0,
+        cleanup: float = 0.0,
+    ) -> Start:
+        """Runs until cancelled; its first run raises ``Boom`` ``crash_after`` s after starting.
+
+        It takes ``start_delay`` s to call ``started()`` and ``cleanup`` s (shielded) to stop.
+        """
+
+        async def start(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            self.runs[name] += 1
+            run = self.runs[name]
+            await trio.sleep(start_delay)
+            self.note(f"start {name}")
+            task_status.started()
+            try:
+                if crash_after is not None and run == 1:
+                    await trio.sleep(crash_after)
+                    raise Boom(f"{name} crashed")
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                self.note(f"stop {name}")
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(cleanup)
+                self.note(f"stopped {name}")
+                raise
+
+        return start
+
+
+async def forever() -> None:
+    await trio.sleep_forever()
+
+
+# -- backoff_delay ----------------------------------------------------------------------------
+
+
+def test_backoff_delay_grows_by_the_factor_up_to_the_cap() -> None:
+    delays = [
+        backoff_delay(k, initial=0.1, factor=2.0, maximum=1.0, jitter=0.0, rng=Random(0))
+        for k in range(1, 7)
+    ]
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_backoff_delay_jitter_is_bounded_and_reproducible() -> None:
+    def draw(seed: int) -> list[float]:
+        rng = Random(seed)
+        return [
+            backoff_delay(3, initial=0.1, factor=2.0, maximum=5.0, jitter=0.25, rng=rng)
+            for _ in range(200)
+        ]
+
+    delays = draw(7)
+    assert all(0.3 <= d <= 0.5 for d in delays)
+    assert len(set(delays)) > 100
+    assert draw(7) == delays
+    assert draw(8) != delays
+
+
+def test_backoff_delay_caps_attempts_too_large_to_compute() -> None:
+    def delay(initial: float) -> float:
+        return backoff_delay(
+            100_000, initial=initial, factor=2.0, maximum=3.0, jitter=0.0, rng=Random()
+        )
+
+    assert delay(0.1) == 3.0
+    assert delay(0.0) == 0.0
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"strategy": "all_for_one"}, "strategy"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"within": 0}, "within"),
+        ({"within": -5.0}, "within"),
+        ({"backoff_initial": -0.1}, "backoff_initial"),
+        ({"backoff_max": -1.0}, "backoff_max"),
+        ({"backoff_factor": 0.5}, "backoff_factor"),
+        ({"jitter": 1.5}, "jitter"),
+        ({"jitter": -0.1}, "jitter"),
+    ],
+)
+async def test_open_supervisor_rejects_bad_arguments(options: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        async with open_supervisor(**options):
+            pytest.fail("the block must not run")
+
+
+def test_child_spec_validates_its_fields() -> None:
+    assert ChildSpec("a", forever) == ChildSpec(
+        name="a", start=forever, restart="permanent", shutdown_timeout=5.0
+    )
+    with pytest.raises(ValueError, match="name"):
+        ChildSpec("", forever)
+    with pytest.raises(ValueError, match="restart"):
+        ChildSpec("a", forever, restart="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shutdown_timeout"):
+        ChildSpec("a", forever, shutdown_timeout=-1.0)
+    with pytest.raises(TypeError, match="start"):
+        ChildSpec("a", 42)  # type: ignore[arg-type]
+
+
+# -- start_child ------------------------------------------------------------------------------
+
+
+async def test_start_child_returns_once_the_child_called_started(autojump_clock: Any) -> None:
+    family = Family()
+    seen: list[tuple[ChildInfo, ...]] = []
+    async with open_supervisor() as sup:
+
+        async def peek() -> None:
+            await trio.sleep(1)
+            seen.append(sup.children())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peek)
+            await sup.start_child(ChildSpec("slow", family.child("slow", start_delay=3)))
+            assert trio.current_time() == 3.0
+        assert seen == [(ChildInfo("slow", "permanent", "starting", 0, None),)]
+        assert sup.children() == (ChildInfo("slow", "permanent", "running", 0, 3.0),)
+
+
+async def test_start_child_propagates_an_error_raised_before_started(autojump_clock: Any) -> None:
+    async def broken(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.sleep(1)
+        raise Boom("no config")
+
+    async with open_supervisor() as sup:
+        with pytest.raises(Boom, match="no config"):
+            await sup.start_child(ChildSpec("broken", broken))
+        await trio.sleep(10)
+        assert sup.children() == ()
+        assert sup.failures == ()
+        assert sup.restart_count == 0
+        await sup.start_child(ChildSpec("broken", forever))  # the name is free again
+        assert [c.name for c in sup.children()] == ["broken"]
+
+
+async def test_a_child_without_task_status_counts_as_started_once_scheduled(
+    autojump_clock: Any,
+) -> None:
+    reached: list[float] = []
+
+    async def plain() -> None:
+        await trio.sleep(2)
+        reached.append(trio.current_time())
+        await trio.sleep_forever()
+
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("plain", plain))
+        assert trio.current_time() == 0.0
+        assert sup.children()[0].state == "running"
+        await trio.sleep(3)
+    assert reached == [2.0]
+
+
+async def test_cancelling_start_child_cancels_the_child_and_does_not_add_it(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        with trio.move_on_after(1) as waited:
+            await sup.start_child(ChildSpec("slow", family.child("slow", start_delay=5)))
+        assert waited.cancelled_caught
+        await trio.sleep(10)
+        assert sup.children() == ()
+        assert family.runs["slow"] == 1
+        assert family.events == []
+
+
+async def test_a_start_cancelled_as_the_child_calls_started_leaves_nothing_behind(
+    autojump_clock: Any,
+) -> None:
+    async with open_supervisor() as sup:
+        with trio.CancelScope() as caller:
+
+            async def start(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                caller.cancel()  # trio then keeps the child under start_child: it must not shield
+                task_status.started()
+                await trio.sleep_forever()
+
+            await sup.start_child(ChildSpec("c", start))
+        assert caller.cancelled_caught
+        assert sup.children() == ()
+
+
+async def test_stopping_a_child_before_it_started_fails_its_start_child(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+
+        async def start_slow() -> None:
+            with pytest.raises(RuntimeError, match="'slow' was stopped before it finished"):
+                await sup.start_child(ChildSpec("slow", family.child("slow", start_delay=5)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(start_slow)
+            await trio.sleep(1)
+            await sup.terminate_child("slow")
+        assert trio.current_time() == 1.0
+        assert sup.children() == ()
+        assert family.events == []
+
+
+async def test_start_child_rejects_a_duplicate_name(autojump_clock: Any) -> None:
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", forever))
+        with pytest.raises(ValueError, match="'a' is already supervised"):
+            await sup.start_child(ChildSpec("a", forever))
+        assert len(sup.children()) == 1
+
+
+async def test_start_child_after_the_block_raises(autojump_clock: Any) -> None:
+    async with open_supervisor() as sup:
+        pass
+    with pytest.raises(RuntimeError, match="stopping"):
+        await sup.start_child(ChildSpec("late", forever))
+
+
+# -- restart types ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("restart", "ending", "runs", "failures", "supervised"),
+    [
+        ("permanent", "return", 4, 0, True),
+        ("permanent", "raise", 4, 3, True),
+        ("transient", "return", 1, 0, False),
+        ("transient", "raise", 4, 3, True),
+        ("temporary", "return", 1, 0, False),
+        ("temporary", "raise", 1, 1, False),
+    ],
+)
+async def test_restart_types(
+    restart: Any, ending: str, runs: int, failures: int, supervised: bool, autojump_clock: Any
+) -> None:
+    count = 0
+
+    async def ends_after_a_second() -> None:
+        nonlocal count
+        count += 1
+        await trio.sleep(1)
+        if ending == "raise":
+            raise Boom(f"run {count}")
+
+    async with open_supervisor(max_restarts=100, backoff_initial=0.0) as sup:
+        await sup.start_child(ChildSpec("child", ends_after_a_second, restart=restart))
+        await trio.sleep(3.5)  # restarted runs start at 0, 1, 2 and 3, and end a second later
+        assert count == runs
+        assert sup.restart_count == runs - 1
+        assert [c.name for c in sup.children()] == (["child"] if supervised else [])
+        assert [(f.child, str(f.exception), f.at) for f in sup.failures] == [
+            ("child", f"run {n}", float(n)) for n in range(1, failures + 1)
+        ]
+
+
+# -- strategies -------------------------------------------------------------------------------
+
+
+async def test_one_for_one_restarts_only_the_failed_child(autojump_clock: Any) -> None:
+    family = Family()
+    async with open_supervisor(strategy="one_for_one", jitter=0.0) as sup:
+        for name in "abc":
+            crash = 1.0 if name == "b" else None
+            await sup.start_child(ChildSpec(name, family.child(name, crash_after=crash)))
+        await trio.sleep(5)
+        assert family.events == ["start a", "start b", "start c", "start b"]
+        assert family.rounded()[-1] == ("start b", 1.05)  # after backoff_initial
+        assert [c.restarts for c in sup.children()] == [0, 1, 0]
+    assert family.runs == {"a": 1, "b": 2, "c": 1}
+
+
+async def test_one_for_all_stops_the_rest_in_reverse_then_restarts_all_in_order(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor(strategy="one_for_all", jitter=0.0) as sup:
+        for name in "abcd":
+            crash = 1.0 if name == "b" else None
+            await sup.start_child(ChildSpec(name, family.child(name, crash_after=crash)))
+        await trio.sleep(5)
+        assert family.events == [
+            *["start a", "start b", "start c", "start d"],
+            *["stop d", "stopped d", "stop c", "stopped c", "stop a", "stopped a"],
+            *["start a", "start b", "start c", "start d"],
+        ]
+        assert [c.restarts for c in sup.children()] == [1, 1, 1, 1]
+        assert sup.restart_count == 1
+        assert [f.child for f in sup.failures] == ["b"]
+
+
+async def test_rest_for_one_restarts_the_failed_child_and_those_started_after_it(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor(strategy="rest_for_one", jitter=0.0) as sup:
+        for name in "abcd":
+            crash = 1.0 if name == "b" else None
+            await sup.start_child(ChildSpec(name, family.child(name, crash_after=crash)))
+        await trio.sleep(5)
+        assert family.events == [
+            *["start a", "start b", "start c", "start d"],
+            *["stop d", "stopped d", "stop c", "stopped c"],
+            *["start b", "start c", "start d"],
+        ]
+        assert [c.restarts for c in sup.children()] == [0, 1, 1, 1]
+
+
+async def test_ordered_restarts_wait_for_each_child_to_start(autojump_clock: Any) -> None:
+    family = Family()
+    async with open_supervisor(strategy="one_for_all", jitter=0.0) as sup:
+        await sup.start_child(ChildSpec("a", family.child("a", start_delay=2)))
+        await sup.start_child(ChildSpec("b", family.child("b", crash_after=1, cleanup=0.5)))
+        await sup.start_child(ChildSpec("c", family.child("c", cleanup=0.5)))
+        await trio.sleep(10)
+    starts = [(event, at) for event, at in family.rounded() if event.startswith("start")]
+    # b crashes at 3; c takes 0.5 s to stop, a 0 s; backoff 0.05 s; a takes 2 s to start.
+    assert starts == [
+        ("start a", 2.0),
+        ("start b", 2.0),
+        ("start c", 2.0),
+        ("start a", 5.55),
+        ("start b", 5.55),
+        ("start c", 5.55),
+    ]
+
+
+async def test_temporary_siblings_stopped_by_a_strategy_are_not_restarted(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor(strategy="one_for_all") as sup:
+        await sup.start_child(ChildSpec("temp", family.child("temp"), restart="temporary"))
+        await sup.start_child(ChildSpec("b", family.child("b", crash_after=1)))
+        await trio.sleep(5)
+        assert [c.name for c in sup.children()] == ["b"]
+    assert family.runs == {"temp": 1, "b": 2}
+
+
+@pytest.mark.parametrize("strategy", ["one_for_one", "one_for_all", "rest_for_one"])
+async def test_a_failed_restart_counts_and_is_retried_after_backoff(
+    strategy: Any, autojump_clock: Any
+) -> None:
+    attempts: list[float] = []
+
+    async def flaky(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        attempts.append(trio.current_time())
+        if len(attempts) in (2, 3):
+            raise Boom("cannot start")
+        task_status.started()
+        if len(attempts) == 1:
+            await trio.sleep(1)
+            raise Boom("crashed")
+        await trio.sleep_forever()
+
+    options: dict[str, Any] = {"max_restarts": 3, "within": 100, "backoff_initial": 0.1}
+    async with open_supervisor(strategy=strategy, jitter=0.0, **options) as sup:
+        await sup.start_child(ChildSpec("flaky", flaky))
+        await trio.sleep(5)
+        assert attempts == pytest.approx([0.0, 1.1, 1.3, 1.7])  # backoff 0.1, 0.2, 0.4
+        assert sup.restart_count == 3
+        assert [str(f.exception) for f in sup.failures] == [
+            "crashed",
+            "cannot start",
+            "cannot start",
+        ]
+        assert [(c.state, c.restarts) for c in sup.children()] == [("running", 3)]
+
+
+# -- intensity and backoff --------------------------------------------------------------------
+
+
+async def test_too_many_restarts_raise_a_bare_supervisor_error(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="plugin_execution.supervisor")
+    family = Family()
+    runs = 0
+    body_cancelled = False
+
+    async def crashy(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        task_status.started()
+        await trio.sleep(0.5)
+        raise Boom(f"crash {runs}")
+
+    with pytest.raises(SupervisorError) as raised:
+        async with open_supervisor(max_restarts=2, within=10, jitter=0.0) as sup:
+            await sup.start_child(ChildSpec("first", family.child("first")))
+            await sup.start_child(ChildSpec("crashy", crashy))
+            await sup.start_child(ChildSpec("last", family.child("last", cleanup=1)))
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                body_cancelled = True
+                raise
+
+    error = raised.value
+    assert type(error) is SupervisorError
+    assert "'crashy'" in str(error)
+    assert "3 restarts within 10 s" in str(error)
+    assert "max_restarts=2" in str(error)
+    assert [(f.child, str(f.exception)) for f in error.failures] == [
+        ("crashy", "crash 1"),
+        ("crashy", "crash 2"),
+        ("crashy", "crash 3"),
+    ]
+    assert [f.at for f in error.failures] == pytest.approx([0.5, 1.05, 1.65])
+    assert error.__cause__ is error.failures[-1].exception
+    assert body_cancelled
+    assert runs == 3
+    # Gave up at 1.65: stopped the others in reverse start order, then left the block.
+    assert family.rounded()[2:] == [
+        ("stop last", 1.65),
+        ("stopped last", 2.65),
+        ("stop first", 2.65),
+        ("stopped first", 2.65),
+    ]
+    assert trio.current_time() == pytest.approx(2.65)
+    assert any(r.levelno == logging.ERROR and "gave up" in r.getMessage() for r in caplog.records)
+    assert any("restarting 'crashy'" in r.getMessage() for r in caplog.records)
+
+
+async def test_restarts_spread_wider_than_the_window_never_give_up(autojump_clock: Any) -> None:
+    starts: list[float] = []
+
+    async def crash_after_three_seconds() -> None:
+        starts.append(trio.current_time())
+        await trio.sleep(3)
+        raise Boom("again")
+
+    async with open_supervisor(max_restarts=1, within=2.5, jitter=0.0) as sup:
+        await sup.start_child(ChildSpec("c", crash_after_three_seconds))
+        await trio.sleep(20)
+        assert sup.restart_count == 6
+    # Each restart is the first within the window, so each waits only backoff_initial.
+    gaps = [b - a for a, b in pairwise(starts)]
+    assert gaps == pytest.approx([3.05] * 6)
+
+
+async def test_zero_max_restarts_gives_up_on_the_first_failure(autojump_clock: Any) -> None:
+    async def crash() -> None:
+        await trio.sleep(1)
+        raise Boom("once")
+
+    with pytest.raises(SupervisorError) as raised:
+        async with open_supervisor(max_restarts=0) as sup:
+            await sup.start_child(ChildSpec("c", crash))
+            await trio.sleep_forever()
+    assert [str(f.exception) for f in raised.value.failures] == ["once"]
+    assert trio.current_time() == 1.0
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+async def test_restarts_in_a_row_back_off_exponentially(jitter: float, autojump_clock: Any) -> None:
+    starts: list[float] = []
+
+    async def crash() -> None:
+        starts.append(trio.current_time())
+        raise Boom("at once")
+
+    async with open_supervisor(
+        max_restarts=100,
+        within=60,
+        backoff_initial=0.1,
+        backoff_factor=2.0,
+        backoff_max=1.0,
+        jitter=jitter,
+        random=Random(42),
+    ) as sup:
+        await sup.start_child(ChildSpec("c", crash))
+        await trio.sleep(5)
+    rng = Random(42)
+    expected = [
+        backoff_delay(k, initial=0.1, factor=2.0, maximum=1.0, jitter=jitter, rng=rng)
+        for k in range(1, 7)
+    ]
+    if not jitter:
+        assert expected == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+    gaps = [b - a for a, b in pairwise(starts)]
+    assert gaps[:6] == pytest.approx(expected)
+
+
+# -- shutdown and terminate_child --------------------------------------------------------------
+
+
+async def test_exit_stops_children_one_at_a_time_in_reverse_start_order(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        for name in "abc":
+            await sup.start_child(ChildSpec(name, family.child(name, cleanup=1)))
+        await trio.sleep(1)
+    assert family.log[3:] == [
+        ("stop c", 1.0),
+        ("stopped c", 2.0),
+        ("stop b", 2.0),
+        ("stopped b", 3.0),
+        ("stop a", 3.0),
+        ("stopped a", 4.0),
+    ]
+    assert trio.current_time() == 4.0
+    assert sup.children() == ()
+    assert sup.failures == ()  # being stopped is not failing
+
+
+async def test_cancelling_the_block_still_stops_children_in_reverse_order(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    with trio.move_on_after(1) as outer:
+        async with open_supervisor() as sup:
+            await sup.start_child(ChildSpec("a", family.child("a", cleanup=1)))
+            await sup.start_child(ChildSpec("b", family.child("b", cleanup=1)))
+            await trio.sleep_forever()
+    assert outer.cancelled_caught
+    assert family.log[2:] == [
+        ("stop b", 1.0),
+        ("stopped b", 2.0),
+        ("stop a", 2.0),
+        ("stopped a", 3.0),
+    ]
+
+
+async def test_an_exception_from_the_body_propagates_unchanged(autojump_clock: Any) -> None:
+    family = Family()
+    cause = KeyError("why")
+    with pytest.raises(ValueError, match="body failed") as raised:
+        async with open_supervisor() as sup:
+            await sup.start_child(ChildSpec("a", family.child("a")))
+            raise ValueError("body failed") from cause
+    assert type(raised.value) is ValueError
+    assert raised.value.__cause__ is cause
+    assert family.events == ["start a", "stop a", "stopped a"]
+
+
+async def test_shutdown_timeout_bounds_the_wait_for_a_shielding_child(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    family = Family()
+
+    async def stubborn(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(10)
+            family.note("stubborn done")
+
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("polite", family.child("polite")))
+        await sup.start_child(ChildSpec("stubborn", stubborn, shutdown_timeout=2))
+    assert family.log[1:] == [
+        ("stop polite", 2.0),  # stubborn had its 2 s, then the next child was stopped
+        ("stopped polite", 2.0),
+        ("stubborn done", 10.0),  # and the block still waited for it
+    ]
+    assert trio.current_time() == 10.0
+    assert "'stubborn' is still running 2 s after it was cancelled" in caplog.text
+
+
+async def test_terminate_child_stops_it_for_good(autojump_clock: Any) -> None:
+    family = Family()
+
+    async def noisy_when_cancelled(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        family.runs["noisy"] += 1
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise Boom("cleanup failed")  # while being stopped: not a failure
+
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", family.child("a", cleanup=1)))
+        await sup.start_child(ChildSpec("noisy", noisy_when_cancelled))
+        await sup.terminate_child("a")
+        assert trio.current_time() == 1.0  # waited for a to finish
+        await sup.terminate_child("noisy")
+        await trio.sleep(10)
+        assert sup.children() == ()
+        assert family.runs == {"a": 1, "noisy": 1}
+        assert sup.restart_count == 0
+        assert sup.failures == ()
+        with pytest.raises(KeyError, match="no child named 'a'"):
+            await sup.terminate_child("a")
+
+
+async def test_terminate_child_gives_up_waiting_after_the_shutdown_timeout(
+    autojump_clock: Any,
+) -> None:
+    finished: list[float] = []
+
+    async def stubborn() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(10)
+            finished.append(trio.current_time())
+
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("stubborn", stubborn, shutdown_timeout=3))
+        await sup.terminate_child("stubborn")
+        assert trio.current_time() == 3.0
+        assert sup.children() == ()
+    assert finished == [10.0]
+
+
+# -- observing --------------------------------------------------------------------------------
+
+
+async def test_children_and_restart_count_describe_the_supervisor(autojump_clock: Any) -> None:
+    family = Family()
+    async with open_supervisor(jitter=0.0, backoff_initial=1.0) as sup:
+        await sup.start_child(ChildSpec("a", family.child("a")))
+        await sup.start_child(ChildSpec("b", family.child("b", crash_after=1), restart="transient"))
+        await sup.start_child(ChildSpec("c", family.child("c"), restart="temporary"))
+        assert sup.children() == (
+            ChildInfo("a", "permanent", "running", 0, 0.0),
+            ChildInfo("b", "transient", "running", 0, 0.0),
+            ChildInfo("c", "temporary", "running", 0, 0.0),
+        )
+        assert sup.restart_count == 0
+        await trio.sleep(1.5)  # b crashed at 1 and waits 1 s of backoff
+        assert sup.children()[1] == ChildInfo("b", "transient", "restarting", 1, 0.0)
+        await trio.sleep(1)
+        assert sup.children()[1] == ChildInfo("b", "transient", "running", 1, 2.0)
+        assert sup.restart_count == 1
+        assert [(f.child, f.at) for f in sup.failures] == [("b", 1.0)]
