@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
     from .backends.base import ExecutionBackend as ExecutionBackend
     from .backends.in_process import InProcessBackend as InProcessBackend
+    from .backends.subprocess import SubprocessBackend as SubprocessBackend
+    from .backends.worker_pool import WorkerPoolBackend as WorkerPoolBackend
     from .context import ExecutionContext as ExecutionContext
     from .errors import AbortedError as AbortedError
     from .errors import AcquireTimeoutError as AcquireTimeoutError
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
     from .manifest import Quotas as Quotas
     from .manifest import load_manifest as load_manifest
     from .registry import PluginRegistry as PluginRegistry
+    from .supervisor import ChildSpec as ChildSpec
+    from .supervisor import Supervisor as Supervisor
+    from .supervisor import SupervisorError as SupervisorError
+    from .supervisor import open_supervisor as open_supervisor
     from .streaming import Execution as Execution
     from .types import ExecutionEvent as ExecutionEvent
     from .types import ExecutionRequest as ExecutionRequest
@@ -56,6 +62,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "ExecutionBackend": "backends.base",
     "InProcessBackend": "backends.in_process",
+    "SubprocessBackend": "backends.subprocess",
+    "WorkerPoolBackend": "backends.worker_pool",
     "ExecutionContext": "context",
     "AbortedError": "errors",
     "AcquireTimeoutError": "errors",
@@ -83,6 +91,10 @@ _EXPORTS: dict[str, str] = {
     "load_manifest": "manifest",
     "PluginRegistry": "registry",
     "Execution": "streaming",
+    "ChildSpec": "supervisor",
+    "Supervisor": "supervisor",
+    "SupervisorError": "supervisor",
+    "open_supervisor": "supervisor",
     "ExecutionEvent": "types",
     "ExecutionRequest": "types",
     "ExecutionResult": "types",

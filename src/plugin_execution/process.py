@@ -143,6 +143,7 @@ class WorkerProcess:
         self.crash: ExecutionError | None = None
         self._kill_error: ExecutionError | None = None
         self._closing = False
+        self._killed = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -151,8 +152,14 @@ class WorkerProcess:
         return len(self._pending)
 
     @property
+    def killed(self) -> bool:
+        """True once the host killed the worker (a timeout, a failed health check)."""
+        return self._killed
+
+    @property
     def alive(self) -> bool:
-        return not self.lost.is_set()
+        """False once the worker is lost, or killed and not yet reaped: give it no work."""
+        return not (self._killed or self.lost.is_set())
 
     def crash_error(self) -> ExecutionError:
         """A fresh copy of why the worker was lost (one exception object per raise)."""
@@ -236,8 +243,8 @@ class WorkerProcess:
         if self.lost.is_set():
             return
         with trio.CancelScope(shield=True):
-            if not self._closing:
-                self.kill()
+            if not self._closing and self.process.returncode is None:
+                self._force_kill()  # the connection broke: make sure the process is gone too
             await self.process.wait()
             with trio.move_on_after(1):  # let the stderr pipe drain to EOF
                 await self._stderr_eof.wait()
@@ -387,6 +394,7 @@ class WorkerProcess:
         """
         if error is not None and self._kill_error is None and not self.lost.is_set():
             self._kill_error = error
+        self._killed = True
         if self.process.returncode is None:
             self._force_kill()
 

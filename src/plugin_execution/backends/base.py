@@ -110,10 +110,8 @@ class ExecutionBackend(abc.ABC):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._state = "closing"
         try:
-            with trio.CancelScope(shield=True):
-                await self._stop()
+            await self.shutdown()
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
         finally:
@@ -124,11 +122,27 @@ class ExecutionBackend(abc.ABC):
             finally:
                 self._state = "closed"
 
+    async def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work, then finish or stop what is in flight. Idempotent.
+
+        From the first call on, ``execute`` raises :class:`BackendClosedError` and queued
+        executions fail with it. With ``drain``, in-flight executions get up to ``timeout``
+        seconds (default: the backend's own shutdown timeout) to finish; what is still running
+        then, or at once without ``drain``, is stopped the way the backend stops work (worker
+        processes are killed; its callers get an error). Not cancellable: it runs shielded.
+        Leaving the ``async with`` block calls it with the defaults.
+        """
+        if self._state != "running":
+            return
+        self._state = "closing"
+        with trio.CancelScope(shield=True):
+            await self._stop(drain=drain, timeout=timeout)
+
     async def _start(self, nursery: trio.Nursery) -> None:  # noqa: B027
         """Start background tasks (workers, reapers) in ``nursery``."""
 
-    async def _stop(self) -> None:  # noqa: B027
-        """Drain or stop what is in flight; runs shielded before the nursery is cancelled."""
+    async def _stop(self, *, drain: bool, timeout: float | None) -> None:  # noqa: B027
+        """Drain (within ``timeout``) or stop what is in flight; runs shielded."""
 
     @property
     def running(self) -> bool:

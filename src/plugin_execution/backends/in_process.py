@@ -162,8 +162,11 @@ class InProcessBackend(ExecutionBackend):
         if self._threads_running == 0:
             self._threads_idle.set()
 
-    async def _stop(self) -> None:
-        with trio.move_on_after(self._thread_grace):
+    async def _stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Wait for abandoned sync-handler threads. Async handlers run in their callers'
+        tasks: cancelling those stops them; a thread cannot be stopped, only waited for."""
+        grace = self._thread_grace if timeout is None else timeout
+        with trio.move_on_after(grace if drain else 0):
             await self._threads_idle.wait()
 
     def _health_details(self) -> dict[str, Any]:

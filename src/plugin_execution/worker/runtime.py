@@ -158,18 +158,22 @@ class _CapturedStream:
 class _Executor(threading.Thread):
     """A reusable thread for sync handlers; returns itself to the idle queue after each job."""
 
-    def __init__(self, idle: SimpleQueue[_Executor]) -> None:
+    def __init__(self, idle: SimpleQueue[_Executor], stopped: threading.Event) -> None:
         super().__init__(name="worker-executor", daemon=True)
-        self._jobs: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
         self._idle = idle
+        self._stopped = stopped
         self.start()
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None] | None) -> None:
+        """Run ``job`` on this thread; ``None`` ends the thread."""
         self._jobs.put(job)
 
     def run(self) -> None:
-        while True:
-            self._jobs.get()()
+        while (job := self._jobs.get()) is not None:
+            job()
+            if self._stopped.is_set():
+                return
             self._idle.put(self)
 
 
@@ -195,6 +199,13 @@ class _TrioLoop:
     def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self.token.run_sync_soon(self.nursery.start_soon, fn, *args)
 
+    def stop(self) -> None:
+        """Cancel what runs on the loop and end its thread (releasing its fds)."""
+        try:
+            self.token.run_sync_soon(self.nursery.cancel_scope.cancel)
+        except self._trio.RunFinishedError:
+            pass
+
 
 class _Running:
     """What the worker knows about an execution in flight."""
@@ -217,6 +228,7 @@ class Worker:
         self._handlers: dict[tuple[str, str | None], Handler] = {}
         self._running: dict[str, _Running] = {}
         self._idle: SimpleQueue[_Executor] = SimpleQueue()
+        self._stopped = threading.Event()
         self._trio: _TrioLoop | None = None
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
@@ -264,6 +276,15 @@ class Worker:
             self._sock.close()
         except _Stop:
             self._sock.close()
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        """In a thread worker, end its helper threads; busy ones end after their handler."""
+        self._stopped.set()
+        while not self._idle.empty():
+            self._idle.get_nowait().submit(None)
+        if self._trio is not None:
+            self._trio.stop()
 
     def _exit(self, code: int) -> None:
         if self._in_thread:
@@ -328,7 +349,7 @@ class Worker:
         try:
             executor = self._idle.get_nowait()
         except Empty:
-            executor = _Executor(self._idle)
+            executor = _Executor(self._idle, self._stopped)
         executor.submit(job)
 
     def _run_sync(self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running) -> None:

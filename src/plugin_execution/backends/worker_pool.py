@@ -1,0 +1,517 @@
+"""WorkerPoolBackend: executions flow through long-lived, warm, supervised worker actors.
+
+Each worker actor is a child of a :mod:`~plugin_execution.supervisor` and owns one worker (a
+process by default, or a thread). The dispatcher hands each execution to a worker with spare
+capacity, or queues it (bounded: ``QueueFullError``) until one frees up (``acquire_timeout``:
+``AcquireTimeoutError``). Time spent queued counts toward the execution's timeout.
+
+Workers are grown to ``max_workers`` under load and shrunk back to ``min_workers`` after
+``idle_timeout``; recycled after ``max_executions_per_worker``, ``max_worker_uptime`` or
+``max_worker_memory_mb`` (RSS, measured by the health check) without failing any execution;
+health-checked by ping every ``health_check_interval``; replaced by the supervisor when they
+die. A worker that dies fails only the executions it was running (``WorkerCrashedError``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import Counter, deque
+from typing import Any, Literal
+
+import trio
+
+from ..errors import (
+    AcquireTimeoutError,
+    BackendClosedError,
+    ExecutionError,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerUnhealthyError,
+)
+from ..process import WorkerLimits, WorkerProcess, open_worker_process
+from ..supervisor import ChildSpec, Supervisor, open_supervisor
+from ..types import ExecutionResult
+from .base import ExecutionBackend, Job
+from .subprocess import BASE_ENV
+
+__all__ = ["WorkerPoolBackend"]
+
+WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
+
+
+class _Worker:
+    """The pool's record of one worker actor."""
+
+    __slots__ = (
+        "executions",
+        "idle",
+        "last_used",
+        "name",
+        "permanent",
+        "proc",
+        "retire",
+        "retire_reason",
+        "running",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, name: str, permanent: bool) -> None:
+        self.name = name
+        self.permanent = permanent
+        self.state: WorkerState = "starting"
+        self.proc: WorkerProcess | None = None
+        self.running = 0
+        self.executions = 0
+        self.started_at = time.monotonic()
+        self.last_used = time.monotonic()
+        self.retire = trio.Event()
+        self.retire_reason = ""
+        self.idle = trio.Event()
+
+
+class _Waiter:
+    __slots__ = ("enqueued", "event", "plugin_id", "worker")
+
+    def __init__(self, plugin_id: str) -> None:
+        self.plugin_id = plugin_id
+        self.event = trio.Event()
+        self.worker: _Worker | None = None
+        self.enqueued = time.perf_counter()
+
+
+class WorkerPoolBackend(ExecutionBackend):
+    """Runs executions on a pool of warm, supervised workers. See the module docstring.
+
+    Options (defaults in brackets): ``kind`` [``"process"``] or ``"thread"``;
+    ``min_workers`` [2], ``max_workers`` [CPU count], ``idle_timeout`` [60 s];
+    ``max_concurrency_per_worker`` [1], ``max_concurrent_per_plugin`` [unlimited];
+    ``warmup`` [``"none"``] | ``"marked"`` | ``"top_n"`` with ``warmup_top_n`` [5] and
+    ``max_warm_handlers`` [20]; ``max_queue`` [100], ``acquire_timeout`` [5 s];
+    ``max_executions_per_worker`` [1000], ``max_worker_uptime`` [1800 s],
+    ``max_worker_memory_mb`` [None]; ``health_check_interval`` [10 s],
+    ``health_check_timeout`` [5 s]; ``cancel_grace`` [1 s]; ``shutdown_timeout`` [10 s];
+    ``max_restarts`` [50] within ``restart_window`` [30 s] before the supervisor gives up;
+    ``memory_mb`` / ``open_files`` limits per worker; ``env``: extra environment variables
+    for the workers (they get a minimal base environment, never the host's secrets).
+    """
+
+    name = "worker-pool"
+
+    def __init__(
+        self,
+        *,
+        kind: Literal["process", "thread"] = "process",
+        min_workers: int = 2,
+        max_workers: int | None = None,
+        idle_timeout: float = 60.0,
+        max_concurrency_per_worker: int = 1,
+        max_concurrent_per_plugin: int | None = None,
+        warmup: Literal["none", "marked", "top_n"] = "none",
+        warmup_top_n: int = 5,
+        max_warm_handlers: int = 20,
+        max_queue: int = 100,
+        acquire_timeout: float = 5.0,
+        max_executions_per_worker: int = 1000,
+        max_worker_uptime: float = 1800.0,
+        max_worker_memory_mb: float | None = None,
+        health_check_interval: float = 10.0,
+        health_check_timeout: float = 5.0,
+        cancel_grace: float = 1.0,
+        shutdown_timeout: float = 10.0,
+        max_restarts: int = 50,
+        restart_window: float = 30.0,
+        memory_mb: int | None = None,
+        open_files: int | None = None,
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        max_workers = max_workers if max_workers is not None else (os.cpu_count() or 2)
+        if kind not in ("process", "thread"):
+            raise ValueError(f"kind must be 'process' or 'thread', not {kind!r}")
+        if not 0 <= min_workers <= max_workers or max_workers < 1:
+            raise ValueError(
+                f"need 0 <= min_workers <= max_workers and max_workers >= 1; "
+                f"got min_workers={min_workers}, max_workers={max_workers}"
+            )
+        if warmup not in ("none", "marked", "top_n"):
+            raise ValueError(f"warmup must be 'none', 'marked' or 'top_n', not {warmup!r}")
+        if max_concurrency_per_worker < 1 or max_queue < 0:
+            raise ValueError("max_concurrency_per_worker must be >= 1 and max_queue >= 0")
+        self.kind = kind
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.idle_timeout = idle_timeout
+        self.max_concurrency_per_worker = max_concurrency_per_worker
+        self.max_concurrent_per_plugin = max_concurrent_per_plugin
+        self.warmup_policy = warmup
+        self.warmup_top_n = warmup_top_n
+        self.max_warm_handlers = max_warm_handlers
+        self.max_queue = max_queue
+        self.acquire_timeout = acquire_timeout
+        self.max_executions_per_worker = max_executions_per_worker
+        self.max_worker_uptime = max_worker_uptime
+        self.max_worker_memory_mb = max_worker_memory_mb
+        self.health_check_interval = health_check_interval
+        self.health_check_timeout = health_check_timeout
+        self.cancel_grace = cancel_grace
+        self.shutdown_timeout = shutdown_timeout
+        self._max_restarts = max_restarts
+        self._restart_window = restart_window
+        self._limits = WorkerLimits(address_space_mb=memory_mb, open_files=open_files)
+        self._env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
+        self._env.update(env or {})
+        self._workers: dict[str, _Worker] = {}
+        self._names = itertools.count(1)
+        self._queue: deque[_Waiter] = deque()
+        self._per_plugin: Counter[str] = Counter()
+        self._usage: Counter[tuple[str, str]] = Counter()
+        self._supervisor: Supervisor | None = None
+        self._workers_killed = 0
+        self._recent_restarts: deque[float] = deque(maxlen=1000)
+        self._idle = trio.Event()
+        self._last_check = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._supervisor = await self._stack.enter_async_context(
+            open_supervisor(
+                strategy="one_for_one",
+                max_restarts=self._max_restarts,
+                within=self._restart_window,
+            )
+        )
+        async with trio.open_nursery() as starting:
+            for _ in range(self.min_workers):
+                starting.start_soon(self._add_worker, True)
+        nursery.start_soon(self._maintain)
+
+    async def _stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Fail the queue (BackendClosedError), let in-flight work finish within the
+        timeout, then kill the workers still running something."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            waiter.event.set()  # wakes with no worker: BackendClosedError
+        limit = self.shutdown_timeout if timeout is None else timeout
+        with trio.move_on_after(limit if drain else 0):
+            while any(w.running for w in self._workers.values()):
+                self._idle = trio.Event()
+                await self._idle.wait()
+        for worker in self._workers.values():
+            if worker.running and worker.proc is not None:
+                worker.proc.kill(
+                    BackendClosedError("the worker pool shut down before this execution finished")
+                )
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def _add_worker(self, permanent: bool) -> None:
+        assert self._supervisor is not None
+        worker = _Worker(f"worker-{next(self._names)}", permanent)
+        self._workers[worker.name] = worker
+        spec = ChildSpec(
+            name=worker.name,
+            start=lambda task_status=trio.TASK_STATUS_IGNORED: self._actor(worker, task_status),
+            restart="permanent" if permanent else "transient",
+            shutdown_timeout=self.shutdown_timeout,
+        )
+        try:
+            await self._supervisor.start_child(spec)
+        except BaseException:
+            self._workers.pop(worker.name, None)
+            raise
+
+    async def _actor(self, worker: _Worker, task_status: Any) -> None:
+        """One worker slot's life: serve on a worker, replace it when it is retired.
+
+        Recycling (executions, uptime, memory) happens in here, so it never counts as a
+        restart; a worker lost without being retired raises, and the supervisor restarts the
+        actor. Returns when the pool shrinks this slot away.
+        """
+        self._workers[worker.name] = worker
+        try:
+            while True:
+                reason = await self._serve_one(worker, task_status)
+                task_status = trio.TASK_STATUS_IGNORED
+                if reason == "shrink":
+                    return
+                if reason == "killed":
+                    self._workers_killed += 1
+                else:
+                    self._stats.workers_recycled += 1
+        finally:
+            worker.state = "stopped"
+            worker.proc = None
+            self._workers.pop(worker.name, None)  # a restart puts it back
+            self._dispatch()
+
+    async def _serve_one(self, worker: _Worker, task_status: Any) -> str:
+        """Start one worker, serve until it is retired (return why) or lost (raise)."""
+        worker.state = "starting"
+        worker.retire = trio.Event()
+        worker.retire_reason = ""
+        worker.started_at = worker.last_used = time.monotonic()
+        worker.executions = 0
+        async with self._open_worker() as proc:
+            worker.proc = proc
+            await self._warm(proc)
+            worker.state = "idle"
+            task_status.started()
+            self._dispatch()
+            async with trio.open_nursery() as watch:
+                watch.start_soon(_cancel_when, proc.lost, watch.cancel_scope)
+                await worker.retire.wait()
+                while worker.running:
+                    worker.idle = trio.Event()
+                    await worker.idle.wait()
+                watch.cancel_scope.cancel()
+            worker.proc = None
+            if proc.lost.is_set() and not worker.retire.is_set():
+                if proc.killed:  # we stopped it (timeout, health check): replace, no restart
+                    return "killed"
+                self._stats.worker_crashes += 1
+                self._recent_restarts.append(time.monotonic())
+                raise proc.crash_error()
+        return worker.retire_reason
+
+    def _open_worker(self) -> Any:
+        if self.kind == "thread":
+            from ..worker.in_thread import open_worker_thread
+
+            return open_worker_thread()
+        return open_worker_process(env=self._env, limits=self._limits)
+
+    async def _warm(self, proc: WorkerProcess) -> None:
+        for plugin_id, handler_id in self._warm_set():
+            try:
+                target = self.registry.resolve(plugin_id, handler_id)
+                await proc.warmup(plugin_id, handler_id, target.entry, target.root)
+            except ExecutionError as exc:
+                self._stats.last_error = f"warmup of {plugin_id}/{handler_id}: {exc.message}"
+
+    def _warm_set(self) -> list[tuple[str, str]]:
+        if self.warmup_policy == "marked":
+            marked = [(m.id, h.id) for m in self.registry for h in m.handlers if h.warmup]
+            return marked[: self.max_warm_handlers]
+        if self.warmup_policy == "top_n":
+            top = min(self.warmup_top_n, self.max_warm_handlers)
+            return [key for key, _ in self._usage.most_common(top)]
+        return []
+
+    def _retire(self, worker: _Worker, reason: str) -> None:
+        """Take no more work to ``worker``; its actor replaces it once it is idle."""
+        if not worker.retire.is_set():
+            worker.retire_reason = reason
+            worker.state = "draining"
+            worker.retire.set()
+
+    async def _maintain(self) -> None:
+        """Health checks, recycling by memory, and shrinking idle extra workers."""
+        while True:
+            await trio.sleep(min(self.health_check_interval, max(self.idle_timeout / 4, 0.05)))
+            now = time.monotonic()
+            live = [w for w in self._workers.values() if w.state in ("idle", "busy")]
+            for worker in live:
+                idle_for = now - worker.last_used
+                if not worker.permanent and not worker.running and idle_for > self.idle_timeout:
+                    self._retire(worker, "shrink")
+            if now - self._last_check >= self.health_check_interval:
+                self._last_check = now
+                async with trio.open_nursery() as checks:
+                    for worker in live:
+                        checks.start_soon(self._check, worker)
+
+    async def _check(self, worker: _Worker) -> None:
+        proc = worker.proc
+        if proc is None or not proc.alive:
+            return
+        with trio.move_on_after(self.health_check_timeout):
+            try:
+                pong = await proc.ping()
+            except ExecutionError:
+                return
+            limit = self.max_worker_memory_mb
+            if limit is not None and pong.rss_bytes > limit * 1024 * 1024:
+                self._retire(worker, "memory")
+            return
+        proc.kill(
+            WorkerUnhealthyError(
+                f"worker {proc.worker_id} did not answer its health check within "
+                f"{self.health_check_timeout:g} s and was replaced"
+            )
+        )
+
+    # -- dispatching ----------------------------------------------------------------------
+
+    def _has_room(self, worker: _Worker) -> bool:
+        return (
+            worker.state in ("idle", "busy")
+            and worker.running < self.max_concurrency_per_worker
+            and worker.proc is not None
+            and worker.proc.alive
+        )
+
+    def _plugin_has_room(self, plugin_id: str) -> bool:
+        cap = self.max_concurrent_per_plugin
+        return cap is None or self._per_plugin[plugin_id] < cap
+
+    def _free_worker(self) -> _Worker | None:
+        for worker in self._workers.values():
+            if self._has_room(worker):
+                return worker
+        return None
+
+    def _dispatch(self) -> None:
+        """Hand free capacity to queued executions, oldest first (skipping capped plugins)."""
+        if not self._queue:
+            return
+        for waiter in list(self._queue):
+            if not self._plugin_has_room(waiter.plugin_id):
+                continue
+            worker = self._free_worker()
+            if worker is None:
+                break
+            self._queue.remove(waiter)
+            self._take(worker, waiter.plugin_id)
+            waiter.worker = worker
+            waiter.event.set()
+
+    def _take(self, worker: _Worker, plugin_id: str) -> None:
+        worker.running += 1
+        worker.state = "busy"
+        self._per_plugin[plugin_id] += 1
+
+    def _give_back(self, worker: _Worker, plugin_id: str) -> None:
+        worker.running -= 1
+        worker.last_used = time.monotonic()
+        self._per_plugin[plugin_id] -= 1
+        if not worker.running:
+            worker.idle.set()
+            if worker.state == "busy":
+                worker.state = "idle"
+        if worker.executions >= self.max_executions_per_worker:
+            self._retire(worker, "executions")
+        elif time.monotonic() - worker.started_at > self.max_worker_uptime:
+            self._retire(worker, "uptime")
+        if not any(w.running for w in self._workers.values()):
+            self._idle.set()
+        self._dispatch()
+
+    def _maybe_grow(self) -> None:
+        starting = sum(w.state == "starting" for w in self._workers.values())
+        alive = sum(w.state != "stopped" for w in self._workers.values())
+        if alive < self.max_workers and starting < len(self._queue) and self._nursery:
+            self._nursery.start_soon(self._grow)
+
+    async def _grow(self) -> None:
+        try:
+            await self._add_worker(False)
+        except Exception as exc:  # the queue's acquire timeout reports the consequence
+            self._stats.last_error = f"could not start a worker: {exc}"
+
+    async def _acquire(self, job: Job) -> _Worker:
+        plugin_id = job.request.plugin_id
+        if not self._queue and self._plugin_has_room(plugin_id):
+            worker = self._free_worker()
+            if worker is not None:
+                self._take(worker, plugin_id)
+                self._stats.record_queue_wait(0.0)
+                return worker
+        if len(self._queue) >= self.max_queue:
+            self._stats.queue_full_rejections += 1
+            raise QueueFullError(
+                f"the pool's queue is full ({len(self._queue)} waiting, capacity "
+                f"{self.max_queue}); retry later or raise max_queue",
+                details={"queue_size": len(self._queue), "capacity": self.max_queue},
+            )
+        waiter = _Waiter(plugin_id)
+        self._queue.append(waiter)
+        self._maybe_grow()
+        give_up = min(job.deadline, trio.current_time() + self.acquire_timeout)
+        try:
+            with trio.CancelScope(deadline=give_up):
+                await waiter.event.wait()
+        finally:
+            if waiter.worker is None and waiter in self._queue:
+                self._queue.remove(waiter)
+        self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
+        if waiter.worker is not None:
+            return waiter.worker
+        if not self.running:
+            raise BackendClosedError("the worker-pool backend is shutting down")
+        if trio.current_time() >= job.deadline:
+            raise job.timeout_error(" while waiting for a worker")
+        self._stats.acquire_timeouts += 1
+        raise AcquireTimeoutError(
+            f"no worker became free within {self.acquire_timeout:g} s "
+            f"({len(self._queue)} queued, {len(self._workers)} workers)"
+        )
+
+    async def _run(self, job: Job) -> ExecutionResult:
+        self._stats.queued = len(self._queue) + 1
+        worker = await self._acquire(job)
+        self._stats.queued = len(self._queue)
+        request = job.request
+        self._usage[(request.plugin_id, request.handler_id)] += 1
+        lease = self.workspaces.reserve(request.execution_id)
+        try:
+            proc = worker.proc
+            if proc is None:
+                raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
+            worker.executions += 1
+            return await proc.execute(
+                job, backend=self.name, workspace=str(lease.dir), cancel_grace=self.cancel_grace
+            )
+        finally:
+            self._give_back(worker, request.plugin_id)
+            with trio.CancelScope(shield=True):
+                await lease.release()
+
+    # -- observing ------------------------------------------------------------------------
+
+    def _worker_states(self) -> dict[str, int]:
+        states = Counter(w.state for w in self._workers.values() if w.state != "stopped")
+        return {s: states.get(s, 0) for s in ("starting", "idle", "busy", "draining")}
+
+    def _stats_details(self) -> dict[str, Any]:
+        return {
+            "workers": self._worker_states(),
+            "restarts": self._supervisor.restart_count if self._supervisor else 0,
+            "workers_killed": self._workers_killed,
+            "queue_depth": len(self._queue),
+            "max_queue": self.max_queue,
+        }
+
+    def _health_details(self) -> dict[str, Any]:
+        states = self._worker_states()
+        return {
+            "kind": self.kind,
+            "workers_total": sum(states.values()),
+            "workers_idle": states["idle"],
+            "workers_busy": states["busy"],
+            **self._stats_details(),
+        }
+
+    async def health(self) -> Any:
+        status = await super().health()
+        now = time.monotonic()
+        recent = sum(1 for t in self._recent_restarts if now - t < 60)
+        degraded = recent >= 3 or len(self._queue) >= self.max_queue
+        if status.healthy and degraded:
+            import attrs
+
+            status = attrs.evolve(
+                status,
+                status="degraded",
+                details={**status.details, "restarts_last_minute": recent},
+            )
+        return status
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

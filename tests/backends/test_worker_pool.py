@@ -1,0 +1,321 @@
+"""WorkerPoolBackend: warm supervised workers; every fault of issue 4 triggered for real.
+
+After each fault the pool is back to full strength; the autouse leak check then verifies no
+process or fd outlived the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import trio
+
+from plugin_execution import (
+    BackendClosedError,
+    ExecutionRequest,
+    ExecutionTimeoutError,
+    HandlerError,
+    PluginRegistry,
+    QueueFullError,
+    WorkerCrashedError,
+    WorkerUnhealthyError,
+    WorkspaceManager,
+    create_execution_backend,
+)
+
+P = "tests.sample"
+
+
+def req(handler: str, input: object = None, **kw: object) -> ExecutionRequest:
+    return ExecutionRequest(plugin_id=P, handler_id=handler, input=input, **kw)  # type: ignore[arg-type]
+
+
+def pool(registry: PluginRegistry, workspaces: WorkspaceManager, **options: object):  # type: ignore[no-untyped-def]
+    options.setdefault("cancel_grace", 0.3)
+    return create_execution_backend(
+        type="worker-pool", registry=registry, workspace=workspaces, **options
+    )
+
+
+async def full_strength(backend, workers: int, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while (await backend.health()).details["workers_idle"] < workers:
+            await trio.sleep(0.02)
+
+
+async def test_runs_on_warm_long_lived_workers(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=2, max_workers=2) as backend:
+        await full_strength(backend, 2)
+        results = [await backend.execute(req("whoami")) for _ in range(6)]
+        pids = {r.output["pid"] for r in results}
+        assert len(pids) <= 2 and os.getpid() not in pids
+        assert all(r.backend == "worker-pool" and r.worker_id for r in results)
+        # the second call of a handler on the same worker finds it warm
+        assert any(r.metadata["warm"] for r in results)
+        assert (await backend.execute(req("echo", {"b": b"\x01"}))).output == {"b": b"\x01"}
+
+
+async def test_grows_under_load_and_shrinks_when_idle(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=3, idle_timeout=0.5
+    ) as backend:
+        await full_strength(backend, 1)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(backend.execute, req("sleep_sync", {"seconds": 1.0}))
+        assert (
+            backend.stats().details["workers"]["idle"] + backend.stats().details["workers"]["busy"]
+            >= 2
+        )
+        with trio.fail_after(30):
+            while (await backend.health()).details["workers_total"] > 1:
+                await trio.sleep(0.05)
+
+
+async def test_worker_crash_fails_only_its_execution(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=2, max_workers=2) as backend:
+        await full_strength(backend, 2)
+        async with trio.open_nursery() as nursery:
+            other = []
+
+            async def survivor() -> None:
+                other.append(await backend.execute(req("sleep_sync", {"seconds": 0.5})))
+
+            nursery.start_soon(survivor)
+            await trio.sleep(0.1)
+            with pytest.raises(WorkerCrashedError) as info:
+                await backend.execute(req("crash", {"code": 7}))
+            assert info.value.exit_code == 7
+        assert other[0].output == "slept"
+        await full_strength(backend, 2)
+        assert backend.stats().worker_crashes == 1
+        assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
+
+
+async def test_sigkill_from_outside(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        async with trio.open_nursery() as nursery:
+
+            async def kill_soon() -> None:
+                await trio.sleep(0.2)
+                os.kill(pid, signal.SIGKILL)
+
+            nursery.start_soon(kill_soon)
+            with pytest.raises(WorkerCrashedError) as info:
+                await backend.execute(req("sleep_sync", {"seconds": 30}))
+        assert info.value.signal == signal.SIGKILL
+        await full_strength(backend, 1)
+        assert (await backend.execute(req("whoami"))).output["pid"] != pid
+
+
+async def test_timeout_kills_a_cpu_loop_and_replaces_the_worker(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        with pytest.raises(ExecutionTimeoutError):
+            await backend.execute(req("spin"), timeout=0.5)
+        await full_strength(backend, 1)
+        assert (await backend.execute(req("whoami"))).output["pid"] != pid
+
+
+async def test_async_timeout_is_cooperative(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        with pytest.raises(ExecutionTimeoutError):
+            await backend.execute(req("sleep", {"seconds": 30}), timeout=0.3)
+        # the handler honoured Cancel, so its worker was kept
+        assert (await backend.execute(req("whoami"))).output["pid"] == pid
+
+
+async def test_hung_worker_fails_health_check(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry,
+        workspaces,
+        min_workers=1,
+        max_workers=1,
+        health_check_interval=0.2,
+        health_check_timeout=0.5,
+    ) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        async with trio.open_nursery() as nursery:
+
+            async def freeze() -> None:
+                await trio.sleep(0.2)
+                os.kill(pid, signal.SIGSTOP)  # hung: alive, but answers nothing
+
+            nursery.start_soon(freeze)
+            with pytest.raises(WorkerUnhealthyError):
+                await backend.execute(req("sleep_sync", {"seconds": 30}), timeout=60)
+        await full_strength(backend, 1)
+
+
+async def test_queue_full_and_acquire_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=1, max_queue=2, acquire_timeout=0.5
+    ) as backend:
+        await full_strength(backend, 1)
+        errors: list[str] = []
+
+        async def one() -> None:
+            result = await backend.execute(req("sleep_sync", {"seconds": 2}), raise_errors=False)
+            errors.append(result.error.code if result.error else "OK")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # one runs, two queue
+                nursery.start_soon(one)
+                await trio.sleep(0.05)
+            with pytest.raises(QueueFullError) as info:
+                await backend.execute(req("echo"))
+            assert (info.value.queue_size, info.value.capacity) == (2, 2)
+        assert sorted(errors) == ["ACQUIRE_TIMEOUT", "ACQUIRE_TIMEOUT", "OK"]
+        stats = backend.stats()
+        assert stats.queue_full_rejections == 1 and stats.acquire_timeouts == 2
+
+
+async def test_recycles_after_max_executions(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=1, max_executions_per_worker=3
+    ) as backend:
+        await full_strength(backend, 1)
+        pids = []
+        for _ in range(7):
+            pids.append((await backend.execute(req("whoami"))).output["pid"])
+        assert len(set(pids)) == 3
+        assert backend.stats().workers_recycled >= 2
+        assert backend.stats().failed == 0
+
+
+async def test_recycles_on_memory_growth(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry,
+        workspaces,
+        min_workers=1,
+        max_workers=1,
+        max_worker_memory_mb=200,
+        health_check_interval=0.2,
+    ) as backend:
+        await full_strength(backend, 1)
+        registry.register(
+            {
+                "id": "tests.hog",
+                "root": str(registry.get(P).root),
+                "handlers": [{"id": "hog", "entry": "hog:keep"}],
+            },
+            replace=True,
+        )
+        pid = (
+            await backend.execute(
+                ExecutionRequest(plugin_id="tests.hog", handler_id="hog", input={"mb": 300})
+            )
+        ).output
+        with trio.fail_after(30):
+            while True:
+                out = (
+                    await backend.execute(
+                        ExecutionRequest(plugin_id="tests.hog", handler_id="hog", input={"mb": 0})
+                    )
+                ).output
+                if out != pid:
+                    break
+                await trio.sleep(0.1)
+        assert backend.stats().workers_recycled >= 1 and backend.stats().failed == 0
+
+
+async def test_shutdown_drains_in_flight_work(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    results = []
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+
+        async def run() -> None:
+            results.append(await backend.execute(req("sleep_sync", {"seconds": 0.5})))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await trio.sleep(0.2)
+            await backend.shutdown(timeout=30)
+            assert results and results[0].output == "slept"  # drained, not killed
+            with pytest.raises(BackendClosedError):
+                await backend.execute(req("echo"))
+
+
+async def test_shutdown_kills_what_outlives_its_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+
+        async def run(handler: str) -> None:
+            result = await backend.execute(req(handler), raise_errors=False)
+            assert result.error is not None and result.error.code == "BACKEND_CLOSED"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "spin")
+            await trio.sleep(0.2)
+            nursery.start_soon(run, "echo")  # queued behind it
+            await trio.sleep(0.1)
+            await backend.shutdown(timeout=0.2)
+        stats = backend.stats()
+        assert stats.failed_by_code == {"BACKEND_CLOSED": 2}
+
+
+async def test_host_cancellation_kills_the_work(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        with trio.move_on_after(0.5):
+            await backend.execute(req("spin"))
+        assert backend.stats().failed_by_code == {"ABORTED": 1}
+        await full_strength(backend, 1)
+        assert (await backend.execute(req("add", {"a": 2, "b": 2}))).output == 4
+
+
+async def test_concurrency_per_worker_and_per_plugin(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(
+        registry,
+        workspaces,
+        min_workers=1,
+        max_workers=1,
+        max_concurrency_per_worker=4,
+        max_concurrent_per_plugin=2,
+    ) as backend:
+        await full_strength(backend, 1)
+        start = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(backend.execute, req("sleep", {"seconds": 0.5}))
+        elapsed = time.monotonic() - start
+        assert elapsed >= 0.9  # two at a time (plugin cap), not four
+
+
+async def test_warmup_marked(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1, warmup="marked") as backend:
+        await full_strength(backend, 1)
+        result = await backend.execute(req("counter"))
+        assert result.metadata["warm"] is True
+        assert result.output == {"calls": 1, "warm": True}  # warmup() ran in the worker
+
+
+async def test_handler_errors(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        with pytest.raises(HandlerError, match="bad input"):
+            await backend.execute(req("fail", "x"))
+        async with backend.open_execution(req("events", {"count": 3})) as execution:
+            kinds = [e.kind async for e in execution.events]
+            assert (await execution.result()).output == 3
+        assert kinds.count("tick") == 3
+
+
+async def test_thread_workers(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, kind="thread", min_workers=2, max_workers=2) as backend:
+        await full_strength(backend, 2)
+        result = await backend.execute(req("whoami"))
+        assert result.output["pid"] == os.getpid()
+        assert (await backend.execute(req("sleep", {"seconds": 0.01}))).output == "slept"
+        with pytest.raises(ExecutionTimeoutError):
+            await backend.execute(req("sleep_sync", {"seconds": 1.0}), timeout=0.2)
+        await full_strength(backend, 2)
+        assert (await backend.execute(req("add", {"a": 1, "b": 2}))).output == 3
