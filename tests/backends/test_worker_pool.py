@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -319,3 +321,59 @@ async def test_thread_workers(registry, workspaces) -> None:  # type: ignore[no-
             await backend.execute(req("sleep_sync", {"seconds": 1.0}), timeout=0.2)
         await full_strength(backend, 2)
         assert (await backend.execute(req("add", {"a": 1, "b": 2}))).output == 3
+
+
+HOST_SCRIPT = """
+import sys, trio
+from plugin_execution import PluginRegistry, create_execution_backend
+
+async def main():
+    registry = PluginRegistry()
+    registry.load_path(sys.argv[1])
+    async with create_execution_backend(type="worker-pool", registry=registry,
+                                        min_workers=2, max_workers=2) as pool:
+        while (await pool.health()).details["workers_idle"] < 2:
+            await trio.sleep(0.02)
+        for worker in pool._workers.values():
+            print(worker.proc.pid, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_workers_exit_when_the_host_is_sigkilled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    from pathlib import Path
+
+    plugins = Path(__file__).resolve().parent.parent / "plugins"
+    async with trio.open_nursery() as nursery:
+        host = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-c", HOST_SCRIPT, str(plugins)],
+                stdout=subprocess.PIPE,
+                check=False,
+            )
+        )
+        pids: list[int] = []
+        buffer = b""
+        with trio.fail_after(60):
+            while len(pids) < 2:
+                buffer += await host.stdout.receive_some()
+                *lines, buffer = buffer.split(b"\n")
+                pids += [int(line) for line in lines if line.strip()]
+        host.kill()
+    assert all(pid != os.getpid() for pid in pids)
+    with trio.fail_after(30):
+        while any(_alive(pid) for pid in pids):
+            await trio.sleep(0.05)
