@@ -43,11 +43,11 @@ if TYPE_CHECKING:
     from .manifest import Quotas as Quotas
     from .manifest import load_manifest as load_manifest
     from .registry import PluginRegistry as PluginRegistry
+    from .streaming import Execution as Execution
     from .supervisor import ChildSpec as ChildSpec
     from .supervisor import Supervisor as Supervisor
     from .supervisor import SupervisorError as SupervisorError
     from .supervisor import open_supervisor as open_supervisor
-    from .streaming import Execution as Execution
     from .types import ExecutionEvent as ExecutionEvent
     from .types import ExecutionRequest as ExecutionRequest
     from .types import ExecutionResult as ExecutionResult
