@@ -6,7 +6,6 @@ Shared by the spawn entry point (``__main__``) and the zygote's forked children.
 from __future__ import annotations
 
 import os
-import socket
 
 _LIMITS = {
     "as": "RLIMIT_AS",
@@ -31,9 +30,8 @@ def serve(fd: int, limits: str = "") -> None:
     """Apply ``limits`` and serve the protocol on socket ``fd``; never returns."""
     if limits:
         apply_limits(limits)
-    sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
 
     from .runtime import Worker
 
-    Worker(sock).serve()
+    Worker(fd).serve()

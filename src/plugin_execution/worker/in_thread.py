@@ -35,7 +35,7 @@ class _WorkerThread:
 
         def run() -> None:
             try:
-                Worker(sock, in_thread=True).serve()
+                Worker(sock.fileno(), in_thread=True, close=sock.close).serve()
             finally:
                 try:
                     token.run_sync_soon(self._end)
