@@ -176,6 +176,9 @@ async def test_queue_full_and_acquire_timeout(registry, workspaces) -> None:  # 
             with pytest.raises(QueueFullError) as info:
                 await backend.execute(req("echo"))
             assert (info.value.queue_size, info.value.capacity) == (2, 2)
+            saturated = await backend.health()
+            assert saturated.status == "degraded" and saturated.healthy
+        assert (await backend.health()).status == "healthy"
         assert sorted(errors) == ["ACQUIRE_TIMEOUT", "ACQUIRE_TIMEOUT", "OK"]
         stats = backend.stats()
         assert stats.queue_full_rejections == 1 and stats.acquire_timeouts == 2

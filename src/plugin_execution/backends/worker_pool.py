@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Literal
 
+import attrs
 import trio
 
 from ..errors import (
@@ -32,7 +33,7 @@ from ..errors import (
 )
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
-from ..types import ExecutionResult
+from ..types import ExecutionResult, HealthStatus
 from .base import ExecutionBackend, Job
 from .subprocess import BASE_ENV
 
@@ -496,14 +497,14 @@ class WorkerPoolBackend(ExecutionBackend):
             **self._stats_details(),
         }
 
-    async def health(self) -> Any:
+    async def health(self) -> HealthStatus:
+        """As every backend's, ``degraded`` when 3+ workers crashed in the last minute or the
+        queue is full: still serving, but something needs a look."""
         status = await super().health()
         now = time.monotonic()
         recent = sum(1 for t in self._recent_restarts if now - t < 60)
         degraded = recent >= 3 or len(self._queue) >= self.max_queue
         if status.healthy and degraded:
-            import attrs
-
             status = attrs.evolve(
                 status,
                 status="degraded",
