@@ -285,7 +285,7 @@ class WorkerProcess:
         on the pool has ~4 of them, so this is a large share of its latency). What the kernel
         did not take goes the usual way, still under the lock.
         """
-        data = self._conn.send(msg)
+        data: bytes | memoryview = self._conn.send(msg)
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
