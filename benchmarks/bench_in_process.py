@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import os
 import platform
@@ -33,21 +32,18 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any, TypedDict
 
 import trio
 
+from _common import PLUGIN_ID, bench_registry, import_handlers
 from plugin_execution import (
     ExecutionBackend,
     ExecutionContext,
     ExecutionRequest,
-    PluginRegistry,
     create_execution_backend,
 )
 
-HERE = Path(__file__).resolve().parent
-PLUGIN_ID = "bench.handlers"
 TARGET_OVERHEAD_US = 15.0
 #: What ``with trio.fail_after(...): pass`` cost where the target was set (DESIGN.md). Machines
 #: differ, so the target is also given in units of the fail_after block measured in this run.
@@ -66,30 +62,6 @@ class Summary(TypedDict):
     p99_us: float
     mean_us: float
     min_us: float
-
-
-def bench_registry() -> PluginRegistry:
-    """A registry holding the trivial handlers of ``benchmarks/_handlers.py``, by path."""
-    registry = PluginRegistry()
-    registry.register(
-        {
-            "id": PLUGIN_ID,
-            "version": "1",
-            "root": str(HERE),
-            "handlers": [
-                {"id": "noop", "entry": "_handlers:noop"},
-                {"id": "noop_sync", "entry": "_handlers:noop_sync"},
-            ],
-        }
-    )
-    return registry
-
-
-def import_handlers() -> Any:
-    """The ``_handlers`` module, imported the way a worker would: its root on sys.path."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("_handlers")
 
 
 # -- the timed loops: each appends one sample per call -----------------------------------

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import math
 import multiprocessing
@@ -69,7 +68,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -78,10 +76,9 @@ import attrs
 import trio
 import trio_parallel
 
-from plugin_execution import ExecutionRequest, PluginRegistry, create_execution_backend
+from _common import PLUGIN_ID, bench_registry, import_handlers
+from plugin_execution import ExecutionRequest, create_execution_backend
 
-HERE = Path(__file__).resolve().parent
-PLUGIN_ID = "bench.handlers"
 SIZES: dict[str, int] = {"16 B": 16, "10 KB": 10 * 1024, "1 MB": 1024 * 1024}
 #: Per size: (latency calls per contender per round, throughput calls per run).
 WORK: dict[str, tuple[int, int]] = {"16 B": (200, 1024), "10 KB": (200, 1024), "1 MB": (20, 128)}
@@ -95,27 +92,7 @@ PINNED_CROSS = "floor, 2 CPUs (pinned)"
 Call = Callable[[bytes], Awaitable[Any]]
 
 
-def import_handlers() -> Any:
-    """``benchmarks/_handlers.py`` under its own name, so the peers pickle ``_handlers.echo``."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("_handlers")
-
-
 echo = import_handlers().echo
-
-
-def bench_registry() -> PluginRegistry:
-    registry = PluginRegistry()
-    registry.register(
-        {
-            "id": PLUGIN_ID,
-            "version": "1",
-            "root": str(HERE),
-            "handlers": [{"id": "echo", "entry": "_handlers:echo"}],
-        }
-    )
-    return registry
 
 
 # -- the contenders: each an async context manager yielding ``call(payload) -> echoed`` ----
