@@ -101,14 +101,28 @@ class WorkerLimits:
         return ",".join(parts)
 
 
-class _Pending:
-    __slots__ = ("done", "error", "result", "sink")
+class _Reply:
+    """Something a caller waits for: a result, a pong, a warm-up, the handshake.
 
-    def __init__(self, sink: Any) -> None:
-        self.done = trio.Event()
+    ``done`` once the answer (``value`` or ``error``) is in; ``wake`` is set then, and also to
+    hand a parked waiter the socket when the task reading it leaves.
+    """
+
+    __slots__ = ("done", "error", "sink", "value", "wake")
+
+    def __init__(self, sink: Any = None) -> None:
+        self.done = False
+        self.wake = trio.Event()
         self.sink = sink
-        self.result: Result | None = None
+        self.value: Any = None
         self.error: ExecutionError | None = None
+
+    def finish(self, value: Any = None, error: ExecutionError | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.value = value
+            self.error = error
+            self.wake.set()
 
 
 class WorkerProcess:
@@ -134,17 +148,20 @@ class WorkerProcess:
         self._stderr_bytes = 0
         self._conn = Connection(role="host")
         self._send_lock = trio.StrictFIFOLock()
-        self._pending: dict[str, _Pending] = {}
-        self._pongs: dict[int, trio.MemorySendChannel[Pong]] = {}
-        self._warmed: dict[tuple[str, str], trio.MemorySendChannel[Warmed]] = {}
+        self._pending: dict[str, _Reply] = {}
+        self._pongs: dict[int, _Reply] = {}
+        self._warmed: dict[tuple[str, str], _Reply] = {}
         self._ping_seq = itertools.count()
-        self._ready = trio.Event()  # set by Hello, or by the worker's loss
+        self._hello = _Reply()
+        self._waiting: set[_Reply] = set()  # callers in _wait_for
+        self._reading = False  # one of them is reading the socket
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
         self._kill_error: ExecutionError | None = None
         self._closing = False
         self._killed = False
+        self._losing = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -174,11 +191,37 @@ class WorkerProcess:
 
     # -- background tasks -----------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        reason = "the host stopped the worker"
+    async def _wait_for(self, reply: _Reply) -> None:
+        """Wait until ``reply`` is done or the worker is lost, reading the socket meanwhile.
+
+        There is no reader task: a waiting caller reads, one at a time, and dispatches what
+        comes, so an answer wakes its caller directly instead of going through a second task
+        (two fewer trips through the scheduler per round trip). A reader whose answer came,
+        or that is cancelled, hands the socket to another waiter. Cancellable.
+        """
+        self._waiting.add(reply)
         try:
-            while True:
-                data = await self._stream.receive_some(262144)
+            while not reply.done and not self.lost.is_set():
+                if self._reading:
+                    await reply.wake.wait()
+                    if not reply.done:
+                        reply.wake = trio.Event()  # woken to take over the socket
+                else:
+                    await self._read_until(reply)
+        finally:
+            self._waiting.discard(reply)
+
+    async def _read_until(self, reply: _Reply | None) -> None:
+        """Read and dispatch until ``reply`` is done (``None``: until the connection ends)."""
+        self._reading = True
+        reason = ""
+        try:
+            while (reply is None or not reply.done) and not self.lost.is_set():
+                try:
+                    data = os.read(self._fd, 262144)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._fd)
+                    continue
                 self._conn.receive_data(data)
                 while (msg := self._conn.next_message()) is not None:
                     self._dispatch(msg)
@@ -187,11 +230,30 @@ class WorkerProcess:
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:
-            # Even when cancelled: whoever waits on this worker must hear that it is gone.
+            self._reading = False
+            for waiter in self._waiting:  # pass the socket on
+                if not waiter.done:
+                    waiter.wake.set()
+                    break
+        if reason:
             await self._lose(reason)
+
+    async def _watch_exit(self) -> None:
+        """Notice the worker's end even when no caller is reading: read what it said last
+        (a result written just before it exited), then declare it lost."""
+        try:
+            await self.process.wait()
+            with trio.move_on_after(1):
+                if self._reading:
+                    await self.lost.wait()
+                else:
+                    await self._read_until(None)
+        finally:
+            # Even when cancelled: whoever waits on this worker must hear that it is gone.
+            await self._lose("the worker exited")
 
     async def _drain_stderr(self) -> None:
         if self._stderr is None:
@@ -220,29 +282,32 @@ class WorkerProcess:
                         timestamp=msg.timestamp,
                     )
                 )
-        elif isinstance(msg, Result | Error):
+        elif isinstance(msg, Result):
             pending = self._pending.get(msg.execution_id)
-            if pending is not None and not pending.done.is_set():
-                if isinstance(msg, Result):
-                    pending.result = msg
-                else:
-                    pending.error = ExecutionError.from_dict(msg.error)
-                pending.done.set()
+            if pending is not None:
+                pending.finish(msg)
+        elif isinstance(msg, Error):
+            pending = self._pending.get(msg.execution_id)
+            if pending is not None:
+                pending.finish(error=ExecutionError.from_dict(msg.error))
         elif isinstance(msg, Pong):
-            pong_waiter = self._pongs.pop(msg.seq, None)
-            if pong_waiter is not None:
-                pong_waiter.send_nowait(msg)
+            pong = self._pongs.pop(msg.seq, None)
+            if pong is not None:
+                pong.finish(msg)
         elif isinstance(msg, Warmed):
-            warm_waiter = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
-            if warm_waiter is not None:
-                warm_waiter.send_nowait(msg)
+            warmed = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
+            if warmed is not None:
+                warmed.finish(msg)
         elif isinstance(msg, Hello):
-            self._ready.set()
+            self._hello.finish(msg)
 
     async def _lose(self, reason: str) -> None:
-        """The worker is gone (or unusable): reap it and fail what it was running."""
-        if self.lost.is_set():
+        """The worker is gone (or unusable): reap it and fail what it was running. Once."""
+        if self._losing:
+            with trio.CancelScope(shield=True):
+                await self.lost.wait()
             return
+        self._losing = True
         with trio.CancelScope(shield=True):
             if not self._closing and self.process.returncode is None:
                 self._force_kill()  # the connection broke: make sure the process is gone too
@@ -264,16 +329,12 @@ class WorkerProcess:
             self.crash = WorkerCrashedError(
                 f"worker {self.worker_id} {how} ({reason})", details=details
             )
-        for pending in self._pending.values():
-            if not pending.done.is_set():
-                pending.error = self.crash_error()
-                pending.done.set()
-        for waiters in (self._pongs, self._warmed):
-            for channel in waiters.values():
-                channel.close()
-            waiters.clear()
         self.lost.set()
-        self._ready.set()
+        for reply in (*self._pending.values(), *self._pongs.values(), *self._warmed.values()):
+            reply.finish(error=self.crash_error())
+        self._pongs.clear()
+        self._warmed.clear()
+        self._hello.finish(error=self.crash_error())
 
     # -- talking to the worker ------------------------------------------------------------
 
@@ -328,7 +389,7 @@ class WorkerProcess:
             raise self.crash_error()
         request = job.request
         execution_id = request.execution_id
-        pending = self._pending[execution_id] = _Pending(job.sink)
+        pending = self._pending[execution_id] = _Reply(job.sink)
         self.executions += 1
         try:
             await self._send(
@@ -345,8 +406,8 @@ class WorkerProcess:
                 )
             )
             with trio.CancelScope(deadline=job.deadline):
-                await pending.done.wait()
-            if not pending.done.is_set():
+                await self._wait_for(pending)
+            if not pending.done and not self.lost.is_set():
                 await self._stop_execution(execution_id, pending, cancel_grace)
                 raise job.timeout_error()
         except trio.Cancelled:
@@ -357,27 +418,29 @@ class WorkerProcess:
             del self._pending[execution_id]
         if pending.error is not None:
             raise pending.error
-        assert pending.result is not None
+        if not pending.done:
+            raise self.crash_error()
+        result: Result = pending.value
         return ExecutionResult(
             execution_id=execution_id,
             ok=True,
-            output=pending.result.output,
+            output=result.output,
             duration_s=time.perf_counter() - job.started,
             backend=backend,
             worker_id=self.worker_id,
-            metadata=pending.result.metadata,
+            metadata=result.metadata,
         )
 
-    async def _stop_execution(self, execution_id: str, pending: _Pending, grace: float) -> None:
-        if pending.done.is_set() or self.lost.is_set():
+    async def _stop_execution(self, execution_id: str, pending: _Reply, grace: float) -> None:
+        if pending.done or self.lost.is_set():
             return
         try:
             await self._send(Cancel(execution_id=execution_id, reason="stopped by the host"))
         except ExecutionError:
             return
         with trio.move_on_after(grace):
-            await pending.done.wait()
-        if not pending.done.is_set():
+            await self._wait_for(pending)
+        if not pending.done:
             self.kill()
 
     async def ping(self) -> Pong:
@@ -387,28 +450,27 @@ class WorkerProcess:
         detect a hung worker.
         """
         seq = next(self._ping_seq)
-        send, receive = trio.open_memory_channel[Pong](1)
-        self._pongs[seq] = send
+        reply = self._pongs[seq] = _Reply()
         try:
             await self._send(Ping(seq=seq))
-            try:
-                return await receive.receive()
-            except trio.EndOfChannel:
-                raise self.crash_error() from None
+            await self._wait_for(reply)
         finally:
             self._pongs.pop(seq, None)
+        if not reply.done or reply.error is not None:
+            raise self.crash_error()
+        pong: Pong = reply.value
+        return pong
 
     async def warmup(self, plugin_id: str, handler_id: str, entry: str, root: str | None) -> None:
         """Import a handler and run its ``warmup()`` hook in the worker; raise on failure."""
-        send, receive = trio.open_memory_channel[Warmed](1)
-        self._warmed[(plugin_id, handler_id)] = send
+        reply = self._warmed[(plugin_id, handler_id)] = _Reply()
         await self._send(Warmup(plugin_id=plugin_id, handler_id=handler_id, entry=entry, root=root))
-        try:
-            reply = await receive.receive()
-        except trio.EndOfChannel:
-            raise self.crash_error() from None
-        if not reply.ok and reply.error is not None:
-            raise ExecutionError.from_dict(reply.error)
+        await self._wait_for(reply)
+        if not reply.done or reply.error is not None:
+            raise self.crash_error()
+        warmed: Warmed = reply.value
+        if not warmed.ok and warmed.error is not None:
+            raise ExecutionError.from_dict(warmed.error)
 
     def kill(self, error: ExecutionError | None = None) -> None:
         """SIGKILL the worker's whole process group (it runs in a session of its own).
@@ -539,14 +601,14 @@ async def serve_worker(
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(worker._read_loop)
+                nursery.start_soon(worker._watch_exit)
                 nursery.start_soon(worker._drain_stderr)
                 try:
                     with trio.move_on_after(start_timeout):
-                        await worker._ready.wait()
+                        await worker._wait_for(worker._hello)
                     if worker.lost.is_set():
                         raise worker.crash_error()
-                    if not worker._ready.is_set():
+                    if not worker._hello.done:
                         raise WorkerCrashedError(
                             f"worker {worker.worker_id} did not start within {start_timeout:g} s",
                             details={"stderr_tail": worker.stderr_tail()},
