@@ -103,13 +103,13 @@ class WorkspaceLease:
     :meth:`release` removes whatever exists by then, including nothing.
     """
 
-    __slots__ = ("_created", "_done", "_manager", "_state", "execution_id", "path")
+    __slots__ = ("_created", "_done", "_fspath", "_manager", "_path", "_state", "execution_id")
 
-    def __init__(self, manager: WorkspaceManager, execution_id: str, path: Path) -> None:
+    def __init__(self, manager: WorkspaceManager, execution_id: str, fspath: str) -> None:
         self._manager = manager
         self.execution_id = execution_id
-        #: The workspace directory; it may not exist yet for a reserved lease.
-        self.path = path
+        self._fspath = fspath
+        self._path: Path | None = None
         self._state: str = _OPEN
         self._created = False
         self._done: trio.Event | None = None
@@ -118,9 +118,20 @@ class WorkspaceLease:
         return f"<WorkspaceLease {self.execution_id!r} {self._state} at {str(self.path)!r}>"
 
     @property
+    def path(self) -> Path:
+        """The workspace directory; it may not exist yet for a reserved lease."""
+        if self._path is None:
+            self._path = Path(self._fspath)
+        return self._path
+
+    @property
     def dir(self) -> Path:
         """The workspace directory (same as :attr:`path`)."""
         return self.path
+
+    def __fspath__(self) -> str:
+        """The directory as a str: ``os.fspath(lease)``, without building a Path."""
+        return self._fspath
 
     @property
     def released(self) -> bool:
@@ -140,14 +151,14 @@ class WorkspaceLease:
         if self._state != _OPEN:
             raise self._error(f"the workspace of execution {self.execution_id!r} was released")
         try:
-            os.mkdir(self.path, 0o700)
+            os.mkdir(self._fspath, 0o700)
         except FileExistsError:
             pass  # a worker process handed the path made it first
         except OSError as exc:
             raise self._error(f"cannot create workspace {self.path}: {exc.strerror}", exc) from exc
         if self._state != _OPEN:  # released while we were creating it: undo, never leak
             with contextlib.suppress(OSError):
-                os.rmdir(self.path)
+                os.rmdir(self._fspath)
             raise self._error(f"the workspace of execution {self.execution_id!r} was released")
         self._created = True
         return self.path
@@ -169,7 +180,7 @@ class WorkspaceLease:
             return
         self._state = _RELEASING
         try:
-            await _remove(str(self.path))
+            await _remove(self._fspath)
         except OSError as exc:
             if self._state == _RELEASING:
                 self._state = _OPEN
@@ -214,6 +225,7 @@ class WorkspaceManager:
         self._default_root = root is None
         self.root = _default_root() if root is None else Path(root).absolute()
         self._host: Path | None = None
+        self._host_str = ""
         self._host_fd = -1
         self._depth = 0
         self._leases: dict[str, WorkspaceLease] = {}
@@ -305,7 +317,7 @@ class WorkspaceManager:
                 "or use a fresh execution id",
                 execution_id=execution_id,
             )
-        lease = WorkspaceLease(self, execution_id, self._host / execution_id)
+        lease = WorkspaceLease(self, execution_id, f"{self._host_str}/{execution_id}")
         self._leases[execution_id] = lease
         return lease
 
@@ -367,7 +379,7 @@ class WorkspaceManager:
                 f"cannot create a host workspace directory in {root}: {exc.strerror}",
                 details={"path": root, "error": exc.strerror},
             ) from exc
-        self._host, self._host_fd = Path(host), fd
+        self._host, self._host_fd, self._host_str = Path(host), fd, host
         return self._host
 
     def _prepare_root(self) -> str:

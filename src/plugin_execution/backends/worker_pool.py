@@ -465,12 +465,11 @@ class WorkerPoolBackend(ExecutionBackend):
                 raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
             worker.executions += 1
             return await proc.execute(
-                job, backend=self.name, workspace=str(lease.dir), cancel_grace=self.cancel_grace
+                job, backend=self.name, workspace=os.fspath(lease), cancel_grace=self.cancel_grace
             )
         finally:
             self._give_back(worker, request.plugin_id)
-            with trio.CancelScope(shield=True):
-                await lease.release()
+            await lease.release()  # not cancellable; see WorkspaceLease.release
 
     # -- observing ------------------------------------------------------------------------
 
