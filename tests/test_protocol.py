@@ -23,6 +23,7 @@ from plugin_execution.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     ChannelClose,
+    ChannelCredit,
     ChannelData,
     ChannelOpen,
     Connection,
@@ -54,6 +55,7 @@ FROM_HOST: set[type[Message]] = {
     ChannelOpen,
     ChannelData,
     ChannelClose,
+    ChannelCredit,
     PlatformReply,
 }
 FROM_WORKER: set[type[Message]] = {
@@ -65,6 +67,7 @@ FROM_WORKER: set[type[Message]] = {
     Warmed,
     ChannelData,
     ChannelClose,
+    ChannelCredit,
     PlatformCall,
 }
 PEER: dict[Role, Role] = {"host": "worker", "worker": "host"}
@@ -106,11 +109,17 @@ SAMPLES: list[Message] = [
         error=HandlerNotFoundError("no module named acme").to_dict(),
     ),
     ChannelOpen(
-        channel_id="c-1", execution_id="e-2", path="/chat", headers={"origin": "https://x.org"}
+        channel_id="c-1",
+        execution_id="e-2",
+        path="/chat",
+        headers={"origin": "https://x.org"},
+        window=64,
+        principal={"user": "ada"},
     ),
     ChannelData(channel_id="c-1", data="text stays str"),
     ChannelData(channel_id="c-1", data=b"\x00bytes stay bytes"),
     ChannelClose(channel_id="c-1", code=1000, reason="bye"),
+    ChannelCredit(channel_id="c-1", messages=32),
     PlatformCall(
         call_id=1,
         execution_id="e-1",

@@ -36,6 +36,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Cancel",
     "ChannelClose",
+    "ChannelCredit",
     "ChannelData",
     "ChannelOpen",
     "Connection",
@@ -209,13 +210,21 @@ class Warmed:
 
 @attrs.frozen(kw_only=True)
 class ChannelOpen:
-    """A WebSocket connection for a channel handler opened on the host."""
+    """A WebSocket connection for a channel handler opened on the host.
+
+    Sent just before the ``Execute`` of execution ``execution_id``, whose handler then gets
+    the channel. ``window`` is the flow-control window of both directions: each side sends
+    at most ``window`` ``ChannelData`` that the other has not yet returned as credit
+    (``ChannelCredit``). ``principal`` is what the host's authorization gave, as plain data.
+    """
 
     tag: ClassVar[str] = "ch_open"
     channel_id: str
     execution_id: str
     path: str
     headers: dict[str, str]
+    window: int
+    principal: Any
 
 
 @attrs.frozen(kw_only=True)
@@ -235,6 +244,16 @@ class ChannelClose:
     channel_id: str
     code: int
     reason: str
+
+
+@attrs.frozen(kw_only=True)
+class ChannelCredit:
+    """Either way: the sender consumed ``messages`` more ``ChannelData`` of the channel, so
+    the peer may send that many more (credit-based flow control, see ``ChannelOpen``)."""
+
+    tag: ClassVar[str] = "ch_credit"
+    channel_id: str
+    messages: int
 
 
 @attrs.frozen(kw_only=True)
@@ -276,6 +295,7 @@ Message: TypeAlias = (
     | ChannelOpen
     | ChannelData
     | ChannelClose
+    | ChannelCredit
     | PlatformCall
     | PlatformReply
 )
@@ -294,6 +314,7 @@ _SENT_BY: Final[dict[Role, frozenset[str]]] = {
             ChannelOpen,
             ChannelData,
             ChannelClose,
+            ChannelCredit,
             PlatformReply,
         )
     ),
@@ -308,6 +329,7 @@ _SENT_BY: Final[dict[Role, frozenset[str]]] = {
             Warmed,
             ChannelData,
             ChannelClose,
+            ChannelCredit,
             PlatformCall,
         )
     ),

@@ -51,9 +51,10 @@ FIELDS: dict[str, frozenset[str]] = {
         "shutdown": "",
         "warmup": "plugin_id handler_id entry root",
         "warmed": "plugin_id handler_id ok error",
-        "ch_open": "channel_id execution_id path headers",
+        "ch_open": "channel_id execution_id path headers window principal",
         "ch_data": "channel_id data",
         "ch_close": "channel_id code reason",
+        "ch_credit": "channel_id messages",
         "pcall": "call_id execution_id service method args kwargs",
         "preply": "call_id ok value error",
     }.items()
