@@ -29,6 +29,9 @@ from ._groups import unwrap_single
 from .errors import ExecutionError, WorkerCrashedError
 from .protocol import (
     Cancel,
+    ChannelClose,
+    ChannelCredit,
+    ChannelData,
     Connection,
     Error,
     Event,
@@ -46,6 +49,7 @@ from .types import ExecutionEvent, ExecutionResult
 
 if TYPE_CHECKING:
     from .backends.base import Job
+    from .channels.bridge import ChannelBridge
     from .zygote import Zygote
 
 
@@ -161,6 +165,8 @@ class WorkerProcess:
         self._kill_error: ExecutionError | None = None
         self._closing = False
         self._killed = False
+        #: Channel sessions bridged to this worker, by channel id (see channels/bridge.py).
+        self.channels: dict[str, ChannelBridge] = {}
         self._losing = False
 
     # -- state ----------------------------------------------------------------------------
@@ -271,7 +277,11 @@ class WorkerProcess:
             self._stderr_eof.set()
 
     def _dispatch(self, msg: object) -> None:
-        if isinstance(msg, Event):
+        if isinstance(msg, ChannelData | ChannelCredit | ChannelClose):
+            bridge = self.channels.get(msg.channel_id)
+            if bridge is not None:
+                bridge.on_message(msg)
+        elif isinstance(msg, Event):
             pending = self._pending.get(msg.execution_id)
             if pending is not None:  # stamped when the handler emitted it, in the worker
                 pending.sink.deliver_nowait(

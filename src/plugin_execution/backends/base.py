@@ -12,8 +12,8 @@ import abc
 import time
 import traceback
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
 import attrs
 import msgpack
@@ -42,9 +42,19 @@ from ..types import (
 from ..workspace import WorkspaceManager
 
 if TYPE_CHECKING:
+    from ..channels.channel import Channel
     from ..context import EventSink
 
-__all__ = ["ExecutionBackend", "Job", "check_serializable"]
+
+class Attachment(Protocol):
+    """Something that lives as long as the backend runs, such as a WebSocket connection
+    served by it: :meth:`ExecutionBackend.shutdown` asks it to end, then waits for it to
+    :meth:`~ExecutionBackend.detach`."""
+
+    def backend_closing(self) -> None: ...
+
+
+__all__ = ["Attachment", "ExecutionBackend", "Job", "check_serializable"]
 
 _State = Literal["new", "running", "closing", "closed"]
 
@@ -59,6 +69,8 @@ class Job:
     deadline: float  # trio clock
     sink: EventSink
     started: float  # time.perf_counter()
+    #: The channel of a session-style channel handler (``handler(ctx, channel)``), else None.
+    channel: Channel | None = None
 
     def timeout_error(self, what: str = "") -> ExecutionTimeoutError:
         return ExecutionTimeoutError(
@@ -91,6 +103,10 @@ class ExecutionBackend(abc.ABC):
         self._nursery: trio.Nursery | None = None
         self._stats = StatsRecorder(self.name)
         self._started_at = 0.0
+        self._attached: set[Attachment] = set()
+        self._detached = trio.Event()
+        #: How long shutdown waits for attachments (connections) to close.
+        self.attachment_grace = 5.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -136,7 +152,30 @@ class ExecutionBackend(abc.ABC):
             return
         self._state = "closing"
         with trio.CancelScope(shield=True):
+            await self._close_attachments()
             await self._stop(drain=drain, timeout=timeout)
+
+    def attach(self, attachment: Attachment) -> None:
+        """Tie ``attachment`` to this running backend (raises BackendClosedError if it is
+        not running). Shutdown calls its ``backend_closing()`` and waits (at most
+        :attr:`attachment_grace` seconds) until it is :meth:`detach`-ed."""
+        self._check_running()
+        self._attached.add(attachment)
+
+    def detach(self, attachment: Attachment) -> None:
+        """Undo :meth:`attach`; idempotent."""
+        self._attached.discard(attachment)
+        if not self._attached:
+            self._detached.set()
+
+    async def _close_attachments(self) -> None:
+        if not self._attached:
+            return
+        self._detached = trio.Event()
+        for attachment in list(self._attached):
+            attachment.backend_closing()
+        with trio.move_on_after(self.attachment_grace):
+            await self._detached.wait()
 
     async def _start(self, nursery: trio.Nursery) -> None:  # noqa: B027
         """Start background tasks (workers, reapers) in ``nursery``."""
@@ -167,8 +206,16 @@ class ExecutionBackend(abc.ABC):
         and stop the work when cancelled by the caller.
         """
 
-    def _job(self, request: ExecutionRequest, timeout: float | None, sink: EventSink) -> Job:
-        target = self.registry.resolve(request.plugin_id, request.handler_id)
+    def _job(
+        self,
+        request: ExecutionRequest,
+        timeout: float | None,
+        sink: EventSink,
+        target: ResolvedHandler | None = None,
+        channel: Channel | None = None,
+    ) -> Job:
+        if target is None:
+            target = self.registry.resolve(request.plugin_id, request.handler_id)
         if timeout is not None:
             check_timeout(None, None, timeout)
         check_serializable(request.input, "input")
@@ -178,7 +225,8 @@ class ExecutionBackend(abc.ABC):
         quota = target.permissions.quotas.timeout
         if quota is not None and quota < limit:
             limit = quota
-        return Job(request, target, limit, trio.current_time() + limit, sink, time.perf_counter())
+        deadline = trio.current_time() + limit
+        return Job(request, target, limit, deadline, sink, time.perf_counter(), channel)
 
     async def execute(
         self,
@@ -196,19 +244,45 @@ class ExecutionBackend(abc.ABC):
         """
         return await self._execute(request, timeout, NULL_SINK, raise_errors)
 
+    async def run_channel(
+        self,
+        request: ExecutionRequest,
+        target: ResolvedHandler,
+        channel: Channel,
+        *,
+        timeout: float | None = None,
+    ) -> ExecutionResult:
+        """Run a session-style channel handler, ``target``'s ``handler(ctx, channel)``.
+
+        ``target`` names the channel's entry (it need not be a handler of the registry);
+        ``request`` carries the ids and the context (its input is ignored). The handler
+        talks to the client through ``channel`` wherever it runs: in-process it gets
+        ``channel`` itself, in a worker process a proxy whose messages are bridged over the
+        worker protocol. Returns when the handler returns (``ok=True``); its failure is
+        returned as ``ok=False`` with ``error`` set, never raised. ``timeout`` (``math.inf``
+        for none) limits the whole session. Cancelling the call cancels the handler wherever
+        it runs, then raises ``trio.Cancelled``. Used by ``mount_websocket_channels``.
+        """
+        return await self._execute(
+            request, timeout, NULL_SINK, False, target=target, channel=channel
+        )
+
     async def _execute(
         self,
         request: ExecutionRequest,
         timeout: float | None,
         sink: EventSink,
         raise_errors: bool,
+        *,
+        target: ResolvedHandler | None = None,
+        channel: Channel | None = None,
     ) -> ExecutionResult:
         started = time.perf_counter()
         stats = self._stats
         stats.in_flight += 1
         try:
             self._check_running()
-            result = await self._run(self._job(request, timeout, sink))
+            result = await self._run(self._job(request, timeout, sink, target, channel))
         except ExecutionError as exc:
             error = exc
         except trio.Cancelled:
@@ -241,10 +315,9 @@ class ExecutionBackend(abc.ABC):
             backend=self.name,
         )
 
-    @asynccontextmanager
-    async def open_execution(
+    def open_execution(
         self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024
-    ) -> AsyncIterator[Execution]:
+    ) -> AbstractAsyncContextManager[Execution]:
         """Start ``request`` and stream it: ``async with backend.open_execution(r) as ex:``.
 
         ``ex.events`` yields the handler's events as they happen and ends with the
@@ -252,6 +325,19 @@ class ExecutionBackend(abc.ABC):
         execution ends cancels it. Events wait for buffer space when the handler awaits
         ``ctx.emit``; non-blocking emits beyond ``buffer`` unread events are dropped.
         """
+        return self._open_execution(request, timeout=timeout, buffer=buffer)
+
+    @asynccontextmanager
+    async def _open_execution(
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None = None,
+        buffer: int = 1024,
+        target: ResolvedHandler | None = None,
+    ) -> AsyncIterator[Execution]:
+        """:meth:`open_execution` of a ``target`` given directly (not looked up in the
+        registry), e.g. the events-style adapter of a WebSocket channel."""
         self._check_running()
         send, receive = trio.open_memory_channel[ExecutionEvent](buffer)
         execution = Execution(request.execution_id, receive)
@@ -260,7 +346,9 @@ class ExecutionBackend(abc.ABC):
         async def run() -> None:
             async with send:
                 try:
-                    result = await self._execute(request, timeout, sink, raise_errors=False)
+                    result = await self._execute(
+                        request, timeout, sink, raise_errors=False, target=target
+                    )
                 except trio.Cancelled:
                     execution._fail(_aborted(request))
                     raise

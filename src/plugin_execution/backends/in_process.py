@@ -17,16 +17,19 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..context import ExecutionContext
-from ..errors import ExecutionError, HandlerError, WorkspaceError
+from ..errors import ExecutionError, HandlerContractError, HandlerError, WorkspaceError
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult
 from ..workspace import WorkspaceLease, WorkspaceManager
 from .base import ExecutionBackend, Job, check_serializable
+
+if TYPE_CHECKING:
+    from ..channels.channel import Channel
 
 __all__ = ["InProcessBackend"]
 
@@ -80,6 +83,21 @@ class _LazyWorkspace:
             await lease.release()
 
 
+async def _run_session(handler: Handler, ctx: ExecutionContext, channel: Channel) -> None:
+    """A session-style channel handler gets the host's channel itself: no copy, no hop."""
+    if not handler.is_async:
+        raise session_contract_error(handler.entry)
+    await handler.call(ctx, channel)
+
+
+def session_contract_error(entry: str) -> HandlerContractError:
+    return HandlerContractError(
+        f"channel entry {entry!r} is not an async function: a session-style channel handler "
+        "is 'async def handler(ctx, channel)'",
+        details={"entry": entry},
+    )
+
+
 class InProcessBackend(ExecutionBackend):
     """Runs handlers in this process and this trio loop."""
 
@@ -115,7 +133,10 @@ class InProcessBackend(ExecutionBackend):
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
                 try:
-                    if handler.is_async:
+                    if job.channel is not None:
+                        await _run_session(handler, ctx, job.channel)
+                        output = None
+                    elif handler.is_async:
                         output = await handler.call(ctx, request.input)
                     else:
                         output = await self._run_in_thread(handler, ctx, request.input)
