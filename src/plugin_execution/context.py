@@ -9,6 +9,17 @@ Standard library only at import time: worker children load this module at start-
 
 from __future__ import annotations
 
+from .platform_client import (
+    CacheClient,
+    EnvClient,
+    EventsClient,
+    FetchClient,
+    FsClient,
+    InvokeClient,
+    ShellClient,
+    StorageClient,
+)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
@@ -16,6 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any, Protocol
 
+    from .platform_client import PlatformCaller
     from .types import ExecutionEvent
 
     class EventSink(Protocol):
@@ -80,14 +92,20 @@ class ExecutionContext:
     - ``ctx.progress(done, total)``: report progress; never blocks an async handler.
     - ``ctx.cancelled``: becomes true when the execution is being cancelled, so a
       synchronous handler (which cannot be interrupted) can stop early.
+    - platform services, each checked against the handler's permissions on the host:
+      ``ctx.fs``, ``ctx.env``, ``ctx.cache``, ``ctx.storage``, ``ctx.events``,
+      ``ctx.fetch``, ``ctx.shell``, ``ctx.invoke`` (see :mod:`.platform_client`). In an
+      async handler their methods are awaited; in a sync handler they block and return.
     """
 
     __slots__ = (
         "_cancelled",
         "_logger",
+        "_platform",
         "_sink",
         "_workspace",
         "_workspace_provider",
+        "blocking",
         "context",
         "execution_id",
         "handler_id",
@@ -103,6 +121,8 @@ class ExecutionContext:
         context: Mapping[str, Any] | None = None,
         sink: EventSink = NULL_SINK,
         workspace: Callable[[], Path] | None = None,
+        platform: PlatformCaller | None = None,
+        blocking: bool = False,
     ) -> None:
         self.execution_id = execution_id
         self.plugin_id = plugin_id
@@ -113,6 +133,10 @@ class ExecutionContext:
         self._workspace: Path | None = None
         self._logger: logging.LoggerAdapter | None = None  # type: ignore[type-arg]
         self._cancelled = False
+        self._platform = platform
+        #: True for a sync handler: platform service methods block instead of returning
+        #: awaitables. Set by the runtime that knows the handler's shape.
+        self.blocking = blocking
 
     @property
     def workspace(self) -> Path:
@@ -140,6 +164,56 @@ class ExecutionContext:
     def cancel(self) -> None:
         """Mark the execution as being cancelled (called by the runtime, not by handlers)."""
         self._cancelled = True
+
+    # -- platform services ----------------------------------------------------------------
+
+    def _caller(self) -> PlatformCaller:
+        if self._platform is None:
+            raise RuntimeError(
+                "this context has no platform: platform services are available to handlers "
+                "run by a backend"
+            )
+        return self._platform
+
+    @property
+    def fs(self) -> FsClient:
+        """Files: the workspace, the plugin's own files, and ``fs.read`` / ``fs.write``."""
+        return FsClient(self._caller(), self.blocking)
+
+    @property
+    def env(self) -> EnvClient:
+        """Environment variables granted by ``env.read``."""
+        return EnvClient(self._caller(), self.blocking)
+
+    @property
+    def cache(self) -> CacheClient:
+        """A key/value cache with TTL (``platform = ["cache"]``)."""
+        return CacheClient(self._caller(), self.blocking)
+
+    @property
+    def storage(self) -> StorageClient:
+        """Blob storage kept by the host (``platform = ["storage"]``)."""
+        return StorageClient(self._caller(), self.blocking)
+
+    @property
+    def events(self) -> EventsClient:
+        """Publish/subscribe on topics (``platform = ["events:TOPIC"]``)."""
+        return EventsClient(self._caller(), self.blocking)
+
+    @property
+    def fetch(self) -> FetchClient:
+        """HTTP requests to URLs granted by ``network.fetch``."""
+        return FetchClient(self._caller(), self.blocking)
+
+    @property
+    def shell(self) -> ShellClient:
+        """Commands granted by ``shell.allow``."""
+        return ShellClient(self._caller(), self.blocking)
+
+    @property
+    def invoke(self) -> InvokeClient:
+        """Other plugins' handlers, for plugin ids in ``invoke.allow``."""
+        return InvokeClient(self._caller(), self.blocking)
 
     async def emit(self, kind: str, data: Any = None) -> None:
         """Stream a custom event. Waits while the consumer's buffer is full."""

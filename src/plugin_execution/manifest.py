@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ import attrs
 import cattrs
 
 from .errors import ManifestError
+from .permissions import parse_connect_pattern, parse_service_grant, parse_url_pattern
 
 __all__ = [
     "ChannelSpec",
@@ -56,11 +57,22 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _str_tuple() -> Any:
+def _str_tuple(parse: Callable[[str], object] | None = None) -> Any:
+    """A tuple of strings; ``parse``, when given, checks each one (raising ValueError)."""
+    validators: list[Any] = [attrs.validators.instance_of(str)]
+    if parse is not None:
+
+        def check(_inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+            try:
+                parse(value)
+            except ValueError as exc:  # cattrs reports the enclosing table: name the key
+                raise ValueError(f"{attr.name}: {exc}") from None
+
+        validators.append(check)
     return attrs.field(
         default=(),
         converter=_strings,
-        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(str)),
+        validator=attrs.validators.deep_iterable(attrs.validators.and_(*validators)),
     )
 
 
@@ -74,10 +86,11 @@ class FsPermissions:
 
 @attrs.frozen
 class NetworkPermissions:
-    """``connect``: ``host:port`` patterns; ``fetch``: URL patterns."""
+    """``connect``: ``host:port`` patterns (for the kernel sandbox; no ``ctx`` service uses
+    them); ``fetch``: URL patterns ``scheme://host[:port][/path-glob]`` for ``ctx.fetch``."""
 
-    connect: tuple[str, ...] = _str_tuple()
-    fetch: tuple[str, ...] = _str_tuple()
+    connect: tuple[str, ...] = _str_tuple(parse_connect_pattern)
+    fetch: tuple[str, ...] = _str_tuple(parse_url_pattern)
 
 
 @attrs.frozen
@@ -112,12 +125,18 @@ class Quotas:
 
 @attrs.frozen
 class Permissions:
-    """What a plugin's handlers may touch. Secure by default: everything empty."""
+    """What a plugin's handlers may touch. Secure by default: everything empty.
+
+    Besides what is listed, a handler may always read and write its workspace and read its
+    plugin's own files (its ``root``). ``platform`` names services: ``"cache"`` grants the
+    plugin's own namespace, ``"cache:shared-*"`` the namespaces matching a pattern
+    (likewise ``storage``; for ``events`` the namespace is the topic). See docs/permissions.md.
+    """
 
     fs: FsPermissions = attrs.field(factory=FsPermissions)
     network: NetworkPermissions = attrs.field(factory=NetworkPermissions)
     env: EnvPermissions = attrs.field(factory=EnvPermissions)
-    platform: tuple[str, ...] = _str_tuple()
+    platform: tuple[str, ...] = _str_tuple(parse_service_grant)
     shell: ShellPermissions = attrs.field(factory=ShellPermissions)
     invoke: InvokePermissions = attrs.field(factory=InvokePermissions)
     quotas: Quotas = attrs.field(factory=Quotas)

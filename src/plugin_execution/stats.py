@@ -65,8 +65,11 @@ class StatsRecorder:
         self.failed_by_code[code] += 1
         self._latency.append(duration_s)
         self.last_error = f"{code}: {message}" if message else code
-        if code == "PERMISSION_DENIED":
-            self.permission_denials += 1
+
+    def record_permission_denial(self) -> None:
+        """A platform service refused a call: counted when it happens, whether or not the
+        handler then lets the error end its execution."""
+        self.permission_denials += 1
 
     def record_queue_wait(self, wait_s: float) -> None:
         self._queue_wait.append(wait_s)

@@ -1,0 +1,318 @@
+"""Permission checks: does a handler's :class:`~plugin_execution.manifest.Permissions` grant
+this path, variable, URL, command, plugin or platform service?
+
+Pure functions and one :class:`Grants` object per (permissions, plugin root), compiled once
+and cached. Nothing here raises ``PermissionDeniedError``: the platform session does that,
+so that every denial is also counted and logged in one place.
+
+Paths are compared after resolution (:func:`resolve_path`): ``..``, symlinks and repeated
+slashes are resolved first, so no spelling of a path reaches outside what was granted. URL
+paths are compared after percent-decoding, and dot segments in them are refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import re
+import unicodedata
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .manifest import Permissions
+
+__all__ = [
+    "PLATFORM_SERVICES",
+    "Grants",
+    "PathProblem",
+    "UrlPattern",
+    "grants_for",
+    "parse_connect_pattern",
+    "parse_service_grant",
+    "parse_url_pattern",
+    "resolve_path",
+]
+
+#: Services granted through ``permissions.platform``; the others have keys of their own.
+PLATFORM_SERVICES = ("cache", "storage", "events")
+_OWN_KEYS = {
+    "fs": "fs.read / fs.write",
+    "env": "env.read",
+    "fetch": "network.fetch",
+    "network": "network.fetch / network.connect",
+    "shell": "shell.allow",
+    "invoke": "invoke.allow",
+}
+_GLOB_CHARS = frozenset("*?[")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST = re.compile(r"(\*|(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])")
+
+
+# -- parsing grants (also used to validate manifests at load time) -----------------------
+
+
+def parse_service_grant(entry: str) -> tuple[str, str | None]:
+    """``"cache"`` -> ``("cache", None)``; ``"events:orders.*"`` -> ``("events", "orders.*")``.
+
+    Raises ValueError naming the problem: an unknown service, an empty namespace, or a
+    service that is granted with a key of its own (``fs``, ``env``, ``shell``...).
+    """
+    service, sep, namespace = entry.partition(":")
+    if service in _OWN_KEYS:
+        raise ValueError(
+            f"{entry!r}: {service} is not granted through platform; use {_OWN_KEYS[service]}"
+        )
+    if service not in PLATFORM_SERVICES:
+        raise ValueError(
+            f"{entry!r}: unknown platform service {service!r} "
+            f"(known: {', '.join(PLATFORM_SERVICES)}; add ':namespace' to name a namespace)"
+        )
+    if sep and (not namespace or namespace != namespace.strip() or "\x00" in namespace):
+        raise ValueError(f"{entry!r}: the namespace after ':' must be a non-empty pattern")
+    return service, namespace if sep else None
+
+
+class UrlPattern(NamedTuple):
+    """A parsed ``network.fetch`` pattern: ``scheme://host[:port][/path-glob]``.
+
+    ``host`` is exact, ``*.domain`` (any subdomain) or ``*``; ``port`` is ``None`` for any
+    port, else a number (the scheme's default when the pattern names none); ``path`` is a
+    glob where ``*`` also matches ``/``, or ``None`` for any path.
+    """
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str | None
+
+    def matches(self, scheme: str, host: str, port: int, path: str) -> bool:
+        if scheme != self.scheme or (self.port is not None and port != self.port):
+            return False
+        if self.host != "*":
+            if self.host.startswith("*."):
+                if not host.endswith(self.host[1:]):
+                    return False
+            elif host != self.host:
+                return False
+        return self.path is None or fnmatch.fnmatchcase(path, self.path)
+
+
+def parse_url_pattern(text: str) -> UrlPattern:
+    """Parse a ``network.fetch`` pattern; ValueError says what is wrong with it."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in _DEFAULT_PORTS:
+        raise ValueError(
+            f"{text!r} is not a URL pattern: expected http:// or https:// then a host, "
+            "e.g. 'https://api.example.com/v1/*'"
+        )
+    scheme = scheme.lower()
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        raise ValueError(f"{text!r}: a URL pattern must not contain user info ('@')")
+    host, port = _split_port(text, authority, _DEFAULT_PORTS[scheme])
+    return UrlPattern(scheme, host, port, ("/" + path) if slash and path not in ("", "*") else None)
+
+
+def parse_connect_pattern(text: str) -> tuple[str, int | None]:
+    """Parse a ``network.connect`` pattern ``host:port`` (either may be ``*``)."""
+    if ":" not in text.replace("[", "").replace("]", "") or "/" in text or "@" in text:
+        raise ValueError(f"{text!r} is not a 'host:port' pattern, e.g. 'db.internal:5432'")
+    return _split_port(text, text, None)
+
+
+def _split_port(text: str, authority: str, default: int | None) -> tuple[str, int | None]:
+    if authority.startswith("["):
+        end = authority.find("]")
+        host, port_text = authority[: end + 1], authority[end + 2 :] if end > 0 else ""
+        has_port = authority[end + 1 : end + 2] == ":"
+    else:
+        host, has_colon, port_text = authority.rpartition(":")
+        has_port = bool(has_colon)
+        if not has_colon:
+            host = authority
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name, '*.domain' or '*'")
+    if not has_port:
+        if default is None:
+            raise ValueError(f"{text!r}: name a port, or '*' for any")
+        return host.lower(), default
+    if port_text == "*":
+        return host.lower(), None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number in 1..65535 or '*'")
+    return host.lower(), int(port_text)
+
+
+# -- paths --------------------------------------------------------------------------------
+
+
+class PathProblem(ValueError):
+    """A path that is refused before any permission is looked at (NUL, look-alikes)."""
+
+
+def resolve_path(path: str, base: str) -> str:
+    """``path`` made absolute (relative to ``base``), with ``..``, ``.``, repeated slashes and
+    symlinks resolved, as the kernel would resolve it now.
+
+    Raises :class:`PathProblem` for a NUL byte, and for characters that Unicode
+    compatibility normalisation (NFKC) turns into ``/`` or ``.`` segments: a path like
+    ``"\\uff0e\\uff0e/x"`` is harmless to the kernel but may be read as ``../x`` by the next
+    tool it is handed to, so it is refused rather than guessed at.
+    """
+    if not isinstance(path, str):
+        raise PathProblem(f"a path must be a string, got {type(path).__name__}")
+    if "\x00" in path:
+        raise PathProblem("a path must not contain a NUL character")
+    if not path.isascii():
+        folded = unicodedata.normalize("NFKC", path)
+        if folded.count("/") != path.count("/") or _dot_segments(folded) != _dot_segments(path):
+            raise PathProblem(
+                "the path holds characters that normalise to '/' or '.' (look-alikes)"
+            )
+    resolved = os.path.realpath(os.path.join(base, path))
+    if resolved.startswith("//"):  # POSIX leaves '//' implementation-defined; Linux: '/'
+        resolved = "/" + resolved.lstrip("/")
+    return resolved
+
+
+def _dot_segments(path: str) -> int:
+    return sum(1 for part in path.split("/") if part in (".", ".."))
+
+
+def _glob_regex(pattern: str) -> str:
+    """A path glob as a regex: ``**`` crosses ``/``, ``*`` and ``?`` do not."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            end = pattern.find("]", i + 2)
+            if end == -1:
+                out.append(re.escape(char))
+            else:
+                body = pattern[i + 1 : end]
+                negate = body.startswith("!")
+                body = re.escape(body[1:] if negate else body)
+                out.append(f"[{'^/' if negate else ''}{body}]")
+                i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def _compile_paths(patterns: Iterable[str], root: str | None) -> re.Pattern[str] | None:
+    """One regex for a list of path grants. A grant covers what it matches and everything
+    under it. Literal prefixes are resolved (a grant of ``/tmp/x`` follows ``/tmp``'s
+    symlink, as the requests it is compared with do); relative grants are relative to the
+    plugin's root, and mean nothing without one."""
+    parts = []
+    for pattern in patterns:
+        if not os.path.isabs(pattern):
+            if root is None:
+                continue
+            pattern = os.path.join(root, pattern)
+        segments = os.path.normpath(pattern).split("/")
+        literal = 0
+        while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
+            literal += 1
+        prefix = os.path.realpath("/".join(segments[:literal]) or "/")
+        rest = "/".join(segments[literal:])
+        if rest:
+            body = re.escape(prefix.rstrip("/")) + "/" + _glob_regex(rest)
+        else:
+            body = re.escape(prefix.rstrip("/"))
+        parts.append(body)
+    if not parts:
+        return None
+    return re.compile(f"(?:{'|'.join(parts)})(?:/.*)?", re.DOTALL)
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+# -- grants ---------------------------------------------------------------------------------
+
+
+class Grants:
+    """One handler's permissions, compiled for fast checks. Get it from :func:`grants_for`.
+
+    Checks return bool and take resolved values: a path from :func:`resolve_path`, a URL's
+    lower-cased scheme and host, its effective port and its decoded path.
+    """
+
+    def __init__(self, permissions: Permissions, root: str | None) -> None:
+        self.permissions = permissions
+        self.root = os.path.realpath(root) if root else None
+        self._read = _compile_paths(permissions.fs.read, self.root)
+        self._write = _compile_paths(permissions.fs.write, self.root)
+        self._env = permissions.env.read
+        self._urls = [parse_url_pattern(p) for p in permissions.network.fetch]
+        self._services: dict[str, list[str | None]] = {}
+        for entry in permissions.platform:
+            service, namespace = parse_service_grant(entry)
+            self._services.setdefault(service, []).append(namespace)
+
+    def fs_read(self, path: str, workspace: str | None) -> bool:
+        """Readable: the workspace, the plugin's own root, and ``fs.read`` / ``fs.write``."""
+        if workspace is not None and _under(path, workspace):
+            return True
+        if self.root is not None and _under(path, self.root):
+            return True
+        return any(
+            grant is not None and grant.fullmatch(path) is not None
+            for grant in (self._read, self._write)
+        )
+
+    def fs_write(self, path: str, workspace: str | None) -> bool:
+        """Writable: the workspace and ``fs.write``; never the plugin's own root by default."""
+        if workspace is not None and _under(path, workspace):
+            return True
+        return self._write is not None and self._write.fullmatch(path) is not None
+
+    def env(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._env)
+
+    def url(self, scheme: str, host: str, port: int, path: str) -> bool:
+        return any(p.matches(scheme, host, port, path) for p in self._urls)
+
+    def invoke(self, plugin_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(plugin_id, p) for p in self.permissions.invoke.allow)
+
+    def command(self, names: Iterable[str]) -> bool:
+        """``names``: the command as asked for and the executable it resolves to."""
+        allowed = self.permissions.shell.allow
+        return any(name in allowed for name in names)
+
+    def service(self, service: str, namespace: str, own: str) -> bool:
+        """``namespace`` is what the call names (a cache namespace, an event topic); ``own``
+        the plugin's private one: the bare service name grants it and ``own/...`` below it.
+        ``service:pattern`` grants the namespaces matching pattern."""
+        for granted in self._services.get(service, ()):
+            if granted is None:
+                if namespace == own or namespace.startswith(own + "/"):
+                    return True
+            elif fnmatch.fnmatchcase(namespace, granted):
+                return True
+        return False
+
+    @property
+    def services(self) -> frozenset[str]:
+        return frozenset(self._services)
+
+
+@functools.lru_cache(maxsize=1024)
+def grants_for(permissions: Permissions, root: str | None) -> Grants:
+    """The compiled :class:`Grants` of ``permissions`` (cached: manifests are immutable)."""
+    return Grants(permissions, root)
