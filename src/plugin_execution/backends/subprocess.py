@@ -15,10 +15,12 @@ import fnmatch
 import math
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Literal
 
 import trio
 
+from ..channels.bridge import run_session
 from ..errors import WorkerCrashedError
 from ..manifest import Permissions
 from ..process import WorkerLimits, open_worker_process
@@ -122,7 +124,9 @@ class SubprocessBackend(ExecutionBackend):
         memory = self._memory_mb
         if quotas.memory_mb is not None:
             memory = min(memory, quotas.memory_mb)
-        cpu = quotas.cpu_s if quotas.cpu_s is not None else math.ceil(job.timeout) + 1
+        cpu = quotas.cpu_s
+        if cpu is None and math.isfinite(job.timeout):  # a channel session may be unlimited
+            cpu = math.ceil(job.timeout) + 1
         return WorkerLimits(
             address_space_mb=memory,
             cpu_s=cpu,
@@ -162,7 +166,8 @@ class SubprocessBackend(ExecutionBackend):
                 close_grace=self.cancel_grace,
             ) as worker:
                 started = True
-                return await worker.execute(
+                run = worker.execute if job.channel is None else partial(run_session, worker)
+                return await run(
                     job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
                 )
         except WorkerCrashedError:

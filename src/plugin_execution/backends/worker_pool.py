@@ -34,6 +34,7 @@ from ..errors import (
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
+from ..channels.bridge import run_session
 from .base import ExecutionBackend, Job
 from .subprocess import BASE_ENV
 
@@ -55,6 +56,7 @@ class _Worker:
         "retire",
         "retire_reason",
         "running",
+        "sessions",
         "started_at",
         "state",
     )
@@ -65,6 +67,7 @@ class _Worker:
         self.state: WorkerState = "starting"
         self.proc: WorkerProcess | None = None
         self.running = 0
+        self.sessions = 0  # channel sessions: they share the worker, taking no slot
         self.executions = 0
         self.started_at = time.monotonic()
         self.last_used = time.monotonic()
@@ -266,7 +269,7 @@ class WorkerPoolBackend(ExecutionBackend):
             async with trio.open_nursery() as watch:
                 watch.start_soon(_cancel_when, proc.lost, watch.cancel_scope)
                 await worker.retire.wait()
-                while worker.running:
+                while worker.running or worker.sessions:
                     worker.idle = trio.Event()
                     await worker.idle.wait()
                 watch.cancel_scope.cancel()
@@ -453,6 +456,8 @@ class WorkerPoolBackend(ExecutionBackend):
         )
 
     async def _run(self, job: Job) -> ExecutionResult:
+        if job.channel is not None:
+            return await self._run_session(job)
         self._stats.queued = len(self._queue) + 1
         worker = await self._acquire(job)
         self._stats.queued = len(self._queue)
@@ -470,6 +475,50 @@ class WorkerPoolBackend(ExecutionBackend):
         finally:
             self._give_back(worker, request.plugin_id)
             await lease.release()  # not cancellable; see WorkspaceLease.release
+
+    async def _run_session(self, job: Job) -> ExecutionResult:
+        """A channel session runs on the live worker with the fewest sessions, alongside
+        its executions: a session mostly waits for messages, so it takes no execution slot
+        (connection limits are the mount's). A worker retires only once its sessions end."""
+        worker = await self._session_worker(job)
+        worker.sessions += 1
+        lease = self.workspaces.reserve(job.request.execution_id)
+        try:
+            assert worker.proc is not None
+            return await run_session(
+                worker.proc,
+                job,
+                backend=self.name,
+                workspace=os.fspath(lease),
+                cancel_grace=self.cancel_grace,
+            )
+        finally:
+            worker.sessions -= 1
+            if not worker.running and not worker.sessions:
+                worker.idle.set()
+            await lease.release()  # not cancellable; see WorkspaceLease.release
+
+    async def _session_worker(self, job: Job) -> _Worker:
+        give_up = min(job.deadline, trio.current_time() + self.acquire_timeout)
+        while True:
+            ready = [
+                w
+                for w in self._workers.values()
+                if w.state in ("idle", "busy") and w.proc is not None and w.proc.alive
+            ]
+            if ready:
+                return min(ready, key=lambda w: w.sessions)
+            if not self.running:
+                raise BackendClosedError("the worker-pool backend is shutting down")
+            if trio.current_time() >= give_up:
+                self._stats.acquire_timeouts += 1
+                raise AcquireTimeoutError(
+                    f"no worker was ready for a channel session within "
+                    f"{self.acquire_timeout:g} s ({len(self._workers)} workers)"
+                )
+            if not self._workers and self._nursery is not None:
+                self._nursery.start_soon(self._grow)  # min_workers=0: start one
+            await trio.sleep(0.02)  # workers are being (re)started; bounded by give_up
 
     # -- observing ------------------------------------------------------------------------
 

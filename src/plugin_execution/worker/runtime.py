@@ -5,7 +5,10 @@ Threads, not an event loop, so a child that runs a sync handler never imports tr
 - the main thread reads the socket and dispatches; it answers ``Ping`` at once even while
   handlers run, and exits the process when the host goes away (EOF) or says ``Shutdown``;
 - a sync handler runs on an executor thread (one per concurrent execution, reused);
-- async handlers share one trio loop on a thread of its own, started on first need.
+- async handlers share one trio loop on a thread of its own, started on first need;
+- a channel session (``ch_open`` then ``execute``) runs its handler on that loop with a
+  :class:`~plugin_execution.worker.channel.WorkerChannel`; the channel frames of each read
+  reach the loop in one batch.
 
 Whatever a handler prints is captured per execution and sent as ``log`` events; fd 1 is
 pointed at fd 2, so even raw writes never reach the protocol socket.
@@ -25,6 +28,7 @@ from ..errors import (
     AbortedError,
     ExecutionError,
     ExecutionTimeoutError,
+    HandlerContractError,
     HandlerError,
     WorkerCrashedError,
 )
@@ -39,7 +43,9 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..types import ExecutionEvent
+    from .channel import WorkerChannel
 
+_CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
 _OOM_EXIT = 137
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
@@ -239,6 +245,9 @@ class Worker:
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
         self._stderr = _CapturedStream(self, "stderr")
+        self._channels: dict[str, WorkerChannel] = {}  # by channel id, until the handler ends
+        self._channel_of: dict[str, WorkerChannel] = {}  # by execution id, until it starts
+        self._channel_batch: list[tuple[str, dict[str, Any]]] = []
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -275,6 +284,8 @@ class Worker:
                 decoder.feed(data)
                 for tag, fields in decoder:
                     self._dispatch(tag, fields)
+                if self._channel_batch:
+                    self._flush_channels()
         except WireError as exc:
             # Only a host bug gets here; say so on stderr (the host shows its tail in the
             # WorkerCrashedError) rather than dying with a traceback.
@@ -300,12 +311,17 @@ class Worker:
         os._exit(code)
 
     def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
-        if tag == "execute":
+        if tag in _CHANNEL_FRAMES:
+            self._channel_batch.append((tag, msg))
+        elif tag == "execute":
             self._start(msg)
         elif tag == "cancel":
             running = self._running.get(msg["execution_id"])
             if running is not None:
                 running.cancel()
+            self._channel_of.pop(msg["execution_id"], None)
+        elif tag == "ch_open":
+            self._open_channel(msg)
         elif tag == "ping":
             self.send(
                 "pong",
@@ -320,6 +336,28 @@ class Worker:
             self._on_executor(lambda: self._warmup(msg))
         elif tag == "shutdown":
             self._exit(0)
+
+    # -- channels -------------------------------------------------------------------------
+
+    def _open_channel(self, msg: dict[str, Any]) -> None:
+        from .channel import WorkerChannel
+
+        self._loop()  # the channel's handler runs there; its primitives belong to it
+        channel = WorkerChannel(self, msg)
+        self._channels[channel.connection_id] = channel
+        self._channel_of[channel.execution_id] = channel
+
+    def _flush_channels(self) -> None:
+        """Hand this read's channel frames to the trio loop in one wake-up, in order."""
+        batch, self._channel_batch = self._channel_batch, []
+        if self._trio is not None:
+            self._trio.token.run_sync_soon(self._deliver_channels, batch)
+
+    def _deliver_channels(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        for tag, msg in batch:
+            channel = self._channels.get(msg["channel_id"])
+            if channel is not None:
+                channel.deliver(tag, msg)
 
     # -- running handlers -----------------------------------------------------------------
 
@@ -348,7 +386,21 @@ class Worker:
         except ExecutionError as exc:
             self._finish(execution_id, error=exc)
             return
-        if handler.is_async:
+        channel = self._channel_of.pop(execution_id, None)
+        if channel is not None:
+            if not handler.is_async:
+                self._channels.pop(channel.connection_id, None)
+                self._finish(
+                    execution_id,
+                    error=HandlerContractError(
+                        f"channel entry {msg['entry']!r} is not an async function: a "
+                        "session-style channel handler is 'async def handler(ctx, channel)'",
+                        details={"entry": msg["entry"]},
+                    ),
+                )
+                return
+            self._loop().start_soon(self._run_async, handler, warm, msg, running, channel)
+        elif handler.is_async:
             self._loop().start_soon(self._run_async, handler, warm, msg, running)
         else:
             self._on_executor(lambda: self._run_sync(handler, warm, msg, running))
@@ -377,7 +429,12 @@ class Worker:
             _current.reset(token)
 
     async def _run_async(
-        self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running
+        self,
+        handler: Handler,
+        warm: bool,
+        msg: dict[str, Any],
+        run: _Running,
+        channel: WorkerChannel | None = None,
     ) -> None:
         trio = self._trio._trio  # type: ignore[union-attr]
         token = self._trio.token  # type: ignore[union-attr]
@@ -394,8 +451,11 @@ class Worker:
                 token.run_sync_soon(scope.cancel)
 
             run.cancel = cancel
+            if channel is not None:
+                channel.cancel = cancel
             try:
-                output = handler.plain_output(await handler.call(run.ctx, msg["input"]))
+                argument = msg["input"] if channel is None else channel
+                output = handler.plain_output(await handler.call(run.ctx, argument))
             except ExecutionError as exc:
                 self._finish(msg["execution_id"], error=exc)
                 return
@@ -405,6 +465,10 @@ class Worker:
             except Exception as exc:
                 self._finish(msg["execution_id"], error=_handler_error(exc))
                 return
+            finally:
+                if channel is not None:
+                    channel.end()
+                    self._channels.pop(channel.connection_id, None)
         if not scope.cancelled_caught:
             self._finish(msg["execution_id"], output=output, started=started, warm=warm)
         elif run.ctx.cancelled:
