@@ -23,6 +23,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from ..channels.bridge import run_session
 from ..errors import (
     AcquireTimeoutError,
     BackendClosedError,
@@ -34,7 +35,6 @@ from ..errors import (
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
-from ..channels.bridge import run_session
 from .base import ExecutionBackend, Job
 from .subprocess import BASE_ENV
 
