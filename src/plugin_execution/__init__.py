@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from .backends.in_process import InProcessBackend as InProcessBackend
     from .backends.subprocess import SubprocessBackend as SubprocessBackend
     from .backends.worker_pool import WorkerPoolBackend as WorkerPoolBackend
+    from .channels.channel import Channel as Channel
+    from .channels.channel import ChannelClosed as ChannelClosed
+    from .channels.events import WSInput as WSInput
+    from .channels.events import WSSender as WSSender
+    from .channels.events import envelope as envelope
+    from .channels.registry import ConnectionInfo as ConnectionInfo
+    from .channels.registry import ConnectionRegistry as ConnectionRegistry
+    from .channels.router import HandshakeRejected as HandshakeRejected
+    from .channels.router import WebSocketRouter as WebSocketRouter
+    from .channels.websocket import ChannelLimits as ChannelLimits
+    from .channels.websocket import ChannelRoute as ChannelRoute
+    from .channels.websocket import mount_websocket_channels as mount_websocket_channels
     from .context import ExecutionContext as ExecutionContext
     from .errors import AbortedError as AbortedError
     from .errors import AcquireTimeoutError as AcquireTimeoutError
@@ -64,6 +76,18 @@ _EXPORTS: dict[str, str] = {
     "InProcessBackend": "backends.in_process",
     "SubprocessBackend": "backends.subprocess",
     "WorkerPoolBackend": "backends.worker_pool",
+    "Channel": "channels.channel",
+    "ChannelClosed": "channels.channel",
+    "WSInput": "channels.events",
+    "WSSender": "channels.events",
+    "envelope": "channels.events",
+    "ConnectionInfo": "channels.registry",
+    "ConnectionRegistry": "channels.registry",
+    "HandshakeRejected": "channels.router",
+    "WebSocketRouter": "channels.router",
+    "ChannelLimits": "channels.websocket",
+    "ChannelRoute": "channels.websocket",
+    "mount_websocket_channels": "channels.websocket",
     "ExecutionContext": "context",
     "AbortedError": "errors",
     "AcquireTimeoutError": "errors",
