@@ -21,6 +21,7 @@ import trio
 
 from .._groups import unwrap_single
 from ..context import NULL_SINK
+from ..platform import Platform, PlatformSession
 from ..errors import (
     BackendClosedError,
     ExecutionError,
@@ -71,6 +72,9 @@ class Job:
     started: float  # time.perf_counter()
     #: The channel of a session-style channel handler (``handler(ctx, channel)``), else None.
     channel: Channel | None = None
+    #: The execution's standing with the platform (permissions, workspace): what its
+    #: ``ctx`` services are checked against, on the host. Set by ``_execute``.
+    session: PlatformSession = attrs.field(default=None)
 
     def timeout_error(self, what: str = "") -> ExecutionTimeoutError:
         return ExecutionTimeoutError(
@@ -92,11 +96,12 @@ class ExecutionBackend(abc.ABC):
         self,
         *,
         registry: PluginRegistry,
-        platform: Any = None,
+        platform: Platform | None = None,
         workspace: WorkspaceManager | None = None,
     ) -> None:
         self.registry = registry
-        self.platform = platform
+        #: The services behind ``ctx`` (a default :class:`Platform` when none is given).
+        self.platform = platform if platform is not None else Platform()
         self.workspaces = workspace if workspace is not None else WorkspaceManager()
         self._state: _State = "new"
         self._stack = AsyncExitStack()
@@ -115,6 +120,7 @@ class ExecutionBackend(abc.ABC):
             raise BackendClosedError(f"{self.name} backend was already started; make a new one")
         self._state = "running"
         try:
+            await self._stack.enter_async_context(self.platform)
             await self._stack.enter_async_context(self.workspaces)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             await self._start(self._nursery)
@@ -276,13 +282,19 @@ class ExecutionBackend(abc.ABC):
         *,
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
+        chain: tuple[tuple[str, str], ...] = (),
     ) -> ExecutionResult:
         started = time.perf_counter()
         stats = self._stats
         stats.in_flight += 1
         try:
             self._check_running()
-            result = await self._run(self._job(request, timeout, sink, target, channel))
+            job = self._job(request, timeout, sink, target, channel)
+            job.session = self._session(job, chain)
+            try:
+                result = await self._run(job)
+            finally:
+                job.session.close()
         except ExecutionError as exc:
             error = exc
         except trio.Cancelled:
@@ -314,6 +326,32 @@ class ExecutionBackend(abc.ABC):
             duration_s=duration,
             backend=self.name,
         )
+
+    def _session(self, job: Job, chain: tuple[tuple[str, str], ...]) -> PlatformSession:
+        """The job's platform session: its permissions as resolved here, on the host."""
+        request = job.request
+        host = self.workspaces.host_dir
+        return PlatformSession(
+            self.platform,
+            execution_id=request.execution_id,
+            plugin_id=request.plugin_id,
+            handler_id=request.handler_id,
+            permissions=job.target.permissions,
+            root=job.target.root,
+            workspace=f"{host}/{request.execution_id}" if host is not None else None,
+            deadline=job.deadline,
+            context=request.context,
+            backend=self,
+            chain=chain,
+            on_denied=self._stats.record_permission_denial,
+        )
+
+    async def _invoke(
+        self, request: ExecutionRequest, *, timeout: float | None, chain: tuple[tuple[str, str], ...]
+    ) -> ExecutionResult:
+        """Run ``request`` for ``ctx.invoke``: like :meth:`execute`, remembering the chain of
+        executions that led to it (for cycle and depth checks)."""
+        return await self._execute(request, timeout, NULL_SINK, True, chain=chain)
 
     def open_execution(
         self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024

@@ -129,7 +129,12 @@ class InProcessBackend(ExecutionBackend):
             context=request.context,
             sink=job.sink,
             workspace=workspace,
+            platform=job.session,  # services are called directly, in this loop
+            blocking=not handler.is_async,
         )
+        job.session.set_workspace_provider(workspace)
+        if not handler.is_async:
+            job.session.bind_loop()  # the handler's thread calls back into this loop
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
                 try:

@@ -36,16 +36,17 @@ class FsService:
     def _resolve(self, session: PlatformSession, path: Any, permission: str) -> str:
         if type(path) is not str or not path:
             raise InvalidRequestError(f"a path must be a non-empty string, got {path!r}")
-        base = session.workspace or "/nonexistent-workspace"
+        # The workspace as the kernel sees it: resolved paths are compared with it.
+        workspace = os.path.realpath(session.workspace) if session.workspace else None
         try:
-            resolved = resolve_path(path, base)
+            resolved = resolve_path(path, workspace or "/nonexistent-workspace")
         except PathProblem as exc:
             session.deny(permission, path, str(exc))
         grants = session.grants
         allowed = (
-            grants.fs_write(resolved, session.workspace)
+            grants.fs_write(resolved, workspace)
             if permission == "fs.write"
-            else grants.fs_read(resolved, session.workspace)
+            else grants.fs_read(resolved, workspace)
         )
         if not allowed:
             shown = path if resolved == path else f"{path} (resolves to {resolved})"
@@ -53,8 +54,10 @@ class FsService:
         return resolved
 
     def _in_workspace(self, session: PlatformSession, resolved: str) -> None:
-        workspace = session.workspace
-        if workspace is not None and (resolved + "/").startswith(workspace + "/"):
+        if session.workspace is None:
+            return
+        workspace = os.path.realpath(session.workspace)
+        if (resolved + "/").startswith(workspace + "/"):
             session.ensure_workspace()
 
     async def read(self, session: PlatformSession, path: Any) -> bytes:
@@ -99,8 +102,9 @@ class FsService:
         while not os.path.isdir(parent) and parent != "/":
             missing.append(parent)
             parent = os.path.dirname(parent)
+        workspace = os.path.realpath(session.workspace) if session.workspace else None
         for directory in reversed(missing):
-            if not session.grants.fs_write(directory, session.workspace):
+            if not session.grants.fs_write(directory, workspace):
                 session.deny("fs.write", directory, "a parent directory that must be created")
             try:
                 os.mkdir(directory, 0o755)
@@ -118,7 +122,7 @@ class FsService:
     async def remove(self, session: PlatformSession, path: Any) -> None:
         """Remove a file, or an empty directory."""
         resolved = self._resolve(session, path, "fs.write")
-        if session.workspace is not None and resolved == session.workspace:
+        if session.workspace is not None and resolved == os.path.realpath(session.workspace):
             raise InvalidRequestError("the workspace itself cannot be removed")
 
         def remove() -> None:

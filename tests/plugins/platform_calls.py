@@ -1,4 +1,4 @@
-"""Handlers that call platform services as their input says, for tests/platform.
+"""Handlers that call platform services as their input says, for tests/services.
 
 ``input = {"service": "fs", "method": "read", "args": [...], "kwargs": {...}}``; ``method``
 None calls the service itself (``ctx.fetch(...)``, ``ctx.invoke(...)``). Results that are
