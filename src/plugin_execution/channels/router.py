@@ -114,6 +114,7 @@ class WebSocketRouter:
         try:
             if route is None:
                 await request.reject(404, body=b"no WebSocket endpoint at this path\n")
+                await close_rejected(request)
                 return
             await route.handler(request)
         except ConnectionClosed:
@@ -148,9 +149,22 @@ class WebSocketRouter:
         )
 
 
+async def close_rejected(request: WebSocketRequest) -> None:
+    """Close a rejected handshake's socket now.
+
+    trio-websocket answers a rejection but keeps the socket open until the client closes
+    it; a client that does not would hold a server socket indefinitely. Reaches into its
+    connection (``_close_stream``), guarded, since there is no public way.
+    """
+    close_stream = getattr(getattr(request, "_connection", None), "_close_stream", None)
+    if close_stream is not None:
+        await close_stream()
+
+
 async def _reject_quietly(request: WebSocketRequest, status: int, reason: str) -> None:
     """Reject a handshake that may already be answered or gone; never raises."""
     try:
         await request.reject(status, body=f"{reason}\n".encode() if reason else None)
+        await close_rejected(request)
     except Exception:  # accepted already, or the client left: nothing more to say
         log.debug("could not reject a handshake with %d", status, exc_info=True)

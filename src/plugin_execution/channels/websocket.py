@@ -44,7 +44,7 @@ from .channel import INTERNAL_ERROR, NORMAL_CLOSURE, ChannelClosed, clip_reason
 from .connection import ServerChannel
 from .events import DISPATCH_ENTRY, encode_message, parse_envelope
 from .registry import ConnectionRegistry
-from .router import DEFAULT_MAX_MESSAGE_SIZE, HandshakeRejected, WebSocketRouter
+from .router import DEFAULT_MAX_MESSAGE_SIZE, HandshakeRejected, WebSocketRouter, close_rejected
 
 if TYPE_CHECKING:
     from ..backends.base import ExecutionBackend
@@ -243,6 +243,7 @@ class _ChannelMount:
     async def _reject(self, request: WebSocketRequest, status: int, reason: str) -> None:
         self.registry.rejected(status)
         await request.reject(status, body=f"{reason}\n".encode())
+        await close_rejected(request)
 
     async def _authorize(self, request: WebSocketRequest) -> Any:
         """The principal (True when there is none), or None once the handshake is rejected."""
