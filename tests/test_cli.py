@@ -338,3 +338,65 @@ def test_errors_are_unwrapped_from_groups_and_unknown_ones_wrapped() -> None:
     unknown = cli._as_execution_error(ExceptionGroup("g", [inner, OSError("disk")]))
     assert unknown.code == "UNKNOWN_ERROR" and "internal error" in unknown.message
     assert "OSError: disk" in unknown.details["traceback"]
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+async def test_serve_lists_its_routes_and_serves_the_example_channels() -> None:
+    import signal
+
+    import trio
+    from trio_websocket import open_websocket_url
+
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "plugin_execution",
+            "serve",
+            "--port",
+            "0",
+            "--backend",
+            "in-process",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        output = b""
+        with trio.fail_after(30):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "serve exited before listing its routes"
+                output += chunk
+        first = output.decode().splitlines()[0]
+        assert first.startswith("serving 2 channel route(s) with the in-process backend: ws://")
+        echo = next(url for url in first.split() if url.rstrip(",").endswith("/echo"))
+        assert echo.rstrip(",").endswith("/v1/ws/plugins/examples.chat/echo")
+        async with open_websocket_url(echo.rstrip(",")) as ws:
+            await ws.send_message("from the cli test")
+            assert await ws.get_message() == "from the cli test"
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            status = await process.wait()
+        errors = await process.stderr.receive_some(65536)
+        assert status == cli.EXIT_INTERRUPTED, errors
+        assert b"Traceback" not in errors
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                await stream.aclose()
+
+
+def test_serve_without_channels_is_an_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(cli.PluginRegistry, "from_entry_points", classmethod(lambda cls: cls()))
+    assert cli.main(["serve", "--port", "0"]) == cli.EXIT_FAILED
+    assert "no discovered plugin declares a channel" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The command line: ``plugin-execution run | plugins | demo``.
+"""The command line: ``plugin-execution run | plugins | demo | serve``.
 
 A thin layer over the public API: it builds a :class:`PluginRegistry` from the installed
 entry points plus any ``--plugin-path``, opens a backend with :func:`create_execution_backend`
@@ -8,10 +8,12 @@ Exit statuses (stable; scripts may branch on them):
 
 - ``0``: success.
 - ``1``: the execution failed (``run`` prints ``{"ok": false, "error": {...}}`` on stdout),
-  a plugin failed to load (``plugins``), or a demo backend failed (``demo``).
+  a plugin failed to load (``plugins``), a demo backend failed (``demo``), or ``serve``
+  found no channel to serve or could not listen.
 - ``2``: usage error (bad arguments, malformed JSON, unreadable ``--plugin-path``); a message
   goes to stderr, never a traceback.
-- ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up.
+- ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up
+  (``serve`` runs until then: its connections are closed with 1001 on the way out).
 
 ``run`` prints JSON on stdout. Handler outputs may contain ``bytes``, which JSON cannot carry:
 they are printed as ``{"$base64": "..."}``.
@@ -165,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"backends to try (default: all but auto; choose from {', '.join(BACKEND_TYPES)})",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve every discovered plugin's WebSocket channels",
+        description="Serve the WebSocket channels of every discovered plugin with trio-websocket "
+        "until interrupted; the first line printed lists the routes.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=8765, help="port to bind (default 8765; 0: any free port)"
+    )
+    serve.add_argument("--backend", choices=BACKEND_TYPES, default="auto")
+    serve.add_argument(
+        "--base-path",
+        default="/v1/ws/plugins",
+        metavar="PATH",
+        help="where the routes go: BASE/PLUGIN_ID/CHANNEL_PATH (default /v1/ws/plugins)",
+    )
+    _add_plugin_path(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -443,3 +465,40 @@ def _print_table(rows: Sequence[DemoRow], out: TextIO) -> None:
     for row in [header, *cells]:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print(line.rstrip(), file=out)
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    registry = _registry(args.plugin_path, strict=True)
+    if not any(manifest.channels for manifest in registry):
+        print(f"{PROG}: error: no discovered plugin declares a channel", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        trio.run(_serve, registry, args)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        print(f"{PROG}: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _serve(registry: PluginRegistry, args: argparse.Namespace) -> None:
+    from .channels.router import WebSocketRouter
+    from .channels.websocket import mount_websocket_channels
+
+    router = WebSocketRouter()
+    async with (
+        create_execution_backend(type=args.backend, registry=registry) as backend,
+        trio.open_nursery() as nursery,
+    ):
+        routes = mount_websocket_channels(
+            router, registry, backend=backend, base_path=args.base_path
+        )
+        server = await nursery.start(router.serve, args.host, args.port)
+        origin = f"ws://{args.host}:{server.port}"
+        listing = ", ".join(f"{origin}{route.path}" for route in routes)
+        print(f"serving {len(routes)} channel route(s) with the {backend.name} backend: {listing}")
+        for route in routes:
+            print(f"  {origin}{route}")
+        sys.stdout.flush()
