@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ._groups import unwrap_single
-from .errors import ExecutionError, WorkerCrashedError
+from .errors import AbortedError, ExecutionError, InvalidRequestError, WorkerCrashedError
 from .protocol import (
     Cancel,
     ChannelClose,
@@ -38,6 +38,8 @@ from .protocol import (
     Execute,
     Hello,
     Ping,
+    PlatformCall,
+    PlatformReply,
     Pong,
     ProtocolError,
     Result,
@@ -50,6 +52,7 @@ from .types import ExecutionEvent, ExecutionResult
 if TYPE_CHECKING:
     from .backends.base import Job
     from .channels.bridge import ChannelBridge
+    from .platform import PlatformSession
     from .zygote import Zygote
 
 
@@ -68,6 +71,7 @@ __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
 
 _ids = itertools.count(1)
 _STDERR_TAIL_BYTES = 8192
+_MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
 
 
 class WorkerLimits:
@@ -167,6 +171,11 @@ class WorkerProcess:
         self._killed = False
         #: Channel sessions bridged to this worker, by channel id (see channels/bridge.py).
         self.channels: dict[str, ChannelBridge] = {}
+        # Platform calls: the session of each execution running here (what the calls are
+        # checked against), the cancel scopes of its calls in flight, and where they run.
+        self._sessions: dict[str, PlatformSession | None] = {}
+        self._calls: dict[str, set[trio.CancelScope]] = {}
+        self._call_nursery: trio.Nursery | None = None
         self._losing = False
 
     # -- state ----------------------------------------------------------------------------
@@ -308,8 +317,47 @@ class WorkerProcess:
             warmed = self._warmed.pop((msg.plugin_id, msg.handler_id), None)
             if warmed is not None:
                 warmed.finish(msg)
+        elif isinstance(msg, PlatformCall):
+            if self._call_nursery is not None:
+                self._call_nursery.start_soon(self._platform_call, msg)
         elif isinstance(msg, Hello):
             self._hello.finish(msg)
+
+    async def _platform_call(self, msg: PlatformCall) -> None:
+        """Serve one ``PlatformCall`` with the session the host made for its execution (the
+        worker's word is taken for nothing but the execution id), and reply."""
+        from .platform_client import error_to_wire
+
+        session = self._sessions.get(msg.execution_id)
+        scopes = self._calls.setdefault(msg.execution_id, set())
+        error: dict[str, Any] | None = None
+        value: Any = None
+        with trio.CancelScope() as scope:
+            scopes.add(scope)
+            try:
+                if session is None:
+                    raise AbortedError(f"execution {msg.execution_id!r} is not running here")
+                if len(scopes) > _MAX_CALLS_IN_FLIGHT:
+                    raise InvalidRequestError(
+                        f"more than {_MAX_CALLS_IN_FLIGHT} platform calls in flight"
+                    )
+                value = await session.acall(msg.service, msg.method, msg.args, msg.kwargs)
+            except Exception as exc:
+                error = error_to_wire(exc)
+            finally:
+                scopes.discard(scope)
+        if scope.cancelled_caught:
+            error = AbortedError("the execution ended before this platform call").to_dict()
+        reply = PlatformReply(call_id=msg.call_id, ok=error is None, value=value, error=error)
+        try:
+            await self._send(reply)
+        except ProtocolError as exc:  # the value would not encode: say so instead
+            failed = InvalidRequestError(f"the platform's reply could not be sent: {exc}")
+            await self._send(
+                PlatformReply(call_id=msg.call_id, ok=False, value=None, error=failed.to_dict())
+            )
+        except ExecutionError:
+            pass  # the worker is gone
 
     async def _lose(self, reason: str) -> None:
         """The worker is gone (or unusable): reap it and fail what it was running. Once."""
@@ -400,6 +448,7 @@ class WorkerProcess:
         request = job.request
         execution_id = request.execution_id
         pending = self._pending[execution_id] = _Reply(job.sink)
+        self._sessions[execution_id] = job.session
         self.executions += 1
         try:
             await self._send(
@@ -426,6 +475,9 @@ class WorkerProcess:
             raise
         finally:
             del self._pending[execution_id]
+            del self._sessions[execution_id]
+            for scope in self._calls.pop(execution_id, ()):
+                scope.cancel()
         if pending.error is not None:
             raise pending.error
         if not pending.done:
@@ -611,6 +663,7 @@ async def serve_worker(
     try:
         with unwrap_single():
             async with trio.open_nursery() as nursery:
+                worker._call_nursery = nursery
                 nursery.start_soon(worker._watch_exit)
                 nursery.start_soon(worker._drain_stderr)
                 try:

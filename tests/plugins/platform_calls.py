@@ -90,3 +90,11 @@ def environment(ctx: Any, input: Any) -> dict[str, str]:
 async def cache_get(ctx: Any, input: Any) -> Any:
     """For the benchmark: one permission-checked cache read."""
     return await ctx.cache.get("key")
+
+
+def wait_forever_sync(ctx: Any, input: Any) -> Any:
+    """Blocks in a platform call that never answers (no event comes): only cancel ends it."""
+    sub = ctx.events.subscribe(input["topic"])
+    for event in sub:
+        return event
+    return "ended"

@@ -15,6 +15,7 @@ import trio
 from plugin_execution import (
     ExecutionBackend,
     ExecutionRequest,
+    ExecutionTimeoutError,
     HandlerError,
     InvalidRequestError,
     PermissionDeniedError,
@@ -27,10 +28,11 @@ from plugin_execution.platform import Platform
 from .conftest import ENVIRON
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
-BACKENDS = ["in-process"]
+BACKENDS = ["in-process", "worker-pool", "subprocess"]
 OPTIONS: dict[str, dict[str, Any]] = {
     "in-process": {},
-    "worker-pool": {"min_workers": 1, "max_workers": 3},
+    # nested ctx.invoke holds a worker per level: let async handlers share workers
+    "worker-pool": {"min_workers": 1, "max_workers": 3, "max_concurrency_per_worker": 16},
     "subprocess": {"cancel_grace": 0.3},
 }
 SHAPES = ["call", "call_sync"]  # async handler, sync handler
@@ -79,15 +81,15 @@ async def backend(
     workspaces: WorkspaceManager,
     tmp_path: Path,
 ) -> AsyncIterator[ExecutionBackend]:
-    async with Platform(storage_root=tmp_path / "storage", environ=ENVIRON) as platform:
-        async with create_execution_backend(
-            type=request.param,
-            registry=plugins,
-            workspace=workspaces,
-            platform=platform,
-            **OPTIONS[request.param],
-        ) as backend:
-            yield backend
+    platform = Platform(storage_root=tmp_path / "storage", environ=ENVIRON)
+    async with create_execution_backend(
+        type=request.param,
+        registry=plugins,
+        workspace=workspaces,
+        platform=platform,
+        **OPTIONS[request.param],
+    ) as backend:
+        yield backend
 
 
 async def call(
@@ -275,3 +277,44 @@ async def test_a_caught_denial_is_still_counted(backend: ExecutionBackend) -> No
     assert result.output == "env.read"
     stats = backend.stats()
     assert stats.permission_denials == 1 and stats.failed == 0
+
+
+@pytest.mark.parametrize("kind", ["worker-pool", "subprocess"])
+async def test_host_secrets_stay_out_of_worker_processes(
+    kind: str,
+    plugins: PluginRegistry,
+    workspaces: WorkspaceManager,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOST_SECRET_TOKEN", "hunter2")
+    monkeypatch.setenv("APP_VISIBLE", "yes")
+    register(plugins, "tests.env", {"env": {"read": ["APP_*"]}}, env="platform_calls:environment")
+    async with create_execution_backend(
+        type=kind, registry=plugins, workspace=workspaces, **OPTIONS[kind]
+    ) as backend:
+        env = (
+            await backend.execute(ExecutionRequest(plugin_id="tests.env", handler_id="env"))
+        ).output
+        assert "HOST_SECRET_TOKEN" not in env
+        # A subprocess child gets the granted variables in its environment; pool workers are
+        # shared by plugins, so they get none: ctx.env.get is the way to read them there.
+        assert ("APP_VISIBLE" in env) == (kind == "subprocess")
+
+
+async def test_a_cancel_releases_a_sync_handler_blocked_in_a_call(
+    backend: ExecutionBackend,
+) -> None:
+    register(
+        backend.registry,
+        "tests.waiter",
+        {"platform": ["events:never"]},
+        wait="platform_calls:wait_forever_sync",
+    )
+    request = ExecutionRequest(
+        plugin_id="tests.waiter", handler_id="wait", input={"topic": "never"}
+    )
+    with pytest.raises(ExecutionTimeoutError):
+        await backend.execute(request, timeout=0.5)
+    if backend.name == "worker-pool":  # released by the cancel, not killed after the grace
+        assert backend.stats().details["workers_killed"] == 0
+    assert backend.platform.events.subscribers("never") == 0

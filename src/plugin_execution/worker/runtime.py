@@ -35,6 +35,7 @@ from ..errors import (
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
 from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
+from .platform_calls import PlatformCalls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -245,6 +246,7 @@ class Worker:
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
         self._stderr = _CapturedStream(self, "stderr")
+        self._platform = PlatformCalls(self.send, self._loop)
         self._channels: dict[str, WorkerChannel] = {}  # by channel id, until the handler ends
         self._channel_of: dict[str, WorkerChannel] = {}  # by execution id, until it starts
         self._channel_batch: list[tuple[str, dict[str, Any]]] = []
@@ -315,10 +317,13 @@ class Worker:
             self._channel_batch.append((tag, msg))
         elif tag == "execute":
             self._start(msg)
+        elif tag == "preply":
+            self._platform.on_reply(msg)
         elif tag == "cancel":
             running = self._running.get(msg["execution_id"])
             if running is not None:
                 running.cancel()
+            self._platform.abort(msg["execution_id"])
             self._channel_of.pop(msg["execution_id"], None)
         elif tag == "ch_open":
             self._open_channel(msg)
@@ -379,6 +384,7 @@ class Worker:
             context=msg.get("context") or {},
             sink=_FrameSink(self, execution_id),
             workspace=_workspace_provider(workspace) if workspace else None,
+            platform=self._platform.caller(execution_id),
         )
         self._running[execution_id] = running = _Running(ctx)
         try:
@@ -386,6 +392,7 @@ class Worker:
         except ExecutionError as exc:
             self._finish(execution_id, error=exc)
             return
+        ctx.blocking = not handler.is_async
         channel = self._channel_of.pop(execution_id, None)
         if channel is not None:
             if not handler.is_async:
