@@ -54,6 +54,14 @@ if TYPE_CHECKING:
     from .manifest import PluginManifest as PluginManifest
     from .manifest import Quotas as Quotas
     from .manifest import load_manifest as load_manifest
+    from .platform import CacheBackend as CacheBackend
+    from .platform import EventBus as EventBus
+    from .platform import FileStorage as FileStorage
+    from .platform import MemoryCache as MemoryCache
+    from .platform import Platform as Platform
+    from .platform import StorageBackend as StorageBackend
+    from .platform_client import FetchResponse as FetchResponse
+    from .platform_client import ShellResult as ShellResult
     from .registry import PluginRegistry as PluginRegistry
     from .streaming import Execution as Execution
     from .supervisor import ChildSpec as ChildSpec
@@ -113,6 +121,14 @@ _EXPORTS: dict[str, str] = {
     "PluginManifest": "manifest",
     "Quotas": "manifest",
     "load_manifest": "manifest",
+    "CacheBackend": "platform",
+    "EventBus": "platform",
+    "FileStorage": "platform",
+    "MemoryCache": "platform",
+    "Platform": "platform",
+    "StorageBackend": "platform",
+    "FetchResponse": "platform_client",
+    "ShellResult": "platform_client",
     "PluginRegistry": "registry",
     "Execution": "streaming",
     "ChildSpec": "supervisor",
