@@ -21,13 +21,13 @@ import trio
 
 from .._groups import unwrap_single
 from ..context import NULL_SINK
-from ..platform import Platform, PlatformSession
 from ..errors import (
     BackendClosedError,
     ExecutionError,
     ExecutionTimeoutError,
     InvalidRequestError,
 )
+from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..stats import StatsRecorder
 from ..streaming import ChannelSink, Execution
@@ -347,7 +347,11 @@ class ExecutionBackend(abc.ABC):
         )
 
     async def _invoke(
-        self, request: ExecutionRequest, *, timeout: float | None, chain: tuple[tuple[str, str], ...]
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None,
+        chain: tuple[tuple[str, str], ...],
     ) -> ExecutionResult:
         """Run ``request`` for ``ctx.invoke``: like :meth:`execute`, remembering the chain of
         executions that led to it (for cycle and depth checks)."""

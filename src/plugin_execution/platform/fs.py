@@ -27,6 +27,11 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _real_workspace(session: PlatformSession) -> str | None:
+    """The workspace as the kernel sees it: resolved paths are compared with it."""
+    return os.path.realpath(session.workspace) if session.workspace else None
+
+
 class FsService:
     """Host side of ``ctx.fs``."""
 
@@ -36,8 +41,7 @@ class FsService:
     def _resolve(self, session: PlatformSession, path: Any, permission: str) -> str:
         if type(path) is not str or not path:
             raise InvalidRequestError(f"a path must be a non-empty string, got {path!r}")
-        # The workspace as the kernel sees it: resolved paths are compared with it.
-        workspace = os.path.realpath(session.workspace) if session.workspace else None
+        workspace = _real_workspace(session)
         try:
             resolved = resolve_path(path, workspace or "/nonexistent-workspace")
         except PathProblem as exc:
@@ -54,10 +58,8 @@ class FsService:
         return resolved
 
     def _in_workspace(self, session: PlatformSession, resolved: str) -> None:
-        if session.workspace is None:
-            return
-        workspace = os.path.realpath(session.workspace)
-        if (resolved + "/").startswith(workspace + "/"):
+        workspace = _real_workspace(session)
+        if workspace is not None and (resolved + "/").startswith(workspace + "/"):
             session.ensure_workspace()
 
     async def read(self, session: PlatformSession, path: Any) -> bytes:
@@ -102,7 +104,7 @@ class FsService:
         while not os.path.isdir(parent) and parent != "/":
             missing.append(parent)
             parent = os.path.dirname(parent)
-        workspace = os.path.realpath(session.workspace) if session.workspace else None
+        workspace = _real_workspace(session)
         for directory in reversed(missing):
             if not session.grants.fs_write(directory, workspace):
                 session.deny("fs.write", directory, "a parent directory that must be created")
@@ -122,7 +124,7 @@ class FsService:
     async def remove(self, session: PlatformSession, path: Any) -> None:
         """Remove a file, or an empty directory."""
         resolved = self._resolve(session, path, "fs.write")
-        if session.workspace is not None and resolved == os.path.realpath(session.workspace):
+        if resolved == _real_workspace(session):
             raise InvalidRequestError("the workspace itself cannot be removed")
 
         def remove() -> None:
