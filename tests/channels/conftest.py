@@ -75,9 +75,10 @@ async def serving(
     authorize: Any = None,
     router_options: dict[str, Any] | None = None,
     registry: ConnectionRegistry | None = None,
+    manifest: PluginManifest = MANIFEST,
     **limits: Any,
 ) -> AsyncIterator[Served]:
-    plugins = PluginRegistry([MANIFEST])
+    plugins = PluginRegistry([manifest])
     registry = registry if registry is not None else ConnectionRegistry()
     backend = create_execution_backend(type=backend_type, registry=plugins, **OPTIONS[backend_type])
     async with backend, trio.open_nursery() as nursery:

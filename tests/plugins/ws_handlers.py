@@ -81,3 +81,7 @@ async def room(ctx: Any, input: Any) -> Any:
     elif input.event == "error":
         await sender.reply({"type": "error", "payload": input.error})
     return None
+
+
+def not_async(ctx: Any, channel: Any) -> None:
+    """A sync session handler: a contract error."""
