@@ -1,11 +1,17 @@
-"""Turning a fresh process into a worker: limits first, then the runtime.
+"""Turning a fresh process into a worker: limits, then the sandbox, then the runtime.
 
-Shared by the spawn entry point (``__main__``) and the zygote's forked children.
+Shared by the spawn entry point (``__main__``) and the zygote's forked children. Everything
+here runs before any plugin code is imported, while the process has a single thread (Landlock,
+seccomp and capabilities apply to the calling thread and what it starts later).
 """
 
 from __future__ import annotations
 
 import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _LIMITS = {
     "as": "RLIMIT_AS",
@@ -14,22 +20,59 @@ _LIMITS = {
     "fsize": "RLIMIT_FSIZE",
     "nproc": "RLIMIT_NPROC",
 }
+_SANDBOX_EXIT = 71  # EX_OSERR: the sandbox could not be applied; no plugin code ran
 
 
 def apply_limits(spec: str) -> None:
-    """Apply ``as=BYTES,cpu=S,...`` as both soft and hard limits (plugin code can't raise them)."""
+    """Apply ``as=BYTES,cpu=S,...`` as both soft and hard limits (plugin code can't raise them).
+
+    The CPU limit's hard limit is one second above the soft one: at the soft limit the kernel
+    sends SIGXCPU, which names the reason the child died; only a child that catches SIGXCPU
+    and goes on gets the SIGKILL of the hard limit. No core files: a crash never dumps the
+    worker's memory into its workspace.
+    """
     import resource
 
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
         limit = int(value)
-        resource.setrlimit(getattr(resource, _LIMITS[name]), (limit, limit))
+        hard = limit + 1 if name == "cpu" else limit
+        resource.setrlimit(getattr(resource, _LIMITS[name]), (limit, hard))
 
 
-def serve(fd: int, limits: str = "") -> None:
-    """Apply ``limits`` and serve the protocol on socket ``fd``; never returns."""
+def apply_sandbox(spec: dict[str, Any]) -> None:
+    """Apply the kernel layers ``spec`` names (see ``sandbox.policy.ChildSandbox.spec``):
+    drop capabilities, then Landlock, then seccomp. Raises OSError if one fails."""
+    if spec.get("capabilities"):
+        from ..sandbox import capabilities
+
+        capabilities.drop_all()
+    rules = spec.get("landlock")
+    if rules is not None:
+        from ..sandbox import landlock
+
+        landlock.restrict(**rules)
+    if spec.get("seccomp"):
+        from ..sandbox import seccomp
+
+        seccomp.deny_spawning()
+
+
+def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> None:
+    """Apply ``limits`` and ``sandbox``, then serve the protocol on socket ``fd``; never returns.
+
+    A sandbox that cannot be applied ends the process (status 71, the reason on stderr)
+    before any plugin code runs: a child never runs with less protection than it was given.
+    """
     if limits:
         apply_limits(limits)
+    if sandbox:
+        try:
+            apply_sandbox(sandbox)
+        except OSError as exc:
+            os.write(2, f"plugin_execution worker: cannot apply its sandbox: {exc}\n".encode())
+            os._exit(_SANDBOX_EXIT)
     os.set_inheritable(fd, False)
 
     from .runtime import Worker

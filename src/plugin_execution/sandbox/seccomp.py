@@ -1,0 +1,128 @@
+"""seccomp: a worker child denies itself new processes and new programs.
+
+A classic-BPF filter, assembled here by hand (a dozen instructions), is installed with
+``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``. From then on, in this process and every
+thread it starts:
+
+- ``fork``, ``vfork``, ``execve``, ``execveat`` fail with ``EPERM``;
+- ``clone`` fails with ``EPERM`` unless its flags have ``CLONE_THREAD``: threads, which
+  Python and trio need, are still created;
+- ``clone3`` fails with ``ENOSYS``: its flags are in memory that a filter cannot read, and
+  ``ENOSYS`` makes the C library fall back to ``clone``, which is checked as above;
+- a system call made through another ABI (32-bit ``int 0x80`` on x86-64, x32) fails with
+  ``EPERM``: its numbers mean other calls.
+
+So a fork bomb, ``subprocess``, ``os.system`` and ``os.exec*`` all end with a
+``PermissionError``. Supported on x86-64 and AArch64; elsewhere :func:`unavailable_reason`
+says so. Standard library only, no ``typing`` at run time (loaded by worker children).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import sys
+
+from . import _libc
+
+_SECCOMP_MODE_FILTER = 2
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+# classic BPF opcodes: load a 32-bit word of seccomp_data; jumps on a constant; return
+_LD_W_ABS = 0x20
+_JEQ_K = 0x15
+_JGE_K = 0x35
+_JSET_K = 0x45
+_RET_K = 0x06
+# offsets in struct seccomp_data (little-endian: the low half of args[0] comes first)
+_NR = 0
+_ARCH = 4
+_ARG0_LOW = 16
+_CLONE_THREAD = 0x00010000
+_X32_SYSCALL_BIT = 0x40000000
+
+#: machine -> (AUDIT_ARCH_*, system call numbers, whether x32 calls share the arch value)
+_ARCHES: dict[str, tuple[int, dict[str, int], bool]] = {
+    "x86_64": (
+        0xC000003E,
+        {"clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435},
+        True,
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"clone": 220, "execve": 221, "execveat": 281, "clone3": 435},
+        False,
+    ),
+}
+_DENIED = ("fork", "vfork", "execve", "execveat")
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`deny_spawning` cannot work here, in words; None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"seccomp is a Linux feature (this is {sys.platform})"
+    machine = os.uname().machine
+    if machine not in _ARCHES:
+        return f"no filter for this architecture ({machine}; x86_64 and aarch64 are supported)"
+    if sys.byteorder != "little":
+        return "no filter for big-endian machines"
+    try:
+        _libc.prctl(_libc.PR_GET_SECCOMP)
+    except OSError as exc:
+        return f"this kernel has no seccomp (prctl(PR_GET_SECCOMP): {exc.strerror})"
+    return None
+
+
+def spawn_filter(machine: str | None = None) -> bytes:
+    """The BPF program (``struct sock_filter[]``) that denies new processes and programs."""
+    arch, numbers, x32 = _ARCHES[machine or os.uname().machine]
+    program: list[tuple[int, int, object, object]] = [
+        (_LD_W_ABS, _ARCH, None, None),
+        (_JEQ_K, arch, None, "deny"),
+        (_LD_W_ABS, _NR, None, None),
+    ]
+    if x32:
+        program.append((_JGE_K, _X32_SYSCALL_BIT, "deny", None))
+    program.append((_JEQ_K, numbers["clone"], "clone", None))
+    program.append((_JEQ_K, numbers["clone3"], "enosys", None))
+    for name in _DENIED:
+        if name in numbers:
+            program.append((_JEQ_K, numbers[name], "deny", None))
+    program.append((_RET_K, _RET_ALLOW, None, None))
+    labels = {"clone": len(program)}  # BPF jumps only forward: the clone check comes after
+    program.append((_LD_W_ABS, _ARG0_LOW, None, None))
+    program.append((_JSET_K, _CLONE_THREAD, None, "deny"))
+    program.append((_RET_K, _RET_ALLOW, None, None))
+    labels["enosys"] = len(program)
+    program.append((_RET_K, _RET_ERRNO | errno.ENOSYS, None, None))
+    labels["deny"] = len(program)
+    program.append((_RET_K, _RET_ERRNO | errno.EPERM, None, None))
+    return b"".join(_encode(i, insn, labels) for i, insn in enumerate(program))
+
+
+def _encode(index: int, insn: tuple[int, int, object, object], labels: dict[str, int]) -> bytes:
+    code, k, jt, jf = insn
+
+    def offset(target: object) -> int:
+        # jumps are relative to the next instruction, forward only, at most 255 ahead
+        return 0 if target is None else labels[str(target)] - index - 1
+
+    return struct.pack("=HBBI", code, offset(jt), offset(jf), k)
+
+
+def deny_spawning() -> None:
+    """Install the filter on this thread and on every thread and process it starts later.
+
+    Sets no_new_privs (required). Threads that already exist are not filtered: call it while
+    the process has one thread. Raises OSError when the kernel refuses.
+    """
+    import ctypes
+
+    program = spawn_filter()
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = ctypes.create_string_buffer(
+        struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))
+    )
+    _libc.set_no_new_privs()
+    _libc.prctl(_libc.PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
