@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .backends.base import Job
     from .channels.bridge import ChannelBridge
     from .platform import PlatformSession
+    from .sandbox.policy import ChildSandbox
     from .zygote import Zygote
 
 
@@ -72,6 +73,7 @@ __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
 _ids = itertools.count(1)
 _STDERR_TAIL_BYTES = 8192
 _MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
+_EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit by itself
 
 
 class WorkerLimits:
@@ -368,7 +370,13 @@ class WorkerProcess:
         self._losing = True
         with trio.CancelScope(shield=True):
             if not self._closing and self.process.returncode is None:
-                self._force_kill()  # the connection broke: make sure the process is gone too
+                # The connection broke. A worker that closed it is usually exiting: let it
+                # report its own status (under bubblewrap that takes a hop or two), then make
+                # sure the process is gone.
+                with trio.move_on_after(_EXIT_GRACE_S):
+                    await self.process.wait()
+                if self.process.returncode is None:
+                    self._force_kill()
             await self.process.wait()
             with trio.move_on_after(1):  # let the stderr pipe drain to EOF
                 await self._stderr_eof.wait()
@@ -573,10 +581,16 @@ class WorkerProcess:
                 await self.process.wait()
 
 
-def worker_argv(limits: WorkerLimits | None, fd: int) -> list[str]:
-    """``python -I -c ...`` rather than ``-m plugin_execution.worker``: runpy costs ~3 ms."""
+def worker_argv(
+    limits: WorkerLimits | None, fd: int, sandbox: Mapping[str, Any] | None = None
+) -> list[str]:
+    """``python -I -c ...`` rather than ``-m plugin_execution.worker``: runpy costs ~3 ms.
+
+    ``sandbox`` (plain data) is written into the code as a literal: no parser to import.
+    """
     spec = limits.to_arg() if limits is not None else ""
-    code = f"from plugin_execution.worker.bootstrap import serve; serve({fd}, {spec!r})"
+    args = f"{fd}, {spec!r}" + (f", {dict(sandbox)!r}" if sandbox else "")
+    code = f"from plugin_execution.worker.bootstrap import serve; serve({args})"
     return [sys.executable, "-I", "-c", code]
 
 
@@ -589,12 +603,15 @@ async def open_worker_process(
     zygote: Zygote | None = None,
     start_timeout: float = 30.0,
     close_grace: float = 2.0,
+    sandbox: ChildSandbox | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start a worker child and yield it once it said ``Hello``.
 
-    The child is a fresh ``python -I`` by default, or forked by ``zygote``. Raises
-    ``WorkerCrashedError`` if it dies or stays silent for ``start_timeout`` seconds before the
-    handshake. On exit it is shut down (killed after ``close_grace``) and reaped.
+    The child is a fresh ``python -I`` by default, or forked by ``zygote``. ``sandbox``: the
+    kernel layers it applies to itself, and the command (bubblewrap) a spawned child is
+    started under. Raises ``WorkerCrashedError`` if it dies or stays silent for
+    ``start_timeout`` seconds before the handshake. On exit it is shut down (killed after
+    ``close_grace``) and reaped.
     """
     host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     err_read, err_write = os.pipe()
@@ -608,6 +625,7 @@ async def open_worker_process(
                     cwd=cwd,
                     env=env,
                     limits=limits.to_arg() if limits is not None else "",
+                    sandbox=sandbox.spec if sandbox is not None else None,
                 )
             if process is None:
                 raise WorkerCrashedError(
@@ -615,8 +633,10 @@ async def open_worker_process(
                     f"{start_timeout:g} s"
                 )
         else:
+            spec = sandbox.spec if sandbox is not None else None
+            argv = worker_argv(limits, child_sock.fileno(), spec)
             process = await trio.lowlevel.open_process(
-                worker_argv(limits, child_sock.fileno()),
+                sandbox.command(argv) if sandbox is not None else argv,
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=err_write,
@@ -625,6 +645,8 @@ async def open_worker_process(
                 cwd=cwd,
                 env=env,
             )
+            if sandbox is not None:
+                process = sandbox.adopt(process)
     except BaseException:
         host_sock.close()
         os.close(err_read)

@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import msgpack
@@ -77,11 +77,14 @@ class Zygote:
         cwd: str | None,
         env: Mapping[str, str] | None,
         limits: str,
+        sandbox: Mapping[str, object] | None = None,
     ) -> ZygoteChild:
         """Fork a worker child that serves on ``sock_fd`` and writes output to ``out_fd``.
 
-        The fds are duplicated into the child; the caller still owns (and closes) its own.
-        Raises ``WorkerCrashedError`` when the zygote is gone or the fork failed.
+        ``sandbox``: the kernel layers the child applies to itself after the fork (plain
+        data, see ``sandbox.policy.ChildSandbox.spec``). The fds are duplicated into the
+        child; the caller still owns (and closes) its own. Raises ``WorkerCrashedError`` when
+        the zygote is gone or the fork failed.
         """
         if self.lost.is_set():
             raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone")
@@ -95,6 +98,7 @@ class Zygote:
                 "cwd": cwd,
                 "env": dict(env or os.environ),
                 "limits": limits,
+                "sandbox": dict(sandbox) if sandbox else None,
             },
             use_bin_type=True,
         )
@@ -178,16 +182,20 @@ class Zygote:
 
 
 @asynccontextmanager
-async def open_zygote(*, start_timeout: float = 30.0) -> AsyncIterator[Zygote]:
+async def open_zygote(
+    *, start_timeout: float = 30.0, wrapper: Sequence[str] = ()
+) -> AsyncIterator[Zygote]:
     """Start a zygote and yield it once warm. On exit it is stopped and reaped.
 
-    Children still running when the block exits are killed. Raises ``WorkerCrashedError``
-    when the zygote fails to start.
+    ``wrapper``: a command prefix the zygote runs under (bubblewrap, ending with ``--``);
+    its children then share the zygote's namespaces. Children still running when the block
+    exits are killed. Raises ``WorkerCrashedError`` when the zygote fails to start.
     """
     host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         process = await trio.lowlevel.open_process(
             [
+                *wrapper,
                 sys.executable,
                 "-I",
                 "-m",

@@ -7,28 +7,39 @@ before plugin code is imported. Nothing is shared between executions.
 
 A timeout sends ``Cancel``, waits ``cancel_grace`` seconds, then SIGKILLs the whole process
 group: even a tight CPU loop or a ``time.sleep`` in a sync handler is stopped.
+
+With ``sandbox`` (on by default) the kernel enforces the manifest's permissions too: each
+child drops root's capabilities, restricts itself with Landlock and seccomp, and runs under
+bubblewrap, as far as this machine supports them (see ``plugin_execution.sandbox``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import os
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, Literal
 
+import attrs
 import trio
 
 from ..channels.bridge import run_session
 from ..errors import WorkerCrashedError
 from ..manifest import Permissions
 from ..process import WorkerLimits, open_worker_process
+from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
+from ..sandbox.support import detect
 from ..types import ExecutionResult
 from ..zygote import Zygote, open_zygote
 from .base import ExecutionBackend, Job
 
 __all__ = ["SubprocessBackend"]
+
+_log = logging.getLogger(__name__)
 
 #: Variables every child gets (when the host has them): enough to run Python and locale.
 BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -61,6 +72,12 @@ class SubprocessBackend(ExecutionBackend):
       ``file_size_mb`` (default 1024): per-child limits; a plugin's quotas lower
       ``memory_mb`` and set the CPU-seconds limit (default: the timeout, rounded up, + 1).
     - ``max_concurrent``: children alive at once (default 64); more executions wait.
+    - ``max_processes``: ``RLIMIT_NPROC`` per child (default None: not set). The kernel counts
+      every process and thread of the child's user, and never enforces it for root.
+    - ``sandbox``: ``True`` (default): every kernel layer this machine supports (``health()``
+      reports the ones it lacks, and why); ``False``: none; or the layers required, e.g.
+      ``("landlock", "seccomp")``: entering the backend fails if one is missing. Layers:
+      ``capabilities``, ``landlock``, ``bubblewrap``, ``seccomp`` (docs/sandbox.md).
     """
 
     name = "subprocess"
@@ -75,11 +92,16 @@ class SubprocessBackend(ExecutionBackend):
         file_size_mb: int = 1024,
         max_concurrent: int = 64,
         start_timeout: float = 30.0,
+        max_processes: int | None = None,
+        sandbox: bool | Iterable[str] = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if start_method not in ("spawn", "zygote"):
             raise ValueError(f"start_method must be 'spawn' or 'zygote', not {start_method!r}")
+        self._sandbox_option = check_layers(sandbox)
+        self._sandbox: SandboxPolicy | None = None
+        self._max_processes = max_processes
         self.start_method = start_method
         self.cancel_grace = cancel_grace
         self._memory_mb = memory_mb
@@ -93,6 +115,13 @@ class SubprocessBackend(ExecutionBackend):
         self.zygote_restarts = 0
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        support = await trio.to_thread.run_sync(detect)  # once per process, then cached
+        self._sandbox = SandboxPolicy(self._sandbox_option, support)
+        if self._sandbox.missing:
+            _log.warning(
+                "subprocess backend: sandbox layers not available on this machine: %s",
+                "; ".join(f"{name} ({why})" for name, why in self._sandbox.missing.items()),
+            )
         if self.start_method == "zygote":
             await nursery.start(self._keep_zygote)
 
@@ -100,7 +129,9 @@ class SubprocessBackend(ExecutionBackend):
         """Own the zygote: start it, and replace it (with backoff) whenever it dies."""
         delay = 0.05
         while True:
-            async with open_zygote(start_timeout=self._start_timeout) as zygote:
+            assert self._sandbox is not None
+            wrapper = self._sandbox.zygote_wrapper(str(self.workspaces.host_dir))
+            async with open_zygote(start_timeout=self._start_timeout, wrapper=wrapper) as zygote:
                 self._zygote = zygote
                 self._zygote_ready.set()
                 if delay == 0.05:
@@ -132,6 +163,7 @@ class SubprocessBackend(ExecutionBackend):
             cpu_s=cpu,
             open_files=self._open_files,
             file_size_mb=self._file_size_mb,
+            processes=self._max_processes,
         )
 
     async def _run(self, job: Job) -> ExecutionResult:
@@ -154,28 +186,47 @@ class SubprocessBackend(ExecutionBackend):
     ) -> ExecutionResult:
         self._children += 1
         started = False
+        env = child_environment(job.target.permissions, workspace)
+        sandbox = self._child_sandbox(job, workspace, env, zygote is not None)
         try:
             async with open_worker_process(
                 cwd=workspace,
-                env=child_environment(job.target.permissions, workspace),
+                env=env,
                 limits=self._limits(job),
                 zygote=zygote,
                 start_timeout=max(
                     0.0, min(self._start_timeout, job.deadline - trio.current_time())
                 ),
                 close_grace=self.cancel_grace,
+                sandbox=sandbox,
             ) as worker:
                 started = True
                 run = worker.execute if job.channel is None else partial(run_session, worker)
-                return await run(
+                result = await run(
                     job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
                 )
-        except WorkerCrashedError:
+        except WorkerCrashedError as exc:
             if not started and trio.current_time() >= job.deadline:
                 raise job.timeout_error(" before its child process started") from None
+            _explain_crash(exc)
             raise
         finally:
             self._children -= 1
+        return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
+
+    # -- sandbox ------------------------------------------------------------------------------
+
+    def _child_sandbox(
+        self, job: Job, workspace: str, env: dict[str, str], zygote: bool
+    ) -> ChildSandbox:
+        assert self._sandbox is not None
+        return self._sandbox.for_child(
+            job.target.permissions,
+            workspace=workspace,
+            root=job.target.root,
+            env=env,
+            zygote=zygote,
+        )
 
     def _health_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -185,7 +236,23 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             details["zygote_pid"] = self._zygote.pid if self._zygote else None
             details["zygote_restarts"] = self.zygote_restarts
+        if self._sandbox is not None:
+            details["sandbox"] = self._sandbox.report(self.start_method)
         return details
 
     def _stats_details(self) -> dict[str, Any]:
         return {"active_subprocesses": self._children}
+
+
+#: Signals the kernel sends when a resource limit is hit, and the reason they stand for.
+_LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_limit", int(signal.SIGXFSZ): "file_size_limit"}
+
+
+def _explain_crash(exc: WorkerCrashedError) -> None:
+    """Name the limit a child was killed for (``details["reason"]``), when a signal says so."""
+    number = exc.details.get("signal")
+    reason = _LIMIT_SIGNALS.get(number) if isinstance(number, int) else None
+    if reason is not None and "reason" not in exc.details:
+        exc.details["reason"] = reason
+        what = "CPU time" if reason == "cpu_limit" else "file size"
+        exc.message += f": it exceeded its {what} limit"

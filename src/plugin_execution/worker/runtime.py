@@ -17,6 +17,7 @@ pointed at fd 2, so even raw writes never reach the protocol socket.
 from __future__ import annotations
 
 import contextvars
+import errno
 import os
 import sys
 import threading
@@ -30,6 +31,7 @@ from ..errors import (
     ExecutionTimeoutError,
     HandlerContractError,
     HandlerError,
+    PermissionDeniedError,
     WorkerCrashedError,
 )
 from ..errors import InvalidRequestError as _InvalidRequest
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 _CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
 _OOM_EXIT = 137
+_DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # the kernel said no: permissions
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -61,17 +64,26 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _handler_error(exc: BaseException) -> HandlerError:
+def _handler_error(exc: BaseException) -> ExecutionError:
+    """What the caller sees of a handler's exception: ``HANDLER_ERROR``, except an OSError by
+    which the kernel refused an access (EACCES, EPERM, EROFS): the sandbox (or plain file
+    permissions) stopped the handler, which is ``PERMISSION_DENIED``, naming the path when
+    the error has one."""
     import traceback
 
     kind = type(exc)
-    return HandlerError(
-        f"handler raised {kind.__name__}: {exc}",
-        details={
-            "remote_type": f"{kind.__module__}.{kind.__qualname__}",
-            "remote_traceback": "".join(traceback.format_exception(exc)),
-        },
-    )
+    details: dict[str, Any] = {
+        "remote_type": f"{kind.__module__}.{kind.__qualname__}",
+        "remote_traceback": "".join(traceback.format_exception(exc)),
+    }
+    if isinstance(exc, OSError) and exc.errno in _DENIED_ERRNOS:
+        details["errno"] = errno.errorcode[exc.errno]
+        if exc.filename is not None:
+            details["resource"] = os.fsdecode(exc.filename)
+        return PermissionDeniedError(
+            f"the system refused the handler: {kind.__name__}: {exc}", details=details
+        )
+    return HandlerError(f"handler raised {kind.__name__}: {exc}", details=details)
 
 
 class _Stop(Exception):

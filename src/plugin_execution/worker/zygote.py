@@ -6,7 +6,7 @@ share nothing after the fork: each gets its own socket, session, cwd, environmen
 
 Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per message.
 
-- host -> zygote: ``{"t": "spawn", "id", "cwd", "env", "limits"}`` carrying two fds
+- host -> zygote: ``{"t": "spawn", "id", "cwd", "env", "limits", "sandbox"}`` carrying two fds
   (SCM_RIGHTS): the child's protocol socket and its stdout/stderr pipe;
 - zygote -> host: ``{"t": "ready", "pid"}`` once warm; ``{"t": "spawned", "id", "pid"}``
   or ``{"t": "spawn_failed", "id", "error"}``; ``{"t": "exited", "pid", "status"}`` when it
@@ -77,7 +77,12 @@ def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> Non
             os.environ.update(env)
         from .bootstrap import serve
 
-        serve(sock_fd, str(request.get("limits") or ""))
+        sandbox = request.get("sandbox")
+        serve(
+            sock_fd,
+            str(request.get("limits") or ""),
+            sandbox if isinstance(sandbox, dict) else None,
+        )
     except BaseException as exc:
         os.write(2, f"zygote child failed to start: {type(exc).__name__}: {exc}\n".encode())
     finally:
@@ -112,6 +117,13 @@ def main(fd: int) -> None:
     import resource  # noqa: F401  (used by every child to apply its limits)
 
     from . import bootstrap, runtime  # noqa: F401  (warm: every child starts with them)
+
+    try:  # warm for sandboxed children: ctypes and the layers they apply after the fork
+        from ..sandbox import _libc, capabilities, landlock, seccomp  # noqa: F401
+
+        _libc.libc()
+    except (ImportError, OSError):
+        pass
 
     try:
         import trio  # noqa: F401  (warm for async handlers)

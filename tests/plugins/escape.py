@@ -1,0 +1,130 @@
+"""Handlers that try to break out of the subprocess backend's sandbox (tests/sandbox).
+
+Each does one thing a hostile plugin would, directly through the standard library (never
+through ``ctx``), and returns what it got: a sandbox that works makes each one fail. Every
+attempt is bounded, so a sandbox that does not work cannot hurt the machine running the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+
+def read_file(ctx: Any, input: dict[str, str]) -> str:
+    with open(input["path"]) as f:
+        return f.read()
+
+
+def write_file(ctx: Any, input: dict[str, str]) -> str:
+    with open(input["path"], "w") as f:
+        f.write(input.get("data", "escaped"))
+    return input["path"]
+
+
+def follow_symlink(ctx: Any, input: dict[str, str]) -> str:
+    """Plant a symlink in the workspace pointing outside it, then read (or write) through it."""
+    link = os.path.join(ctx.workspace, "innocent.txt")
+    os.symlink(input["target"], link)
+    if input.get("write"):
+        with open(link, "w") as f:
+            f.write("escaped")
+        return "written"
+    with open(link) as f:
+        return f.read()
+
+
+def tcp_connect(ctx: Any, input: dict[str, Any]) -> str:
+    with socket.create_connection((input["host"], input["port"]), timeout=5) as sock:
+        return sock.recv(100).decode()
+
+
+def tcp_listen(ctx: Any, input: Any) -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        return int(sock.getsockname()[1])
+
+
+def environment(ctx: Any, input: dict[str, str]) -> str | None:
+    return os.environ.get(input["name"])
+
+
+def fork_bomb(ctx: Any, input: dict[str, int]) -> int:
+    """Fork up to ``limit`` children that each sleep ``seconds`` in a session of their own (out
+    of the worker's process group) and never come back; return how many were started."""
+    started = 0
+    for _ in range(input["limit"]):
+        if os.fork() == 0:
+            try:
+                os.setsid()
+                time.sleep(input.get("seconds", 60))
+            finally:
+                os._exit(0)
+        started += 1
+    return started
+
+
+def allocate(ctx: Any, input: dict[str, int]) -> int:
+    block = bytearray(input["mb"] * 1024 * 1024)
+    return len(block)
+
+
+def burn_cpu(ctx: Any, input: dict[str, float]) -> int:
+    """Spin for up to ``seconds`` of wall time (bounded, in case no CPU limit stops it)."""
+    deadline = time.monotonic() + input["seconds"]
+    spins = 0
+    while time.monotonic() < deadline:
+        spins += 1
+    return spins
+
+
+def run_shell(ctx: Any, input: dict[str, str] | None) -> str:
+    done = subprocess.run(
+        ["/bin/sh", "-c", (input or {}).get("command", "echo escaped")],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    return done.stdout.decode()
+
+
+def kill_pid(ctx: Any, input: dict[str, int]) -> str:
+    os.kill(input["pid"], input.get("signal", signal.SIGKILL))
+    return "sent"
+
+
+def write_dev_shm(ctx: Any, input: Any) -> str:
+    path = f"/dev/shm/escape-{os.getpid()}-{time.monotonic_ns()}"
+    with open(path, "w") as f:
+        f.write("escaped")
+    os.unlink(path)
+    return path
+
+
+def raise_limit(ctx: Any, input: Any) -> list[int]:
+    """Try to lift the address-space limit back to unlimited (root could, with its caps)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return list(resource.getrlimit(resource.RLIMIT_AS))
+
+
+def make_device(ctx: Any, input: Any) -> str:
+    """Make a block device node for the first disk in the workspace (root can, by default)."""
+    path = os.path.join(ctx.workspace, "disk")
+    os.mknod(path, 0o600 | 0o060000, os.makedev(8, 0))
+    return path
+
+
+def workspace_roundtrip(ctx: Any, input: Any) -> str:
+    """What a well-behaved plugin does: write and read its workspace, import stdlib modules."""
+    import json
+
+    path = ctx.workspace / "data.json"
+    path.write_text(json.dumps({"ok": True}))
+    return str(json.loads(path.read_text())["ok"])
