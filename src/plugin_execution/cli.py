@@ -1,4 +1,4 @@
-"""The command line: ``plugin-execution run | plugins | demo | serve``.
+"""The command line: ``plugin-execution run | plugins | demo | serve | doctor``.
 
 A thin layer over the public API: it builds a :class:`PluginRegistry` from the installed
 entry points plus any ``--plugin-path``, opens a backend with :func:`create_execution_backend`
@@ -8,8 +8,9 @@ Exit statuses (stable; scripts may branch on them):
 
 - ``0``: success.
 - ``1``: the execution failed (``run`` prints ``{"ok": false, "error": {...}}`` on stdout),
-  a plugin failed to load (``plugins``), a demo backend failed (``demo``), or ``serve``
-  found no channel to serve or could not listen.
+  a plugin failed to load (``plugins``), a demo backend failed (``demo``), ``serve``
+  found no channel to serve or could not listen, or a sandbox layer is not available on this
+  machine (``doctor``).
 - ``2``: usage error (bad arguments, malformed JSON, unreadable ``--plugin-path``); a message
   goes to stderr, never a traceback.
 - ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up
@@ -187,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_plugin_path(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="report which sandbox layers the subprocess backend can use on this machine",
+        description="Detect each sandbox layer of the subprocess backend on this machine and "
+        "say what it does, or why it is not available; exit 1 if any is not.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 
@@ -502,3 +512,34 @@ async def _serve(registry: PluginRegistry, args: argparse.Namespace) -> None:
         for route in routes:
             print(f"  {origin}{route}")
         sys.stdout.flush()
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from .sandbox import detect
+
+    support = detect()
+    machine = {
+        "system": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "uid": os.getuid() if hasattr(os, "getuid") else None,
+        "python": sys.version.split()[0],
+    }
+    if args.json:
+        layers = {name: attrs.asdict(status) for name, status in support.layers.items()}
+        print(_dumps({"machine": machine, "layers": layers}, indent=2))
+    else:
+        where = ", ".join(f"{key} {value}" for key, value in machine.items())
+        print(f"sandbox layers of the subprocess backend on this machine ({where}):")
+        width = max(len(name) for name in support.layers)
+        for name, status in support.layers.items():
+            state = "yes" if status.available else "NO"
+            version = f" [{status.version}]" if status.version is not None else ""
+            print(f"  {name:<{width}}  {state:<3}  {status.detail}{version}")
+        print("sandbox=True uses every layer marked yes; see docs/sandbox.md for what each stops.")
+    return EXIT_OK if all(s.available for s in support.layers.values()) else EXIT_FAILED

@@ -65,7 +65,10 @@ def _process() -> LayerStatus:
 
 
 def _rlimits() -> LayerStatus:
-    detail = "address space, CPU seconds, open files, file size (soft = hard)"
+    detail = (
+        "address space, CPU seconds (SIGXCPU, SIGKILL a second later), open files, file size; "
+        "a child cannot raise them"
+    )
     if os.getuid() == 0:
         detail += "; RLIMIT_NPROC is never enforced for uid 0, so process counts are not capped"
     return LayerStatus("rlimits", True, detail)
@@ -78,8 +81,8 @@ def _capabilities() -> LayerStatus:
         return LayerStatus(
             "capabilities",
             True,
-            "the host holds capabilities (root): every child drops them all, bounding set "
-            "included, so it cannot raise its limits, load modules or reconfigure the host",
+            "the host holds capabilities (root): every child drops them all and sets "
+            "no_new_privs, so it cannot raise its limits, load modules or reconfigure the host",
         )
     return LayerStatus("capabilities", True, "the host holds none: nothing to drop")
 
