@@ -495,3 +495,44 @@ async def serve_greeting() -> AsyncIterator[int]:
             yield int(listeners[0].socket.getsockname()[1])
         finally:
             nursery.cancel_scope.cancel()
+
+
+# -- the zygote under bubblewrap -------------------------------------------------------------
+
+
+@needs("bubblewrap")
+async def test_zygote_shows_what_plugins_registered_before_it_started_may_touch(
+    escapes: PluginRegistry, workspaces: WorkspaceManager, secret: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "out").mkdir()
+    escapes.register(
+        escape_plugin("escape.early", fs={"read": [str(secret)], "write": [str(tmp_path / "out")]})
+    )
+    async with await open_backend(escapes, workspaces, "zygote") as backend:
+        result = await backend.execute(
+            ExecutionRequest(
+                plugin_id="escape.early", handler_id="read_file", input={"path": str(secret)}
+            )
+        )
+        assert result.output == SECRET
+        await backend.execute(
+            ExecutionRequest(
+                plugin_id="escape.early",
+                handler_id="write_file",
+                input={"path": str(tmp_path / "out" / "x.txt")},
+            )
+        )
+        assert (tmp_path / "out" / "x.txt").read_text() == "escaped"
+        assert (await backend.health()).details["spawned_instead_of_zygote"] == 0
+
+        # registered later: the zygote cannot show its files, so its child is spawned
+        other = tmp_path / "other.txt"
+        other.write_text("other")
+        escapes.register(escape_plugin("escape.late", fs={"read": [str(other)]}))
+        result = await backend.execute(
+            ExecutionRequest(
+                plugin_id="escape.late", handler_id="read_file", input={"path": str(other)}
+            )
+        )
+        assert result.output == "other"
+        assert (await backend.health()).details["spawned_instead_of_zygote"] == 1

@@ -142,3 +142,18 @@ def test_zygote_children_are_not_wrapped() -> None:
     assert "--unshare-pid" not in wrapper and "--unshare-net" not in wrapper
     assert wrapper[-1] == "--"
     assert policy.report("zygote")["layers"]["bubblewrap"]["mode"].startswith("the zygote")
+
+
+def test_fits_zygote(tmp_path: Path) -> None:
+    policy = SandboxPolicy(True, support("bubblewrap"))
+    assert policy.fits_zygote(Permissions(), None)  # before the zygote started: no view yet
+    data = tmp_path / "data"
+    data.mkdir()
+    early = permissions(fs={"read": [str(data)]})
+    policy.zygote_wrapper(str(tmp_path / "ws"), [(early, None)])
+    assert policy.fits_zygote(early, None)
+    assert policy.fits_zygote(permissions(fs={"read": ["/etc/hostname"]}), None)  # not hidden
+    assert not policy.fits_zygote(permissions(fs={"read": [str(tmp_path)]}), None)
+    assert not policy.fits_zygote(permissions(fs={"write": [str(data)]}), None)  # read-only
+    assert not policy.fits_zygote(Permissions(), str(tmp_path / "plugin"))  # root hidden
+    assert SandboxPolicy(True, support("landlock")).fits_zygote(early, str(tmp_path))

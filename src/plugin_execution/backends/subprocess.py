@@ -29,7 +29,7 @@ import trio
 
 from ..channels.bridge import run_session
 from ..errors import WorkerCrashedError
-from ..manifest import Permissions
+from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..process import WorkerLimits, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
@@ -113,6 +113,7 @@ class SubprocessBackend(ExecutionBackend):
         self._zygote: Zygote | None = None
         self._zygote_ready = trio.Event()
         self.zygote_restarts = 0
+        self.spawned_instead_of_zygote = 0
 
     async def _start(self, nursery: trio.Nursery) -> None:
         support = await trio.to_thread.run_sync(detect)  # once per process, then cached
@@ -129,8 +130,7 @@ class SubprocessBackend(ExecutionBackend):
         """Own the zygote: start it, and replace it (with backoff) whenever it dies."""
         delay = 0.05
         while True:
-            assert self._sandbox is not None
-            wrapper = self._sandbox.zygote_wrapper(str(self.workspaces.host_dir))
+            wrapper = await trio.to_thread.run_sync(self._zygote_wrapper)  # globs, stats
             async with open_zygote(start_timeout=self._start_timeout, wrapper=wrapper) as zygote:
                 self._zygote = zygote
                 self._zygote_ready.set()
@@ -144,6 +144,12 @@ class SubprocessBackend(ExecutionBackend):
 
     async def _zygote_for_spawn(self, job: Job) -> Zygote | None:
         if self.start_method != "zygote":
+            return None
+        assert self._sandbox is not None
+        if not self._sandbox.fits_zygote(job.target.permissions, job.target.root):
+            # Under bubblewrap the zygote's view of the file system was fixed when it started;
+            # a plugin whose files it does not show gets a spawned child of its own.
+            self.spawned_instead_of_zygote += 1
             return None
         with trio.CancelScope(deadline=job.deadline):
             await self._zygote_ready.wait()
@@ -216,6 +222,15 @@ class SubprocessBackend(ExecutionBackend):
 
     # -- sandbox ------------------------------------------------------------------------------
 
+    def _zygote_wrapper(self) -> list[str]:
+        """bubblewrap around the zygote: it shows what the plugins registered now may touch."""
+        assert self._sandbox is not None
+        plugins = []
+        for manifest in self.registry:
+            specs: list[HandlerSpec | ChannelSpec] = [*manifest.handlers, *manifest.channels]
+            plugins += [(manifest.permissions_for(spec), manifest.root) for spec in specs]
+        return self._sandbox.zygote_wrapper(str(self.workspaces.host_dir), plugins)
+
     def _child_sandbox(
         self, job: Job, workspace: str, env: dict[str, str], zygote: bool
     ) -> ChildSandbox:
@@ -236,6 +251,7 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             details["zygote_pid"] = self._zygote.pid if self._zygote else None
             details["zygote_restarts"] = self.zygote_restarts
+            details["spawned_instead_of_zygote"] = self.spawned_instead_of_zygote
         if self._sandbox is not None:
             details["sandbox"] = self._sandbox.report(self.start_method)
         return details

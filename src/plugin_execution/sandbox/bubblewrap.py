@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
-__all__ = ["HIDDEN", "WrappedProcess", "command", "find", "probe"]
+__all__ = ["HIDDEN", "WrappedProcess", "command", "find", "probe", "version", "visible"]
 
 #: Directories replaced by empty ones in the sandbox (``/run`` only without network).
 HIDDEN = ("/tmp", "/var/tmp", "/dev/shm")
@@ -86,6 +86,16 @@ def command(
 
 def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def visible(path: str, *, read: Iterable[str], write: Iterable[str], network: bool) -> bool:
+    """Whether ``path`` can be read in a sandbox that :func:`command` built with these
+    ``read`` / ``write`` paths: outside the hidden directories, or bound back in."""
+    hidden = HIDDEN if network else HIDDEN + _HIDDEN_WITHOUT_NETWORK
+    path = os.path.abspath(path)
+    if not any(_under(path, directory) for directory in hidden):
+        return True
+    return any(_under(path, os.path.abspath(bound)) for bound in (*read, *write))
 
 
 def probe(bwrap: str) -> str | None:

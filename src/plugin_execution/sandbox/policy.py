@@ -105,6 +105,8 @@ class SandboxPolicy:
         self.layers = tuple(name for name in wanted if name not in self.missing)
         # Only a host that holds capabilities (root) passes them on to be dropped.
         self._drop_capabilities = "capabilities" in self.layers and capabilities.has_any()
+        #: what the zygote's mount namespace shows, once it runs under bubblewrap
+        self._zygote_view: tuple[list[str], list[str]] | None = None
 
     def __contains__(self, layer: str) -> bool:
         return layer in self.layers
@@ -124,13 +126,9 @@ class SandboxPolicy:
         if used, wraps the zygote itself: see :meth:`zygote_wrapper`)."""
         spec: dict[str, Any] = {}
         layers = ["process", "rlimits"]
-        read = _expand(permissions.fs.read, root)
-        write = [workspace, *_expand(permissions.fs.write, root)]
-        if root is not None:
-            read.insert(0, root)
+        read, granted_write = _paths(permissions, root)
+        write = [workspace, *granted_write]
         connect = _ports(permissions.network.connect)
-        if permissions.network.connect:
-            read.extend(NETWORK_READ)
         shell = permissions.shell.allow
         if self._drop_capabilities:
             spec["capabilities"] = True
@@ -161,25 +159,52 @@ class SandboxPolicy:
             layers.append("seccomp")
         return ChildSandbox(tuple(layers), spec, wrapper)
 
-    def zygote_wrapper(self, workspaces: str) -> list[str]:
+    def zygote_wrapper(
+        self, workspaces: str, plugins: Iterable[tuple[Permissions, str | None]] = ()
+    ) -> list[str]:
         """The bwrap command prefix for a zygote whose children lease workspaces under
         ``workspaces``; empty without bubblewrap.
 
-        The zygote runs in one mount namespace that all its children share: read-only root,
-        private /tmp and /dev, ``workspaces`` writable. No pid namespace (the zygote reports its
-        children's pids, which the host signals: they must be the host's pids) and no network
-        namespace (network grants differ per child; Landlock applies them per child).
+        The zygote runs in one mount namespace that all its children share, made now:
+        read-only root, private /tmp and /dev, ``workspaces`` writable, and what ``plugins``
+        (permissions, root) may read and write bound in. No pid namespace (the zygote reports
+        its children's pids, which the host signals: they must be the host's pids) and no
+        network namespace (network grants differ per child; Landlock applies them per child).
+        A plugin whose files this view does not show is run by :meth:`fits_zygote`'s caller
+        in a spawned child instead.
         """
         if "bubblewrap" not in self:
+            self._zygote_view = None
             return []
+        read: list[str] = []
+        write = [workspaces]
+        for permissions, root in plugins:
+            plugin_read, plugin_write = _paths(permissions, root)
+            read += plugin_read
+            write += plugin_write
+        read, write = list(dict.fromkeys(read)), list(dict.fromkeys(write))
+        self._zygote_view = (read, write)
         return bubblewrap.command(
             [],
             bwrap=self.support.bwrap or "bwrap",
             workspace=workspaces,
-            read=_interpreter_paths(),
+            read=[*_interpreter_paths(), *read],
+            write=write[1:],
             network=True,
             pid_namespace=False,
         )
+
+    def fits_zygote(self, permissions: Permissions, root: str | None) -> bool:
+        """Whether a child forked by the zygote sees every file ``permissions`` grant: its
+        mount namespace was fixed when the zygote started (always true without bubblewrap)."""
+        if self._zygote_view is None:
+            return True
+        bound_read, bound_write = self._zygote_view
+        read, write = _paths(permissions, root)
+        return all(
+            bubblewrap.visible(path, read=bound_read, write=bound_write, network=True)
+            for path in read
+        ) and all(_inside(path, bound_write) for path in write)
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -204,6 +229,20 @@ class SandboxPolicy:
         if "seccomp" in self.layers:
             layers["seccomp"]["detail"] += " (not applied to plugins granted shell.allow)"
         return {"enabled": bool(self.layers), "layers": layers, "missing": self.missing}
+
+
+def _paths(permissions: Permissions, root: str | None) -> tuple[list[str], list[str]]:
+    """What ``permissions`` let a child read (its root first) and write, as existing paths."""
+    read = _expand(permissions.fs.read, root)
+    if root is not None:
+        read.insert(0, root)
+    if permissions.network.connect:
+        read.extend(NETWORK_READ)
+    return read, _expand(permissions.fs.write, root)
+
+
+def _inside(path: str, directories: Iterable[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in directories)
 
 
 def _expand(patterns: Iterable[str], root: str | None) -> list[str]:
