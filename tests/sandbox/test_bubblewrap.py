@@ -104,3 +104,20 @@ async def test_a_spawned_child_keeps_its_fds_and_environment(tmp_path: Path) -> 
         assert os.read(read, 100) == b"passed"
     finally:
         os.close(read)
+
+
+async def test_concurrent_waiters() -> None:
+    # WorkerProcess waits on its process from several tasks at once (the exit watcher, aclose);
+    # only one may watch the pidfd and sweep, and none may see the others close it
+
+    async def wait(wrapped: bubblewrap.WrappedProcess, codes: list[int]) -> None:
+        codes.append(await wrapped.wait())
+
+    for _ in range(20):
+        process = await trio.lowlevel.open_process(["/bin/sh", "-c", "exit 7"])
+        wrapped = bubblewrap.WrappedProcess(process)
+        codes: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(wait, wrapped, codes)
+        assert codes == [7, 7, 7]

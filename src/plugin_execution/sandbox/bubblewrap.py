@@ -148,6 +148,7 @@ class WrappedProcess:
         self._process = process
         self.pid = process.pid
         self._pidfd = os.pidfd_open(process.pid)
+        self._watching = trio.Lock()  # one task at a time waits on the pidfd, and sweeps
 
     @property
     def returncode(self) -> int | None:
@@ -159,13 +160,10 @@ class WrappedProcess:
         return code
 
     async def wait(self) -> int:
-        while self._pidfd >= 0:
-            try:
+        async with self._watching:
+            if self._pidfd >= 0:
                 await trio.lowlevel.wait_readable(self._pidfd)
-            except trio.BusyResourceError:  # another task watches it, and will sweep
-                await trio.sleep(0.005)
-                continue
-            self._sweep()
+                self._sweep()
         await self._process.wait()
         code = self.returncode
         assert code is not None
