@@ -1,13 +1,19 @@
-"""Time from ``execute()`` to result on the subprocess backend, next to a bare interpreter.
+"""Time from ``execute()`` to result on the subprocess backend, next to a bare interpreter, for
+each sandbox layer.
 
 Side by side, in one run, in interleaved rounds (so background load hits all alike):
 
 - ``bare python -I -c pass``: spawn + wait of a fresh isolated interpreter (the floor);
-- ``spawn, sync handler`` / ``spawn, async handler``: ``start_method="spawn"``;
-- ``zygote, sync handler`` / ``zygote, async handler``: ``start_method="zygote"``.
+- for each start method (``spawn``, ``zygote``), a sync handler under cumulative sandboxes:
+  ``off`` (``sandbox=False``: the process layer and rlimits, which are always on),
+  ``+capabilities``, ``+landlock``, ``+bubblewrap``, ``+seccomp`` (everything: the default);
+  the ``delta`` column is what the layer added to the row above it;
+- an async handler with the sandbox off and on (a spawned child imports trio for it; a zygote's
+  child has it already).
 
-Targets (issue 3): spawn <= 1.5 x bare + 5 ms; zygote median <= 5 ms. An async handler needs
-trio in the child; a spawned child pays for importing it, a zygote's child does not.
+A layer this machine lacks is left out and said so. Targets (issue 3): spawn <= 1.5 x bare +
+5 ms; zygote median <= 5 ms. Bubblewrap costs a spawned child an extra exec of bwrap and its
+namespaces (~3 ms); a zygote's children run inside the zygote's bwrap and pay nothing for it.
 
 Run: ``python benchmarks/bench_subprocess.py [--rounds N] [--json]``.
 """
@@ -20,37 +26,33 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from plugin_execution import (
-    ExecutionRequest,
-    HandlerSpec,
-    PluginManifest,
-    PluginRegistry,
-    WorkspaceManager,
-    create_execution_backend,
-)
+from _common import PLUGIN_ID, bench_registry
+from plugin_execution import ExecutionRequest, WorkspaceManager, create_execution_backend
+from plugin_execution.sandbox import OPTIONAL_LAYERS, detect
 
-HERE = Path(__file__).resolve().parent
-PLUGIN = "bench.handlers"
+BARE = "bare python -I -c pass"
 
 
-def registry() -> PluginRegistry:
-    return PluginRegistry(
-        [
-            PluginManifest(
-                id=PLUGIN,
-                root=str(HERE),
-                handlers=(
-                    HandlerSpec(id="sync", entry="_handlers:noop_sync"),
-                    HandlerSpec(id="async", entry="_handlers:noop"),
-                ),
-            )
-        ]
-    )
+def sandboxes() -> tuple[list[tuple[str, bool | tuple[str, ...]]], list[str]]:
+    """The cumulative sandbox configurations this machine can run, and the layers it lacks."""
+    support = detect()
+    configs: list[tuple[str, bool | tuple[str, ...]]] = [("off", False)]
+    layers: list[str] = []
+    missing = []
+    for layer in OPTIONAL_LAYERS:
+        if not support[layer].available:
+            missing.append(f"{layer}: {support[layer].detail}")
+            continue
+        layers.append(layer)
+        configs.append((f"+{layer}", tuple(layers)))
+    return configs, missing
 
 
 async def bare_python() -> float:
@@ -64,38 +66,32 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def timed(backend: Any, handler: str) -> float:
+    start = time.perf_counter()
+    await backend.execute(ExecutionRequest(plugin_id=PLUGIN_ID, handler_id=handler, input=1))
+    return time.perf_counter() - start
+
+
 async def main(rounds: int) -> dict[str, dict[str, float]]:
-    samples: dict[str, list[float]] = {}
+    configs, _ = sandboxes()
+    variants: dict[str, Callable[[], Awaitable[float]]] = {BARE: bare_python}
     with tempfile.TemporaryDirectory() as root:
-        async with (
-            create_execution_backend(
-                type="subprocess",
-                registry=registry(),
-                start_method="spawn",
-                workspace=WorkspaceManager(Path(root) / "spawn"),
-            ) as spawn,
-            create_execution_backend(
-                type="subprocess",
-                registry=registry(),
-                start_method="zygote",
-                workspace=WorkspaceManager(Path(root) / "zygote"),
-            ) as zygote,
-        ):
-
-            async def timed(backend: Any, handler: str) -> float:
-                start = time.perf_counter()
-                await backend.execute(
-                    ExecutionRequest(plugin_id=PLUGIN, handler_id=handler, input={"n": 1})
-                )
-                return time.perf_counter() - start
-
-            variants = {
-                "bare python -I -c pass": bare_python,
-                "spawn, sync handler": lambda: timed(spawn, "sync"),
-                "spawn, async handler": lambda: timed(spawn, "async"),
-                "zygote, sync handler": lambda: timed(zygote, "sync"),
-                "zygote, async handler": lambda: timed(zygote, "async"),
-            }
+        async with AsyncExitStack() as stack:
+            for method in ("spawn", "zygote"):
+                for label, sandbox in configs:
+                    backend = await stack.enter_async_context(
+                        create_execution_backend(
+                            type="subprocess",
+                            registry=bench_registry(),
+                            start_method=method,
+                            sandbox=sandbox,
+                            workspace=WorkspaceManager(Path(root) / f"{method}{label}"),
+                        )
+                    )
+                    variants[f"{method}, sync, {label}"] = _bind(backend, "noop_sync")
+                    if label in ("off", configs[-1][0]):
+                        variants[f"{method}, async, {label}"] = _bind(backend, "noop")
+            samples: dict[str, list[float]] = {}
             for name, run in variants.items():  # warm caches once, untimed
                 await run()
                 samples[name] = []
@@ -110,19 +106,32 @@ async def main(rounds: int) -> dict[str, dict[str, float]]:
     }
 
 
-def report(results: dict[str, dict[str, float]]) -> None:
-    bare = results["bare python -I -c pass"]["median_ms"]
+def _bind(backend: Any, handler: str) -> Callable[[], Awaitable[float]]:
+    return lambda: timed(backend, handler)
+
+
+def report(results: dict[str, dict[str, float]], missing: list[str]) -> None:
+    bare = results[BARE]["median_ms"]
     spawn_target = 1.5 * bare + 5
-    print(f"{'variant':<26}{'median ms':>11}{'p99 ms':>9}{'x bare':>8}  target")
+    print(f"{'variant':<34}{'median ms':>10}{'p99 ms':>9}{'delta':>8}{'x bare':>8}  target")
+    previous: dict[str, float] = {}
     for name, figures in results.items():
         median = figures["median_ms"]
+        group = name.rsplit(",", 1)[0]
+        delta = f"{median - previous[group]:+.2f}" if group in previous else ""
+        previous[group] = median
         if name.startswith("spawn"):
             target = f"<= {spawn_target:.1f} ms " + ("met" if median <= spawn_target else "MISSED")
         elif name.startswith("zygote"):
             target = "<= 5.0 ms " + ("met" if median <= 5 else "MISSED")
         else:
             target = "(floor)"
-        print(f"{name:<26}{median:>11.2f}{figures['p99_ms']:>9.2f}{median / bare:>8.2f}  {target}")
+        print(
+            f"{name:<34}{median:>10.2f}{figures['p99_ms']:>9.2f}{delta:>8}"
+            f"{median / bare:>8.2f}  {target}"
+        )
+    for line in missing:
+        print(f"not measured, not available here: {line}")
 
 
 if __name__ == "__main__":
@@ -134,4 +143,4 @@ if __name__ == "__main__":
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        report(results)
+        report(results, sandboxes()[1])
