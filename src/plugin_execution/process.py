@@ -165,6 +165,7 @@ class WorkerProcess:
         self._hello = _Reply()
         self._waiting: set[_Reply] = set()  # callers in _wait_for
         self._reading = False  # one of them is reading the socket
+        self._read_scope: trio.CancelScope | None = None
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
@@ -229,30 +230,36 @@ class WorkerProcess:
             self._waiting.discard(reply)
 
     async def _read_until(self, reply: _Reply | None) -> None:
-        """Read and dispatch until ``reply`` is done (``None``: until the connection ends)."""
+        """Read and dispatch until ``reply`` is done (``None``: until the connection ends).
+
+        Also ends when the worker is declared lost meanwhile (``_lose`` cancels the read: a
+        dead worker's socket may stay open if something it started still holds it).
+        """
         self._reading = True
         reason = ""
         try:
-            while (reply is None or not reply.done) and not self.lost.is_set():
-                try:
-                    data = os.read(self._fd, 262144)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._fd)
-                    continue
-                self._conn.receive_data(data)
-                while (msg := self._conn.next_message()) is not None:
-                    self._dispatch(msg)
-                if not data:
-                    reason = "the worker closed its connection"
-                    break
+            with trio.CancelScope() as self._read_scope:
+                while (reply is None or not reply.done) and not self.lost.is_set():
+                    try:
+                        data = os.read(self._fd, 262144)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self._fd)
+                        continue
+                    self._conn.receive_data(data)
+                    while (msg := self._conn.next_message()) is not None:
+                        self._dispatch(msg)
+                    if not data:
+                        reason = "the worker closed its connection"
+                        break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:
             self._reading = False
-            for waiter in self._waiting:  # pass the socket on
-                if not waiter.done:
+            self._read_scope = None
+            for waiter in self._waiting:  # pass the socket on, never back to ourselves
+                if waiter is not reply and not waiter.done:
                     waiter.wake.set()
                     break
         if reason:
@@ -396,6 +403,8 @@ class WorkerProcess:
                 f"worker {self.worker_id} {how} ({reason})", details=details
             )
         self.lost.set()
+        if self._read_scope is not None:
+            self._read_scope.cancel()
         for reply in (*self._pending.values(), *self._pongs.values(), *self._warmed.values()):
             reply.finish(error=self.crash_error())
         self._pongs.clear()

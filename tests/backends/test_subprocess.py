@@ -262,3 +262,30 @@ async def test_unserializable_input_is_rejected_before_any_child(backend, bad) -
     with pytest.raises(InvalidRequestError, match="input is not serializable"):
         await backend.execute(req("echo", bad))
     assert backend.stats().failed_by_code == {"INVALID_REQUEST": 1}
+
+
+async def test_a_death_is_seen_while_a_straggler_holds_the_socket(
+    registry: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    async with create_execution_backend(
+        type="subprocess", registry=registry, workspace=workspaces, sandbox=False
+    ) as backend:
+        try:
+            with trio.fail_after(30), pytest.raises(WorkerCrashedError) as info:
+                await backend.execute(req("fork_straggler", {"fifo": str(fifo)}))
+            assert info.value.details["exit_code"] == 3
+        finally:
+            # let the straggler go (opening the write end unblocks its open())
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK) if _has_reader(fifo) else -1
+            if fd >= 0:
+                os.close(fd)
+
+
+def _has_reader(fifo: Path) -> bool:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody has it open for reading
+        return False
+    return True

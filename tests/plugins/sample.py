@@ -172,3 +172,12 @@ def late_workspace(ctx: Any, input: dict[str, Any]) -> None:
         outcome = f"{type(exc).__name__}: {exc}"
     with open(input["report"], "w") as report:
         report.write(outcome)
+
+
+def fork_straggler(ctx: Any, input: dict[str, str]) -> None:
+    """Die, leaving a forked child that holds the worker's socket open until the test lets go."""
+    if os.fork() == 0:
+        with open(input["fifo"]) as release:  # blocks until the test opens it for writing
+            release.read()
+        os._exit(0)
+    os._exit(3)
