@@ -176,12 +176,15 @@ class _CapturedStream:
 class _Executor(threading.Thread):
     """A reusable thread for sync handlers; returns itself to the idle queue after each job."""
 
-    def __init__(self, idle: SimpleQueue[_Executor], stopped: threading.Event) -> None:
+    def __init__(
+        self, idle: SimpleQueue[_Executor], stopped: threading.Event, *, start: bool = True
+    ) -> None:
         super().__init__(name="worker-executor", daemon=True)
         self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
         self._idle = idle
         self._stopped = stopped
-        self.start()
+        if start:
+            self.start()
 
     def submit(self, job: Callable[[], None] | None) -> None:
         """Run ``job`` on this thread; ``None`` ends the thread."""
@@ -254,6 +257,9 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._idle: SimpleQueue[_Executor] = SimpleQueue()
         self._stopped = threading.Event()
+        self._decoder = FrameDecoder()
+        self._leader: int | None = None  # the thread reading the socket (see _lead)
+        self._inline: Callable[[], None] | None = None
         self._trio: _TrioLoop | None = None
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
@@ -288,33 +294,59 @@ class Worker:
             os.dup2(2, 1)
             sys.stdout, sys.stderr = self._stdout, self._stderr
         self.send("hello", {"version": PROTOCOL_VERSION, "pid": os.getpid()})
-        decoder = FrameDecoder()
-        read, fd = os.read, self._fd
+        if self._in_thread:
+            try:
+                self._lead()
+            except _Stop:
+                pass
+            self._close()
+            self._stop_threads()
+            return
+        # A child process: the main thread is one of the executor threads that take turns
+        # at reading (see _lead); the process ends by os._exit, from whichever thread.
+        main = _Executor(self._idle, self._stopped, start=False)
+        main.submit(self._lead)
+        main.run()
+
+    def _lead(self) -> None:
+        """Read and dispatch frames, as the one thread that reads (leader/followers).
+
+        A sync execution dispatched here runs on this very thread, right away, once an idle
+        thread has been made the reader: its result is not delayed by waking another thread,
+        and ``Ping``, ``Cancel`` and platform replies are still read while it runs. A thread
+        worker (``in_thread``) never hands over: its handlers run on executor threads.
+        """
+        decoder = self._decoder
+        self._leader = threading.get_ident()
         try:
             while True:
+                for tag, fields in decoder:
+                    self._dispatch(tag, fields)
+                    job = self._inline
+                    if job is not None:
+                        self._inline = None
+                        self._leader = None
+                        self._executor().submit(self._lead)  # the next reader drains the rest
+                        job()
+                        return
+                if self._channel_batch:
+                    self._flush_channels()
+                if self._channels:
+                    self._read_on_loop(decoder)
                 try:
-                    data = read(fd, 262144)
+                    data = os.read(self._fd, 262144)
                 except OSError:
                     data = b""
                 if not data:
                     self._exit(0)
                 decoder.feed(data)
-                for tag, fields in decoder:
-                    self._dispatch(tag, fields)
-                if self._channel_batch:
-                    self._flush_channels()
-                if self._channels:
-                    self._read_on_loop(decoder)
         except WireError as exc:
             # Only a host bug gets here; say so on stderr (the host shows its tail in the
             # WorkerCrashedError) rather than dying with a traceback.
             os.write(2, f"plugin_execution worker: bad frame from the host: {exc}\n".encode())
             if not self._in_thread:
                 os._exit(_PROTOCOL_EXIT)
-            self._close()
-        except _Stop:
-            self._close()
-        self._stop_threads()
+            raise _Stop from None
 
     def _stop_threads(self) -> None:
         """In a thread worker, end its helper threads; busy ones end after their handler."""
@@ -476,11 +508,18 @@ class Worker:
             self._on_executor(lambda: self._run_sync(handler, warm, msg, running))
 
     def _on_executor(self, job: Callable[[], None]) -> None:
+        """Run a sync handler's job off the reading path: on the reader itself when it is a
+        plain thread of a child process (see _lead), else on an executor thread."""
+        if not self._in_thread and self._leader == threading.get_ident():
+            self._inline = job
+        else:
+            self._executor().submit(job)
+
+    def _executor(self) -> _Executor:
         try:
-            executor = self._idle.get_nowait()
+            return self._idle.get_nowait()
         except Empty:
-            executor = _Executor(self._idle, self._stopped)
-        executor.submit(job)
+            return _Executor(self._idle, self._stopped)
 
     def _run_sync(self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running) -> None:
         started = time.perf_counter()
