@@ -209,13 +209,14 @@ class WorkerProcess:
 
     # -- background tasks -----------------------------------------------------------------
 
-    async def _wait_for(self, reply: _Reply) -> None:
+    async def _wait_for(self, reply: _Reply, scope: trio.CancelScope | None = None) -> None:
         """Wait until ``reply`` is done or the worker is lost, reading the socket meanwhile.
 
         There is no reader task: a waiting caller reads, one at a time, and dispatches what
         comes, so an answer wakes its caller directly instead of going through a second task
         (two fewer trips through the scheduler per round trip). A reader whose answer came,
-        or that is cancelled, hands the socket to another waiter. Cancellable.
+        or that is cancelled, hands the socket to another waiter. Cancellable. ``scope``: the
+        caller's own cancel scope around this call, if it has one (saves entering another).
         """
         self._waiting.add(reply)
         try:
@@ -224,33 +225,37 @@ class WorkerProcess:
                     await reply.wake.wait()
                     if not reply.done:
                         reply.wake = trio.Event()  # woken to take over the socket
+                elif scope is not None:
+                    await self._read_until(reply, scope)
                 else:
-                    await self._read_until(reply)
+                    with trio.CancelScope() as own:
+                        await self._read_until(reply, own)
         finally:
             self._waiting.discard(reply)
 
-    async def _read_until(self, reply: _Reply | None) -> None:
+    async def _read_until(self, reply: _Reply | None, scope: trio.CancelScope) -> None:
         """Read and dispatch until ``reply`` is done (``None``: until the connection ends).
 
-        Also ends when the worker is declared lost meanwhile (``_lose`` cancels the read: a
-        dead worker's socket may stay open if something it started still holds it).
+        Also ends when the worker is declared lost meanwhile: ``_lose`` cancels ``scope``, a
+        scope the caller entered around this call (a dead worker's socket may stay open if
+        something it started still holds it, so no EOF would come).
         """
         self._reading = True
+        self._read_scope = scope
         reason = ""
         try:
-            with trio.CancelScope() as self._read_scope:
-                while (reply is None or not reply.done) and not self.lost.is_set():
-                    try:
-                        data = os.read(self._fd, 262144)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self._fd)
-                        continue
-                    self._conn.receive_data(data)
-                    while (msg := self._conn.next_message()) is not None:
-                        self._dispatch(msg)
-                    if not data:
-                        reason = "the worker closed its connection"
-                        break
+            while (reply is None or not reply.done) and not self.lost.is_set():
+                try:
+                    data = os.read(self._fd, 262144)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._fd)
+                    continue
+                self._conn.receive_data(data)
+                while (msg := self._conn.next_message()) is not None:
+                    self._dispatch(msg)
+                if not data:
+                    reason = "the worker closed its connection"
+                    break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         except OSError as exc:
@@ -274,7 +279,8 @@ class WorkerProcess:
                 if self._reading:
                     await self.lost.wait()
                 else:
-                    await self._read_until(None)
+                    with trio.CancelScope() as own:
+                        await self._read_until(None, own)
         finally:
             # Even when cancelled: whoever waits on this worker must hear that it is gone.
             await self._lose("the worker exited")
@@ -481,8 +487,8 @@ class WorkerProcess:
                     timeout=max(0.001, job.deadline - trio.current_time()),
                 )
             )
-            with trio.CancelScope(deadline=job.deadline):
-                await self._wait_for(pending)
+            with trio.CancelScope(deadline=job.deadline) as waiting:
+                await self._wait_for(pending, waiting)
             if not pending.done and not self.lost.is_set():
                 await self._stop_execution(execution_id, pending, cancel_grace)
                 raise job.timeout_error()
