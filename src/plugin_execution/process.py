@@ -578,8 +578,8 @@ class WorkerProcess:
     async def aclose(self, grace: float = 2.0) -> None:
         """Ask the worker to exit; kill it after ``grace`` seconds; reap it. Idempotent.
 
-        Shielded from cancellation, and independent of the reader task (which may already
-        be cancelled): it waits on the process itself.
+        Shielded from cancellation, and independent of whoever reads the socket: it waits on
+        the process itself.
         """
         self._closing = True
         with trio.CancelScope(shield=True):
