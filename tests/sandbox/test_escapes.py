@@ -320,6 +320,20 @@ async def test_make_a_device_node_in_the_workspace(sandboxed: ExecutionBackend) 
     denied(await attempt(sandboxed, "make_device"))
 
 
+async def test_what_a_shell_plugin_starts_ends_with_its_execution(
+    sandboxed: ExecutionBackend, workspace_root: Path
+) -> None:
+    # shell.allow: it may fork; its children try to leave the worker's process group and
+    # sleep. None may outlive the execution.
+    result = await sandboxed.execute(
+        ExecutionRequest(
+            plugin_id="escape.shell", handler_id="fork_bomb", input={"limit": 5, "seconds": 60}
+        )
+    )
+    assert result.output == 5
+    await assert_no_process_in(workspace_root)
+
+
 # -- each layer on its own ---------------------------------------------------------------------
 
 
@@ -421,10 +435,7 @@ async def test_bubblewrap_pid_namespace_ends_what_left_the_process_group(
             )
         )
         assert result.output == 5
-        with trio.move_on_after(5):  # SIGKILL is delivered at once, but dying takes a moment
-            while processes_in(workspace_root):
-                await trio.sleep(0.02)
-        assert processes_in(workspace_root) == [], "forked children outlived the execution"
+        await assert_no_process_in(workspace_root)
 
 
 @needs("seccomp")
@@ -442,8 +453,8 @@ async def test_seccomp_alone(
         result = await backend.execute(
             ExecutionRequest(plugin_id="escape.shell", handler_id="run_shell")
         )
-        assert result.output == "escaped\n"  # shell.allow: no seccomp for this plugin
-        assert "seccomp" not in result.metadata["sandbox"]
+        assert result.output == "escaped\n"  # shell.allow: it may start processes
+        assert "seccomp" in result.metadata["sandbox"]  # which stay in its process group
 
 
 @needs("capabilities")
@@ -463,6 +474,13 @@ def has_capabilities() -> bool:
     from plugin_execution.sandbox.capabilities import has_any
 
     return has_any()
+
+
+async def assert_no_process_in(root: Path) -> None:
+    with trio.move_on_after(5):  # SIGKILL is delivered at once, but dying takes a moment
+        while processes_in(root):
+            await trio.sleep(0.02)
+    assert processes_in(root) == [], "processes a plugin started outlived its execution"
 
 
 def processes_in(root: Path) -> list[int]:

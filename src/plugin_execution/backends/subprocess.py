@@ -192,6 +192,7 @@ class SubprocessBackend(ExecutionBackend):
     ) -> ExecutionResult:
         self._children += 1
         started = False
+        group: int | None = None
         env = child_environment(job.target.permissions, workspace)
         sandbox = self._child_sandbox(job, workspace, env, zygote is not None)
         try:
@@ -207,6 +208,7 @@ class SubprocessBackend(ExecutionBackend):
                 sandbox=sandbox,
             ) as worker:
                 started = True
+                group = worker.pid  # the leader of the child's process group
                 run = worker.execute if job.channel is None else partial(run_session, worker)
                 result = await run(
                     job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
@@ -218,6 +220,8 @@ class SubprocessBackend(ExecutionBackend):
             raise
         finally:
             self._children -= 1
+            if group is not None:
+                _end_group(group)
         return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
 
     # -- sandbox ------------------------------------------------------------------------------
@@ -272,3 +276,15 @@ def _explain_crash(exc: WorkerCrashedError) -> None:
         exc.details["reason"] = reason
         what = "CPU time" if reason == "cpu_limit" else "file size"
         exc.message += f": it exceeded its {what} limit"
+
+
+def _end_group(leader: int) -> None:
+    """Kill what is left of an ended child's process group: processes a plugin started (with
+    ``shell.allow``) and left running. The sandbox's seccomp filter keeps them from leaving the
+    group. The leader is reaped by now; its id stays reserved while the group has members, and
+    with none left this finds nobody (a fresh process could only get that id as its group id
+    after the kernel's pid counter wrapped around)."""
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

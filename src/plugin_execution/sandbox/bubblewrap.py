@@ -52,11 +52,13 @@ def command(
     write: Iterable[str] = (),
     network: bool = False,
     pid_namespace: bool = True,
+    chdir: str | None = None,
 ) -> list[str]:
     """``argv`` wrapped in ``bwrap``: see the module docstring for what it sets up.
 
     ``read``: paths the child must read (bound back read-only when a hidden directory would
-    hide them); ``write``: paths it may write besides ``workspace`` (bound read-write).
+    hide them); ``write``: paths it may write besides ``workspace`` (bound read-write);
+    ``chdir``: where it starts (default: ``workspace``).
     """
     args = [bwrap, "--die-with-parent", "--cap-drop", "ALL"]
     args += ["--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -80,7 +82,7 @@ def command(
         binds[os.path.abspath(path)] = "--bind-try"
     for path in sorted(binds, key=lambda p: p.count("/")):  # parents before what is inside
         args += [binds[path], path, path]
-    args += ["--chdir", workspace, "--", *argv]
+    args += ["--chdir", chdir or workspace, "--", *argv]
     return args
 
 

@@ -68,7 +68,8 @@ class ChildSandbox:
     def __init__(self, layers: tuple[str, ...], spec: dict[str, Any], wrapper: list[str]):
         #: the layers this child runs under, in the order they apply
         self.layers = layers
-        #: plain data for ``bootstrap.serve``: keys ``capabilities``, ``landlock``, ``seccomp``
+        #: plain data for ``bootstrap.serve``: keys ``capabilities`` (bool), ``landlock`` (its
+        #: rules), ``seccomp`` (``"deny"`` new processes, or ``"contain"`` them in the group)
         self.spec = spec
         self._wrapper = wrapper
 
@@ -154,8 +155,10 @@ class SandboxPolicy:
                     network=bool(permissions.network.connect),
                     pid_namespace=True,
                 )
-        if "seccomp" in self and not shell:
-            spec["seccomp"] = True
+        if "seccomp" in self:
+            # "deny": no new processes; "contain" (shell.allow): they may be started, but
+            # never leave the process group the host kills
+            spec["seccomp"] = "contain" if shell else "deny"
             layers.append("seccomp")
         return ChildSandbox(tuple(layers), spec, wrapper)
 
@@ -192,6 +195,7 @@ class SandboxPolicy:
             write=write[1:],
             network=True,
             pid_namespace=False,
+            chdir="/",  # each child changes to its own workspace
         )
 
     def fits_zygote(self, permissions: Permissions, root: str | None) -> bool:
@@ -226,8 +230,6 @@ class SandboxPolicy:
                 else "the zygote: one mount, IPC and UTS namespace shared by its children; "
                 "no pid or network namespace"
             )
-        if "seccomp" in self.layers:
-            layers["seccomp"]["detail"] += " (not applied to plugins granted shell.allow)"
         return {"enabled": bool(self.layers), "layers": layers, "missing": self.missing}
 
 

@@ -2,19 +2,22 @@
 
 A classic-BPF filter, assembled here by hand (a dozen instructions), is installed with
 ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``. From then on, in this process and every
-thread it starts:
+thread and process it starts:
 
-- ``fork``, ``vfork``, ``execve``, ``execveat`` fail with ``EPERM``;
-- ``clone`` fails with ``EPERM`` unless its flags have ``CLONE_THREAD``: threads, which
-  Python and trio need, are still created;
-- ``clone3`` fails with ``ENOSYS``: its flags are in memory that a filter cannot read, and
-  ``ENOSYS`` makes the C library fall back to ``clone``, which is checked as above;
 - a system call made through another ABI (32-bit ``int 0x80`` on x86-64, x32) fails with
-  ``EPERM``: its numbers mean other calls.
+  ``EPERM``: its numbers mean other calls;
+- ``setsid`` and ``setpgid`` fail with ``EPERM``: nothing leaves the worker's process group,
+  which the host kills when the execution ends;
+- unless ``allow_spawning`` (for a plugin granted ``shell.allow``): ``fork``, ``vfork``,
+  ``execve``, ``execveat`` fail with ``EPERM``; so does ``clone`` unless its flags have
+  ``CLONE_THREAD`` (threads, which Python and trio need, are still created); ``clone3`` fails
+  with ``ENOSYS``: its flags are in memory that a filter cannot read, and ``ENOSYS`` makes the
+  C library fall back to ``clone``, which is checked as above.
 
-So a fork bomb, ``subprocess``, ``os.system`` and ``os.exec*`` all end with a
-``PermissionError``. Supported on x86-64 and AArch64; elsewhere :func:`unavailable_reason`
-says so. Standard library only, no ``typing`` at run time (loaded by worker children).
+Without spawning, a fork bomb, ``subprocess``, ``os.system`` and ``os.exec*`` all end with a
+``PermissionError``; with it, whatever the plugin starts stays in the worker's process group
+and dies with it. Supported on x86-64 and AArch64; elsewhere :func:`unavailable_reason` says
+so. Standard library only, no ``typing`` at run time (loaded by worker children).
 """
 
 from __future__ import annotations
@@ -46,20 +49,37 @@ _X32_SYSCALL_BIT = 0x40000000
 _ARCHES: dict[str, tuple[int, dict[str, int], bool]] = {
     "x86_64": (
         0xC000003E,
-        {"clone": 56, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "clone3": 435},
+        {
+            "clone": 56,
+            "fork": 57,
+            "vfork": 58,
+            "execve": 59,
+            "setpgid": 109,
+            "setsid": 112,
+            "execveat": 322,
+            "clone3": 435,
+        },
         True,
     ),
     "aarch64": (
         0xC00000B7,
-        {"clone": 220, "execve": 221, "execveat": 281, "clone3": 435},
+        {
+            "setpgid": 154,
+            "setsid": 157,
+            "clone": 220,
+            "execve": 221,
+            "execveat": 281,
+            "clone3": 435,
+        },
         False,
     ),
 }
-_DENIED = ("fork", "vfork", "execve", "execveat")
+_SPAWNING = ("fork", "vfork", "execve", "execveat")
+_LEAVING_THE_GROUP = ("setsid", "setpgid")
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`deny_spawning` cannot work here, in words; None when it can."""
+    """Why :func:`install` cannot work here, in words; None when it can."""
     if not sys.platform.startswith("linux"):
         return f"seccomp is a Linux feature (this is {sys.platform})"
     machine = os.uname().machine
@@ -74,8 +94,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def spawn_filter(machine: str | None = None) -> bytes:
-    """The BPF program (``struct sock_filter[]``) that denies new processes and programs."""
+def spawn_filter(machine: str | None = None, *, allow_spawning: bool = False) -> bytes:
+    """The BPF program (``struct sock_filter[]``) that keeps every process in the group and,
+    unless ``allow_spawning``, denies new processes and programs."""
     arch, numbers, x32 = _ARCHES[machine or os.uname().machine]
     program: list[tuple[int, int, object, object]] = [
         (_LD_W_ABS, _ARCH, None, None),
@@ -84,9 +105,12 @@ def spawn_filter(machine: str | None = None) -> bytes:
     ]
     if x32:
         program.append((_JGE_K, _X32_SYSCALL_BIT, "deny", None))
-    program.append((_JEQ_K, numbers["clone"], "clone", None))
-    program.append((_JEQ_K, numbers["clone3"], "enosys", None))
-    for name in _DENIED:
+    denied = list(_LEAVING_THE_GROUP)
+    if not allow_spawning:
+        program.append((_JEQ_K, numbers["clone"], "clone", None))
+        program.append((_JEQ_K, numbers["clone3"], "enosys", None))
+        denied += _SPAWNING
+    for name in denied:
         if name in numbers:
             program.append((_JEQ_K, numbers[name], "deny", None))
     program.append((_RET_K, _RET_ALLOW, None, None))
@@ -111,7 +135,7 @@ def _encode(index: int, insn: tuple[int, int, object, object], labels: dict[str,
     return struct.pack("=HBBI", code, offset(jt), offset(jf), k)
 
 
-def deny_spawning() -> None:
+def install(*, allow_spawning: bool = False) -> None:
     """Install the filter on this thread and on every thread and process it starts later.
 
     Sets no_new_privs (required). Threads that already exist are not filtered: call it while
@@ -119,7 +143,7 @@ def deny_spawning() -> None:
     """
     import ctypes
 
-    program = spawn_filter()
+    program = spawn_filter(allow_spawning=allow_spawning)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = ctypes.create_string_buffer(
         struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))

@@ -136,7 +136,8 @@ def _seccomp() -> LayerStatus:
     return LayerStatus(
         "seccomp",
         True,
-        "no fork, exec or new processes (threads allowed) unless shell.allow is granted",
+        "no fork, exec or new processes (threads allowed) unless shell.allow is granted; "
+        "nothing leaves the child's process group (no setsid, setpgid)",
     )
 
 

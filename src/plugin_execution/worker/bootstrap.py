@@ -53,10 +53,11 @@ def apply_sandbox(spec: dict[str, Any]) -> None:
         from ..sandbox import landlock
 
         landlock.restrict(**rules)
-    if spec.get("seccomp"):
+    mode = spec.get("seccomp")
+    if mode:
         from ..sandbox import seccomp
 
-        seccomp.deny_spawning()
+        seccomp.install(allow_spawning=mode == "contain")
 
 
 def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> None:
