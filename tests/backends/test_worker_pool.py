@@ -380,3 +380,33 @@ async def test_workers_exit_when_the_host_is_sigkilled(tmp_path) -> None:  # typ
     with trio.fail_after(30):
         while any(_alive(pid) for pid in pids):
             await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("quotas", "handler", "input", "reason"),
+    [
+        ({"memory_mb": 200}, "hog:keep", {"mb": 400}, "memory_limit"),
+        ({"cpu_s": 0.5}, "sample:spin", None, "cpu_limit"),
+    ],
+)
+async def test_quotas_are_enforced_on_shared_workers(  # type: ignore[no-untyped-def]
+    registry, workspaces, quotas, handler, input, reason
+) -> None:
+    registry.register(
+        {
+            "id": "tests.quotas",
+            "root": str(registry.get(P).root),
+            "handlers": [{"id": "greedy", "entry": handler}],
+            "permissions": {"quotas": {**quotas, "timeout": 60}},
+        }
+    )
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        with trio.fail_after(30), pytest.raises(WorkerCrashedError) as info:
+            await backend.execute(
+                ExecutionRequest(plugin_id="tests.quotas", handler_id="greedy", input=input)
+            )
+        assert info.value.details["reason"] == reason
+        await full_strength(backend, 1)  # replaced, and the pool serves again
+        assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
+        assert backend.stats().details["workers_killed"] == 1

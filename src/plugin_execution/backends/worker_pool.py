@@ -23,6 +23,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from .._groups import unwrap_single
 from ..channels.bridge import run_session
 from ..errors import (
     AcquireTimeoutError,
@@ -32,9 +33,11 @@ from ..errors import (
     WorkerCrashedError,
     WorkerUnhealthyError,
 )
+from ..manifest import Quotas
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
+from ._quota_watch import watch_quotas
 from .base import ExecutionBackend, Job
 from .subprocess import BASE_ENV
 
@@ -469,12 +472,30 @@ class WorkerPoolBackend(ExecutionBackend):
             if proc is None:
                 raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
             worker.executions += 1
+            quotas = job.target.permissions.quotas
+            if self.kind == "process" and (quotas.memory_mb or quotas.cpu_s):
+                return await self._execute_watched(proc, job, os.fspath(lease), quotas)
             return await proc.execute(
                 job, backend=self.name, workspace=os.fspath(lease), cancel_grace=self.cancel_grace
             )
         finally:
             self._give_back(worker, request.plugin_id)
             await lease.release()  # not cancellable; see WorkspaceLease.release
+
+    async def _execute_watched(
+        self, proc: WorkerProcess, job: Job, workspace: str, quotas: Quotas
+    ) -> ExecutionResult:
+        """Execute with the plugin's memory / CPU quotas sampled from the host (see
+        ``_quota_watch``): a shared worker cannot take per-execution rlimits."""
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_quotas, proc, quotas)
+                try:
+                    return await proc.execute(
+                        job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def _run_session(self, job: Job) -> ExecutionResult:
         """A channel session runs on the live worker with the fewest sessions, alongside
