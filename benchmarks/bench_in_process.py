@@ -26,17 +26,16 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import version
-from typing import Any, TypedDict
+from typing import Any
 
 import trio
 
-from _common import PLUGIN_ID, bench_registry, import_handlers
+from _common import PLUGIN_ID, Samples, Summary, bench_registry, import_handlers, summarize
 from plugin_execution import (
     ExecutionBackend,
     ExecutionContext,
@@ -53,15 +52,6 @@ INPUT: dict[str, Any] = {"args": ["--verbose"], "n": 1}
 
 AsyncHandler = Callable[[Any, Any], Awaitable[Any]]
 SyncHandler = Callable[[Any, Any], Any]
-Samples = list[int]  # nanoseconds, one per call
-
-
-class Summary(TypedDict):
-    calls: int
-    median_us: float
-    p99_us: float
-    mean_us: float
-    min_us: float
 
 
 # -- the timed loops: each appends one sample per call -----------------------------------
@@ -212,27 +202,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Samples]:
                 finally:
                     gc.enable()
     return samples
-
-
-def percentile(ordered: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of already sorted samples."""
-    index = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))
-    return float(ordered[index])
-
-
-def summarize(samples: dict[str, Samples]) -> dict[str, Summary]:
-    """Per variant, in microseconds: median, p99, mean, min, and the number of calls."""
-    summary: dict[str, Summary] = {}
-    for name, series in samples.items():
-        ordered = sorted(series)
-        summary[name] = {
-            "calls": len(ordered),
-            "median_us": statistics.median(ordered) / 1000,
-            "p99_us": percentile(ordered, 0.99) / 1000,
-            "mean_us": statistics.fmean(ordered) / 1000,
-            "min_us": ordered[0] / 1000,
-        }
-    return summary
 
 
 def report(summary: dict[str, Summary], args: argparse.Namespace) -> dict[str, Any]:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import trio
 
+from _common import Samples, Summary, summarize
 from plugin_execution import (
     ExecutionBackend,
     ExecutionRequest,
@@ -50,8 +50,6 @@ from plugin_execution.process import WorkerProcess, open_worker_process
 HERE = Path(__file__).resolve().parent
 PLUGIN_ID = "bench.platform"
 TARGET_RATIO = 3.0
-
-Samples = list[int]  # nanoseconds, one per call
 
 
 def bench_registry() -> PluginRegistry:
@@ -129,26 +127,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Samples]:
     return samples
 
 
-def percentile(ordered: Sequence[int], q: float) -> float:
-    """Nearest-rank percentile of already sorted samples."""
-    index = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))
-    return float(ordered[index])
-
-
-def summarize(samples: dict[str, Samples]) -> dict[str, dict[str, float]]:
-    summary = {}
-    for name, series in samples.items():
-        ordered = sorted(series)
-        summary[name] = {
-            "calls": len(ordered),
-            "median_us": statistics.median(ordered) / 1000,
-            "p99_us": percentile(ordered, 0.99) / 1000,
-            "mean_us": statistics.fmean(ordered) / 1000,
-        }
-    return summary
-
-
-def report(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> dict[str, Any]:
+def report(summary: dict[str, Summary], args: argparse.Namespace) -> dict[str, Any]:
     ping = summary["bare ping"]["median_us"]
     ratios = {
         name: summary[name]["median_us"] / ping

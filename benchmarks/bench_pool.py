@@ -76,7 +76,7 @@ import attrs
 import trio
 import trio_parallel
 
-from _common import PLUGIN_ID, bench_registry, import_handlers
+from _common import PLUGIN_ID, bench_registry, import_handlers, percentile
 from plugin_execution import ExecutionRequest, create_execution_backend
 
 SIZES: dict[str, int] = {"16 B": 16, "10 KB": 10 * 1024, "1 MB": 1024 * 1024}
@@ -519,12 +519,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- summarising and reporting ------------------------------------------------------------
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted samples."""
-    index = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))
-    return float(ordered[index])
 
 
 def summarize_latency(samples: list[int]) -> dict[str, float]:
