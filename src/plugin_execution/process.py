@@ -11,7 +11,9 @@ asked to stop, killed if it did not, and reaped; its fds are closed.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import os
 import signal
 import socket
@@ -35,7 +37,6 @@ from .protocol import (
     Connection,
     Error,
     Event,
-    Execute,
     Hello,
     Ping,
     PlatformCall,
@@ -47,12 +48,11 @@ from .protocol import (
     Warmed,
     Warmup,
 )
-from .types import ExecutionEvent, ExecutionResult
+from .types import ExecutionEvent, ExecutionResult, check_serializable
 
 if TYPE_CHECKING:
     from .backends.base import Job
     from .channels.bridge import ChannelBridge
-    from .platform import PlatformSession
     from .sandbox.policy import ChildSandbox
     from .zygote import Zygote
 
@@ -115,13 +115,15 @@ class _Reply:
     """Something a caller waits for: a result, a pong, a warm-up, the handshake.
 
     ``done`` once the answer (``value`` or ``error``) is in; ``wake`` is set then, and also to
-    hand a parked waiter the socket when the task reading it leaves.
+    hand a parked waiter the socket when the task reading it leaves. ``expired``: an
+    execution's deadline passed first (see ``WorkerProcess._watch_deadlines``).
     """
 
-    __slots__ = ("done", "error", "sink", "value", "wake")
+    __slots__ = ("done", "error", "expired", "sink", "value", "wake")
 
     def __init__(self, sink: Any = None) -> None:
         self.done = False
+        self.expired = False
         self.wake = trio.Event()
         self.sink = sink
         self.value: Any = None
@@ -165,7 +167,10 @@ class WorkerProcess:
         self._hello = _Reply()
         self._waiting: set[_Reply] = set()  # callers in _wait_for
         self._reading = False  # one of them is reading the socket
-        self._read_scope: trio.CancelScope | None = None
+        # Execution deadlines, earliest first: (deadline, execution id, cancel grace). One
+        # timer task watches them all (a cancel scope per round trip costs ~5 us of CPU).
+        self._deadlines: list[tuple[float, str, float]] = []
+        self._timer: trio.CancelScope | None = None
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
@@ -174,9 +179,9 @@ class WorkerProcess:
         self._killed = False
         #: Channel sessions bridged to this worker, by channel id (see channels/bridge.py).
         self.channels: dict[str, ChannelBridge] = {}
-        # Platform calls: the session of each execution running here (what the calls are
+        # Platform calls: each execution running here (its session is what the calls are
         # checked against), the cancel scopes of its calls in flight, and where they run.
-        self._sessions: dict[str, PlatformSession | None] = {}
+        self._jobs: dict[str, Job] = {}
         self._calls: dict[str, set[trio.CancelScope]] = {}
         self._call_nursery: trio.Nursery | None = None
         self._losing = False
@@ -209,14 +214,14 @@ class WorkerProcess:
 
     # -- background tasks -----------------------------------------------------------------
 
-    async def _wait_for(self, reply: _Reply, scope: trio.CancelScope | None = None) -> None:
+    async def _wait_for(self, reply: _Reply, *, sent: bool = False) -> None:
         """Wait until ``reply`` is done or the worker is lost, reading the socket meanwhile.
 
         There is no reader task: a waiting caller reads, one at a time, and dispatches what
         comes, so an answer wakes its caller directly instead of going through a second task
         (two fewer trips through the scheduler per round trip). A reader whose answer came,
-        or that is cancelled, hands the socket to another waiter. Cancellable. ``scope``: the
-        caller's own cancel scope around this call, if it has one (saves entering another).
+        or that is cancelled, hands the socket to another waiter. Cancellable. ``sent``: the
+        request went out just now, so its answer cannot be there yet (skip one ``read``).
         """
         self._waiting.add(reply)
         try:
@@ -225,30 +230,31 @@ class WorkerProcess:
                     await reply.wake.wait()
                     if not reply.done:
                         reply.wake = trio.Event()  # woken to take over the socket
-                elif scope is not None:
-                    await self._read_until(reply, scope)
+                    sent = False
                 else:
-                    with trio.CancelScope() as own:
-                        await self._read_until(reply, own)
+                    await self._read_until(reply, wait_first=sent)
         finally:
             self._waiting.discard(reply)
 
-    async def _read_until(self, reply: _Reply | None, scope: trio.CancelScope) -> None:
+    async def _read_until(self, reply: _Reply | None, *, wait_first: bool = False) -> None:
         """Read and dispatch until ``reply`` is done (``None``: until the connection ends).
 
-        Also ends when the worker is declared lost meanwhile: ``_lose`` cancels ``scope``, a
-        scope the caller entered around this call (a dead worker's socket may stay open if
-        something it started still holds it, so no EOF would come).
+        Also ends when the worker is declared lost meanwhile: ``_lose`` wakes a reader parked
+        on the socket (a dead worker's socket may stay open if something it started still
+        holds it, so no EOF would come).
         """
         self._reading = True
-        self._read_scope = scope
         reason = ""
+        fd = self._fd
         try:
             while (reply is None or not reply.done) and not self.lost.is_set():
+                if wait_first:
+                    wait_first = False
+                    await trio.lowlevel.wait_readable(fd)
                 try:
-                    data = os.read(self._fd, 262144)
+                    data = os.read(fd, 262144)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._fd)
+                    await trio.lowlevel.wait_readable(fd)
                     continue
                 self._conn.receive_data(data)
                 while (msg := self._conn.next_message()) is not None:
@@ -256,13 +262,14 @@ class WorkerProcess:
                 if not data:
                     reason = "the worker closed its connection"
                     break
+        except trio.ClosedResourceError:
+            pass  # _lose woke us: the worker is gone
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
         except OSError as exc:
             reason = f"connection lost: {exc}"
         finally:
             self._reading = False
-            self._read_scope = None
             for waiter in self._waiting:  # pass the socket on, never back to ourselves
                 if waiter is not reply and not waiter.done:
                     waiter.wake.set()
@@ -279,11 +286,50 @@ class WorkerProcess:
                 if self._reading:
                     await self.lost.wait()
                 else:
-                    with trio.CancelScope() as own:
-                        await self._read_until(None, own)
+                    await self._read_until(None)
         finally:
             # Even when cancelled: whoever waits on this worker must hear that it is gone.
             await self._lose("the worker exited")
+
+    async def _watch_deadlines(self) -> None:
+        """The one timer of this worker: expire each execution whose deadline passed."""
+        heap = self._deadlines
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, execution_id, grace = heapq.heappop(heap)
+                pending = self._pending.get(execution_id)
+                if pending is not None and not pending.done and not pending.expired:
+                    pending.expired = True
+                    assert self._call_nursery is not None
+                    self._call_nursery.start_soon(self._stop_expired, execution_id, pending, grace)
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._timer:
+                await trio.sleep_forever()
+
+    def _add_deadline(self, deadline: float, execution_id: str, grace: float) -> None:
+        if deadline == math.inf:
+            return
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._pending) + 32:  # drop the entries of finished executions
+            heap[:] = [entry for entry in heap if entry[1] in self._pending]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, execution_id, grace))
+        timer = self._timer
+        if timer is not None and deadline < timer.deadline:
+            timer.deadline = deadline
+
+    async def _stop_expired(self, execution_id: str, pending: _Reply, grace: float) -> None:
+        """Past its deadline: ask the worker to stop the handler; kill the worker if it has
+        not answered within ``grace`` seconds. The caller, still waiting, gets the answer (or
+        the crash) and reports the timeout."""
+        with trio.move_on_after(grace):
+            try:
+                await self._send(Cancel(execution_id=execution_id, reason="timed out"))
+            except ExecutionError:
+                return
+            await trio.sleep_forever()
+        if not pending.done:
+            self.kill()
 
     async def _drain_stderr(self) -> None:
         if self._stderr is None:
@@ -343,20 +389,20 @@ class WorkerProcess:
         worker's word is taken for nothing but the execution id), and reply."""
         from .platform_client import error_to_wire
 
-        session = self._sessions.get(msg.execution_id)
+        job = self._jobs.get(msg.execution_id)
         scopes = self._calls.setdefault(msg.execution_id, set())
         error: dict[str, Any] | None = None
         value: Any = None
         with trio.CancelScope() as scope:
             scopes.add(scope)
             try:
-                if session is None:
+                if job is None:
                     raise AbortedError(f"execution {msg.execution_id!r} is not running here")
                 if len(scopes) > _MAX_CALLS_IN_FLIGHT:
                     raise InvalidRequestError(
                         f"more than {_MAX_CALLS_IN_FLIGHT} platform calls in flight"
                     )
-                value = await session.acall(msg.service, msg.method, msg.args, msg.kwargs)
+                value = await job.session.acall(msg.service, msg.method, msg.args, msg.kwargs)
             except Exception as exc:
                 error = error_to_wire(exc)
             finally:
@@ -409,8 +455,8 @@ class WorkerProcess:
                 f"worker {self.worker_id} {how} ({reason})", details=details
             )
         self.lost.set()
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self._reading:  # wake the reader parked on the socket (the fd stays open)
+            trio.lowlevel.notify_closing(self._fd)
         for reply in (*self._pending.values(), *self._pongs.values(), *self._warmed.values()):
             reply.finish(error=self.crash_error())
         self._pongs.clear()
@@ -420,19 +466,19 @@ class WorkerProcess:
     # -- talking to the worker ------------------------------------------------------------
 
     async def _send(self, msg: Any) -> None:
-        """Send one frame. Whole frames only: the lock keeps concurrent senders apart.
+        """Send one frame. Whole frames only: the lock keeps concurrent senders apart."""
+        await self._send_frame(self._conn.send(msg))
 
-        Fast path: when nobody else is sending, write straight to the non-blocking socket;
-        a frame the kernel takes at once costs no trip through the scheduler (a round trip
-        on the pool has ~4 of them, so this is a large share of its latency). What the kernel
-        did not take goes the usual way, still under the lock.
+    async def _send_frame(self, data: bytes | memoryview) -> None:
+        """Fast path: when nobody else is sending, write straight to the non-blocking socket;
+        a frame the kernel takes whole costs no lock and no trip through the scheduler (a
+        round trip on the pool has ~4 of them, so this is a large share of its latency).
+        What the kernel did not take goes the usual way, under the lock.
         """
-        data: bytes | memoryview = self._conn.send(msg)
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
         else:
-            lock.acquire_nowait()
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:
@@ -440,9 +486,9 @@ class WorkerProcess:
             except OSError:
                 sent = 0  # broken: send_all below reports it the usual way
             if sent == len(data):
-                lock.release()
                 return
             data = memoryview(data)[sent:]
+            lock.acquire_nowait()  # free: nothing awaited since locked() said so
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -470,37 +516,42 @@ class WorkerProcess:
             raise self.crash_error()
         request = job.request
         execution_id = request.execution_id
+        target = job.target
+        deadline = job.deadline
+        try:
+            frame = self._conn.send_execute(
+                execution_id=execution_id,
+                plugin_id=request.plugin_id,
+                handler_id=request.handler_id,
+                entry=target.entry,
+                root=target.root,
+                input=request.input,
+                context=request.context,
+                workspace=workspace,
+                timeout=max(0.001, deadline - trio.current_time()),
+            )
+        except ProtocolError as exc:
+            check_serializable(request.input, "input")
+            raise InvalidRequestError(f"the request cannot be sent to a worker: {exc}") from None
         pending = self._pending[execution_id] = _Reply(job.sink)
-        self._sessions[execution_id] = job.session
+        self._jobs[execution_id] = job
+        self._add_deadline(deadline, execution_id, cancel_grace)
         self.executions += 1
         try:
-            await self._send(
-                Execute(
-                    execution_id=execution_id,
-                    plugin_id=request.plugin_id,
-                    handler_id=request.handler_id,
-                    entry=job.target.entry,
-                    root=job.target.root,
-                    input=request.input,
-                    context=request.context,
-                    workspace=workspace,
-                    timeout=max(0.001, job.deadline - trio.current_time()),
-                )
-            )
-            with trio.CancelScope(deadline=job.deadline) as waiting:
-                await self._wait_for(pending, waiting)
-            if not pending.done and not self.lost.is_set():
-                await self._stop_execution(execution_id, pending, cancel_grace)
-                raise job.timeout_error()
+            await self._send_frame(frame)
+            await self._wait_for(pending, sent=True)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
                 await self._stop_execution(execution_id, pending, cancel_grace)
             raise
         finally:
             del self._pending[execution_id]
-            del self._sessions[execution_id]
-            for scope in self._calls.pop(execution_id, ()):
-                scope.cancel()
+            del self._jobs[execution_id]
+            if self._calls:
+                for scope in self._calls.pop(execution_id, ()):
+                    scope.cancel()
+        if pending.expired:
+            raise job.timeout_error()
         if pending.error is not None:
             raise pending.error
         if not pending.done:
@@ -702,6 +753,7 @@ async def serve_worker(
             async with trio.open_nursery() as nursery:
                 worker._call_nursery = nursery
                 nursery.start_soon(worker._watch_exit)
+                nursery.start_soon(worker._watch_deadlines)
                 nursery.start_soon(worker._drain_stderr)
                 try:
                     with trio.move_on_after(start_timeout):

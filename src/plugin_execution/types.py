@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 from .errors import ExecutionError, InvalidRequestError
 
@@ -167,3 +168,14 @@ class ExecutionStats:
     latency: LatencySummary = attrs.field(factory=LatencySummary)
     queue_wait: LatencySummary = attrs.field(factory=LatencySummary)
     details: dict[str, Any] = attrs.field(factory=dict)
+
+
+def check_serializable(value: Any, what: str) -> None:
+    """Raise InvalidRequestError unless ``value`` is plain data every backend can carry."""
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except Exception as exc:
+        raise InvalidRequestError(
+            f"{what} is not serializable (plain data only: dict, list, str, bytes, int, "
+            f"float, bool, None): {type(exc).__name__}: {exc}"
+        ) from None

@@ -193,6 +193,15 @@ class WorkspaceLease:
             if done is not None:
                 done.set()
 
+    def release_unused(self) -> None:
+        """Close a reserved lease whose directory was never created, without touching the
+        filesystem: a worker process reported that its handler did not use the workspace.
+        Anything made there regardless is removed with the host directory when the manager
+        exits."""
+        if self._state == _OPEN:
+            self._state = _RELEASED
+            self._manager._forget(self)
+
     async def _wait_released(self) -> None:
         if self._done is None:
             self._done = trio.Event()
@@ -304,7 +313,10 @@ class WorkspaceManager:
         filesystem work at all. Synchronous. Raises :class:`InvalidRequestError` for a bad id,
         :class:`WorkspaceError` if the manager is not open or the id already has a live lease.
         """
-        validate_execution_id(execution_id)
+        return self._reserve(validate_execution_id(execution_id))
+
+    def _reserve(self, execution_id: str) -> WorkspaceLease:
+        """:meth:`reserve` of an id known to be valid (a backend's, from an ExecutionRequest)."""
         if self._host is None:
             raise WorkspaceError(
                 "this WorkspaceManager is not open: use `async with manager:` first "

@@ -16,7 +16,6 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
 import attrs
-import msgpack
 import trio
 
 from .._groups import unwrap_single
@@ -25,7 +24,6 @@ from ..errors import (
     BackendClosedError,
     ExecutionError,
     ExecutionTimeoutError,
-    InvalidRequestError,
 )
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
@@ -55,7 +53,7 @@ class Attachment(Protocol):
     def backend_closing(self) -> None: ...
 
 
-__all__ = ["Attachment", "ExecutionBackend", "Job", "check_serializable"]
+__all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
 
@@ -72,9 +70,25 @@ class Job:
     started: float  # time.perf_counter()
     #: The channel of a session-style channel handler (``handler(ctx, channel)``), else None.
     channel: Channel | None = None
-    #: The execution's standing with the platform (permissions, workspace): what its
-    #: ``ctx`` services are checked against, on the host. Set by ``_execute``.
-    session: PlatformSession = attrs.field(default=None)
+    #: The backend running it, and the executions that led to it through ``ctx.invoke``.
+    backend: ExecutionBackend | None = None
+    chain: tuple[tuple[str, str], ...] = ()
+    _session: PlatformSession | None = None
+
+    @property
+    def session(self) -> PlatformSession:
+        """The execution's standing with the platform (permissions, workspace): what its
+        ``ctx`` services are checked against, on the host. Made on first use: a handler
+        that calls no service costs none."""
+        session = self._session
+        if session is None:
+            assert self.backend is not None, "a job made by a backend has one"
+            session = self._session = self.backend._session(self)
+        return session
+
+    def close_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
 
     def timeout_error(self, what: str = "") -> ExecutionTimeoutError:
         return ExecutionTimeoutError(
@@ -219,12 +233,12 @@ class ExecutionBackend(abc.ABC):
         sink: EventSink,
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
+        chain: tuple[tuple[str, str], ...] = (),
     ) -> Job:
         if target is None:
             target = self.registry.resolve(request.plugin_id, request.handler_id)
         if timeout is not None:
             check_timeout(None, None, timeout)
-        check_serializable(request.input, "input")
         limit = timeout if timeout is not None else request.timeout
         if limit is None:
             limit = getattr(target.spec, "timeout", None) or DEFAULT_TIMEOUT_S
@@ -232,7 +246,9 @@ class ExecutionBackend(abc.ABC):
         if quota is not None and quota < limit:
             limit = quota
         deadline = trio.current_time() + limit
-        return Job(request, target, limit, deadline, sink, time.perf_counter(), channel)
+        return Job(
+            request, target, limit, deadline, sink, time.perf_counter(), channel, self, chain
+        )
 
     async def execute(
         self,
@@ -289,12 +305,11 @@ class ExecutionBackend(abc.ABC):
         stats.in_flight += 1
         try:
             self._check_running()
-            job = self._job(request, timeout, sink, target, channel)
-            job.session = self._session(job, chain)
+            job = self._job(request, timeout, sink, target, channel, chain)
             try:
                 result = await self._run(job)
             finally:
-                job.session.close()
+                job.close_session()
         except ExecutionError as exc:
             error = exc
         except trio.Cancelled:
@@ -327,7 +342,7 @@ class ExecutionBackend(abc.ABC):
             backend=self.name,
         )
 
-    def _session(self, job: Job, chain: tuple[tuple[str, str], ...]) -> PlatformSession:
+    def _session(self, job: Job) -> PlatformSession:
         """The job's platform session: its permissions as resolved here, on the host."""
         request = job.request
         host = self.workspaces.host_dir
@@ -342,7 +357,7 @@ class ExecutionBackend(abc.ABC):
             deadline=job.deadline,
             context=request.context,
             backend=self,
-            chain=chain,
+            chain=job.chain,
             on_denied=self._stats.record_permission_denial,
         )
 
@@ -437,17 +452,6 @@ class ExecutionBackend(abc.ABC):
 
     def _health_details(self) -> dict[str, Any]:
         return {}
-
-
-def check_serializable(value: Any, what: str) -> None:
-    """Raise InvalidRequestError unless ``value`` is plain data every backend can carry."""
-    try:
-        msgpack.packb(value, use_bin_type=True)
-    except Exception as exc:
-        raise InvalidRequestError(
-            f"{what} is not serializable (plain data only: dict, list, str, bytes, int, "
-            f"float, bool, None): {type(exc).__name__}: {exc}"
-        ) from None
 
 
 def _aborted(request: ExecutionRequest) -> ExecutionError:

@@ -24,9 +24,9 @@ import trio
 from ..context import ExecutionContext
 from ..errors import ExecutionError, HandlerContractError, HandlerError, WorkspaceError
 from ..handlers import Handler, load_handler
-from ..types import ExecutionResult
+from ..types import ExecutionResult, check_serializable
 from ..workspace import WorkspaceLease, WorkspaceManager
-from .base import ExecutionBackend, Job, check_serializable
+from .base import ExecutionBackend, Job
 
 if TYPE_CHECKING:
     from ..channels.channel import Channel
@@ -120,6 +120,7 @@ class InProcessBackend(ExecutionBackend):
 
     async def _run(self, job: Job) -> ExecutionResult:
         request = job.request
+        check_serializable(request.input, "input")  # as a process backend would require
         handler = self._handler(job)
         workspace = _LazyWorkspace(self.workspaces, request.execution_id)
         ctx = ExecutionContext(

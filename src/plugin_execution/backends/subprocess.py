@@ -33,7 +33,7 @@ from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..process import WorkerLimits, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
-from ..types import ExecutionResult
+from ..types import ExecutionResult, check_serializable
 from ..zygote import Zygote, open_zygote
 from .base import ExecutionBackend, Job
 
@@ -176,6 +176,7 @@ class SubprocessBackend(ExecutionBackend):
         """Wait for a slot, start a child, run the job in it. Every wait counts toward the
         job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
         """
+        check_serializable(job.request.input, "input")  # before any child is started
         with trio.CancelScope(deadline=job.deadline) as waiting:
             await self._slots.acquire()
         if waiting.cancelled_caught:

@@ -180,6 +180,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._workers_killed = 0
         self._recent_restarts: deque[float] = deque(maxlen=1000)
         self._idle = trio.Event()
+        self._in_use = 0  # executions on workers now (sum of their ``running``)
         self._last_check = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class WorkerPoolBackend(ExecutionBackend):
             waiter.event.set()  # wakes with no worker: BackendClosedError
         limit = self.shutdown_timeout if timeout is None else timeout
         with trio.move_on_after(limit if drain else 0):
-            while any(w.running for w in self._workers.values()):
+            while self._in_use:
                 self._idle = trio.Event()
                 await self._idle.wait()
         for worker in self._workers.values():
@@ -388,6 +389,7 @@ class WorkerPoolBackend(ExecutionBackend):
             waiter.event.set()
 
     def _take(self, worker: _Worker, plugin_id: str) -> None:
+        self._in_use += 1
         worker.running += 1
         worker.state = "busy"
         self._per_plugin[plugin_id] += 1
@@ -404,9 +406,11 @@ class WorkerPoolBackend(ExecutionBackend):
             self._retire(worker, "executions")
         elif time.monotonic() - worker.started_at > self.max_worker_uptime:
             self._retire(worker, "uptime")
-        if not any(w.running for w in self._workers.values()):
+        self._in_use -= 1
+        if not self._in_use:
             self._idle.set()
-        self._dispatch()
+        if self._queue:
+            self._dispatch()
 
     def _maybe_grow(self) -> None:
         starting = sum(w.state == "starting" for w in self._workers.values())
@@ -466,7 +470,8 @@ class WorkerPoolBackend(ExecutionBackend):
         self._stats.queued = len(self._queue)
         request = job.request
         self._usage[(request.plugin_id, request.handler_id)] += 1
-        lease = self.workspaces.reserve(request.execution_id)
+        lease = self.workspaces._reserve(request.execution_id)
+        result = None
         try:
             proc = worker.proc
             if proc is None:
@@ -474,13 +479,21 @@ class WorkerPoolBackend(ExecutionBackend):
             worker.executions += 1
             quotas = job.target.permissions.quotas
             if self.kind == "process" and (quotas.memory_mb or quotas.cpu_s):
-                return await self._execute_watched(proc, job, os.fspath(lease), quotas)
-            return await proc.execute(
-                job, backend=self.name, workspace=os.fspath(lease), cancel_grace=self.cancel_grace
-            )
+                result = await self._execute_watched(proc, job, os.fspath(lease), quotas)
+            else:
+                result = await proc.execute(
+                    job,
+                    backend=self.name,
+                    workspace=os.fspath(lease),
+                    cancel_grace=self.cancel_grace,
+                )
+            return result
         finally:
             self._give_back(worker, request.plugin_id)
-            await lease.release()  # not cancellable; see WorkspaceLease.release
+            if result is not None and result.metadata.get("workspace_id") is None:
+                lease.release_unused()  # its worker says it never made the directory
+            else:
+                await lease.release()  # not cancellable; see WorkspaceLease.release
 
     async def _execute_watched(
         self, proc: WorkerProcess, job: Job, workspace: str, quotas: Quotas

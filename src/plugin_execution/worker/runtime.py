@@ -253,6 +253,7 @@ class Worker:
         self._in_thread = in_thread
         self._send_lock = threading.Lock()
         self._started = time.monotonic()
+        self._pid = os.getpid()
         self._handlers: dict[tuple[str, str | None], Handler] = {}
         self._running: dict[str, _Running] = {}
         self._idle: SimpleQueue[_Executor] = SimpleQueue()
@@ -614,13 +615,19 @@ class Worker:
     ) -> None:
         self._stdout.finish(execution_id)
         self._stderr.finish(execution_id)
-        self._running.pop(execution_id, None)
+        running = self._running.pop(execution_id, None)
         if error is None:
+            used = running is not None and running.ctx.workspace_used
             fields = {
                 "execution_id": execution_id,
                 "output": output,
                 "duration_s": time.perf_counter() - started,
-                "metadata": {"warm": warm, "pid": os.getpid()},
+                "metadata": {
+                    "warm": warm,
+                    "pid": self._pid,
+                    # The host removes the workspace only when it was made (see WorkerPool).
+                    "workspace_id": execution_id if used else None,
+                },
             }
             try:
                 self.send("result", fields)
