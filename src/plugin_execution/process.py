@@ -11,9 +11,7 @@ asked to stop, killed if it did not, and reaped; its fds are closed.
 
 from __future__ import annotations
 
-import heapq
 import itertools
-import math
 import os
 import signal
 import socket
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ._deadlines import Deadlines
 from ._groups import unwrap_single
 from .errors import AbortedError, ExecutionError, InvalidRequestError, WorkerCrashedError
 from .protocol import (
@@ -116,7 +115,7 @@ class _Reply:
 
     ``done`` once the answer (``value`` or ``error``) is in; ``wake`` is set then, and also to
     hand a parked waiter the socket when the task reading it leaves. ``expired``: an
-    execution's deadline passed first (see ``WorkerProcess._watch_deadlines``).
+    execution's deadline passed first (see ``WorkerProcess._expire``).
     """
 
     __slots__ = ("done", "error", "expired", "sink", "value", "wake")
@@ -167,10 +166,8 @@ class WorkerProcess:
         self._hello = _Reply()
         self._waiting: set[_Reply] = set()  # callers in _wait_for
         self._reading = False  # one of them is reading the socket
-        # Execution deadlines, earliest first: (deadline, execution id, cancel grace). One
-        # timer task watches them all (a cancel scope per round trip costs ~5 us of CPU).
-        self._deadlines: list[tuple[float, str, float]] = []
-        self._timer: trio.CancelScope | None = None
+        # The deadlines of executions running here, by (execution id, cancel grace).
+        self._deadlines = Deadlines(self._expire, self._unexpired)
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
@@ -291,32 +288,16 @@ class WorkerProcess:
             # Even when cancelled: whoever waits on this worker must hear that it is gone.
             await self._lose("the worker exited")
 
-    async def _watch_deadlines(self) -> None:
-        """The one timer of this worker: expire each execution whose deadline passed."""
-        heap = self._deadlines
-        while True:
-            now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, execution_id, grace = heapq.heappop(heap)
-                pending = self._pending.get(execution_id)
-                if pending is not None and not pending.done and not pending.expired:
-                    pending.expired = True
-                    assert self._call_nursery is not None
-                    self._call_nursery.start_soon(self._stop_expired, execution_id, pending, grace)
-            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as self._timer:
-                await trio.sleep_forever()
+    def _expire(self, key: tuple[str, float]) -> None:
+        execution_id, grace = key
+        pending = self._pending[execution_id]
+        pending.expired = True
+        assert self._call_nursery is not None
+        self._call_nursery.start_soon(self._stop_expired, execution_id, pending, grace)
 
-    def _add_deadline(self, deadline: float, execution_id: str, grace: float) -> None:
-        if deadline == math.inf:
-            return
-        heap = self._deadlines
-        if len(heap) > 2 * len(self._pending) + 32:  # drop the entries of finished executions
-            heap[:] = [entry for entry in heap if entry[1] in self._pending]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, execution_id, grace))
-        timer = self._timer
-        if timer is not None and deadline < timer.deadline:
-            timer.deadline = deadline
+    def _unexpired(self, key: tuple[str, float]) -> bool:
+        pending = self._pending.get(key[0])
+        return pending is not None and not pending.done and not pending.expired
 
     async def _stop_expired(self, execution_id: str, pending: _Reply, grace: float) -> None:
         """Past its deadline: ask the worker to stop the handler; kill the worker if it has
@@ -535,7 +516,7 @@ class WorkerProcess:
             raise InvalidRequestError(f"the request cannot be sent to a worker: {exc}") from None
         pending = self._pending[execution_id] = _Reply(job.sink)
         self._jobs[execution_id] = job
-        self._add_deadline(deadline, execution_id, cancel_grace)
+        self._deadlines.add(deadline, (execution_id, cancel_grace))
         self.executions += 1
         try:
             await self._send_frame(frame)
@@ -753,7 +734,7 @@ async def serve_worker(
             async with trio.open_nursery() as nursery:
                 worker._call_nursery = nursery
                 nursery.start_soon(worker._watch_exit)
-                nursery.start_soon(worker._watch_deadlines)
+                nursery.start_soon(worker._deadlines.run)
                 nursery.start_soon(worker._drain_stderr)
                 try:
                     with trio.move_on_after(start_timeout):

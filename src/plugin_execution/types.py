@@ -40,14 +40,24 @@ def new_execution_id() -> str:
     return os.urandom(16).hex()
 
 
-def _check_id(pattern: re.Pattern[str], what: str) -> Any:
+def _check_id(pattern: re.Pattern[str], what: str, *, remember: bool = False) -> Any:
+    # ``remember``: plugin and handler ids recur on every request; a set lookup is cheaper
+    # than the regex (bounded: a flood of distinct ids just empties it now and then).
+    seen: set[str] = set()
+
     def check(_inst: Any, _attr: attrs.Attribute[Any], value: Any) -> None:
+        if type(value) is str and value in seen:
+            return
         if not isinstance(value, str) or pattern.fullmatch(value) is None:
             raise InvalidRequestError(
                 f"{what} must be 1-128 characters of letters, digits and "
                 f"{'-_' if pattern is _EXECUTION_ID else '._:@-'}, starting with a letter or "
                 f"digit; got {value!r}"
             )
+        if remember and type(value) is str:
+            if len(seen) >= 1024:
+                seen.clear()
+            seen.add(value)
 
     return check
 
@@ -79,8 +89,8 @@ class ExecutionRequest:
     :data:`DEFAULT_TIMEOUT_S` (30 s). A plugin's quota may lower it, never raise it.
     """
 
-    plugin_id: str = attrs.field(validator=_check_id(_ID, "plugin_id"))
-    handler_id: str = attrs.field(validator=_check_id(_ID, "handler_id"))
+    plugin_id: str = attrs.field(validator=_check_id(_ID, "plugin_id", remember=True))
+    handler_id: str = attrs.field(validator=_check_id(_ID, "handler_id", remember=True))
     input: Any = None
     context: dict[str, Any] = attrs.field(factory=dict, converter=_to_context)
     execution_id: str = attrs.field(

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from .._deadlines import Deadlines
 from .._groups import unwrap_single
 from ..channels.bridge import run_session
 from ..errors import (
@@ -179,6 +180,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._supervisor: Supervisor | None = None
         self._workers_killed = 0
         self._recent_restarts: deque[float] = deque(maxlen=1000)
+        self._queue_deadlines = Deadlines(self._give_up, self._still_queued)
         self._idle = trio.Event()
         self._in_use = 0  # executions on workers now (sum of their ``running``)
         self._last_check = 0.0
@@ -197,6 +199,7 @@ class WorkerPoolBackend(ExecutionBackend):
             for _ in range(self.min_workers):
                 starting.start_soon(self._add_worker, True)
         nursery.start_soon(self._maintain)
+        nursery.start_soon(self._queue_deadlines.run)
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Fail the queue (BackendClosedError), let in-flight work finish within the
@@ -383,10 +386,13 @@ class WorkerPoolBackend(ExecutionBackend):
             worker = self._free_worker()
             if worker is None:
                 break
-            self._queue.remove(waiter)
-            self._take(worker, waiter.plugin_id)
-            waiter.worker = worker
-            waiter.event.set()
+            self._hand_over(worker, waiter)
+
+    def _hand_over(self, worker: _Worker, waiter: _Waiter) -> None:
+        self._queue.remove(waiter)
+        self._take(worker, waiter.plugin_id)
+        waiter.worker = worker
+        waiter.event.set()
 
     def _take(self, worker: _Worker, plugin_id: str) -> None:
         self._in_use += 1
@@ -409,10 +415,18 @@ class WorkerPoolBackend(ExecutionBackend):
         self._in_use -= 1
         if not self._in_use:
             self._idle.set()
-        if self._queue:
+        if self.max_concurrent_per_plugin is None:
+            # Any free capacity elsewhere went to the queue already: only this worker's is
+            # new. Under load this is every call, so no scan.
+            while self._queue and self._has_room(worker):
+                self._hand_over(worker, self._queue[0])
+        else:
             self._dispatch()
 
     def _maybe_grow(self) -> None:
+        workers = self._workers.values()
+        if len(workers) >= self.max_workers and all(w.state != "stopped" for w in workers):
+            return  # full size: the common case under load
         starting = sum(w.state == "starting" for w in self._workers.values())
         alive = sum(w.state != "stopped" for w in self._workers.values())
         if alive < self.max_workers and starting < len(self._queue) and self._nursery:
@@ -442,13 +456,17 @@ class WorkerPoolBackend(ExecutionBackend):
         waiter = _Waiter(plugin_id)
         self._queue.append(waiter)
         self._maybe_grow()
-        give_up = min(job.deadline, trio.current_time() + self.acquire_timeout)
+        self._queue_deadlines.add(
+            min(job.deadline, trio.current_time() + self.acquire_timeout), waiter
+        )
         try:
-            with trio.CancelScope(deadline=give_up):
-                await waiter.event.wait()
-        finally:
-            if waiter.worker is None and waiter in self._queue:
+            await waiter.event.wait()  # set by _dispatch, _give_up or _stop
+        except BaseException:
+            if waiter.worker is not None:  # a worker was handed over as we were cancelled
+                self._give_back(waiter.worker, plugin_id)
+            elif waiter in self._queue:
                 self._queue.remove(waiter)
+            raise
         self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
         if waiter.worker is not None:
             return waiter.worker
@@ -461,6 +479,15 @@ class WorkerPoolBackend(ExecutionBackend):
             f"no worker became free within {self.acquire_timeout:g} s "
             f"({len(self._queue)} queued, {len(self._workers)} workers)"
         )
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """A queued execution's acquire timeout or deadline passed: wake it, workerless."""
+        self._queue.remove(waiter)
+        waiter.event.set()
+
+    @staticmethod
+    def _still_queued(waiter: _Waiter) -> bool:
+        return waiter.worker is None and not waiter.event.is_set()
 
     async def _run(self, job: Job) -> ExecutionResult:
         if job.channel is not None:

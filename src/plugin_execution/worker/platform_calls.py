@@ -47,13 +47,19 @@ class _Call:
 
 class PlatformCalls:
     """The worker's calls in flight, by call id. ``send(tag, fields)`` writes one frame;
-    ``loop()`` gives the worker's trio loop (``_TrioLoop``) for async callers."""
+    ``loop()`` gives the worker's trio loop (``_TrioLoop``) for async callers;
+    ``before_blocking()`` runs before a sync caller blocks for its reply (the worker makes
+    sure some other thread reads the socket, where the reply comes)."""
 
     def __init__(
-        self, send: Callable[[str, dict[str, Any]], None], loop: Callable[[], Any]
+        self,
+        send: Callable[[str, dict[str, Any]], None],
+        loop: Callable[[], Any],
+        before_blocking: Callable[[], None] = lambda: None,
     ) -> None:
         self._send = send
         self._loop = loop
+        self._before_blocking = before_blocking
         self._ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
 
@@ -110,6 +116,7 @@ class PlatformCalls:
         lock.acquire()
         call = _Call(execution_id, lock.release)
         self._start(call, service, method, args, kwargs)
+        self._before_blocking()
         lock.acquire()
         return call.outcome()
 

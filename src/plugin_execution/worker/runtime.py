@@ -52,6 +52,7 @@ _CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
 _OOM_EXIT = 137
 _DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # the kernel said no: permissions
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
+_WATCH_S = 0.01  # how long a handler runs on the reading thread before another takes over
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -261,11 +262,14 @@ class Worker:
         self._decoder = FrameDecoder()
         self._leader: int | None = None  # the thread reading the socket (see _lead)
         self._inline: Callable[[], None] | None = None
+        self._lead_lock = threading.Lock()
+        self._inline_thread: int | None = None  # the leader, while it runs a handler itself
+        self._inline_since = 0.0
         self._trio: _TrioLoop | None = None
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
         self._stderr = _CapturedStream(self, "stderr")
-        self._platform = PlatformCalls(self.send, self._loop)
+        self._platform = PlatformCalls(self.send, self._loop, self._stop_leading)
         self._channels: dict[str, WorkerChannel] = {}  # by channel id, until the handler ends
         self._channel_of: dict[str, WorkerChannel] = {}  # by execution id, until it starts
         self._channel_batch: list[tuple[str, dict[str, Any]]] = []
@@ -305,6 +309,7 @@ class Worker:
             return
         # A child process: the main thread is one of the executor threads that take turns
         # at reading (see _lead); the process ends by os._exit, from whichever thread.
+        threading.Thread(target=self._watch_inline, name="worker-watch", daemon=True).start()
         main = _Executor(self._idle, self._stopped, start=False)
         main.submit(self._lead)
         main.run()
@@ -312,13 +317,15 @@ class Worker:
     def _lead(self) -> None:
         """Read and dispatch frames, as the one thread that reads (leader/followers).
 
-        A sync execution dispatched here runs on this very thread, right away, once an idle
-        thread has been made the reader: its result is not delayed by waking another thread,
-        and ``Ping``, ``Cancel`` and platform replies are still read while it runs. A thread
-        worker (``in_thread``) never hands over: its handlers run on executor threads.
+        A sync execution dispatched here runs on this very thread, right away, and the thread
+        stays the reader: a short handler costs no thread switch at all. Frames that come
+        meanwhile wait in the socket. Should the handler take a while, ``_watch_inline`` makes
+        an idle thread the reader (within ~``_WATCH_S``), so ``Ping`` and ``Cancel`` are
+        still read; a platform call does so at once, since its reply must be read. A thread
+        worker (``in_thread``) never runs handlers here: they go to executor threads.
         """
         decoder = self._decoder
-        self._leader = threading.get_ident()
+        me = self._leader = threading.get_ident()
         try:
             while True:
                 for tag, fields in decoder:
@@ -326,10 +333,20 @@ class Worker:
                     job = self._inline
                     if job is not None:
                         self._inline = None
-                        self._leader = None
-                        self._executor().submit(self._lead)  # the next reader drains the rest
-                        job()
-                        return
+                        with self._lead_lock:
+                            self._inline_since = time.monotonic()
+                            self._inline_thread = me
+                        try:
+                            job()
+                        finally:
+                            with self._lead_lock:
+                                # Another thread may be the reader running a handler by
+                                # now (the result went out before this): leave its mark.
+                                if self._inline_thread == me:
+                                    self._inline_thread = None
+                                still_leading = self._leader == me
+                        if not still_leading:
+                            return  # another thread reads now; this one goes idle
                 if self._channel_batch:
                     self._flush_channels()
                 if self._channels:
@@ -348,6 +365,25 @@ class Worker:
             if not self._in_thread:
                 os._exit(_PROTOCOL_EXIT)
             raise _Stop from None
+
+    def _stop_leading(self, thread: int | None = None) -> None:
+        """If ``thread`` (default: this one) is the reader running a handler, make an idle
+        thread the reader instead. Called before a handler blocks on a platform reply, and
+        by ``_watch_inline`` for a handler that runs long."""
+        thread = threading.get_ident() if thread is None else thread
+        with self._lead_lock:
+            if self._inline_thread != thread or self._leader != thread:
+                return
+            self._leader = None
+        self._executor().submit(self._lead)
+
+    def _watch_inline(self) -> None:
+        """Give the socket a reader while a handler runs long on the reading thread."""
+        while True:
+            time.sleep(_WATCH_S)
+            thread = self._inline_thread
+            if thread is not None and time.monotonic() - self._inline_since >= _WATCH_S:
+                self._stop_leading(thread)
 
     def _stop_threads(self) -> None:
         """In a thread worker, end its helper threads; busy ones end after their handler."""
