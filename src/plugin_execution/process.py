@@ -36,6 +36,7 @@ from .protocol import (
     Connection,
     Error,
     Event,
+    Execute,
     Hello,
     Ping,
     PlatformCall,
@@ -166,7 +167,7 @@ class WorkerProcess:
         self._hello = _Reply()
         self._waiting: set[_Reply] = set()  # callers in _wait_for
         self._reading = False  # one of them is reading the socket
-        # The deadlines of executions running here, by (execution id, cancel grace).
+        # The deadlines of executions running here: (execution id, cancel grace, reply).
         self._deadlines = Deadlines(self._expire, self._unexpired)
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
@@ -288,16 +289,16 @@ class WorkerProcess:
             # Even when cancelled: whoever waits on this worker must hear that it is gone.
             await self._lose("the worker exited")
 
-    def _expire(self, key: tuple[str, float]) -> None:
-        execution_id, grace = key
-        pending = self._pending[execution_id]
+    def _expire(self, key: tuple[str, float, _Reply]) -> None:
+        execution_id, grace, pending = key
         pending.expired = True
         assert self._call_nursery is not None
         self._call_nursery.start_soon(self._stop_expired, execution_id, pending, grace)
 
-    def _unexpired(self, key: tuple[str, float]) -> bool:
-        pending = self._pending.get(key[0])
-        return pending is not None and not pending.done and not pending.expired
+    def _unexpired(self, key: tuple[str, float, _Reply]) -> bool:
+        # The same reply, not just the same id: an id may be used again once it finished.
+        pending = key[2]
+        return self._pending.get(key[0]) is pending and not pending.done and not pending.expired
 
     async def _stop_expired(self, execution_id: str, pending: _Reply, grace: float) -> None:
         """Past its deadline: ask the worker to stop the handler; kill the worker if it has
@@ -499,24 +500,30 @@ class WorkerProcess:
         execution_id = request.execution_id
         target = job.target
         deadline = job.deadline
+        fields = {
+            "execution_id": execution_id,
+            "plugin_id": request.plugin_id,
+            "handler_id": request.handler_id,
+            "entry": target.entry,
+            "root": target.root,
+            "input": request.input,
+            "context": request.context,
+            "workspace": workspace,
+            "timeout": max(0.001, deadline - trio.current_time()),
+        }
         try:
-            frame = self._conn.send_execute(
-                execution_id=execution_id,
-                plugin_id=request.plugin_id,
-                handler_id=request.handler_id,
-                entry=target.entry,
-                root=target.root,
-                input=request.input,
-                context=request.context,
-                workspace=workspace,
-                timeout=max(0.001, deadline - trio.current_time()),
-            )
-        except ProtocolError as exc:
+            frame = self._conn.send_execute(**fields)
+        except ProtocolError:
+            # Input must be plain data on every backend; a context may hold values the
+            # converter makes plain (the general path); too big is too big.
             check_serializable(request.input, "input")
-            raise InvalidRequestError(f"the request cannot be sent to a worker: {exc}") from None
+            try:
+                frame = self._conn.send(Execute(**fields))
+            except ProtocolError as exc:
+                raise InvalidRequestError(f"the request cannot be sent: {exc}") from None
         pending = self._pending[execution_id] = _Reply(job.sink)
         self._jobs[execution_id] = job
-        self._deadlines.add(deadline, (execution_id, cancel_grace))
+        self._deadlines.add(deadline, (execution_id, cancel_grace, pending))
         self.executions += 1
         try:
             await self._send_frame(frame)

@@ -440,6 +440,13 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _problems(exc: Exception) -> str:
+    try:
+        return _clip("; ".join(cattrs.transform_error(exc, format_exception=_describe)))
+    except Exception:  # cattrs' own formatting can fail (it sorts extra keys: an int key)
+        return _clip(f"{type(exc).__name__}: {exc}")
+
+
 def _fast_structure(codec: _Codec, data: dict[str, Any]) -> Message | None:
     """``codec.cls(**data)`` when ``data`` is exactly right, else None (see ``_Codec``)."""
     if data.keys() != codec.keys:
@@ -615,8 +622,7 @@ class Connection:
             try:
                 message = codec.structure(data, codec.cls)
             except Exception as exc:
-                problems = "; ".join(cattrs.transform_error(exc, format_exception=_describe))
-                raise ProtocolError(f"malformed {tag!r} message: {_clip(problems)}") from exc
+                raise ProtocolError(f"malformed {tag!r} message: {_problems(exc)}") from exc
         if self.role == "host" and (not self._greeted or tag == Hello.tag):
             self._handshake(message)
         return message
@@ -637,8 +643,8 @@ class Connection:
         """The frame of ``Execute(...)`` with these fields, as :meth:`send` would encode it,
         without building the message object: the host's per-execution hot path.
 
-        ``input`` and ``context`` are packed as plain data; values only the converter can
-        turn into plain data take the general path.
+        ``input`` and ``context`` must be plain data (msgpack's own types); raises
+        :class:`ProtocolError` otherwise, or for a frame over the size limit.
         """
         fields = {
             "t": Execute.tag,
@@ -655,9 +661,8 @@ class Connection:
         }
         try:
             payload: bytes = _pack_plain(fields)
-        except (TypeError, ValueError, OverflowError):
-            del fields["t"]
-            return self.send(Execute(**fields))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"cannot encode 'execute': {_clip(str(exc))}") from exc
         if len(payload) > self.max_frame_size:
             raise ProtocolError(
                 f"cannot send 'execute': its frame of {len(payload)} bytes is over the "

@@ -86,6 +86,11 @@ class Job:
             session = self._session = self.backend._session(self)
         return session
 
+    @property
+    def session_unused(self) -> bool:
+        """No platform service was called for this execution (no session was made)."""
+        return self._session is None
+
     def close_session(self) -> None:
         if self._session is not None:
             self._session.close()
