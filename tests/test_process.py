@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
+import pytest
 import trio
 
-from plugin_execution.errors import WorkerCrashedError
+from plugin_execution import ExecutionRequest, PluginRegistry
+from plugin_execution.backends.base import Job
+from plugin_execution.errors import ExecutionTimeoutError, WorkerCrashedError
 from plugin_execution.process import open_worker_process
+from plugin_execution.types import ExecutionEvent
 
 
 async def test_handshake_and_ping_report_real_figures() -> None:
@@ -47,3 +53,181 @@ async def test_the_worker_exits_when_the_host_goes_away() -> None:
         with trio.fail_after(30):
             await worker.process.wait()
     assert worker.process.returncode == 0
+
+
+# -- executions: deadlines on one timer per worker ----------------------------------------
+
+P = "tests.sample"
+
+
+class Sink:
+    """Where a job's events go: kept, for a look afterwards."""
+
+    def __init__(self) -> None:
+        self.events: list[ExecutionEvent] = []
+
+    def deliver_nowait(self, event: ExecutionEvent) -> None:
+        self.events.append(event)
+
+
+def job(
+    registry: PluginRegistry,
+    handler: str,
+    input: object = None,
+    *,
+    timeout: float = 30.0,
+    **fields: object,
+) -> Job:
+    """A job as a backend makes one: the deadline counts from now, on the trio clock.
+    ``fields``: more of the request's (an ``execution_id``)."""
+    request = ExecutionRequest(plugin_id=P, handler_id=handler, input=input, **fields)  # type: ignore[arg-type]
+    return Job(
+        request,
+        registry.resolve(P, handler),
+        timeout,
+        trio.current_time() + timeout,
+        Sink(),
+        time.perf_counter(),
+    )
+
+
+async def test_a_later_short_deadline_fires_before_an_earlier_long_one(
+    registry: PluginRegistry,
+) -> None:
+    # The host's timer sleeps until the earliest deadline; a new, earlier one must wake it
+    # sooner. The short execution is a sync handler: the worker cannot time it out itself
+    # (an async one would be, by the worker's own deadline), so only the host's timer can
+    # make it a timeout. It finishes by itself after 1.5 s, well within the grace: without
+    # the timer it would succeed.
+    async with open_worker_process() as worker:
+        long = job(registry, "sleep", {"seconds": 60}, timeout=60)
+        outcome: list[object] = []
+
+        async def run_long() -> None:
+            try:
+                outcome.append(await worker.execute(long, backend="test", cancel_grace=5))
+            except trio.Cancelled:
+                outcome.append("cancelled")
+                raise
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_long)
+            with trio.fail_after(30):
+                while worker.in_flight < 1:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.3)  # the timer is armed for the long deadline by now
+            start = trio.current_time()
+            with trio.fail_after(30), pytest.raises(ExecutionTimeoutError) as info:
+                await worker.execute(
+                    job(registry, "sleep_sync", {"seconds": 1.5}, timeout=0.3),
+                    backend="test",
+                    cancel_grace=20,
+                )
+            elapsed = trio.current_time() - start
+            # The host's verdict (the worker would have said how much time it had left).
+            assert info.value.code == "TIMEOUT" and info.value.details["timeout_s"] == 0.3
+            assert elapsed < 10  # long before the first execution's deadline (60 s)
+            # The long one is untouched: still running, not expired, its worker alive.
+            assert outcome == [] and worker.in_flight == 1
+            assert not worker._pending[long.request.execution_id].expired
+            assert worker.alive
+            nursery.cancel_scope.cancel()
+        assert outcome == ["cancelled"]
+        # Both handlers ended on their own or on Cancel: the worker was never killed.
+        assert worker.alive and not worker.killed
+        result = await worker.execute(job(registry, "add", {"a": 1, "b": 2}), backend="t")
+        assert result.output == 3
+
+
+async def test_deadlines_of_finished_executions_do_not_pile_up(registry: PluginRegistry) -> None:
+    async with open_worker_process() as worker:
+        for i in range(200):
+            result = await worker.execute(job(registry, "echo", i), backend="test")
+            assert result.output == i
+            assert len(worker._deadlines) <= 2 * 1 + 33  # one in flight at a time
+
+        lanes = 4
+
+        async def lane(n: int) -> None:
+            for i in range(50):
+                assert (await worker.execute(job(registry, "echo", [n, i]), backend="t")).ok
+                assert len(worker._deadlines) <= 2 * lanes + 33
+
+        async with trio.open_nursery() as nursery:
+            for n in range(lanes):
+                nursery.start_soon(lane, n)
+        assert len(worker._deadlines) <= 2 * lanes + 33
+        assert worker.executions == 400 and worker.in_flight == 0
+        # The heap survived all that compaction: the host's timer still fires (a sync
+        # handler: the worker does not time those out itself).
+        with trio.fail_after(30), pytest.raises(ExecutionTimeoutError) as info:
+            await worker.execute(
+                job(registry, "sleep_sync", {"seconds": 1}, timeout=0.2),
+                backend="test",
+                cancel_grace=20,
+            )
+        assert info.value.details["timeout_s"] == 0.2
+        assert worker.alive
+
+
+async def test_a_finished_executions_deadline_spares_a_later_one_with_the_same_id(
+    registry: PluginRegistry,
+) -> None:
+    # Running one request twice (a retry) reuses its execution id. The first run's deadline
+    # stays in the heap after it finished; when it passes, it must not stop the second run.
+    async with open_worker_process() as worker:
+        first = job(registry, "echo", 1, timeout=0.5, execution_id="again")
+        assert (await worker.execute(first, backend="test")).output == 1
+        second = job(registry, "sleep", {"seconds": 1.5}, timeout=30, execution_id="again")
+        try:
+            with trio.fail_after(30):
+                outcome: object = (await worker.execute(second, backend="test")).output
+        except ExecutionTimeoutError as exc:
+            outcome = exc
+    assert outcome == "slept"
+
+
+async def test_a_handler_that_ignores_cancel_is_killed_after_the_grace(
+    registry: PluginRegistry,
+) -> None:
+    async with open_worker_process() as worker:
+        start = trio.current_time()
+        with trio.fail_after(30), pytest.raises(ExecutionTimeoutError) as info:
+            await worker.execute(
+                job(registry, "spin", timeout=0.3), backend="test", cancel_grace=0.5
+            )
+        elapsed = trio.current_time() - start
+        assert info.value.code == "TIMEOUT" and info.value.details["timeout_s"] == 0.3
+        assert 0.3 + 0.5 - 0.05 <= elapsed < 15  # the deadline, then the whole grace
+        assert worker.killed
+        with trio.fail_after(30):
+            await worker.lost.wait()
+        assert worker.crash_error().details["signal"] == signal.SIGKILL
+        with pytest.raises(WorkerCrashedError):  # nothing more runs on it
+            await worker.execute(job(registry, "echo", 1), backend="test")
+
+
+async def test_a_death_is_seen_by_the_reader_while_a_straggler_holds_the_socket(
+    registry: PluginRegistry, tmp_path: Path
+) -> None:
+    # The worker exits, but a child it forked keeps the socket open: no EOF comes, so the
+    # caller parked on the socket must be woken when the worker is declared lost.
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    try:
+        async with open_worker_process() as worker:
+            with trio.fail_after(30), pytest.raises(WorkerCrashedError) as info:
+                await worker.execute(
+                    job(registry, "fork_straggler", {"fifo": str(fifo)}), backend="test"
+                )
+            assert info.value.details["exit_code"] == 3
+            assert worker.lost.is_set()
+    finally:
+        _release(fifo)  # the straggler's open() of the fifo returns; it reads EOF and exits
+
+
+def _release(fifo: Path) -> None:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody has it open for reading (the straggler is gone already)
+        pass

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from plugin_execution import protocol
+from plugin_execution.converter import converter
 from plugin_execution.errors import HandlerError, HandlerNotFoundError
 from plugin_execution.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -649,3 +651,227 @@ def test_wire_imports_no_heavy_dependencies() -> None:
     assert "plugin_execution.worker._wire" in loaded
     heavy = {"attr", "attrs", "cattrs", "trio", "plugin_execution.protocol"}
     assert not {name for name in loaded if name.split(".")[0] in heavy or name in heavy}
+
+
+# -- the host's lean paths: send_execute, and decoding without cattrs ---------------------
+
+EXECUTE_FIELDS = {f: v for f, v in fields_of(EXECUTE).items() if f != "warmup"}
+
+
+def test_send_execute_writes_the_bytes_send_would() -> None:
+    conn = Connection("host")
+    data = conn.send_execute(**EXECUTE_FIELDS)
+    assert type(data) is bytes
+    assert data == conn.send(Execute(**EXECUTE_FIELDS, warmup=False))
+    assert receive(Connection("worker"), data) == [attrs.evolve(EXECUTE, warmup=False)]
+
+
+execute_fields = st.fixed_dictionaries(
+    {
+        "execution_id": st.text(max_size=12),
+        "plugin_id": st.text(max_size=12),
+        "handler_id": st.text(max_size=12),
+        "entry": st.text(max_size=12),
+        "root": st.none() | st.text(max_size=12),
+        "input": plain,
+        "context": st.dictionaries(st.text(max_size=8), plain, max_size=4),
+        "workspace": st.none() | st.text(max_size=12),
+        "timeout": st.none() | st.floats(allow_nan=False) | st.integers(0, 2**31),
+    }
+)
+
+
+@given(execute_fields)
+def test_send_execute_agrees_with_send_on_arbitrary_plain_fields(fields: dict[str, Any]) -> None:
+    conn = Connection("host")
+    data = conn.send_execute(**fields)
+    assert data == conn.send(Execute(**fields, warmup=False))
+    assert receive(Connection("worker"), data) == [Execute(**fields, warmup=False)]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"input": Point(1, 2)},
+        {"input": {"at": Point(1, 2), "tags": frozenset({"a"})}},
+        {"input": [{1, 2}]},
+        {"input": {"x": Opaque()}},
+        {"input": 2**70},
+        {"context": {"trace": Point(3, 4)}},
+    ],
+    ids=["attrs", "nested", "set-in-list", "object", "int-too-big", "context"],
+)
+def test_send_execute_refuses_what_is_not_plain_data(fields: dict[str, Any]) -> None:
+    # The hot path packs plain data only; what the converter could make plain is the
+    # caller's to send the general way (send(Execute(...))), or to refuse.
+    conn = Connection("host")
+    with pytest.raises(ProtocolError, match=r"cannot encode 'execute'"):
+        conn.send_execute(**{**EXECUTE_FIELDS, **fields})
+    # Nothing was emitted; the connection stays usable.
+    assert conn.send_execute(**EXECUTE_FIELDS) == conn.send(attrs.evolve(EXECUTE, warmup=False))
+
+
+def test_what_send_execute_refuses_the_general_path_converts() -> None:
+    # How a worker process sends a context holding values the converter makes plain.
+    execute = Execute(**{**EXECUTE_FIELDS, "context": {"at": Point(3, 4)}}, warmup=False)
+    (received,) = receive(Connection("worker"), Connection("host").send(execute))
+    assert isinstance(received, Execute)
+    assert received.context == {"at": converter.unstructure(Point(3, 4))}
+    assert received.context == {"at": {"x": 3, "y": 4}}
+
+
+def test_send_execute_refuses_a_frame_over_the_limit() -> None:
+    fields = {**EXECUTE_FIELDS, "input": b"x" * 2000}
+    with pytest.raises(ProtocolError, match=r"over the 1000-byte limit"):
+        Connection("host", max_frame_size=1000).send_execute(**fields)
+    # ... and exactly at the limit, it is taken, as send takes it.
+    size = len(Connection("host").send_execute(**fields)) - 4
+    data = Connection("host", max_frame_size=size).send_execute(**fields)
+    assert data == Connection("host", max_frame_size=size).send(Execute(**fields, warmup=False))
+    assert len(data) == size + 4
+    with pytest.raises(ProtocolError, match=rf"frame of {size} bytes is over the {size - 1}-byte"):
+        Connection("host", max_frame_size=size - 1).send_execute(**fields)
+
+
+def cattrs_structure(tag: str, fields: dict[str, Any]) -> Message:
+    codec = protocol._CODECS[tag]
+    return codec.structure(dict(fields), codec.cls)
+
+
+def same_message(a: Message, b: Message) -> bool:
+    """Equal, and every field of the same type (an int stays an int in a float field)."""
+    return a == b and all(
+        type(getattr(a, f.name)) is type(getattr(b, f.name)) for f in attrs.fields(type(a))
+    )
+
+
+@pytest.mark.parametrize(("msg", "role"), SENT)
+def test_decoding_builds_what_cattrs_would(msg: Message, role: Role) -> None:
+    sender, receiver = pair(role, greet=msg != HELLO)
+    fields = fields_of(msg)
+    assert protocol._fast_structure(protocol._CODECS[msg.tag], dict(fields)) is not None
+    (received,) = receive(receiver, sender.send(msg))
+    assert same_message(received, cattrs_structure(msg.tag, fields))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"t": "result", "execution_id": "e", "output": [1], "duration_s": 1, "metadata": {}},
+        {"t": "pong", "seq": 1, "rss_bytes": 2, "uptime_s": 3, "in_flight": 0},
+        {"t": "event", "execution_id": "e", "kind": "k", "data": {1: b""}, "timestamp": 4},
+        {"t": "warmed", "plugin_id": "p", "handler_id": "h", "ok": True, "error": None},
+        {"t": "error", "execution_id": "e", "error": {"code": "X", "nested": {"a": [1]}}},
+    ],
+    ids=["result-int-duration", "pong-int-uptime", "event-int-timestamp", "warmed", "error"],
+)
+def test_a_decoded_worker_message_is_what_cattrs_builds(fields: dict[str, Any]) -> None:
+    (received,) = receive(host(), packed(fields))
+    expected = cattrs_structure(fields["t"], {k: v for k, v in fields.items() if k != "t"})
+    assert same_message(received, expected)  # an int in a float field stays an int
+
+
+@given(st.data())
+def test_the_fast_path_agrees_with_cattrs_on_any_map(data: st.DataObject) -> None:
+    # Well-formed maps (from the field types) and garbage maps alike: the fast path either
+    # builds exactly what cattrs builds, or declines and leaves the verdict to cattrs.
+    tag = data.draw(st.sampled_from(sorted(MESSAGE_TYPES)))
+    cls = MESSAGE_TYPES[tag]
+    fields = data.draw(
+        st.builds(fields_of, messages([cls]))
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                **{f.name: strategy_for(f.type) | plain for f in attrs.fields(cls)},
+                "extra": plain,
+            },
+        )
+    )
+    fast = protocol._fast_structure(protocol._CODECS[tag], dict(fields))
+    try:
+        slow = cattrs_structure(tag, fields)
+    except Exception:
+        assert fast is None
+    else:
+        assert fast is None or same_message(fast, slow)
+
+
+RESULT_FIELDS = {"t": "result", **fields_of(RESULT)}
+PONG_FIELDS = {"t": "pong", **fields_of(PONG)}
+EVENT_FIELDS = {"t": "event", "execution_id": "e", "kind": "k", "data": None, "timestamp": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        pytest.param(
+            {**RESULT_FIELDS, "duration_s": "0.25"},
+            r"expected float, got str '0\.25' @ \$\.duration_s",
+            id="result-str-duration",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "duration_s": True},
+            r"expected float, got bool True @ \$\.duration_s",
+            id="result-bool-duration",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "execution_id": None},
+            r"expected str, got NoneType None @ \$\.execution_id",
+            id="result-none-id",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "metadata": {1: 2}},
+            r"expected dict\[str, Any\], got dict \{1: 2\} @ \$\.metadata",
+            id="result-int-metadata-key",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "extra": 1},
+            r"extra fields found \(extra\) @ \$",
+            id="result-extra-key",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, 7: 1},
+            # cattrs cannot format this one (it sorts the extra keys): still a ProtocolError,
+            # not the TypeError its formatting raises.
+            r".+",
+            id="result-extra-int-key",
+        ),
+        pytest.param(
+            {k: v for k, v in RESULT_FIELDS.items() if k != "metadata"},
+            r"required field missing @ \$\.metadata",
+            id="result-missing-key",
+        ),
+        pytest.param(
+            {"t": "error", "execution_id": "e", "error": "boom"},
+            r"expected dict\[str, Any\], got str 'boom' @ \$\.error",
+            id="error-str-error",
+        ),
+        pytest.param(
+            {**PONG_FIELDS, "in_flight": True},
+            r"expected int, got bool True @ \$\.in_flight",
+            id="pong-bool-int",
+        ),
+        pytest.param(
+            {**PONG_FIELDS, "uptime_s": None},
+            r"expected float, got NoneType None @ \$\.uptime_s",
+            id="pong-none-float",
+        ),
+        pytest.param(
+            {"t": "warmed", "plugin_id": "p", "handler_id": "h", "ok": 1, "error": None},
+            r"expected bool, got int 1 @ \$\.ok",
+            id="warmed-int-bool",
+        ),
+        pytest.param(
+            {**EVENT_FIELDS, "timestamp": "now"},
+            r"expected float, got str 'now' @ \$\.timestamp",
+            id="event-str-timestamp",
+        ),
+    ],
+)
+def test_malformed_worker_messages_are_explained(fields: dict[Any, Any], error: str) -> None:
+    # These skip the fast path (wrong type, extra or missing key): cattrs says what is wrong.
+    conn = host()
+    with pytest.raises(ProtocolError, match=rf"malformed '{fields['t']}' message: {error}"):
+        receive(conn, packed(fields))
+    with pytest.raises(ProtocolError, match="already failed"):
+        conn.next_message()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from plugin_execution import InvalidRequestError, WorkspaceError, WorkspaceManager
 from plugin_execution import workspace as workspace_module
@@ -432,3 +434,81 @@ async def test_default_root_owned_by_another_user_is_refused(
         async with manager:
             pytest.fail("used another user's root")
     assert listing(manager.root) == []
+
+
+async def test_release_unused_closes_a_reservation_without_touching_the_filesystem(
+    workspace_root: Path,
+) -> None:
+    manager = WorkspaceManager(root=workspace_root)
+    async with manager:
+        lease = manager.reserve("exec-1")
+        assert manager.active() == 1 and manager._leases["exec-1"] is lease
+        lease.release_unused()
+        assert lease.released and manager.active() == 0 and "exec-1" not in manager._leases
+        assert not lease.path.exists()
+        lease.release_unused()  # idempotent
+        assert lease.released and manager.active() == 0
+        await lease.release()  # and a release after it has nothing to do
+        assert lease.released and manager.active() == 0
+        with pytest.raises(WorkspaceError, match="was released"):
+            lease.ensure()
+        assert not lease.path.exists()
+        # What was made there regardless (the caller was told it was not) is left alone
+        # here, and goes with the host directory when the manager exits.
+        made = manager.reserve("exec-2")
+        os.mkdir(made.path, 0o700)
+        (made.path / "f").write_text("x")
+        made.release_unused()
+        assert made.released and manager.active() == 0
+        assert (made.path / "f").read_text() == "x"
+        host = manager.host_dir
+        assert host is not None
+    assert not host.exists() and listing(workspace_root) == []
+
+
+async def test_release_unused_does_nothing_to_a_lease_already_released(
+    workspaces: WorkspaceManager,
+) -> None:
+    async with workspaces:
+        old = workspaces.reserve("exec-1")
+        await old.release()
+        again = workspaces.reserve("exec-1")  # the id is free again: a new lease holds it
+        old.release_unused()
+        assert old.released
+        assert workspaces._leases["exec-1"] is again and not again.released
+        assert workspaces.active() == 1
+        again.ensure()
+        (again.path / "f").write_text("x")
+        again.release_unused()  # on an open lease: closed, its directory left for the exit
+        assert again.released and workspaces.active() == 0
+        assert (again.path / "f").exists()
+    again.release_unused()  # after the manager's exit: nothing to do
+    assert again.released and workspaces.active() == 0 and workspaces.host_dir is None
+
+
+async def test_release_unused_leaves_a_release_in_progress_alone(
+    workspaces: WorkspaceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proceed = threading.Event()
+    rmtree = workspace_module._rmtree
+
+    def held_rmtree(path: str) -> OSError | None:
+        proceed.wait(30)
+        return rmtree(path)
+
+    monkeypatch.setattr(workspace_module, "_rmtree", held_rmtree)
+    async with workspaces:
+        lease = await workspaces.acquire("exec-1")
+        (lease.dir / "f").write_text("x")  # not empty: removed in a worker thread
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lease.release)
+            try:
+                await trio.testing.wait_all_tasks_blocked()  # it waits on the thread now
+                assert not lease.released  # releasing, not released
+                lease.release_unused()
+                assert not lease.released and workspaces.active() == 1
+                assert workspaces._leases["exec-1"] is lease
+            finally:
+                proceed.set()
+        assert lease.released and workspaces.active() == 0
+        assert gone(lease.dir)

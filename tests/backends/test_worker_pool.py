@@ -11,7 +11,9 @@ import signal
 import subprocess
 import time
 from functools import partial
+from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -20,6 +22,7 @@ from plugin_execution import (
     ExecutionRequest,
     ExecutionTimeoutError,
     HandlerError,
+    InvalidRequestError,
     PluginRegistry,
     QueueFullError,
     WorkerCrashedError,
@@ -410,3 +413,115 @@ async def test_quotas_are_enforced_on_shared_workers(  # type: ignore[no-untyped
         await full_strength(backend, 1)  # replaced, and the pool serves again
         assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
         assert backend.stats().details["workers_killed"] == 1
+
+
+# -- workspaces: removed when the handler made one, no filesystem work when it did not ---
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+async def test_a_workspace_the_handler_used_is_reported_and_removed(  # type: ignore[no-untyped-def]
+    registry, workspaces, kind
+) -> None:
+    async with pool(registry, workspaces, kind=kind, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        request = req("use_workspace")
+        result = await backend.execute(request)
+        assert result.metadata["workspace_id"] == request.execution_id
+        made = Path(result.output["dir"])
+        assert made == workspaces.host_dir / request.execution_id
+        assert not os.path.lexists(made)  # removed, with the file the handler wrote
+        assert request.execution_id not in workspaces._leases and workspaces.active() == 0
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+async def test_a_workspace_the_handler_never_used_costs_no_filesystem_work(  # type: ignore[no-untyped-def]
+    registry, workspaces, monkeypatch, kind
+) -> None:
+    async with pool(registry, workspaces, kind=kind, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        removals: list[str] = []
+        rmdir = os.rmdir
+
+        def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            removals.append(os.fspath(path))
+            return rmdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "rmdir", spy)
+        request = req("echo", {"x": 1})
+        result = await backend.execute(request)
+        monkeypatch.undo()
+        assert result.output == {"x": 1}
+        assert "workspace_id" in result.metadata and result.metadata["workspace_id"] is None
+        # The lease was closed without an rmdir of a directory that was never made.
+        assert request.execution_id not in workspaces._leases and workspaces.active() == 0
+        assert not [path for path in removals if request.execution_id in path]
+        assert workspaces.host_dir is not None and list(workspaces.host_dir.iterdir()) == []
+        # A later execution with a workspace is unaffected.
+        used = await backend.execute(req("use_workspace"))
+        assert not os.path.lexists(used.output["dir"]) and workspaces.active() == 0
+
+
+async def test_a_workspace_made_through_a_platform_service_is_removed(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    # ctx.fs writes on the host, through the execution's platform session: the worker never
+    # touched ctx.workspace, yet the directory exists and must go like any other.
+    registry.register(
+        {
+            "id": "tests.fs_workspace",
+            "root": str(registry.get(P).root),
+            "handlers": [{"id": "call", "entry": "platform_calls:call"}],
+        }
+    )
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        request = ExecutionRequest(
+            plugin_id="tests.fs_workspace",
+            handler_id="call",
+            input={"service": "fs", "method": "write", "args": ["note.txt", "hello"]},
+        )
+        result = await backend.execute(request)
+        assert result.output == 5
+        assert workspaces.active() == 0
+        assert workspaces.host_dir is not None
+        assert not os.path.lexists(workspaces.host_dir / request.execution_id)
+
+
+@attrs.frozen
+class Point:
+    x: int
+    y: int
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # What the converter could make plain is refused all the same, as on every backend.
+        pytest.param({1, 2}, id="set"),
+        pytest.param(frozenset({"a"}), id="frozenset"),
+        pytest.param(Point(1, 2), id="attrs"),
+        pytest.param(object(), id="object"),
+        pytest.param(2**70, id="int-too-big"),
+        pytest.param({"x": object()}, id="nested-object"),
+    ],
+)
+async def test_unserializable_input_is_an_invalid_request(registry, workspaces, bad) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        with pytest.raises(InvalidRequestError, match="input is not serializable"):
+            await backend.execute(req("echo", bad))
+        assert backend.stats().failed_by_code == {"INVALID_REQUEST": 1}
+        assert workspaces.active() == 0
+        # Nothing reached the worker: it still serves, the same one.
+        assert (await backend.execute(req("whoami"))).output["pid"] == pid
+
+
+async def test_a_context_value_the_converter_makes_plain_is_carried(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    # Input must be plain data; a context may hold values the converter unstructures (sent
+    # the general way when the lean encoder refuses them).
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        result = await backend.execute(req("whoami", context={"at": Point(1, 2), "n": 1}))
+        assert result.output["context"] == {"at": {"x": 1, "y": 2}, "n": 1}
+        with pytest.raises(InvalidRequestError, match="cannot be sent"):
+            await backend.execute(req("whoami", context={"x": object()}))
+        assert workspaces.active() == 0
