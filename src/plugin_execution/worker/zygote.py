@@ -30,7 +30,12 @@ _MAX_MESSAGE = 1 << 20
 
 def _recv(ctl: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
     fds = array.array("i")
-    data, ancdata, _flags, _addr = ctl.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
+    try:
+        data, ancdata, _flags, _addr = ctl.recvmsg(
+            _MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize)
+        )
+    except ConnectionResetError:  # the host closed while reports to it were unread: an end
+        return None, []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
