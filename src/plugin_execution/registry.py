@@ -59,6 +59,8 @@ class PluginRegistry:
 
     def __init__(self, manifests: Iterable[PluginManifest] = ()) -> None:
         self._plugins: dict[str, PluginManifest] = {}
+        # resolve() is on every execution's path: remembered until the plugins change.
+        self._resolved: dict[tuple[str, str], ResolvedHandler] = {}
         self.load_errors: list[ManifestError] = []
         for manifest in manifests:
             self.register(manifest)
@@ -78,11 +80,13 @@ class PluginRegistry:
                 plugin_id=manifest.id,
             )
         self._plugins[manifest.id] = manifest
+        self._resolved.clear()
         return manifest
 
     def unregister(self, plugin_id: str) -> None:
         self.get(plugin_id)
         del self._plugins[plugin_id]
+        self._resolved.clear()
 
     def get(self, plugin_id: str) -> PluginManifest:
         """The manifest of ``plugin_id``; raises :class:`PluginNotFoundError`."""
@@ -96,6 +100,9 @@ class PluginRegistry:
 
     def resolve(self, plugin_id: str, handler_id: str) -> ResolvedHandler:
         """Find a handler; raises :class:`PluginNotFoundError` / :class:`HandlerNotFoundError`."""
+        resolved = self._resolved.get((plugin_id, handler_id))
+        if resolved is not None:
+            return resolved
         manifest = self.get(plugin_id)
         spec = manifest.handler(handler_id)
         if spec is None:
@@ -105,7 +112,9 @@ class PluginRegistry:
                 plugin_id=plugin_id,
                 handler_id=handler_id,
             )
-        return ResolvedHandler(manifest, spec, manifest.permissions_for(spec))
+        resolved = ResolvedHandler(manifest, spec, manifest.permissions_for(spec))
+        self._resolved[(plugin_id, handler_id)] = resolved
+        return resolved
 
     def __contains__(self, plugin_id: object) -> bool:
         return plugin_id in self._plugins

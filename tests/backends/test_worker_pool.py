@@ -525,3 +525,40 @@ async def test_a_context_value_the_converter_makes_plain_is_carried(registry, wo
         with pytest.raises(InvalidRequestError, match="cannot be sent"):
             await backend.execute(req("whoami", context={"x": object()}))
         assert workspaces.active() == 0
+
+
+async def test_a_duplicate_execution_id_fails_before_taking_a_worker(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    from plugin_execution import WorkspaceError
+
+    async with pool(registry, workspaces, min_workers=1, max_workers=1, max_queue=4) as backend:
+        await full_strength(backend, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                backend.execute, req("sleep_sync", {"seconds": 0.5}, execution_id="same")
+            )
+            await trio.sleep(0.1)
+            with pytest.raises(WorkspaceError, match="already has a live workspace"):
+                await backend.execute(req("whoami", execution_id="same"))
+            assert backend.stats().details["queue_depth"] == 0  # it never queued
+        # No slot was lost to it: the one worker still takes every execution.
+        with trio.fail_after(10):
+            for _ in range(3):
+                await backend.execute(req("whoami"))
+
+
+async def test_queued_callers_cancelled_leave_no_slot_behind(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1, max_queue=10) as backend:
+        await full_strength(backend, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.execute, req("sleep_sync", {"seconds": 0.5}))
+            await trio.sleep(0.1)
+            with trio.move_on_after(0.1):  # these wait in the queue, then are cancelled
+                async with trio.open_nursery() as queued:
+                    for _ in range(5):
+                        queued.start_soon(backend.execute, req("whoami"))
+        stats = backend.stats()
+        assert stats.details["queue_depth"] == 0 and stats.failed_by_code.get("ABORTED") == 5
+        with trio.fail_after(10):
+            for _ in range(3):
+                await backend.execute(req("whoami"))
+        assert backend.stats().details["workers"]["busy"] == 0

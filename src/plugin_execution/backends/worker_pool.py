@@ -98,13 +98,36 @@ class _Spare:
 
 
 class _Waiter:
-    __slots__ = ("enqueued", "event", "plugin_id", "worker")
+    """A queued execution: its task is parked until :meth:`wake` (a worker handed over,
+    or none: given up, or the pool closing). Parked with trio's low-level primitives, not
+    an Event: this is every call's path when callers outnumber workers."""
+
+    __slots__ = ("enqueued", "plugin_id", "task", "woken", "worker")
 
     def __init__(self, plugin_id: str) -> None:
         self.plugin_id = plugin_id
-        self.event = trio.Event()
+        self.task = trio.lowlevel.current_task()
+        self.woken = False
         self.worker: _Worker | None = None
         self.enqueued = time.perf_counter()
+
+    def wake(self) -> None:
+        if not self.woken:
+            self.woken = True
+            trio.lowlevel.reschedule(self.task)
+
+    async def wait(self, queue: deque[_Waiter]) -> None:
+        """Park until woken; cancellable (leaving ``queue``) until then."""
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if self.woken:  # already rescheduled: let that wake-up stand
+                return trio.lowlevel.Abort.FAILED
+            self.woken = True
+            if self in queue:
+                queue.remove(self)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class WorkerPoolBackend(ExecutionBackend):
@@ -228,7 +251,7 @@ class WorkerPoolBackend(ExecutionBackend):
         timeout, then kill the workers still running something."""
         while self._queue:
             waiter = self._queue.popleft()
-            waiter.event.set()  # wakes with no worker: BackendClosedError
+            waiter.wake()  # with no worker: BackendClosedError
         limit = self.shutdown_timeout if timeout is None else timeout
         with trio.move_on_after(limit if drain else 0):
             while self._in_use:
@@ -476,7 +499,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue.remove(waiter)
         self._take(worker, waiter.plugin_id)
         waiter.worker = worker
-        waiter.event.set()
+        waiter.wake()
 
     def _take(self, worker: _Worker, plugin_id: str) -> None:
         self._in_use += 1
@@ -545,14 +568,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue_deadlines.add(
             min(job.deadline, trio.current_time() + self.acquire_timeout), waiter
         )
-        try:
-            await waiter.event.wait()  # set by _dispatch, _give_up or _stop
-        except BaseException:
-            if waiter.worker is not None:  # a worker was handed over as we were cancelled
-                self._give_back(waiter.worker, plugin_id)
-            elif waiter in self._queue:
-                self._queue.remove(waiter)
-            raise
+        await waiter.wait(self._queue)  # woken by _hand_over, _give_up or _stop
         self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
         if waiter.worker is not None:
             return waiter.worker
@@ -569,21 +585,25 @@ class WorkerPoolBackend(ExecutionBackend):
     def _give_up(self, waiter: _Waiter) -> None:
         """A queued execution's acquire timeout or deadline passed: wake it, workerless."""
         self._queue.remove(waiter)
-        waiter.event.set()
+        waiter.wake()
 
     @staticmethod
     def _still_queued(waiter: _Waiter) -> bool:
-        return waiter.worker is None and not waiter.event.is_set()
+        return not waiter.woken
 
     async def _run(self, job: Job) -> ExecutionResult:
         if job.channel is not None:
             return await self._run_session(job)
-        self._stats.queued = len(self._queue) + 1
-        worker = await self._acquire(job)
-        self._stats.queued = len(self._queue)
         request = job.request
+        lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
+        self._stats.queued = len(self._queue) + 1
+        try:
+            worker = await self._acquire(job)
+        except BaseException:
+            lease.release_unused()  # nothing was made
+            raise
+        self._stats.queued = len(self._queue)
         self._usage[(request.plugin_id, request.handler_id)] += 1
-        lease = self.workspaces._reserve(request.execution_id)
         result = None
         try:
             proc = worker.proc
