@@ -231,3 +231,30 @@ def _release(fifo: Path) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     except OSError:  # ENXIO: nobody has it open for reading (the straggler is gone already)
         pass
+
+
+async def test_spinning_for_a_reply_gets_it_and_backs_off_after_a_miss(
+    registry: PluginRegistry,
+) -> None:
+    async with open_worker_process() as worker:
+        # A quick handler's reply is picked up by polling, with or without luck: either way
+        # the result is the result.
+        for n in range(20):
+            result = await worker.execute(job(registry, "echo", n), backend="test", spin=0.002)
+            assert result.output == n
+        # A slow handler outlasts the poll: the caller parks as usual and gets its result,
+        # and the next polls are skipped (no CPU burnt waiting on a slow handler).
+        worker._spin_backoff = 0
+        result = await worker.execute(
+            job(registry, "sleep_sync", {"seconds": 0.2}), backend="test", spin=0.001
+        )
+        assert result.output is not None
+        assert worker._spin_backoff == 16
+        await worker.execute(job(registry, "echo", 1), backend="test", spin=0.001)
+        assert worker._spin_backoff == 15
+        # Nothing is polled while another task of the run is ready to run.
+        worker._spin_backoff = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep, 0)
+            assert worker._poll(0.001) is None  # the sleeper is runnable
+            assert worker._spin_backoff == 0  # and that is no miss

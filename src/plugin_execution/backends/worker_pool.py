@@ -46,6 +46,7 @@ from .subprocess import BASE_ENV
 __all__ = ["WorkerPoolBackend"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
+_SPIN_S = 100e-6  # how long a lone execution polls for its reply before parking
 
 
 class _Worker:
@@ -226,6 +227,9 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue_deadlines = Deadlines(self._give_up, self._still_queued)
         self._idle = trio.Event()
         self._in_use = 0  # executions on workers now (sum of their ``running``)
+        # Spinning for a reply needs a CPU for the worker meanwhile, and a process worker
+        # (a thread worker needs the GIL the spinning thread holds).
+        self._spin_ok = kind == "process" and len(os.sched_getaffinity(0)) >= 2
         self._last_check = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -614,11 +618,15 @@ class WorkerPoolBackend(ExecutionBackend):
             if self.kind == "process" and (quotas.memory_mb or quotas.cpu_s):
                 result = await self._execute_watched(proc, job, os.fspath(lease), quotas)
             else:
+                # Alone in flight, wait for the reply spinning a moment rather than asleep
+                # (see WorkerProcess._poll): nothing else of the pool's is then kept waiting.
+                alone = self._in_use == 1 and self._spin_ok
                 result = await proc.execute(
                     job,
                     backend=self.name,
                     workspace=os.fspath(lease),
                     cancel_grace=self.cancel_grace,
+                    spin=_SPIN_S if alone else 0.0,
                 )
             return result
         finally:

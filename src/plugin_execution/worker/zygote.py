@@ -45,7 +45,10 @@ def _recv(ctl: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
 
 
 def _send(ctl: socket.socket, message: dict[str, object]) -> None:
-    ctl.send(msgpack.packb(message, use_bin_type=True))
+    try:
+        ctl.send(msgpack.packb(message, use_bin_type=True))
+    except (BrokenPipeError, ConnectionResetError):  # the host is gone: so is the zygote
+        os._exit(0)
 
 
 def _status(raw: int) -> int:
