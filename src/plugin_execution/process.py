@@ -552,6 +552,7 @@ class WorkerProcess:
             "context": request.context,
             "workspace": workspace,
             "timeout": max(0.001, deadline - trio.current_time()),
+            "linger": spin,  # alone in flight: the next request likely follows at once
         }
         try:
             frame = self._conn.send_execute(**fields)

@@ -95,7 +95,9 @@ class Execute:
 
     ``workspace`` is a directory path the worker creates when the handler first asks for
     it; ``timeout`` is in seconds. ``warmup`` marks an execution sent only to warm the
-    handler up.
+    handler up. ``linger``: seconds the worker may poll for the next request after
+    answering this one before it sleeps (the host sets it when this execution is alone in
+    flight, so the next request likely follows at once; 0: sleep at once).
     """
 
     tag: ClassVar[str] = "execute"
@@ -109,6 +111,7 @@ class Execute:
     workspace: str | None
     timeout: float | None
     warmup: bool = False
+    linger: float = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -639,6 +642,7 @@ class Connection:
         context: dict[str, Any],
         workspace: str | None,
         timeout: float | None,
+        linger: float = 0.0,
     ) -> bytes:
         """The frame of ``Execute(...)`` with these fields, as :meth:`send` would encode it,
         without building the message object: the host's per-execution hot path.
@@ -658,6 +662,7 @@ class Connection:
             "workspace": workspace,
             "timeout": timeout,
             "warmup": False,
+            "linger": linger,
         }
         try:
             payload: bytes = _pack_plain(fields)

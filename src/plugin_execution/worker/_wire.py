@@ -41,7 +41,7 @@ FIELDS: dict[str, frozenset[str]] = {
     for tag, names in {
         "hello": "version pid",
         "execute": "execution_id plugin_id handler_id entry root input context workspace "
-        "timeout warmup",
+        "timeout warmup linger",
         "event": "execution_id kind data timestamp",
         "result": "execution_id output duration_s metadata",
         "error": "execution_id error",

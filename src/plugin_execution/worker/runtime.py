@@ -53,6 +53,7 @@ _OOM_EXIT = 137
 _DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # the kernel said no: permissions
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _WATCH_S = 0.01  # how long a handler runs on the reading thread before another takes over
+_SPIN_BACKOFF = 16  # lingers skipped after one that found no request (see _linger_poll)
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read.
 _READ_SIZE = 65536
@@ -268,6 +269,9 @@ class Worker:
         self._lead_lock = threading.Lock()
         self._inline_thread: int | None = None  # the leader, while it runs a handler itself
         self._inline_since = 0.0
+        self._linger = 0.0  # the last inline execution's Execute.linger (see _linger_poll)
+        self._linger_backoff = 0
+        self._poller: Any = None
         self._trio: _TrioLoop | None = None
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
@@ -354,6 +358,8 @@ class Worker:
                     self._flush_channels()
                 if self._channels:
                     self._read_on_loop(decoder)
+                if self._linger:
+                    self._linger_poll()
                 try:
                     data = os.read(self._fd, _READ_SIZE)
                 except OSError:
@@ -368,6 +374,30 @@ class Worker:
             if not self._in_thread:
                 os._exit(_PROTOCOL_EXIT)
             raise _Stop from None
+
+    def _linger_poll(self) -> None:
+        """Poll the socket for up to ``Execute.linger`` seconds before sleeping in ``read``.
+
+        The host asks for it when an execution is alone in flight: its next request usually
+        follows within tens of microseconds, and picking it up awake saves this process a
+        wake-up from sleep. One that does not come (the host had no more work) makes the
+        next ``_SPIN_BACKOFF`` lingers be skipped, so an idle worker soon just sleeps.
+        """
+        seconds, self._linger = self._linger, 0.0
+        if self._linger_backoff:
+            self._linger_backoff -= 1
+            return
+        poller = self._poller
+        if poller is None:
+            import select
+
+            poller = self._poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+        end = time.perf_counter() + seconds
+        while not poller.poll(0):
+            if time.perf_counter() >= end:
+                self._linger_backoff = _SPIN_BACKOFF
+                return
 
     def _stop_leading(self, thread: int | None = None) -> None:
         """If ``thread`` (default: this one) is the reader running a handler, make an idle
@@ -546,6 +576,8 @@ class Worker:
             self._loop().start_soon(self._run_async, handler, warm, msg, running)
         else:
             self._on_executor(lambda: self._run_sync(handler, warm, msg, running))
+            if self._inline is not None:  # runs on this reading thread: then may linger
+                self._linger = msg["linger"]
 
     def _on_executor(self, job: Callable[[], None]) -> None:
         """Run a sync handler's job off the reading path: on the reader itself when it is a

@@ -1,0 +1,123 @@
+"""The worker runtime's reading thread, driven frame by frame over a socketpair.
+
+A ``Worker`` of a child process reads on one thread and runs a short sync handler right there
+(see ``Worker._lead``); these tests run that loop on a thread of the test process, with its
+exit turned into an exception so that closing the socket ends the thread, not the process.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from plugin_execution import PluginRegistry
+from plugin_execution.worker._wire import FrameDecoder, encode
+from plugin_execution.worker.runtime import Worker
+
+P = "tests.sample"
+
+
+class _Ended(Exception):
+    pass
+
+
+class Driver:
+    """The host's side: sends Execute frames, reads the answers."""
+
+    def __init__(self, registry: PluginRegistry, sock: socket.socket) -> None:
+        self.registry = registry
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.ids = 0
+
+    def execute(self, handler: str, input: Any, *, linger: float = 0.0) -> dict[str, Any]:
+        target = self.registry.resolve(P, handler)
+        self.ids += 1
+        fields = {
+            "execution_id": f"e{self.ids}",
+            "plugin_id": P,
+            "handler_id": handler,
+            "entry": target.entry,
+            "root": target.root,
+            "input": input,
+            "context": {},
+            "workspace": None,
+            "timeout": 30.0,
+            "warmup": False,
+            "linger": linger,
+        }
+        self.sock.sendall(encode("execute", fields))
+        while True:
+            for tag, message in self.decoder:
+                if tag in ("result", "error"):
+                    return {"tag": tag, **message}
+            self.sock.settimeout(10)
+            self.decoder.feed(self.sock.recv(65536))
+
+
+@contextmanager
+def reading_worker(registry: PluginRegistry) -> Iterator[tuple[Worker, Driver]]:
+    host, child = socket.socketpair()
+    worker = Worker(child.fileno(), close=child.close)
+
+    def end(_code: int) -> None:
+        raise _Ended
+
+    worker._exit = end  # type: ignore[method-assign]
+    ended = threading.Event()
+
+    def lead() -> None:
+        try:
+            worker._lead()
+        except _Ended:
+            pass
+        finally:
+            ended.set()
+
+    threading.Thread(target=lead, daemon=True).start()
+    try:
+        yield worker, Driver(registry, host)
+    finally:
+        host.close()
+        assert ended.wait(10), "the reading thread did not end at EOF"
+        child.close()
+
+
+def test_a_sync_handler_runs_on_the_reading_thread_and_lingers_when_asked(
+    registry: PluginRegistry,
+) -> None:
+    with reading_worker(registry) as (worker, driver):
+        result = driver.execute("whoami", None)
+        assert result["tag"] == "result"
+        reader = worker._leader
+        assert reader is not None
+        # Asked to linger, with no next request coming: it polls for the time asked, then
+        # skips the next lingers (an idle worker soon just sleeps).
+        assert driver.execute("whoami", None, linger=0.05)["tag"] == "result"
+        deadline = time.monotonic() + 10
+        while worker._linger_backoff != 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker._linger_backoff == 16
+        assert driver.execute("whoami", None, linger=0.05)["tag"] == "result"
+        deadline = time.monotonic() + 10
+        while worker._linger_backoff != 15 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker._linger_backoff == 15
+        # The same thread read every request: short handlers cost no hand-over.
+        assert worker._leader == reader
+
+
+def test_a_request_that_comes_while_the_worker_lingers_is_taken_at_once(
+    registry: PluginRegistry,
+) -> None:
+    with reading_worker(registry) as (worker, driver):
+        started = time.monotonic()
+        for n in range(50):  # back to back, each asking to linger: no poll comes up empty
+            assert driver.execute("add", {"a": n, "b": 1}, linger=1.0)["output"] == n + 1
+        # Each request was taken as it came, not when the 1 s linger ran out (50 s).
+        assert time.monotonic() - started < 10
+        assert worker._linger_backoff == 0
