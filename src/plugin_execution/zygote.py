@@ -27,9 +27,11 @@ import trio
 from ._groups import unwrap_single
 from .errors import WorkerCrashedError
 
-__all__ = ["Zygote", "ZygoteChild", "open_zygote"]
+__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "open_zygote"]
 
 _MAX_MESSAGE = 1 << 20
+#: The host variables every worker child (and the zygote) gets: nothing else of the host's.
+BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 
 class ZygoteChild:
@@ -183,14 +185,23 @@ class Zygote:
 
 @asynccontextmanager
 async def open_zygote(
-    *, start_timeout: float = 30.0, wrapper: Sequence[str] = ()
+    *,
+    start_timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Zygote]:
     """Start a zygote and yield it once warm. On exit it is stopped and reaped.
 
     ``wrapper``: a command prefix the zygote runs under (bubblewrap, ending with ``--``);
-    its children then share the zygote's namespaces. Children still running when the block
-    exits are killed. Raises ``WorkerCrashedError`` when the zygote fails to start.
+    its children then share the zygote's namespaces. ``env``: the zygote's own environment
+    (default: ``PATH`` and the locale variables of the host's, nothing else). Its children
+    get theirs from each spawn request, but the kernel shows every one of them the
+    zygote's as ``/proc/self/environ``, so it must never hold the host's secrets. Children
+    still running when the block exits are killed. Raises ``WorkerCrashedError`` when the
+    zygote fails to start.
     """
+    if env is None:
+        env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
     host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         process = await trio.lowlevel.open_process(
@@ -207,6 +218,7 @@ async def open_zygote(
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env=env,
         )
     except BaseException:
         host.close()

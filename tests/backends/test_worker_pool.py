@@ -562,3 +562,24 @@ async def test_queued_callers_cancelled_leave_no_slot_behind(registry, workspace
             for _ in range(3):
                 await backend.execute(req("whoami"))
         assert backend.stats().details["workers"]["busy"] == 0
+
+
+async def test_workers_never_see_the_hosts_environment(registry, workspaces, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Neither in ``os.environ`` nor in ``/proc/self/environ`` (the environment the process,
+    or the zygote it was forked from, was started with), on the first workers (spawned while
+    the zygote starts) and on their successors (forked)."""
+    monkeypatch.setenv("HOST_SECRET_TOKEN", "correct horse battery staple")
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=1, max_executions_per_worker=2
+    ) as backend:
+        await full_strength(backend, 1)
+        with trio.fail_after(30):
+            while backend._zygote is None:  # let the zygote come up: later workers are forked
+                await trio.sleep(0.02)
+        pids = set()
+        for _ in range(8):
+            env = (await backend.execute(req("environment"))).output
+            proc = (await backend.execute(req("proc_environ"))).output
+            assert "HOST_SECRET_TOKEN" not in env and "correct horse" not in proc
+            pids.add((await backend.execute(req("whoami"))).output["pid"])
+        assert backend.stats().workers_recycled >= 3 and len(pids) >= 3

@@ -181,3 +181,9 @@ def fork_straggler(ctx: Any, input: dict[str, str]) -> None:
             release.read()
         os._exit(0)
     os._exit(3)
+
+
+def proc_environ(ctx: Any, input: Any) -> str:
+    """The process's environment as the kernel shows it (as of exec), not ``os.environ``."""
+    with open("/proc/self/environ", "rb") as f:
+        return f.read().decode("utf-8", "replace")

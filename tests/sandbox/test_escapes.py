@@ -554,3 +554,24 @@ async def test_zygote_shows_what_plugins_registered_before_it_started_may_touch(
         )
         assert result.output == "other"
         assert (await backend.health()).details["spawned_instead_of_zygote"] == 1
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+async def test_read_the_hosts_environment_from_the_childs_own_proc(
+    escapes: PluginRegistry,
+    workspaces: WorkspaceManager,
+    monkeypatch: pytest.MonkeyPatch,
+    start_method: str,
+) -> None:
+    """/proc/self/environ is the environment as of exec: a zygote's child shows the zygote's,
+    so the zygote must be started without the host's secrets (set before it starts here)."""
+    monkeypatch.setenv("HOST_SECRET_TOKEN", SECRET)
+    async with await open_backend(escapes, workspaces, start_method, sandbox=False) as backend:
+        result = await backend.execute(
+            ExecutionRequest(
+                plugin_id="escape", handler_id="read_file", input={"path": "/proc/self/environ"}
+            ),
+            raise_errors=False,
+        )
+    assert result.ok, result.error  # no sandbox layer hides it: the environment itself is clean
+    assert SECRET not in result.output and "HOST_SECRET_TOKEN" not in result.output

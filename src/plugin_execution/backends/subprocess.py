@@ -34,17 +34,15 @@ from ..process import WorkerLimits, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
-from ..zygote import Zygote, open_zygote
+from ..zygote import BASE_ENV, Zygote, open_zygote
 from .base import ExecutionBackend, Job
 
 __all__ = ["SubprocessBackend"]
 
 _log = logging.getLogger(__name__)
 
+
 #: Variables every child gets (when the host has them): enough to run Python and locale.
-BASE_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-
-
 def child_environment(
     permissions: Permissions, workspace: str, host_env: Mapping[str, str] | None = None
 ) -> dict[str, str]:

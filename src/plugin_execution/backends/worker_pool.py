@@ -38,10 +38,9 @@ from ..manifest import Quotas
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
-from ..zygote import Zygote, open_zygote
+from ..zygote import BASE_ENV, Zygote, open_zygote
 from ._quota_watch import watch_quotas
 from .base import ExecutionBackend, Job
-from .subprocess import BASE_ENV
 
 __all__ = ["WorkerPoolBackend"]
 
@@ -397,7 +396,7 @@ class WorkerPoolBackend(ExecutionBackend):
         delay = 0.1
         while True:
             try:
-                async with open_zygote() as zygote:
+                async with open_zygote(env=self._env) as zygote:
                     self._zygote = zygote
                     await zygote.lost.wait()
             except WorkerCrashedError as exc:
