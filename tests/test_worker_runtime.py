@@ -121,3 +121,48 @@ def test_a_request_that_comes_while_the_worker_lingers_is_taken_at_once(
         # Each request was taken as it came, not when the 1 s linger ran out (50 s).
         assert time.monotonic() - started < 10
         assert worker._linger_backoff == 0
+
+
+async def test_an_abandoned_thread_handler_never_writes_to_a_reused_fd(
+    registry: PluginRegistry,
+) -> None:
+    """A thread worker cannot be killed: at a timeout its socket is shut and the handler runs
+    on, abandoned. When it finishes, its worker's fd is closed and its number may belong to
+    another socket: the late result must go nowhere, not into that socket."""
+    import trio
+
+    from plugin_execution.backends.base import Job
+    from plugin_execution.errors import ExecutionTimeoutError
+    from plugin_execution.types import ExecutionRequest
+    from plugin_execution.worker.in_thread import open_worker_thread
+
+    request = ExecutionRequest(plugin_id=P, handler_id="sleep_sync", input={"seconds": 0.5})
+    job = Job(
+        request,
+        registry.resolve(P, "sleep_sync"),
+        0.1,
+        trio.current_time() + 0.1,
+        None,  # type: ignore[arg-type]  # no events from this handler
+        time.perf_counter(),
+    )
+    try:
+        async with open_worker_thread(close_grace=0.1) as worker:
+            await worker.execute(job, backend="test", cancel_grace=0.05)
+    except ExecutionTimeoutError:
+        pass
+    # The worker's fds are closed now; new sockets take the lowest free numbers, theirs.
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        await trio.sleep(1.0)  # the handler ends meanwhile and tries to send its result
+        for a, b in pairs:
+            for end in (a, b):
+                end.setblocking(False)
+                try:
+                    data = end.recv(65536)
+                except BlockingIOError:
+                    data = b""
+                assert data == b"", f"a late frame landed in an unrelated socket: {data[:60]!r}"
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

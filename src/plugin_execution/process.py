@@ -77,6 +77,7 @@ _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read.
 _READ_SIZE = 65536
+_BIG_READ_SIZE = 1 << 20
 _SPIN_BACKOFF = 16
 
 
@@ -158,6 +159,7 @@ class WorkerProcess:
         self.executions = 0
         self._stream = stream
         self._fd = stream.socket.fileno()
+        self._fd_closed = False  # set before the stream closes (see serve_worker)
         self._stderr = stderr
         self._force_kill = kill or self._kill_group
         self._stderr_tail: deque[bytes] = deque()
@@ -253,8 +255,11 @@ class WorkerProcess:
         self._reading = True
         reason = ""
         fd = self._fd
+        size = _READ_SIZE
         try:
             while (reply is None or not reply.done) and not self.lost.is_set():
+                if self._fd_closed:
+                    break
                 if wait_first:
                     wait_first = False
                     data = self._poll(spin) if spin else None
@@ -263,10 +268,13 @@ class WorkerProcess:
                         continue
                 else:
                     try:
-                        data = os.read(fd, _READ_SIZE)
+                        data = os.read(fd, size)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(fd)
                         continue
+                    # A full read means a big frame is coming in: take bigger bites (then the
+                    # mmap'ed buffer costs little next to the bytes; see _READ_SIZE).
+                    size = _BIG_READ_SIZE if len(data) == size else _READ_SIZE
                 self._conn.receive_data(data)
                 while (msg := self._conn.next_message()) is not None:
                     self._dispatch(msg)
@@ -300,6 +308,8 @@ class WorkerProcess:
         """
         if self._spin_backoff:
             self._spin_backoff -= 1
+            return None
+        if self._fd_closed:
             return None
         if trio.lowlevel.current_statistics().tasks_runnable:
             return None
@@ -497,6 +507,8 @@ class WorkerProcess:
         round trip on the pool has ~4 of them, so this is a large share of its latency).
         What the kernel did not take goes the usual way, under the lock.
         """
+        if self._fd_closed:  # the fd number may be another file's by now: never touch it
+            raise self.crash_error()
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
@@ -802,6 +814,7 @@ async def serve_worker(
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            worker._fd_closed = True  # raw reads and writes of the fd stop here
             await worker._stream.aclose()
             if stderr is not None:
                 await stderr.aclose()

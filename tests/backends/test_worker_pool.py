@@ -583,3 +583,21 @@ async def test_workers_never_see_the_hosts_environment(registry, workspaces, mon
             assert "HOST_SECRET_TOKEN" not in env and "correct horse" not in proc
             pids.add((await backend.execute(req("whoami"))).output["pid"])
         assert backend.stats().workers_recycled >= 3 and len(pids) >= 3
+
+
+async def test_leaving_with_forked_workers_is_clean(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    """The zygote outlives the workers forked from it: stopping it first would kill them
+    under their actors, which then report crashes out of the block."""
+    for _ in range(5):
+        async with pool(
+            registry, workspaces, min_workers=2, max_workers=2, max_executions_per_worker=2
+        ) as backend:
+            with trio.fail_after(30):
+                while backend._zygote is None:
+                    await trio.sleep(0.02)
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(backend.execute, req("whoami"))
+            await full_strength(backend, 2)  # their successors, forked, are serving
+        stats = backend.stats()
+        assert stats.worker_crashes == 0 and stats.failed == 0

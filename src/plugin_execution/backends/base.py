@@ -141,6 +141,7 @@ class ExecutionBackend(abc.ABC):
         try:
             await self._stack.enter_async_context(self.platform)
             await self._stack.enter_async_context(self.workspaces)
+            await self._open(self._stack)
             self._nursery = await self._stack.enter_async_context(trio.open_nursery())
             await self._start(self._nursery)
         except BaseException:
@@ -201,6 +202,11 @@ class ExecutionBackend(abc.ABC):
             attachment.backend_closing()
         with trio.move_on_after(self.attachment_grace):
             await self._detached.wait()
+
+    async def _open(self, stack: AsyncExitStack) -> None:  # noqa: B027
+        """Enter into ``stack`` what must outlive the background tasks: leaving the block
+        cancels those first (the nursery of :meth:`_start`), then closes these in reverse
+        order, each its own orderly way (a supervisor stopping its children, say)."""
 
     async def _start(self, nursery: trio.Nursery) -> None:  # noqa: B027
         """Start background tasks (workers, reapers) in ``nursery``."""

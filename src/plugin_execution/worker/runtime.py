@@ -57,6 +57,7 @@ _SPIN_BACKOFF = 16  # lingers skipped after one that found no request (see _ling
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read.
 _READ_SIZE = 65536
+_BIG_READ_SIZE = 1 << 20
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -254,7 +255,8 @@ class Worker:
         self, fd: int, *, in_thread: bool = False, close: Callable[[], None] | None = None
     ) -> None:
         self._fd = fd
-        self._close = close if close is not None else lambda: os.close(fd)
+        self._release_fd = close if close is not None else lambda: os.close(fd)
+        self._fd_closed = False
         self._in_thread = in_thread
         self._send_lock = threading.Lock()
         self._started = time.monotonic()
@@ -284,9 +286,14 @@ class Worker:
     # -- I/O ------------------------------------------------------------------------------
 
     def send(self, tag: str, fields: dict[str, Any]) -> None:
+        """Write one frame, whole. After :meth:`_close` it writes nothing: a handler a thread
+        worker abandoned may finish long after, and the fd number may belong to another
+        socket or file by then."""
         frame = encode(tag, fields)
         view = memoryview(frame)
         with self._send_lock:
+            if self._fd_closed:
+                return
             try:
                 while view:
                     try:
@@ -295,6 +302,14 @@ class Worker:
                         _wait_writable(self._fd)
             except OSError:
                 pass  # the host is gone; the reader sees EOF and stops the worker
+
+    def _close(self) -> None:
+        """Release the fd, once no frame can be written to it any more."""
+        with self._send_lock:
+            if self._fd_closed:
+                return
+            self._fd_closed = True
+            self._release_fd()
 
     def serve(self) -> None:
         """Serve until the host goes away or says ``Shutdown``.
@@ -333,6 +348,7 @@ class Worker:
         """
         decoder = self._decoder
         me = self._leader = threading.get_ident()
+        size = _READ_SIZE
         try:
             while True:
                 for tag, fields in decoder:
@@ -361,9 +377,11 @@ class Worker:
                 if self._linger:
                     self._linger_poll()
                 try:
-                    data = os.read(self._fd, _READ_SIZE)
+                    data = os.read(self._fd, size)
                 except OSError:
                     data = b""
+                # A full read means a big frame is coming in: take bigger bites.
+                size = _BIG_READ_SIZE if len(data) == size else _READ_SIZE
                 if not data:
                     self._exit(0)
                 decoder.feed(data)
