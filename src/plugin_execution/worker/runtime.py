@@ -271,6 +271,7 @@ class Worker:
         self._lead_lock = threading.Lock()
         self._inline_thread: int | None = None  # the leader, while it runs a handler itself
         self._inline_since = 0.0
+        self._watching = False  # _watch_inline runs (from the first handler run inline)
         self._linger = 0.0  # the last inline execution's Execute.linger (see _linger_poll)
         self._linger_backoff = 0
         self._poller: Any = None
@@ -331,7 +332,6 @@ class Worker:
             return
         # A child process: the main thread is one of the executor threads that take turns
         # at reading (see _lead); the process ends by os._exit, from whichever thread.
-        threading.Thread(target=self._watch_inline, name="worker-watch", daemon=True).start()
         main = _Executor(self._idle, self._stopped, start=False)
         main.submit(self._lead)
         main.run()
@@ -356,6 +356,11 @@ class Worker:
                     job = self._inline
                     if job is not None:
                         self._inline = None
+                        if not self._watching:  # first handler run here: not at start-up
+                            self._watching = True
+                            threading.Thread(
+                                target=self._watch_inline, name="worker-watch", daemon=True
+                            ).start()
                         with self._lead_lock:
                             self._inline_since = time.monotonic()
                             self._inline_thread = me
