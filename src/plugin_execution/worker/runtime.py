@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import os
+import select
 import sys
 import threading
 import time
@@ -274,7 +275,9 @@ class Worker:
         self._watching = False  # _watch_inline runs (from the first handler run inline)
         self._linger = 0.0  # the last inline execution's Execute.linger (see _linger_poll)
         self._linger_backoff = 0
-        self._poller: Any = None
+        # Wait for requests in poll(), not in a blocking read: see _lead.
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
         self._trio: _TrioLoop | None = None
         self._loop_lock = threading.Lock()
         self._stdout = _CapturedStream(self, "stdout")
@@ -382,6 +385,12 @@ class Worker:
                 if self._linger:
                     self._linger_poll()
                 try:
+                    # Sleep in poll(POLLIN), never in read(): the host reading a reply
+                    # wakes every task asleep on this socket (the kernel's "room to write"
+                    # wake-up), and a blocked read() sleeps again, one wasted context
+                    # switch per round trip (~a third of the worker's CPU); poll() is not
+                    # woken by it.
+                    self._poller.poll()
                     data = os.read(self._fd, size)
                 except OSError:
                     data = b""
@@ -411,11 +420,6 @@ class Worker:
             self._linger_backoff -= 1
             return
         poller = self._poller
-        if poller is None:
-            import select
-
-            poller = self._poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
         end = time.perf_counter() + seconds
         while not poller.poll(0):
             if time.perf_counter() >= end:
