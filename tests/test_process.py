@@ -258,3 +258,46 @@ async def test_spinning_for_a_reply_gets_it_and_backs_off_after_a_miss(
             nursery.start_soon(trio.sleep, 0)
             assert worker._poll(0.001) is None  # the sleeper is runnable
             assert worker._spin_backoff == 0  # and that is no miss
+
+
+async def test_a_frame_the_socket_takes_in_part_is_finished_by_the_collector(
+    registry: PluginRegistry,
+) -> None:
+    """``submit`` writes what the kernel takes and keeps the send lock for the rest, which
+    ``collect`` sends from another task; frames sent meanwhile wait for it, whole."""
+    payload = os.urandom(4 << 20)  # far more than a socket buffer holds
+    async with open_worker_process() as worker:
+        big = worker.submit(job(registry, "echo", payload))
+        assert big.unsent is not None and big.unsent[1]  # begun, lock held for the rest
+        async with trio.open_nursery() as nursery:
+            pong: list[object] = []
+
+            async def ping() -> None:
+                pong.append(await worker.ping())
+
+            nursery.start_soon(ping)  # must queue behind the half-sent frame
+            await trio.sleep(0.05)
+            assert not pong
+            with trio.fail_after(30):
+                result = await worker.collect(big, backend="test")
+        assert result.output == payload and pong
+        # The lock is free again: a plain round trip goes straight through.
+        assert (await worker.execute(job(registry, "echo", 7), backend="test")).output == 7
+
+
+async def test_collect_cancelled_before_the_rest_is_sent_still_sends_it_whole(
+    registry: PluginRegistry,
+) -> None:
+    """A caller cancelled while its frame is half out finishes the frame (half a frame would
+    end the worker), then stops the execution as any cancelled caller does."""
+    payload = os.urandom(4 << 20)
+    async with open_worker_process() as worker:
+        pending = worker.submit(job(registry, "echo", payload))
+        assert pending.unsent is not None
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await worker.collect(pending, backend="test")
+        assert scope.cancelled_caught
+        # The worker read a whole frame and is still serving.
+        assert (await worker.execute(job(registry, "echo", "ok"), backend="test")).output == "ok"
+        assert worker.alive

@@ -142,6 +142,20 @@ class _Reply:
             self.wake.set()
 
 
+class _Pending(_Reply):
+    """An execution submitted to the worker: its job, and what of its request is still to
+    be sent (see :meth:`WorkerProcess.submit`)."""
+
+    __slots__ = ("cancel_grace", "job", "linger", "unsent")
+
+    def __init__(self, job: Job, cancel_grace: float, linger: float) -> None:
+        super().__init__(job.sink)
+        self.job = job
+        self.cancel_grace = cancel_grace
+        self.linger = linger
+        self.unsent: tuple[memoryview, bool] | None = None
+
+
 class WorkerProcess:
     """One live worker child. Create it with :func:`open_worker_process`."""
 
@@ -165,7 +179,7 @@ class WorkerProcess:
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_bytes = 0
         self._conn = Connection(role="host")
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = trio.Semaphore(1)  # whole frames only; see _write_now
         self._pending: dict[str, _Reply] = {}
         self._pongs: dict[int, _Reply] = {}
         self._warmed: dict[tuple[str, str], _Reply] = {}
@@ -502,51 +516,67 @@ class WorkerProcess:
         await self._send_frame(self._conn.send(msg))
 
     async def _send_frame(self, data: bytes | memoryview) -> None:
+        """Send one whole frame: at once when the kernel takes it (see :meth:`_write_now`),
+        else under the send lock."""
+        unsent = self._write_now(data)
+        if unsent is not None:
+            await self._send_rest(*unsent)
+
+    def _write_now(self, data: bytes | memoryview) -> tuple[memoryview, bool] | None:
         """Fast path: when nobody else is sending, write straight to the non-blocking socket;
         a frame the kernel takes whole costs no lock and no trip through the scheduler (a
         round trip on the pool has ~4 of them, so this is a large share of its latency).
-        What the kernel did not take goes the usual way, under the lock.
+        Returns None when all went out; else what is left and whether the send lock was
+        taken for it (a frame begun here), for :meth:`_send_rest`. The lock is a semaphore,
+        not a Lock, because the task that finishes a frame may not be the one that began it
+        (see :meth:`submit`).
         """
         if self._fd_closed:  # the fd number may be another file's by now: never touch it
             raise self.crash_error()
         lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            try:
-                sent = os.write(self._fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # broken: send_all below reports it the usual way
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-            lock.acquire_nowait()  # free: nothing awaited since locked() said so
+        if lock.value == 0:
+            return memoryview(data), False  # another frame is going out: queue for the lock
         try:
-            await self._stream.send_all(data)
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # broken: _send_rest reports it the usual way
+        if sent == len(data):
+            return None
+        lock.acquire_nowait()  # free: nothing awaited since value said so
+        return memoryview(data)[sent:], True
+
+    async def _send_rest(self, rest: memoryview, locked: bool) -> None:
+        """Send what :meth:`_write_now` left, under the send lock (``locked``: taken)."""
+        lock = self._send_lock
+        if not locked:
+            await lock.acquire()
+        try:
+            await self._stream.send_all(rest)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.lost.wait()
             raise self.crash_error() from None
         finally:
             lock.release()
 
-    async def execute(
+    def submit(
         self,
         job: Job,
         *,
-        backend: str,
         workspace: str | None = None,
         cancel_grace: float = 1.0,
-        spin: float = 0.0,
-    ) -> ExecutionResult:
-        """Run ``job`` on this worker and return its result.
+        linger: float = 0.0,
+    ) -> _Pending:
+        """Start ``job`` on this worker without waiting: the request goes out now if the
+        socket takes it whole (else :meth:`collect` finishes sending it). Pair every call
+        with :meth:`collect`, which waits for the answer and cleans up.
 
-        Raises the handler's :class:`ExecutionError`; ``WorkerCrashedError`` when the worker
-        dies; ``job.timeout_error()`` at the deadline, after sending ``Cancel`` and waiting
-        ``cancel_grace`` seconds for the worker to stop the handler, killing the worker if it
-        did not. Cancellation does the same, then re-raises. ``spin``: seconds to poll for
-        the reply before parking (see :meth:`_poll`).
+        The pool submits a queued caller's request in the same step that frees the worker,
+        so the worker is not idle while the caller is scheduled. ``linger``: how long the
+        worker polls for a next request after answering (``Execute.linger``), and the host
+        for the reply before parking (see :meth:`_poll`); for an execution alone in flight,
+        which is usually followed by another at once.
         """
         if self.lost.is_set():
             raise self.crash_error()
@@ -564,7 +594,7 @@ class WorkerProcess:
             "context": request.context,
             "workspace": workspace,
             "timeout": max(0.001, deadline - trio.current_time()),
-            "linger": spin,  # alone in flight: the next request likely follows at once
+            "linger": linger,
         }
         try:
             frame = self._conn.send_execute(**fields)
@@ -576,16 +606,36 @@ class WorkerProcess:
                 frame = self._conn.send(Execute(**fields))
             except ProtocolError as exc:
                 raise InvalidRequestError(f"the request cannot be sent: {exc}") from None
-        pending = self._pending[execution_id] = _Reply(job.sink)
+        pending = self._pending[execution_id] = _Pending(job, cancel_grace, linger)
         self._jobs[execution_id] = job
         self._deadlines.add(deadline, (execution_id, cancel_grace, pending))
         self.executions += 1
+        pending.unsent = self._write_now(frame)
+        return pending
+
+    async def collect(
+        self, pending: _Pending, *, backend: str, sent_now: bool = True
+    ) -> ExecutionResult:
+        """Wait for the answer to a :meth:`submit` and return the result.
+
+        Raises the handler's :class:`ExecutionError`; ``WorkerCrashedError`` when the worker
+        dies; ``job.timeout_error()`` at the deadline, after sending ``Cancel`` and waiting
+        the cancel grace for the worker to stop the handler, killing the worker if it did
+        not. Cancellation does the same, then re-raises. ``sent_now``: the request went out
+        just before this call, so its answer cannot be there yet. A submission that asked
+        the worker to linger polls for the reply as long before parking (see :meth:`_poll`).
+        """
+        job = pending.job
+        execution_id = job.request.execution_id
         try:
-            await self._send_frame(frame)
-            await self._wait_for(pending, sent=True, spin=spin)
+            if pending.unsent is not None:
+                unsent, pending.unsent = pending.unsent, None
+                with trio.CancelScope(shield=True):  # never half a frame: it would end the worker
+                    await self._send_rest(*unsent)
+            await self._wait_for(pending, sent=sent_now, spin=pending.linger)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                await self._stop_execution(execution_id, pending, cancel_grace)
+                await self._stop_execution(execution_id, pending, pending.cancel_grace)
             raise
         finally:
             del self._pending[execution_id]
@@ -609,6 +659,23 @@ class WorkerProcess:
             worker_id=self.worker_id,
             metadata=result.metadata,
         )
+
+    async def execute(
+        self,
+        job: Job,
+        *,
+        backend: str,
+        workspace: str | None = None,
+        cancel_grace: float = 1.0,
+        spin: float = 0.0,
+    ) -> ExecutionResult:
+        """Run ``job`` on this worker and return its result: :meth:`submit`, then
+        :meth:`collect` (see there for the errors). ``spin``: seconds to poll for the reply
+        before parking (see :meth:`_poll`); the worker then lingers as long for the next
+        request (an execution alone in flight is usually followed by another at once).
+        """
+        pending = self.submit(job, workspace=workspace, cancel_grace=cancel_grace, linger=spin)
+        return await self.collect(pending, backend=backend)
 
     async def _stop_execution(self, execution_id: str, pending: _Reply, grace: float) -> None:
         if pending.done or self.lost.is_set():

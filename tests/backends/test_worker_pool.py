@@ -601,3 +601,42 @@ async def test_leaving_with_forked_workers_is_clean(registry, workspaces) -> Non
             await full_strength(backend, 2)  # their successors, forked, are serving
         stats = backend.stats()
         assert stats.worker_crashes == 0 and stats.failed == 0
+
+
+async def test_queued_requests_go_out_whole_when_a_worker_frees(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    """A worker freed hands itself to the oldest queued caller and sends its request in
+    the same step; requests bigger than a socket buffer are finished by their caller."""
+    big = [os.urandom(3 << 20) for _ in range(3)]
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        outputs: dict[int, object] = {}
+
+        async def call(i: int, value: object) -> None:
+            outputs[i] = (await backend.execute(req("echo", value))).output
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(12):
+                    nursery.start_soon(call, i, big[i % 3] if i % 4 == 0 else i)
+        assert outputs == {i: big[i % 3] if i % 4 == 0 else i for i in range(12)}
+        stats = backend.stats()
+        assert stats.worker_crashes == 0 and stats.details["queue_depth"] == 0
+
+
+async def test_a_caller_cancelled_after_the_hand_over_stops_its_execution(
+    registry, workspaces
+) -> None:  # type: ignore[no-untyped-def]
+    """Its request went out when the worker freed; cancelling the caller then sends Cancel,
+    and kills the worker (a sync handler cannot be interrupted) after the grace."""
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        first = (await backend.execute(req("whoami"))).output["pid"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.execute, req("sleep_sync", {"seconds": 0.2}))
+            await trio.sleep(0.05)
+            with trio.move_on_after(1.0) as scope:  # queued, handed over at ~0.2 s, running
+                await backend.execute(req("sleep_sync", {"seconds": 30}))
+        assert scope.cancelled_caught
+        await full_strength(backend, 1)
+        assert (await backend.execute(req("whoami"))).output["pid"] != first
+        assert backend.stats().failed_by_code.get("ABORTED") == 1

@@ -37,7 +37,7 @@ from ..errors import (
     WorkerUnhealthyError,
 )
 from ..manifest import Quotas
-from ..process import WorkerLimits, WorkerProcess, open_worker_process
+from ..process import WorkerLimits, WorkerProcess, _Pending, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
 from ..zygote import BASE_ENV, Zygote, open_zygote
@@ -102,15 +102,34 @@ class _Spare:
 class _Waiter:
     """A queued execution: its task is parked until :meth:`wake` (a worker handed over,
     or none: given up, or the pool closing). Parked with trio's low-level primitives, not
-    an Event: this is every call's path when callers outnumber workers."""
+    an Event: this is every call's path when callers outnumber workers.
 
-    __slots__ = ("enqueued", "plugin_id", "task", "woken", "worker")
+    The hand-over also submits the request (``job`` to ``workspace``; ``pending``, on
+    ``proc``), in the step that freed the worker: the worker starts on it while this task
+    waits to be scheduled. ``workspace`` None: the caller submits it itself.
+    """
 
-    def __init__(self, plugin_id: str) -> None:
-        self.plugin_id = plugin_id
+    __slots__ = (
+        "enqueued",
+        "job",
+        "pending",
+        "plugin_id",
+        "proc",
+        "task",
+        "woken",
+        "worker",
+        "workspace",
+    )
+
+    def __init__(self, job: Job, workspace: str | None) -> None:
+        self.job = job
+        self.workspace = workspace
+        self.plugin_id = job.request.plugin_id
         self.task = trio.lowlevel.current_task()
         self.woken = False
         self.worker: _Worker | None = None
+        self.proc: WorkerProcess | None = None
+        self.pending: _Pending | None = None
         self.enqueued = time.perf_counter()
 
     def wake(self) -> None:
@@ -518,7 +537,25 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue.remove(waiter)
         self._take(worker, waiter.plugin_id)
         waiter.worker = worker
+        proc = worker.proc
+        if waiter.workspace is not None and proc is not None:
+            try:
+                waiter.pending = self._submit(proc, waiter.job, waiter.workspace)
+                waiter.proc = proc
+            except ExecutionError:
+                pass  # the caller submits it again and gets the error in its own task
         waiter.wake()
+
+    def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> _Pending:
+        # Alone in flight, wait for the reply spinning a moment rather than asleep (see
+        # WorkerProcess._poll): nothing else of the pool's is then kept waiting.
+        alone = self._in_use == 1 and self._spin_ok
+        return proc.submit(
+            job,
+            workspace=workspace,
+            cancel_grace=self.cancel_grace,
+            linger=_SPIN_S if alone else 0.0,
+        )
 
     def _take(self, worker: _Worker, plugin_id: str) -> None:
         self._in_use += 1
@@ -566,7 +603,9 @@ class WorkerPoolBackend(ExecutionBackend):
         except Exception as exc:  # the queue's acquire timeout reports the consequence
             self._stats.last_error = f"could not start a worker: {exc}"
 
-    async def _acquire(self, job: Job) -> _Worker:
+    async def _acquire(self, job: Job, workspace: str | None) -> _Waiter | _Worker:
+        """A worker for ``job``: at once, or after waiting in the queue; then, the waiter,
+        whose request the hand-over may have submitted already (see :class:`_Waiter`)."""
         plugin_id = job.request.plugin_id
         if not self._queue and self._plugin_has_room(plugin_id):
             worker = self._free_worker()
@@ -581,7 +620,7 @@ class WorkerPoolBackend(ExecutionBackend):
                 f"{self.max_queue}); retry later or raise max_queue",
                 details={"queue_size": len(self._queue), "capacity": self.max_queue},
             )
-        waiter = _Waiter(plugin_id)
+        waiter = _Waiter(job, workspace)
         self._queue.append(waiter)
         self._maybe_grow()
         self._queue_deadlines.add(
@@ -590,7 +629,7 @@ class WorkerPoolBackend(ExecutionBackend):
         await waiter.wait(self._queue)  # woken by _hand_over, _give_up or _stop
         self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
         if waiter.worker is not None:
-            return waiter.worker
+            return waiter
         if not self.running:
             raise BackendClosedError("the worker-pool backend is shutting down")
         if trio.current_time() >= job.deadline:
@@ -615,34 +654,36 @@ class WorkerPoolBackend(ExecutionBackend):
             return await self._run_session(job)
         request = job.request
         lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
+        workspace = os.fspath(lease)
+        quotas = job.target.permissions.quotas
+        watched = self.kind == "process" and bool(quotas.memory_mb or quotas.cpu_s)
         self._stats.queued = len(self._queue) + 1
         try:
-            worker = await self._acquire(job)
+            got = await self._acquire(job, None if watched else workspace)
         except BaseException:
             lease.release_unused()  # nothing was made
             raise
+        if isinstance(got, _Waiter):
+            worker, proc, pending = got.worker, got.proc, got.pending
+            assert worker is not None
+        else:
+            worker, proc, pending = got, None, None
         self._stats.queued = len(self._queue)
         self._usage[(request.plugin_id, request.handler_id)] += 1
         result = None
         try:
+            worker.executions += 1
+            if pending is not None and proc is not None:  # submitted at the hand-over
+                result = await proc.collect(pending, backend=self.name, sent_now=False)
+                return result
             proc = worker.proc
             if proc is None:
                 raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
-            worker.executions += 1
-            quotas = job.target.permissions.quotas
-            if self.kind == "process" and (quotas.memory_mb or quotas.cpu_s):
-                result = await self._execute_watched(proc, job, os.fspath(lease), quotas)
+            if watched:
+                result = await self._execute_watched(proc, job, workspace, quotas)
             else:
-                # Alone in flight, wait for the reply spinning a moment rather than asleep
-                # (see WorkerProcess._poll): nothing else of the pool's is then kept waiting.
-                alone = self._in_use == 1 and self._spin_ok
-                result = await proc.execute(
-                    job,
-                    backend=self.name,
-                    workspace=os.fspath(lease),
-                    cancel_grace=self.cancel_grace,
-                    spin=_SPIN_S if alone else 0.0,
-                )
+                pending = self._submit(proc, job, workspace)
+                result = await proc.collect(pending, backend=self.name)
             return result
         finally:
             self._give_back(worker, request.plugin_id)
