@@ -265,7 +265,7 @@ async def test_a_frame_the_socket_takes_in_part_is_finished_by_the_collector(
 ) -> None:
     """``submit`` writes what the kernel takes and keeps the send lock for the rest, which
     ``collect`` sends from another task; frames sent meanwhile wait for it, whole."""
-    payload = os.urandom(4 << 20)  # far more than a socket buffer holds
+    payload = os.urandom(16 << 20)  # far more than a socket buffer holds (4 MiB)
     async with open_worker_process() as worker:
         big = worker.submit(job(registry, "echo", payload))
         assert big.unsent is not None and big.unsent[1]  # begun, lock held for the rest
@@ -290,7 +290,7 @@ async def test_collect_cancelled_before_the_rest_is_sent_still_sends_it_whole(
 ) -> None:
     """A caller cancelled while its frame is half out finishes the frame (half a frame would
     end the worker), then stops the execution as any cancelled caller does."""
-    payload = os.urandom(4 << 20)
+    payload = os.urandom(16 << 20)
     async with open_worker_process() as worker:
         pending = worker.submit(job(registry, "echo", payload))
         assert pending.unsent is not None

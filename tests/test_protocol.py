@@ -875,3 +875,103 @@ def test_malformed_worker_messages_are_explained(fields: dict[Any, Any], error: 
         receive(conn, packed(fields))
     with pytest.raises(ProtocolError, match="already failed"):
         conn.next_message()
+
+
+# -- big frames: written from where the value lies, read straight into a buffer -----------
+
+BIG_INPUT = bytes(range(256)) * (_wire.BIG // 256 * 3)  # 192 KiB
+
+
+def test_a_big_bytes_input_is_sent_in_pieces_that_decode_as_one_frame() -> None:
+    fields = {**EXECUTE_FIELDS, "input": BIG_INPUT}
+    parts = Connection("host").send_execute(**fields)
+    assert isinstance(parts, list) and parts[1] is BIG_INPUT  # the value itself, not a copy
+    data = b"".join(parts)
+    expected = Execute(**fields, warmup=False)
+    assert len(data) == len(Connection("host").send(expected))  # the same map, reordered
+    assert receive(Connection("worker"), data) == [expected]
+    assert wire_decode(data) == [("execute", {**fields, "warmup": False})]
+
+
+def test_a_big_result_from_the_worker_decodes_on_the_host() -> None:
+    fields = {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.5, "metadata": {"a": 1}}
+    parts = _wire.encode_parts("result", fields, "output")
+    assert isinstance(parts, list) and parts[1] is BIG_INPUT
+    host = Connection("host")
+    host.receive_data(_wire.encode("hello", {"version": PROTOCOL_VERSION, "pid": 1}))
+    assert [type(m) for m in host] == [Hello]
+    assert receive(host, b"".join(parts)) == [Result(**fields)]
+    # Small values, and maps too wide for the trick, are packed the usual way.
+    assert _wire.encode_parts("result", {**fields, "output": b"x"}, "output") == _wire.encode(
+        "result", {**fields, "output": b"x"}
+    )
+    assert _wire.pack_parts({str(i): i for i in range(15)} | {"v": BIG_INPUT}, "v") is None
+
+
+def test_big_frames_read_into_their_buffer_in_any_pieces() -> None:
+    """Reads straight into ``big_view``, reads through ``receive_data``, or both, mixed; two
+    big frames in a row (the second smaller: the kept buffer is longer than it) and a small
+    one after them."""
+    first = Connection("host").send(ChannelData(channel_id="a", data=BIG_INPUT))
+    second = Connection("host").send(ChannelData(channel_id="b", data=BIG_INPUT[:-1000]))
+    small = Connection("host").send(ChannelData(channel_id="c", data=b"tail"))
+    stream = first + second + small
+    for direct in (0, 1, 2):  # never / always / every other read into the view
+        conn, decoder = Connection("worker"), _wire.FrameDecoder()
+        got: list[Message] = []
+        wired: list[Any] = []
+        pos, n = 0, 0
+        while pos < len(stream):
+            n += 1
+            use_view = direct == 1 or (direct == 2 and n % 2)
+            views = conn.big_view(), decoder.big_view()
+            if use_view and views[0] is not None and views[1] is not None:
+                count = min(len(views[0]), 50_000, len(stream) - pos)
+                assert len(views[1]) == len(views[0])
+                views[0][:count] = views[1][:count] = stream[pos : pos + count]
+                conn.big_filled(count)
+                decoder.big_filled(count)
+            else:
+                count = min(70_000, len(stream) - pos)
+                conn.receive_data(stream[pos : pos + count])
+                decoder.feed(stream[pos : pos + count])
+            pos += count
+            got += list(conn)
+            wired += list(decoder)
+        assert got == [
+            ChannelData(channel_id="a", data=BIG_INPUT),
+            ChannelData(channel_id="b", data=BIG_INPUT[:-1000]),
+            ChannelData(channel_id="c", data=b"tail"),
+        ]
+        assert [fields["channel_id"] for _, fields in wired] == ["a", "b", "c"]
+
+
+def test_eof_inside_a_big_frame_is_an_error() -> None:
+    data = Connection("host").send(ChannelData(channel_id="a", data=BIG_INPUT))
+    conn, decoder = Connection("worker"), _wire.FrameDecoder()
+    conn.receive_data(data[:1000])
+    decoder.feed(data[:1000])
+    assert list(conn) == [] and list(decoder) == []
+    view = conn.big_view()
+    assert view is not None
+    view[:500] = data[1000:1500]
+    conn.big_filled(500)
+    conn.big_filled(0)  # EOF
+    decoder.big_filled(0)
+    with pytest.raises(ProtocolError, match=rf"inside a frame \(1496 of {len(data) - 4} bytes"):
+        list(conn)
+    with pytest.raises(_wire.WireError, match=rf"inside a frame \(996 of {len(data) - 4} bytes"):
+        list(decoder)
+
+
+def test_send_execute_refuses_a_big_frame_over_the_limit() -> None:
+    fields = {**EXECUTE_FIELDS, "input": BIG_INPUT}
+    with pytest.raises(ProtocolError, match=r"over the 100000-byte limit"):
+        Connection("host", max_frame_size=100_000).send_execute(**fields)
+    with pytest.raises(_wire.WireError, match=r"over the 100000-byte limit"):
+        _wire.encode_parts(
+            "result",
+            {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.0, "metadata": {}},
+            "output",
+            max_frame_size=100_000,
+        )

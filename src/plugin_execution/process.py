@@ -75,10 +75,14 @@ _STDERR_TAIL_BYTES = 8192
 _MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
 _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit by itself
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
-# mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read.
+# mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read. A frame
+# bigger than this is read straight into a buffer of its own (see Connection.big_view).
 _READ_SIZE = 65536
-_BIG_READ_SIZE = 1 << 20
 _SPIN_BACKOFF = 16
+# Send buffer of each end of a worker's socket: a 1 MB frame then goes in one or two writes
+# instead of five (the default is ~208 KiB), each a wake-up of the reader. A limit, not an
+# allocation; the kernel caps it at net.core.wmem_max.
+_SEND_BUFFER = 4 << 20
 
 
 class WorkerLimits:
@@ -153,7 +157,7 @@ class _Pending(_Reply):
         self.job = job
         self.cancel_grace = cancel_grace
         self.linger = linger
-        self.unsent: tuple[memoryview, bool] | None = None
+        self.unsent: tuple[list[memoryview], bool] | None = None
 
 
 class WorkerProcess:
@@ -269,7 +273,7 @@ class WorkerProcess:
         self._reading = True
         reason = ""
         fd = self._fd
-        size = _READ_SIZE
+        conn = self._conn
         try:
             while (reply is None or not reply.done) and not self.lost.is_set():
                 if self._fd_closed:
@@ -281,18 +285,22 @@ class WorkerProcess:
                         await trio.lowlevel.wait_readable(fd)
                         continue
                 else:
+                    big = conn.big_view()
                     try:
-                        data = os.read(fd, size)
+                        if big is None:
+                            data = os.read(fd, _READ_SIZE)
+                        else:
+                            count = os.readv(fd, (big,))
+                            conn.big_filled(count)
+                            data = b"" if not count else None
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(fd)
                         continue
-                    # A full read means a big frame is coming in: take bigger bites (then the
-                    # mmap'ed buffer costs little next to the bytes; see _READ_SIZE).
-                    size = _BIG_READ_SIZE if len(data) == size else _READ_SIZE
-                self._conn.receive_data(data)
-                while (msg := self._conn.next_message()) is not None:
+                if data is not None:
+                    conn.receive_data(data)
+                while (msg := conn.next_message()) is not None:
                     self._dispatch(msg)
-                if not data:
+                if data == b"":
                     reason = "the worker closed its connection"
                     break
         except trio.ClosedResourceError:
@@ -515,17 +523,19 @@ class WorkerProcess:
         """Send one frame. Whole frames only: the lock keeps concurrent senders apart."""
         await self._send_frame(self._conn.send(msg))
 
-    async def _send_frame(self, data: bytes | memoryview) -> None:
+    async def _send_frame(self, data: bytes) -> None:
         """Send one whole frame: at once when the kernel takes it (see :meth:`_write_now`),
         else under the send lock."""
         unsent = self._write_now(data)
         if unsent is not None:
             await self._send_rest(*unsent)
 
-    def _write_now(self, data: bytes | memoryview) -> tuple[memoryview, bool] | None:
+    def _write_now(self, data: bytes | list[bytes]) -> tuple[list[memoryview], bool] | None:
         """Fast path: when nobody else is sending, write straight to the non-blocking socket;
         a frame the kernel takes whole costs no lock and no trip through the scheduler (a
         round trip on the pool has ~4 of them, so this is a large share of its latency).
+        ``data``: the frame, or its pieces (``os.writev``; see ``pack_parts``).
+
         Returns None when all went out; else what is left and whether the send lock was
         taken for it (a frame begun here), for :meth:`_send_rest`. The lock is a semaphore,
         not a Lock, because the task that finishes a frame may not be the one that began it
@@ -533,27 +543,36 @@ class WorkerProcess:
         """
         if self._fd_closed:  # the fd number may be another file's by now: never touch it
             raise self.crash_error()
+        parts = [data] if isinstance(data, bytes) else data
         lock = self._send_lock
-        if lock.value == 0:
-            return memoryview(data), False  # another frame is going out: queue for the lock
+        if lock.value == 0:  # another frame is going out: queue for the lock
+            return [memoryview(part) for part in parts], False
         try:
-            sent = os.write(self._fd, data)
+            sent = os.write(self._fd, parts[0]) if len(parts) == 1 else os.writev(self._fd, parts)
         except BlockingIOError:
             sent = 0
         except OSError:
             sent = 0  # broken: _send_rest reports it the usual way
-        if sent == len(data):
+        rest = []
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+            else:
+                rest.append(memoryview(part)[sent:])
+                sent = 0
+        if not rest:
             return None
         lock.acquire_nowait()  # free: nothing awaited since value said so
-        return memoryview(data)[sent:], True
+        return rest, True
 
-    async def _send_rest(self, rest: memoryview, locked: bool) -> None:
+    async def _send_rest(self, rest: list[memoryview], locked: bool) -> None:
         """Send what :meth:`_write_now` left, under the send lock (``locked``: taken)."""
         lock = self._send_lock
         if not locked:
             await lock.acquire()
         try:
-            await self._stream.send_all(rest)
+            for part in rest:
+                await self._stream.send_all(part)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await self.lost.wait()
             raise self.crash_error() from None
@@ -757,6 +776,14 @@ class WorkerProcess:
                 await self.process.wait()
 
 
+def worker_socketpair() -> tuple[socket.socket, socket.socket]:
+    """The host's end and the worker's end of a new worker connection (see _SEND_BUFFER)."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in pair:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+    return pair
+
+
 def worker_argv(
     limits: WorkerLimits | None, fd: int, sandbox: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -789,7 +816,7 @@ async def open_worker_process(
     ``start_timeout`` seconds before the handshake. On exit it is shut down (killed after
     ``close_grace``) and reaped.
     """
-    host_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    host_sock, child_sock = worker_socketpair()
     err_read, err_write = os.pipe()
     process: ChildProcess | None = None
     try:

@@ -29,6 +29,7 @@ from cattrs.v import format_exception
 
 from .converter import converter
 from .errors import ExecutionError
+from .worker._wire import BIG, BigFrame, pack_parts
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -493,6 +494,7 @@ class Connection:
         self._pos = 0  # start of the unread part of _buffer
         self._eof = False
         self._failure: ProtocolError | None = None
+        self._big = BigFrame()  # a big frame coming in, read past the buffer
 
     @property
     def eof_received(self) -> bool:
@@ -550,7 +552,21 @@ class Connection:
         elif self._eof:
             raise ProtocolError("received data after EOF")
         else:
+            if self._big.pending:
+                data = self._big.take(data)
             self._buffer += data
+
+    def big_view(self) -> memoryview | None:
+        """Where to read the rest of a big frame coming in, straight from the socket (then
+        :meth:`big_filled`): one copy instead of three for a 1 MB result. None if none."""
+        return self._big.view() if self._big.pending else None
+
+    def big_filled(self, count: int) -> None:
+        """``count`` bytes were read into :meth:`big_view` (0: the peer closed its end)."""
+        if not count:
+            self._eof = True
+        else:
+            self._big.filled += count
 
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` when more data is needed (or, once
@@ -573,7 +589,17 @@ class Connection:
         while (message := self.next_message()) is not None:
             yield message
 
-    def _next_frame(self) -> bytearray | None:
+    def _next_frame(self) -> bytearray | memoryview | None:
+        big = self._big
+        if big.size:
+            if big.pending:
+                if self._eof:
+                    raise ProtocolError(
+                        f"the peer closed the connection inside a frame ({big.filled} of "
+                        f"{big.size} bytes received)"
+                    )
+                return None
+            return big.finish()
         buffer, start = self._buffer, self._pos
         available = len(buffer) - start
         if available < _HEADER_SIZE:
@@ -596,6 +622,10 @@ class Connection:
                     f"the peer closed the connection inside a frame ({available} of "
                     f"{_HEADER_SIZE + size} bytes received)"
                 )
+            if size >= BIG:  # the rest goes straight into a buffer of its own
+                self._big.start(size, buffer[start + _HEADER_SIZE :])
+                del buffer[:]
+                self._pos = 0
             return None
         payload = buffer[start + _HEADER_SIZE : end]
         # Drop what was read once it is most of the buffer: each byte moves at most once
@@ -607,7 +637,7 @@ class Connection:
             self._pos = end
         return payload
 
-    def _decode(self, payload: bytearray) -> Message:
+    def _decode(self, payload: bytearray | memoryview) -> Message:
         try:
             data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
@@ -643,9 +673,11 @@ class Connection:
         workspace: str | None,
         timeout: float | None,
         linger: float = 0.0,
-    ) -> bytes:
+    ) -> bytes | list[bytes]:
         """The frame of ``Execute(...)`` with these fields, as :meth:`send` would encode it,
-        without building the message object: the host's per-execution hot path.
+        without building the message object: the host's per-execution hot path. An
+        ``input`` of ``bytes`` of 64 KiB or more comes back as the frame's pieces, itself
+        one of them, not copied (see ``pack_parts``; write them with ``os.writev``).
 
         ``input`` and ``context`` must be plain data (msgpack's own types); raises
         :class:`ProtocolError` otherwise, or for a frame over the size limit.
@@ -665,9 +697,18 @@ class Connection:
             "linger": linger,
         }
         try:
-            payload: bytes = _pack_plain(fields)
+            parts = pack_parts(fields, "input") if type(input) is bytes else None
+            payload: bytes = _pack_plain(fields) if parts is None else parts[0]
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"cannot encode 'execute': {_clip(str(exc))}") from exc
+        if parts is not None:
+            size = int.from_bytes(payload[:_HEADER_SIZE], "big")
+            if size > self.max_frame_size:
+                raise ProtocolError(
+                    f"cannot send 'execute': its frame of {size} bytes is over the "
+                    f"{self.max_frame_size}-byte limit"
+                )
+            return parts
         if len(payload) > self.max_frame_size:
             raise ProtocolError(
                 f"cannot send 'execute': its frame of {len(payload)} bytes is over the "

@@ -606,7 +606,7 @@ async def test_leaving_with_forked_workers_is_clean(registry, workspaces) -> Non
 async def test_queued_requests_go_out_whole_when_a_worker_frees(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
     """A worker freed hands itself to the oldest queued caller and sends its request in
     the same step; requests bigger than a socket buffer are finished by their caller."""
-    big = [os.urandom(3 << 20) for _ in range(3)]
+    big = [os.urandom(12 << 20) for _ in range(3)]  # more than a socket buffer (4 MiB)
     async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
         await full_strength(backend, 1)
         outputs: dict[int, object] = {}

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..process import WorkerProcess, serve_worker
+from ..process import WorkerProcess, serve_worker, worker_socketpair
 from .runtime import Worker
 
 __all__ = ["open_worker_thread"]
@@ -66,7 +66,7 @@ async def open_worker_thread(
     *, start_timeout: float = 30.0, close_grace: float = 2.0
 ) -> AsyncIterator[WorkerProcess]:
     """Start a worker on a new thread and yield its handle; stop it on exit."""
-    host_sock, worker_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    host_sock, worker_sock = worker_socketpair()
     thread = _WorkerThread(worker_sock)
     async with serve_worker(
         thread,

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
-from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
+from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode, encode_parts
 from .platform_calls import PlatformCalls
 
 TYPE_CHECKING = False
@@ -56,9 +56,9 @@ _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _WATCH_S = 0.01  # how long a handler runs on the reading thread before another takes over
 _SPIN_BACKOFF = 16  # lingers skipped after one that found no request (see _linger_poll)
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
-# mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read.
+# mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read. A frame
+# bigger than this is read straight into a buffer of its own (see FrameDecoder.big_view).
 _READ_SIZE = 65536
-_BIG_READ_SIZE = 1 << 20
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -289,21 +289,28 @@ class Worker:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    def send(self, tag: str, fields: dict[str, Any]) -> None:
-        """Write one frame, whole. After :meth:`_close` it writes nothing: a handler a thread
-        worker abandoned may finish long after, and the fd number may belong to another
-        socket or file by then."""
-        frame = encode(tag, fields)
-        view = memoryview(frame)
+    def send(self, tag: str, fields: dict[str, Any], big: str | None = None) -> None:
+        """Write one frame, whole. ``big``: a field that may hold a big ``bytes`` value,
+        then written from where it lies (see ``encode_parts``). After :meth:`_close` it
+        writes nothing: a handler a thread worker abandoned may finish long after, and the
+        fd number may belong to another socket or file by then."""
+        frame = encode(tag, fields) if big is None else encode_parts(tag, fields, big)
+        pieces = [frame] if isinstance(frame, bytes) else frame
+        parts = [memoryview(piece) for piece in pieces]
         with self._send_lock:
             if self._fd_closed:
                 return
             try:
-                while view:
+                while parts:
                     try:
-                        view = view[os.write(self._fd, view) :]
+                        sent = os.writev(self._fd, parts)
                     except BlockingIOError:  # the loop reads: the fd is non-blocking
                         _wait_writable(self._fd)
+                        continue
+                    while parts and sent >= len(parts[0]):
+                        sent -= len(parts.pop(0))
+                    if sent:
+                        parts[0] = parts[0][sent:]
             except OSError:
                 pass  # the host is gone; the reader sees EOF and stops the worker
 
@@ -351,7 +358,7 @@ class Worker:
         """
         decoder = self._decoder
         me = self._leader = threading.get_ident()
-        size = _READ_SIZE
+        fd = self._fd
         try:
             while True:
                 for tag, fields in decoder:
@@ -391,11 +398,15 @@ class Worker:
                     # switch per round trip (~a third of the worker's CPU); poll() is not
                     # woken by it.
                     self._poller.poll()
-                    data = os.read(self._fd, size)
+                    big = decoder.big_view()
+                    if big is not None:
+                        count = os.readv(fd, (big,))
+                        decoder.big_filled(count)
+                        if count:
+                            continue
+                    data = os.read(fd, _READ_SIZE)
                 except OSError:
                     data = b""
-                # A full read means a big frame is coming in: take bigger bites.
-                size = _BIG_READ_SIZE if len(data) == size else _READ_SIZE
                 if not data:
                     self._exit(0)
                 decoder.feed(data)
@@ -728,7 +739,7 @@ class Worker:
                 },
             }
             try:
-                self.send("result", fields)
+                self.send("result", fields, big="output")
                 return
             except (TypeError, ValueError, OverflowError) as exc:
                 error = _InvalidRequest(
