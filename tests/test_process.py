@@ -301,3 +301,64 @@ async def test_collect_cancelled_before_the_rest_is_sent_still_sends_it_whole(
         # The worker read a whole frame and is still serving.
         assert (await worker.execute(job(registry, "echo", "ok"), backend="test")).output == "ok"
         assert worker.alive
+
+
+async def test_an_answer_read_for_the_parked_reader_wakes_it(registry: PluginRegistry) -> None:
+    """``read_for_reader`` (a channel pump polling right after it sent) may read the very
+    answer the task parked on the socket waits for: it then cancels that park, and the
+    reader returns with it. With no channel bridged, nobody parks cancellably and it reads
+    nothing."""
+    async with open_worker_process() as worker:
+        worker.read_for_reader(0.001)  # no reader parked: a no-op
+        worker.channels["c"] = None  # type: ignore[assignment]  # parks become cancellable
+        try:
+            pending = worker.submit(job(registry, "sleep_sync", {"seconds": 0.2}))
+            outcome: list[object] = []
+
+            async def collect() -> None:
+                try:
+                    outcome.append(await worker.collect(pending, backend="test"))
+                except WorkerCrashedError as exc:
+                    outcome.append(exc)
+
+            with trio.fail_after(30):  # a reader left parked would hang here
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(collect)
+                    while worker._parked is None:
+                        await trio.sleep(0.01)
+                    # Read the answer here, in this task, the moment it comes.
+                    while not pending.done:
+                        worker._spin_backoff = 0
+                        worker.read_for_reader(0.05)
+                        await trio.lowlevel.checkpoint()
+            assert len(outcome) == 1 and outcome[0].output is not None  # type: ignore[attr-defined]
+            # A worker lost while the reader is parked: its EOF wakes the reader too.
+            pending = worker.submit(job(registry, "sleep_sync", {"seconds": 30}))
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(collect)
+                    while worker._parked is None:
+                        await trio.sleep(0.01)
+                    os.kill(worker.pid, signal.SIGKILL)
+                    while worker.alive:
+                        worker._spin_backoff = 0
+                        worker.read_for_reader(0.05)
+                        await trio.sleep(0.01)
+                    await worker.lost.wait()
+            assert isinstance(outcome[1], WorkerCrashedError)
+        finally:
+            worker.channels.clear()
+
+
+def test_a_channel_is_alone_when_no_other_sent_lately() -> None:
+    """The test ChannelBridge.pump_in makes before polling for an answer."""
+    from plugin_execution.process import WorkerProcess
+
+    proc = WorkerProcess.__new__(WorkerProcess)
+    proc._channel_sends = [(float("-inf"), None)] * 2
+    a, b = object(), object()
+    assert proc.channel_sent(a, 0.0, 0.005)  # type: ignore[arg-type]
+    assert proc.channel_sent(a, 0.001, 0.005)  # type: ignore[arg-type]  # itself only
+    assert not proc.channel_sent(b, 0.002, 0.005)  # type: ignore[arg-type]  # a, 1 ms ago
+    assert not proc.channel_sent(a, 0.003, 0.005)  # type: ignore[arg-type]  # b, 1 ms ago
+    assert proc.channel_sent(a, 0.009, 0.005)  # type: ignore[arg-type]  # b, 7 ms ago

@@ -975,3 +975,20 @@ def test_send_execute_refuses_a_big_frame_over_the_limit() -> None:
             "output",
             max_frame_size=100_000,
         )
+
+
+@pytest.mark.parametrize("data", ["text", b"\x00bytes", "", b"x" * 70_000])
+def test_send_channel_data_writes_the_bytes_send_would(data: str | bytes) -> None:
+    conn = Connection("host")
+    frame = conn.send_channel_data("c-1", data)
+    assert frame == conn.send(ChannelData(channel_id="c-1", data=data))
+    assert receive(Connection("worker"), frame) == [ChannelData(channel_id="c-1", data=data)]
+
+
+def test_send_channel_data_refuses_what_a_websocket_cannot_carry() -> None:
+    conn = Connection("host", max_frame_size=100)
+    with pytest.raises(ProtocolError, match=r"data str or bytes, not str and int"):
+        conn.send_channel_data("c", 7)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=r"over the 100-byte limit"):
+        conn.send_channel_data("c", b"x" * 200)
+    assert conn.send_channel_data("c", "ok") == conn.send(ChannelData(channel_id="c", data="ok"))

@@ -716,6 +716,24 @@ class Connection:
             )
         return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
 
+    def send_channel_data(self, channel_id: str, data: str | bytes) -> bytes:
+        """The frame of ``ChannelData(channel_id=..., data=...)``, as :meth:`send` would
+        encode it, without the message object: a bridged channel's per-message path.
+        Raises :class:`ProtocolError` for data that is not ``str`` or ``bytes``, or a frame
+        over the size limit."""
+        if type(channel_id) is not str or (type(data) is not str and type(data) is not bytes):
+            raise ProtocolError(
+                f"cannot encode 'ch_data': channel_id is str and data str or bytes, not "
+                f"{type(channel_id).__name__} and {type(data).__name__}"
+            )
+        payload = _pack_plain({"t": ChannelData.tag, "channel_id": channel_id, "data": data})
+        if len(payload) > self.max_frame_size:
+            raise ProtocolError(
+                f"cannot send 'ch_data': its frame of {len(payload)} bytes is over the "
+                f"{self.max_frame_size}-byte limit"
+            )
+        return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+
     def _handshake(self, message: Message) -> None:
         if self._greeted:
             raise ProtocolError("the worker sent 'hello' twice")

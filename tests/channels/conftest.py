@@ -44,6 +44,7 @@ MANIFEST = PluginManifest(
         ChannelSpec(path="/crash", entry="ws_handlers:crash"),
         ChannelSpec(path="/bye", entry="ws_handlers:bye"),
         ChannelSpec(path="/once", entry="ws_handlers:done_after_one"),
+        ChannelSpec(path="/burst", entry="ws_handlers:burst"),
         ChannelSpec(path="/hold", entry="ws_handlers:hold"),
         ChannelSpec(path="/room", entry="ws_handlers:room", style="events"),
     ],

@@ -94,6 +94,20 @@ async def test_handler_return_closes_1000_and_raise_closes_1011(serve, kind) -> 
             assert "boom" in reason
 
 
+async def test_a_burst_sent_just_before_returning_all_arrives_before_the_close(serve, kind) -> None:  # type: ignore[no-untyped-def]
+    """Replies that arrive with the handler's end are all delivered, in order, then 1000,
+    whichever pump writes them (on a worker, the one that sent the count polls for the
+    answer and starts writing it itself)."""
+    async with serve(kind) as served:
+        for count in (1, 3, 300):
+            async with open_websocket_url(served.url("/burst")) as ws:
+                await ws.send_message(str(count))
+                with trio.fail_after(30):
+                    received = [await ws.get_message() for _ in range(count)]
+                assert received == [str(i) for i in range(count)]
+                assert (await closed_with(ws))[0] == 1000
+
+
 async def test_the_handler_closes_with_its_own_code(serve, kind) -> None:  # type: ignore[no-untyped-def]
     async with serve(kind) as served, open_websocket_url(served.url("/bye")) as ws:
         await ws.send_message("last")

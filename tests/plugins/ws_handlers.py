@@ -52,6 +52,13 @@ async def done_after_one(ctx: Any, channel: Any) -> None:
     await channel.send(await channel.receive())
 
 
+async def burst(ctx: Any, channel: Any) -> None:
+    """Answers a count with that many messages, then returns."""
+    count = int(await channel.receive())
+    for i in range(count):
+        await channel.send(str(i))
+
+
 async def hold(ctx: Any, channel: Any) -> None:
     """Waits forever after the first message; records how it ended (in-process)."""
     await channel.receive()

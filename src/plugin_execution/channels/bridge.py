@@ -21,6 +21,7 @@ one socket, one pump per direction.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -39,10 +40,19 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_WINDOW", "ChannelBridge", "run_session"]
 
 DEFAULT_WINDOW = 64
+_SPIN_S = 300e-6  # how long the pump polls for the worker's answer to a message it sent
+_ALONE_S = 5e-3  # ... when no other channel on the worker sent a message for this long
 
 
 class ChannelBridge:
-    """The host's side of one bridged channel. :func:`run_session` drives it."""
+    """The host's side of one bridged channel. :func:`run_session` drives it.
+
+    What the worker sends waits in ``_out`` (at most ``window`` messages and a close) until
+    it is written to the client, in order, by whichever pump holds the delivery turn
+    (``_delivering``): ``pump_out`` as a rule, or ``pump_in`` when it read the worker's
+    answer itself right after sending a message (see ``_SPIN_S``), which saves a wake-up
+    of ``pump_out`` per round trip.
+    """
 
     def __init__(self, proc: WorkerProcess, channel: Channel, channel_id: str, window: int):
         self._proc = proc
@@ -52,8 +62,14 @@ class ChannelBridge:
         self._ack_every = max(1, window // 2)
         self._credit = window  # ChannelData the worker will still take
         self._credit_wake = trio.Event()
-        # The worker never has more than ``window`` messages in flight, plus its close.
-        self._inbox, self._outbox = trio.open_memory_channel[str | bytes | ChannelClose](window + 1)
+        self._out: deque[str | bytes | ChannelClose] = deque()
+        self._out_lot = trio.lowlevel.ParkingLot()  # pump_out, waiting for work
+        self._delivering = False  # a pump is writing _out to the client
+        self._consumed = 0  # messages written since credit last went back
+        self._reading_here = False  # pump_in is reading the worker's answer itself
+        self._in_delivering = False  # pump_in holds the delivery turn
+        self._finished = False  # the execution ended: no more comes from the worker
+        self._stop_in = False  # ... and pump_in stops after its delivery
         self.in_scope = trio.CancelScope()
 
     def on_message(self, msg: ChannelData | ChannelCredit | ChannelClose) -> None:
@@ -62,18 +78,48 @@ class ChannelBridge:
             self._credit += msg.messages
             self._credit_wake.set()
             return
-        item = msg.data if isinstance(msg, ChannelData) else msg
-        try:
-            self._inbox.send_nowait(item)
-        except trio.WouldBlock:
+        if self._finished:
+            return  # the session is over; late messages are dropped
+        if len(self._out) > self.window:
             self._proc.kill(
                 WorkerCrashedError(
                     f"worker {self._proc.worker_id} broke the channel flow control: it sent "
                     f"more than {self.window} messages without credit"
                 )
             )
-        except trio.ClosedResourceError:
-            pass  # the session is over; late messages are dropped
+            return
+        self._out.append(msg.data if isinstance(msg, ChannelData) else msg)
+        if not self._delivering and not self._reading_here:
+            self._out_lot.unpark()
+
+    async def _deliver(self) -> None:
+        """Write what waits in ``_out`` to the client, in order; credit goes back to the
+        worker once a batch reached the socket. Only the pump holding the turn calls it."""
+        proc, channel = self._proc, self._channel
+        self._delivering = True
+        try:
+            while self._out:
+                item = self._out.popleft()
+                if isinstance(item, ChannelClose):
+                    await channel.close(item.code, item.reason)
+                    continue
+                try:
+                    await channel.send(item)
+                except ChannelClosed:
+                    pass  # closed meanwhile: the worker's channel raises on its side
+                self._consumed += 1
+                if self._consumed >= self._ack_every:
+                    messages, self._consumed = self._consumed, 0
+                    try:
+                        await proc._send(
+                            ChannelCredit(channel_id=self.channel_id, messages=messages)
+                        )
+                    except ExecutionError:
+                        return
+        finally:
+            self._delivering = False
+            if self._out or self._finished:
+                self._out_lot.unpark()  # came meanwhile, or the end: pump_out takes over
 
     async def pump_in(self) -> None:
         """Client -> worker, within the worker's credit."""
@@ -89,35 +135,49 @@ class ChannelBridge:
                     await self._credit_wake.wait()
                 self._credit -= 1
                 try:
-                    await proc._send(ChannelData(channel_id=self.channel_id, data=message))
+                    await proc._send_frame(proc._conn.send_channel_data(self.channel_id, message))
                 except ExecutionError:
                     return  # the worker is gone: the execution reports it
+                # Alone on the worker, its answer (if any) is usually tens of microseconds
+                # away: poll for it rather than sleep, and write it to the client from this
+                # task. With other channels busy there, the host has their messages to
+                # handle meanwhile: no polling.
+                if not proc.channel_sent(self, trio.current_time(), _ALONE_S):
+                    continue
+                self._reading_here = True
+                try:
+                    proc.read_for_reader(_SPIN_S)
+                finally:
+                    self._reading_here = False
+                if self._out and not self._delivering:
+                    self._in_delivering = True
+                    try:
+                        await self._deliver()
+                    finally:
+                        self._in_delivering = False
+                    if self._stop_in:
+                        return
 
     async def pump_out(self) -> None:
-        """Worker -> client; credit goes back once a batch reached the socket."""
-        proc, channel = self._proc, self._channel
-        consumed = 0
-        async for item in self._outbox:
-            if isinstance(item, ChannelClose):
-                await channel.close(item.code, item.reason)
-                continue
-            try:
-                await channel.send(item)
-            except ChannelClosed:
-                pass  # closed meanwhile: the worker's channel raises on its side
-            consumed += 1
-            if consumed >= self._ack_every:
-                try:
-                    await proc._send(ChannelCredit(channel_id=self.channel_id, messages=consumed))
-                except ExecutionError:
-                    return
-                consumed = 0
+        """Worker -> client, when pump_in is not delivering; ends once the execution ended
+        and everything the worker sent before was delivered."""
+        while True:
+            if self._out and not self._delivering:
+                await self._deliver()
+            elif self._finished and not self._out:
+                return
+            else:
+                await self._out_lot.park()
 
     def finish(self) -> None:
-        """The execution ended: stop reading the client, let ``pump_out`` deliver what the
+        """The execution ended: stop reading the client, let the pumps deliver what the
         worker sent before its result, then end."""
-        self.in_scope.cancel()
-        self._inbox.close()
+        self._finished = True
+        if self._in_delivering:
+            self._stop_in = True  # let pump_in finish delivering, then it stops
+        else:
+            self.in_scope.cancel()
+        self._out_lot.unpark_all()
 
 
 async def run_session(
