@@ -140,6 +140,9 @@ def encode_parts(
 ) -> bytes | list[bytes]:
     """:func:`encode`, or the frame as :func:`pack_parts` pieces when ``fields[key]`` is a
     big ``bytes`` value (write them with ``os.writev``)."""
+    value = fields.get(key)
+    if type(value) is not bytes or len(value) < BIG:  # the usual case: a small frame
+        return encode(tag, fields, max_frame_size=max_frame_size)
     _check_fields(tag, fields.keys())
     try:
         parts = pack_parts({"t": tag, **fields}, key)

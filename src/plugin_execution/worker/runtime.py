@@ -295,12 +295,19 @@ class Worker:
         writes nothing: a handler a thread worker abandoned may finish long after, and the
         fd number may belong to another socket or file by then."""
         frame = encode(tag, fields) if big is None else encode_parts(tag, fields, big)
-        pieces = [frame] if isinstance(frame, bytes) else frame
-        parts = [memoryview(piece) for piece in pieces]
         with self._send_lock:
             if self._fd_closed:
                 return
             try:
+                if isinstance(frame, bytes):  # the usual case: one write takes it all
+                    try:
+                        sent = os.write(self._fd, frame)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent == len(frame):
+                        return
+                    frame = [frame[sent:]]
+                parts = [memoryview(piece) for piece in frame]
                 while parts:
                     try:
                         sent = os.writev(self._fd, parts)
