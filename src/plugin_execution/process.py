@@ -606,7 +606,12 @@ class WorkerProcess:
         if lock.value == 0:  # another frame is going out: queue for the lock
             return [memoryview(part) for part in parts], False
         try:
-            sent = os.write(self._fd, parts[0]) if len(parts) == 1 else os.writev(self._fd, parts)
+            if isinstance(data, bytes):
+                sent = os.write(self._fd, data)
+                if sent == len(data):
+                    return None  # the usual case
+            else:
+                sent = os.writev(self._fd, data)
         except BlockingIOError:
             sent = 0
         except OSError:
