@@ -613,7 +613,7 @@ def test_wire_refuses_to_encode_bad_messages(tag: str, fields: dict[str, Any], e
 @pytest.mark.parametrize(
     ("data", "error"),
     [
-        ((101).to_bytes(4, "big"), r"frame of 101 bytes announced, over the 100-byte limit"),
+        ((101).to_bytes(4, "big"), r"announced a frame of 101 bytes, over the 100-byte limit"),
         (packed({"t": "launch"}), r"unknown message tag 'launch'"),
         (packed({"t": "ping"}), r"missing fields: seq"),
         (packed({"t": "ping", "seq": 1, 2: 3}), r"extra: 2"),

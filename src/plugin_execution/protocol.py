@@ -29,7 +29,7 @@ from cattrs.v import format_exception
 
 from .converter import converter
 from .errors import ExecutionError
-from .worker._wire import BIG, BigFrame, pack_parts
+from .worker._wire import FrameBuffer, pack_parts
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -469,7 +469,7 @@ def _pack_plain(value: Any) -> bytes:
 # -- the state machine -------------------------------------------------------------------
 
 
-class Connection:
+class Connection(FrameBuffer):
     """One end of a host <-> worker conversation, as a state machine over bytes.
 
     ``role`` is the side this object plays. A host must receive ``Hello`` (with
@@ -480,21 +480,19 @@ class Connection:
     Not thread-safe: one I/O loop owns it.
     """
 
+    error = ProtocolError
+
     def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         if role not in _PEER:
             raise ValueError(f"role must be 'host' or 'worker', not {role!r}")
         if not 0 < max_frame_size < 2 ** (8 * _HEADER_SIZE):
             raise ValueError(f"max_frame_size must be in 1..2**32-1, not {max_frame_size}")
+        super().__init__(max_frame_size)
         self.role: Final = role
-        self.max_frame_size: Final = max_frame_size
         self._sends = _SENT_BY[role]
         self._receives = _SENT_BY[_PEER[role]]
         self._greeted = False  # host: Hello received; worker: Hello sent
-        self._buffer = bytearray()
-        self._pos = 0  # start of the unread part of _buffer
-        self._eof = False
         self._failure: ProtocolError | None = None
-        self._big = BigFrame()  # a big frame coming in, read past the buffer
 
     @property
     def eof_received(self) -> bool:
@@ -547,26 +545,7 @@ class Connection:
         Only buffers: problems surface from :meth:`next_message`. Data after EOF is a
         :class:`ProtocolError`.
         """
-        if not data:
-            self._eof = True
-        elif self._eof:
-            raise ProtocolError("received data after EOF")
-        else:
-            if self._big.pending:
-                data = self._big.take(data)
-            self._buffer += data
-
-    def big_view(self) -> memoryview | None:
-        """Where to read the rest of a big frame coming in, straight from the socket (then
-        :meth:`big_filled`): one copy instead of three for a 1 MB result. None if none."""
-        return self._big.view() if self._big.pending else None
-
-    def big_filled(self, count: int) -> None:
-        """``count`` bytes were read into :meth:`big_view` (0: the peer closed its end)."""
-        if not count:
-            self._eof = True
-        else:
-            self._big.filled += count
+        self.feed(data)
 
     def next_message(self) -> Message | None:
         """The next complete message, or ``None`` when more data is needed (or, once
@@ -588,54 +567,6 @@ class Connection:
         """The messages complete so far; iterate again after more :meth:`receive_data`."""
         while (message := self.next_message()) is not None:
             yield message
-
-    def _next_frame(self) -> bytearray | memoryview | None:
-        big = self._big
-        if big.size:
-            if big.pending:
-                if self._eof:
-                    raise ProtocolError(
-                        f"the peer closed the connection inside a frame ({big.filled} of "
-                        f"{big.size} bytes received)"
-                    )
-                return None
-            return big.finish()
-        buffer, start = self._buffer, self._pos
-        available = len(buffer) - start
-        if available < _HEADER_SIZE:
-            if self._eof and available:
-                raise ProtocolError(
-                    f"the peer closed the connection inside a frame header "
-                    f"({available} of {_HEADER_SIZE} bytes)"
-                )
-            return None
-        size = int.from_bytes(buffer[start : start + _HEADER_SIZE], "big")
-        if size > self.max_frame_size:
-            raise ProtocolError(
-                f"the peer announced a frame of {size} bytes, over the "
-                f"{self.max_frame_size}-byte limit"
-            )
-        end = start + _HEADER_SIZE + size
-        if end > len(buffer):
-            if self._eof:
-                raise ProtocolError(
-                    f"the peer closed the connection inside a frame ({available} of "
-                    f"{_HEADER_SIZE + size} bytes received)"
-                )
-            if size >= BIG:  # the rest goes straight into a buffer of its own
-                self._big.start(size, buffer[start + _HEADER_SIZE :])
-                del buffer[:]
-                self._pos = 0
-            return None
-        payload = buffer[start + _HEADER_SIZE : end]
-        # Drop what was read once it is most of the buffer: each byte moves at most once
-        # more, so a big frame arriving in many small pieces costs linear time.
-        if end * 2 >= len(buffer):
-            del buffer[:end]
-            self._pos = 0
-        else:
-            self._pos = end
-        return payload
 
     def _decode(self, payload: bytearray | memoryview) -> Message:
         try:

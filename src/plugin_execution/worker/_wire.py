@@ -28,6 +28,7 @@ __all__ = [
     "FIELDS",
     "PROTOCOL_VERSION",
     "BigFrame",
+    "FrameBuffer",
     "FrameDecoder",
     "WireError",
     "encode",
@@ -206,7 +207,100 @@ class BigFrame:
         return frame
 
 
-class FrameDecoder:
+class FrameBuffer:
+    """Frames out of a byte stream (a 4-byte big-endian length, then the payload): the half
+    of reading that both ends share, the host's :class:`~plugin_execution.protocol.Connection`
+    and the worker's :class:`FrameDecoder`. Problems raise ``error`` (the subclass's type).
+
+    :meth:`feed` bytes as they arrive (``b""`` at EOF). A big frame (see :class:`BigFrame`)
+    may instead be read straight into :meth:`big_view`, then :meth:`big_filled`.
+    """
+
+    error: type[Exception] = WireError
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._pos = 0  # start of the unread part of _buffer
+        self._eof = False
+        self._big = BigFrame()
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer; ``b""`` means the peer closed its end (EOF).
+        Only buffers: problems surface when the frames are read. Data after EOF is an
+        error."""
+        if not data:
+            self._eof = True
+        elif self._eof:
+            raise self.error("received data after EOF")
+        else:
+            if self._big.pending:
+                data = self._big.take(data)
+            self._buffer += data
+
+    def big_view(self) -> memoryview | None:
+        """Where to read the rest of a big frame coming in, straight from the socket (then
+        :meth:`big_filled`): one copy instead of three for a 1 MB payload. None if none."""
+        return self._big.view() if self._big.pending else None
+
+    def big_filled(self, count: int) -> None:
+        """``count`` bytes were read into :meth:`big_view` (0: the peer closed its end)."""
+        if not count:
+            self._eof = True
+        else:
+            self._big.filled += count
+
+    def _next_frame(self) -> bytearray | memoryview | None:
+        """The next complete frame's payload, or None when more data is needed."""
+        big = self._big
+        if big.size:
+            if big.pending:
+                if self._eof:
+                    raise self.error(
+                        f"the peer closed the connection inside a frame ({big.filled} of "
+                        f"{big.size} bytes received)"
+                    )
+                return None
+            return big.finish()
+        buffer, start = self._buffer, self._pos
+        available = len(buffer) - start
+        if available < _HEADER_SIZE:
+            if self._eof and available:
+                raise self.error(
+                    f"the peer closed the connection inside a frame header "
+                    f"({available} of {_HEADER_SIZE} bytes)"
+                )
+            return None
+        size = int.from_bytes(buffer[start : start + _HEADER_SIZE], "big")
+        if size > self.max_frame_size:
+            raise self.error(
+                f"the peer announced a frame of {size} bytes, over the "
+                f"{self.max_frame_size}-byte limit"
+            )
+        end = start + _HEADER_SIZE + size
+        if end > len(buffer):
+            if self._eof:
+                raise self.error(
+                    f"the peer closed the connection inside a frame ({available} of "
+                    f"{_HEADER_SIZE + size} bytes received)"
+                )
+            if size >= BIG:  # the rest goes straight into a buffer of its own
+                self._big.start(size, buffer[start + _HEADER_SIZE :])
+                del buffer[:]
+                self._pos = 0
+            return None
+        payload = buffer[start + _HEADER_SIZE : end]
+        # Drop what was read once it is most of the buffer: each byte moves at most once
+        # more, so a big frame arriving in many small pieces costs linear time.
+        if end * 2 >= len(buffer):
+            del buffer[:end]
+            self._pos = 0
+        else:
+            self._pos = end
+        return payload
+
+
+class FrameDecoder(FrameBuffer):
     """Turns a byte stream into ``(tag, fields)`` messages.
 
     :meth:`feed` bytes as they arrive (``b""`` at EOF), then iterate: the iteration yields
@@ -215,33 +309,8 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
-        self._pos = 0  # start of the unread part of _buffer
-        self._eof = False
+        super().__init__(max_frame_size)
         self._failure: WireError | None = None
-        self._big = BigFrame()
-
-    def feed(self, data: bytes) -> None:
-        if not data:
-            self._eof = True
-        elif self._eof:
-            raise WireError("received data after EOF")
-        else:
-            if self._big.pending:
-                data = self._big.take(data)
-            self._buffer += data
-
-    def big_view(self) -> memoryview | None:
-        """Where to read the big frame coming in (then :meth:`big_filled`); None if none."""
-        return self._big.view() if self._big.pending else None
-
-    def big_filled(self, count: int) -> None:
-        """``count`` bytes were read into :meth:`big_view` (0: EOF)."""
-        if not count:
-            self._eof = True
-        else:
-            self._big.filled += count
 
     def __iter__(self) -> FrameDecoder:
         return self
@@ -257,47 +326,6 @@ class FrameDecoder:
         except WireError as exc:
             self._failure = exc
             raise
-
-    def _next_frame(self) -> bytearray | memoryview | None:
-        big = self._big
-        if big.size:
-            if big.pending:
-                if self._eof:
-                    raise WireError(
-                        f"stream ended inside a frame ({big.filled} of {big.size} bytes)"
-                    )
-                return None
-            return big.finish()
-        buffer, start = self._buffer, self._pos
-        available = len(buffer) - start
-        if available < _HEADER_SIZE:
-            if self._eof and available:
-                raise WireError(f"stream ended inside a frame header ({available} of 4 bytes)")
-            return None
-        size = int.from_bytes(buffer[start : start + _HEADER_SIZE], "big")
-        if size > self.max_frame_size:
-            raise WireError(
-                f"frame of {size} bytes announced, over the {self.max_frame_size}-byte limit"
-            )
-        end = start + _HEADER_SIZE + size
-        if end > len(buffer):
-            if self._eof:
-                raise WireError(
-                    f"stream ended inside a frame ({available} of {_HEADER_SIZE + size} bytes)"
-                )
-            if size >= BIG:  # the rest goes straight into a buffer of its own
-                self._big.start(size, buffer[start + _HEADER_SIZE :])
-                del buffer[:]
-                self._pos = 0
-            return None
-        payload = buffer[start + _HEADER_SIZE : end]
-        # Compact once most of the buffer is read: linear time for big frames in small pieces.
-        if end * 2 >= len(buffer):
-            del buffer[:end]
-            self._pos = 0
-        else:
-            self._pos = end
-        return payload
 
 
 def _decode(payload: bytearray | memoryview) -> tuple[str, dict[str, Any]]:
