@@ -342,9 +342,11 @@ class WorkerProcess:
         if not self.channels:
             await trio.lowlevel.wait_readable(fd)
             return
-        with trio.CancelScope() as self._parked:
-            await trio.lowlevel.wait_readable(fd)
-        self._parked = None
+        try:
+            with trio.CancelScope() as self._parked:
+                await trio.lowlevel.wait_readable(fd)
+        finally:
+            self._parked = None
 
     def read_for_reader(self, seconds: float) -> None:
         """Poll the socket for up to ``seconds`` (see :meth:`_poll`) and dispatch what came,
