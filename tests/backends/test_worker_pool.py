@@ -640,3 +640,34 @@ async def test_a_caller_cancelled_after_the_hand_over_stops_its_execution(
         await full_strength(backend, 1)
         assert (await backend.execute(req("whoami"))).output["pid"] != first
         assert backend.stats().failed_by_code.get("ABORTED") == 1
+
+
+async def test_a_queued_request_that_cannot_be_sent_fails_its_own_caller(
+    registry, workspaces
+) -> None:  # type: ignore[no-untyped-def]
+    """The hand-over cannot submit it (its input is not plain data): the caller, woken with
+    the worker, submits it itself and gets INVALID_REQUEST; the worker goes on to the next
+    queued request, the same process."""
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        pid = (await backend.execute(req("whoami"))).output["pid"]
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, request: ExecutionRequest) -> None:
+            try:
+                outcomes[name] = (await backend.execute(request)).output
+            except InvalidRequestError as exc:
+                outcomes[name] = exc
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "busy", req("sleep_sync", {"seconds": 0.3}))
+                await trio.sleep(0.1)
+                nursery.start_soon(call, "bad", req("echo", {1, 2}))  # queued
+                await trio.sleep(0.05)
+                nursery.start_soon(call, "next", req("whoami"))  # queued behind it
+        assert isinstance(outcomes["bad"], InvalidRequestError)
+        assert outcomes["next"]["pid"] == pid  # type: ignore[index]
+        stats = backend.stats()
+        assert stats.failed_by_code == {"INVALID_REQUEST": 1}
+        assert stats.details["workers"]["busy"] == 0 and workspaces.active() == 0
