@@ -362,3 +362,14 @@ def test_a_channel_is_alone_when_no_other_sent_lately() -> None:
     assert not proc.channel_sent(b, 0.002, 0.005)  # type: ignore[arg-type]  # a, 1 ms ago
     assert not proc.channel_sent(a, 0.003, 0.005)  # type: ignore[arg-type]  # b, 1 ms ago
     assert proc.channel_sent(a, 0.009, 0.005)  # type: ignore[arg-type]  # b, 7 ms ago
+
+
+async def test_only_a_worker_of_its_own_process_is_polled_for_answers() -> None:
+    """Polling for an answer holds the GIL a thread worker needs to produce it, and needs a
+    second CPU for a process worker: neither polls otherwise (see WorkerProcess.spin_ok)."""
+    from plugin_execution.worker.in_thread import open_worker_thread
+
+    async with open_worker_thread() as thread_worker:
+        assert thread_worker.spin_ok is False
+    async with open_worker_process() as process_worker:
+        assert process_worker.spin_ok is (len(os.sched_getaffinity(0)) >= 2)

@@ -197,6 +197,9 @@ class WorkerProcess:
         # The deadlines of executions running here: (execution id, cancel grace, reply).
         self._deadlines = Deadlines(self._expire, self._unexpired)
         self._spin_backoff = 0  # polls to skip after one that found nothing (see _poll)
+        #: Polling for the worker's answer needs a CPU for the worker meanwhile, and a worker
+        #: of its own process (a thread worker needs the GIL the polling thread holds).
+        self.spin_ok = len(os.sched_getaffinity(0)) >= 2
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
@@ -359,7 +362,7 @@ class WorkerProcess:
         error) is left for it, or handed to it by cancelling its park.
         """
         parked = self._parked
-        if parked is None or self._fd_closed:
+        if parked is None or self._fd_closed or not self.spin_ok:
             return  # nobody parked on the socket: whoever reads next gets the data
         data = self._poll(seconds)
         if data is None:

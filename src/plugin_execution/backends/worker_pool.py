@@ -247,9 +247,6 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue_deadlines = Deadlines(self._give_up, self._still_queued)
         self._idle = trio.Event()
         self._in_use = 0  # executions on workers now (sum of their ``running``)
-        # Spinning for a reply needs a CPU for the worker meanwhile, and a process worker
-        # (a thread worker needs the GIL the spinning thread holds).
-        self._spin_ok = kind == "process" and len(os.sched_getaffinity(0)) >= 2
         self._last_check = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -549,7 +546,7 @@ class WorkerPoolBackend(ExecutionBackend):
     def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> _Pending:
         # Alone in flight, wait for the reply spinning a moment rather than asleep (see
         # WorkerProcess._poll): nothing else of the pool's is then kept waiting.
-        alone = self._in_use == 1 and self._spin_ok
+        alone = self._in_use == 1 and proc.spin_ok
         return proc.submit(
             job,
             workspace=workspace,

@@ -76,4 +76,5 @@ async def open_worker_thread(
         start_timeout=start_timeout,
         close_grace=close_grace,
     ) as worker:
+        worker.spin_ok = False  # it needs the GIL a polling host thread would hold
         yield worker
