@@ -992,3 +992,25 @@ def test_send_channel_data_refuses_what_a_websocket_cannot_carry() -> None:
     with pytest.raises(ProtocolError, match=r"over the 100-byte limit"):
         conn.send_channel_data("c", b"x" * 200)
     assert conn.send_channel_data("c", "ok") == conn.send(ChannelData(channel_id="c", data="ok"))
+
+
+def test_frames_are_read_where_a_read_put_them_and_a_split_one_is_kept_in_order() -> None:
+    """One read holding whole frames is decoded in place (no copy into the buffer); a frame
+    it holds only part of moves to the buffer, ahead of what the next read brings."""
+    pings = [Connection("host").send(Ping(seq=i)) for i in range(4)]
+    data = b"".join(pings)
+    cut = len(pings[0]) + len(pings[1]) + 3
+    conn, decoder = Connection("worker"), _wire.FrameDecoder()
+    conn.receive_data(data[:cut])
+    decoder.feed(data[:cut])
+    assert list(conn) == [Ping(seq=0), Ping(seq=1)]
+    assert [f["seq"] for _, f in decoder] == [0, 1]
+    conn.receive_data(data[cut:])
+    decoder.feed(data[cut:])
+    assert list(conn) == [Ping(seq=2), Ping(seq=3)]
+    assert [f["seq"] for _, f in decoder] == [2, 3]
+    # A read that announces a frame over the limit is refused from its header, as buffered.
+    small = Connection("worker", max_frame_size=10)
+    small.receive_data(pings[0])
+    with pytest.raises(ProtocolError, match=r"over the 10-byte limit"):
+        small.next_message()

@@ -224,6 +224,10 @@ class FrameBuffer:
         self._pos = 0  # start of the unread part of _buffer
         self._eof = False
         self._big = BigFrame()
+        # What one read brought when nothing was buffered, read where it lies: the usual
+        # case (one read, whole frames) then costs no copy into the buffer and out of it.
+        self._chunk: bytes | None = None
+        self._chunk_pos = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer; ``b""`` means the peer closed its end (EOF).
@@ -236,7 +240,23 @@ class FrameBuffer:
         else:
             if self._big.pending:
                 data = self._big.take(data)
+                if not data:
+                    return
+            if self._chunk is None and self._pos == len(self._buffer):
+                self._chunk, self._chunk_pos = data, 0
+                return
+            self._absorb()
             self._buffer += data
+
+    def _absorb(self) -> None:
+        """Move what is left of the chunk into the buffer (a frame it does not hold whole)."""
+        chunk = self._chunk
+        if chunk is not None:
+            self._chunk = None
+            if self._pos == len(self._buffer):
+                del self._buffer[:]
+                self._pos = 0
+            self._buffer += memoryview(chunk)[self._chunk_pos :]
 
     def big_view(self) -> memoryview | None:
         """Where to read the rest of a big frame coming in, straight from the socket (then
@@ -262,6 +282,19 @@ class FrameBuffer:
                     )
                 return None
             return big.finish()
+        chunk = self._chunk
+        if chunk is not None:
+            start = self._chunk_pos
+            if len(chunk) - start >= _HEADER_SIZE:
+                size = int.from_bytes(chunk[start : start + _HEADER_SIZE], "big")
+                end = start + _HEADER_SIZE + size
+                if size <= self.max_frame_size and end <= len(chunk):
+                    if end == len(chunk):
+                        self._chunk = None
+                    else:
+                        self._chunk_pos = end
+                    return memoryview(chunk)[start + _HEADER_SIZE : end]
+            self._absorb()  # a frame it does not hold whole, or one to refuse: as buffered
         buffer, start = self._buffer, self._pos
         available = len(buffer) - start
         if available < _HEADER_SIZE:
