@@ -363,7 +363,7 @@ class WorkerProcess:
         """
         parked = self._parked
         if parked is None or self._fd_closed or not self.spin_ok:
-            return  # nobody parked on the socket: whoever reads next gets the data
+            return  # nobody parked (whoever reads next gets the data), or no polling here
         data = self._poll(seconds)
         if data is None:
             return
