@@ -77,11 +77,13 @@ async def serving(
     router_options: dict[str, Any] | None = None,
     registry: ConnectionRegistry | None = None,
     manifest: PluginManifest = MANIFEST,
+    backend_options: dict[str, Any] | None = None,
     **limits: Any,
 ) -> AsyncIterator[Served]:
     plugins = PluginRegistry([manifest])
     registry = registry if registry is not None else ConnectionRegistry()
-    backend = create_execution_backend(type=backend_type, registry=plugins, **OPTIONS[backend_type])
+    options = {**OPTIONS[backend_type], **(backend_options or {})}
+    backend = create_execution_backend(type=backend_type, registry=plugins, **options)
     async with backend, trio.open_nursery() as nursery:
         router = WebSocketRouter(**(router_options or {}))
         mount_websocket_channels(

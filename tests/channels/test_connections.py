@@ -228,3 +228,18 @@ def test_routes_need_a_path() -> None:
             router.add_route(bad, handler)
     with pytest.raises(ValueError, match="HTTP status"):
         HandshakeRejected(200)
+
+
+async def test_channels_on_thread_workers(serve) -> None:  # type: ignore[no-untyped-def]
+    """A pool of thread workers bridges channels the same way, without polling for answers
+    (the worker needs the GIL a polling host thread would hold): echo, order, a burst."""
+    async with serve("worker-pool", backend_options={"kind": "thread"}) as served:
+        async with open_websocket_url(served.url("/echo")) as ws:
+            for message in ("text", b"\x00bytes", *[str(i) for i in range(200)]):
+                await ws.send_message(message)
+                with trio.fail_after(10):
+                    assert await ws.get_message() == message
+        async with open_websocket_url(served.url("/burst")) as ws:
+            await ws.send_message("50")
+            with trio.fail_after(30):
+                assert [await ws.get_message() for _ in range(50)] == [str(i) for i in range(50)]
