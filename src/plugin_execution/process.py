@@ -606,21 +606,22 @@ class WorkerProcess:
         """
         if self._fd_closed:  # the fd number may be another file's by now: never touch it
             raise self.crash_error()
-        parts = [data] if isinstance(data, bytes) else data
         lock = self._send_lock
         if lock.value == 0:  # another frame is going out: queue for the lock
-            return [memoryview(part) for part in parts], False
-        try:
-            if isinstance(data, bytes):
-                sent = os.write(self._fd, data)
-                if sent == len(data):
-                    return None  # the usual case
-            else:
-                sent = os.writev(self._fd, data)
-        except BlockingIOError:
             sent = 0
-        except OSError:
-            sent = 0  # broken: _send_rest reports it the usual way
+        else:
+            try:
+                if isinstance(data, bytes):
+                    sent = os.write(self._fd, data)
+                    if sent == len(data):
+                        return None  # the usual case
+                else:
+                    sent = os.writev(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # broken: _send_rest reports it the usual way
+        parts = [data] if isinstance(data, bytes) else data
         rest = []
         for part in parts:
             if sent >= len(part):
@@ -630,6 +631,8 @@ class WorkerProcess:
                 sent = 0
         if not rest:
             return None
+        if lock.value == 0:
+            return rest, False
         lock.acquire_nowait()  # free: nothing awaited since value said so
         return rest, True
 

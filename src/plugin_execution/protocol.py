@@ -632,19 +632,14 @@ class Connection(FrameBuffer):
             payload: bytes = _pack_plain(fields) if parts is None else parts[0]
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"cannot encode 'execute': {_clip(str(exc))}") from exc
-        if parts is not None:
-            size = int.from_bytes(payload[:_HEADER_SIZE], "big")
-            if size > self.max_frame_size:
-                raise ProtocolError(
-                    f"cannot send 'execute': its frame of {size} bytes is over the "
-                    f"{self.max_frame_size}-byte limit"
-                )
-            return parts
-        if len(payload) > self.max_frame_size:
+        size = len(payload) if parts is None else int.from_bytes(payload[:_HEADER_SIZE], "big")
+        if size > self.max_frame_size:
             raise ProtocolError(
-                f"cannot send 'execute': its frame of {len(payload)} bytes is over the "
+                f"cannot send 'execute': its frame of {size} bytes is over the "
                 f"{self.max_frame_size}-byte limit"
             )
+        if parts is not None:
+            return parts
         return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
 
     def send_channel_data(self, channel_id: str, data: str | bytes) -> bytes:

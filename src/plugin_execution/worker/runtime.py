@@ -364,9 +364,9 @@ class Worker:
         stays the reader: a short handler costs no thread switch at all. Frames that come
         meanwhile wait in the socket. Should the handler take a while, ``_watch_inline`` makes
         an idle thread the reader (after ``_WATCH_S`` to ``_WATCH_S + _WATCH_EVERY``), so
-        ``Ping`` and ``Cancel`` are
-        still read; a platform call does so at once, since its reply must be read. A thread
-        worker (``in_thread``) never runs handlers here: they go to executor threads.
+        ``Ping`` and ``Cancel`` are still read; a platform call does so at once, since its
+        reply must be read. A thread worker (``in_thread``) never runs handlers here: they
+        go to executor threads.
         """
         decoder = self._decoder
         me = self._leader = threading.get_ident()
