@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -256,8 +257,82 @@ async def test_spinning_for_a_reply_gets_it_and_backs_off_after_a_miss(
         worker._spin_backoff = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.sleep, 0)
-            assert worker._poll(0.001) is None  # the sleeper is runnable
+            assert worker._poll(time.perf_counter() + 0.001) is False  # the sleeper runs
             assert worker._spin_backoff == 0  # and that is no miss
+
+
+class OwnSocketReady:
+    """A stand-in poll set that always reports one socket readable."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        return [(self.fd, select.POLLIN)]
+
+
+async def test_polling_gives_way_when_a_peer_worker_answered(registry: PluginRegistry) -> None:
+    """Workers sharing a poll set: a caller polling for one worker's answer stops as soon
+    as another's is in (its caller is not kept waiting), without counting it a miss."""
+    peers = select.poll()
+    async with open_worker_process() as quiet, open_worker_process() as busy:
+        quiet.spin_with(peers)
+        busy.spin_with(peers)
+        pending = busy.submit(job(registry, "echo", 1))
+        with trio.fail_after(30):
+            while not select.select([busy._fd], [], [], 0)[0]:
+                await trio.sleep(0.001)  # the answer is in busy's socket, unread
+        started = time.perf_counter()
+        assert quiet._poll(started + 10) is True  # not ten seconds: at once
+        assert time.perf_counter() - started < 5
+        assert quiet._spin_backoff == 0
+        result = await busy.collect(pending, backend="test", sent_now=False)
+        assert result.output == 1
+        # Its own socket found ready by the peers' poll is no reason to give way (its answer
+        # came between the read and the poll): it reads on, here until the time is up.
+        quiet.spin_alone()
+        quiet._spin_peers = OwnSocketReady(quiet._fd)  # type: ignore[assignment]
+        assert quiet._poll(time.perf_counter() + 0.01) is False
+        assert quiet._spin_backoff == 16
+        quiet._spin_peers = None
+        quiet.spin_with(peers)
+        quiet_fd = quiet._fd
+    # Leaving the poll set is part of closing: it never keeps an fd that may be reused.
+    with pytest.raises(KeyError):
+        peers.unregister(quiet_fd)
+    with pytest.raises(KeyError):
+        peers.unregister(busy._fd)
+
+
+async def test_an_answer_got_by_polling_yields_to_the_run_now_and_then(
+    registry: PluginRegistry,
+) -> None:
+    """A reply picked up by polling costs no trip through the scheduler, except at least
+    every _YIELD_EVERY: a caller in a loop never holds the run's thread for long."""
+    steps = 0
+    me = trio.lowlevel.current_task()
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal steps
+            steps += task is me
+
+    counter = CountSteps()
+    async with open_worker_process() as worker:
+        await worker.execute(job(registry, "echo", 0), backend="test")  # handler imported
+        trio.lowlevel.add_instrument(counter)
+        try:
+            worker._spin_backoff = 0
+            worker._yielded_at = time.perf_counter() + 3600  # yielded "just now"
+            result = await worker.execute(job(registry, "echo", 1), backend="test", spin=5)
+            assert result.output == 1
+            assert steps == 0  # polled, answered, returned: not once through the scheduler
+            worker._yielded_at = 0.0  # long ago
+            result = await worker.execute(job(registry, "echo", 2), backend="test", spin=5)
+            assert result.output == 2
+            assert steps == 1  # the same, then one trip through the scheduler
+        finally:
+            trio.lowlevel.remove_instrument(counter)
 
 
 async def test_a_frame_the_socket_takes_in_part_is_finished_by_the_collector(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -80,6 +81,7 @@ _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit
 # bigger than this is read straight into a buffer of its own (see Connection.big_view).
 _READ_SIZE = 65536
 _SPIN_BACKOFF = 16
+_YIELD_EVERY = 0.001  # s: at least this often, an answer got by polling yields to the run
 # Send buffer of each end of a worker's socket: a 1 MB frame then goes in one or two writes
 # instead of five (the default is ~208 KiB), each a wake-up of the reader. A limit, not an
 # allocation; the kernel caps it at net.core.wmem_max.
@@ -197,9 +199,11 @@ class WorkerProcess:
         # The deadlines of executions running here: (execution id, cancel grace, reply).
         self._deadlines = Deadlines(self._expire, self._unexpired)
         self._spin_backoff = 0  # polls to skip after one that found nothing (see _poll)
+        self._yielded_at = 0.0  # when a reader that polled last yielded (see _read_until)
         #: Polling for the worker's answer needs a CPU for the worker meanwhile, and a worker
         #: of its own process (a thread worker needs the GIL the polling thread holds).
         self.spin_ok = len(os.sched_getaffinity(0)) >= 2
+        self._spin_peers: select.poll | None = None  # see spin_with
         self._stderr_eof = trio.Event()
         self.lost = trio.Event()
         self.crash: ExecutionError | None = None
@@ -283,16 +287,28 @@ class WorkerProcess:
         reason = ""
         fd = self._fd
         conn = self._conn
+        until = 0.0  # when spinning ends (see _poll)
+        spun = False
         try:
             while (reply is None or not reply.done) and not self.lost.is_set():
                 if self._fd_closed:
                     break
+                data: bytes | None
                 if wait_first:
                     wait_first = False
-                    data = self._poll(spin) if spin else None
-                    if data is None:
+                    polled: bytes | bool = False
+                    if spin:
+                        until = until or time.perf_counter() + spin
+                        polled = self._poll(until)
+                        if polled is True:  # let the others run, then poll on
+                            await trio.lowlevel.checkpoint()
+                            wait_first = True
+                            continue
+                    if isinstance(polled, bool):
                         await self._park(fd)
                         continue
+                    data = polled
+                    spun = True
                 else:
                     big = conn.big_view()
                     try:
@@ -327,6 +343,14 @@ class WorkerProcess:
                     break
         if reason:
             await self._lose(reason)
+        elif spun:
+            # Polling got the answer without a trip through the scheduler. Make one now and
+            # then (each costs ~15 us here), so a caller calling in a loop never keeps the
+            # rest of the run waiting for more than about _YIELD_EVERY.
+            now = time.perf_counter()
+            if now - self._yielded_at > _YIELD_EVERY:
+                self._yielded_at = now
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     def channel_sent(self, bridge: ChannelBridge, now: float, window: float) -> bool:
         """Note that ``bridge`` sent the worker a message at ``now``; True when no other
@@ -364,8 +388,8 @@ class WorkerProcess:
         parked = self._parked
         if parked is None or self._fd_closed or not self.spin_ok:
             return  # nobody parked (whoever reads next gets the data), or no polling here
-        data = self._poll(seconds)
-        if data is None:
+        data = self._poll(time.perf_counter() + seconds)
+        if isinstance(data, bool):
             return
         if not data:
             parked.cancel()  # EOF: the reader reads it again, and reports the loss
@@ -381,34 +405,57 @@ class WorkerProcess:
         if reply is not None and reply.done:
             parked.cancel()
 
-    def _poll(self, seconds: float) -> bytes | None:
-        """Read the socket in a tight loop for up to ``seconds``; None if nothing came.
+    def spin_with(self, peers: select.poll) -> None:
+        """Share ``peers`` (a ``select.poll`` of a pool's worker sockets) with the other
+        workers of the pool: a caller polling for this worker's answer then gives way as
+        soon as another worker's answer is in, instead of keeping its caller waiting. Until
+        :meth:`spin_alone` (at the latest when the connection closes)."""
+        if self.spin_ok and not self._fd_closed and self._spin_peers is None:
+            peers.register(self._fd, select.POLLIN)
+            self._spin_peers = peers
+
+    def spin_alone(self) -> None:
+        """Leave the peers of :meth:`spin_with` (before the socket closes: the poll object
+        must never hold an fd number that may be another file's)."""
+        peers, self._spin_peers = self._spin_peers, None
+        if peers is not None:
+            peers.unregister(self._fd)
+
+    def _poll(self, until: float) -> bytes | bool:
+        """Read the socket in a tight loop until ``until`` (``time.perf_counter()``): what
+        came; or True: not now, poll again once the other tasks of the run have run (one is
+        ready to run, or another worker of the pool answered and its caller should not wait
+        for this one's answer; see :meth:`spin_with`); or False: park (time is up, or no
+        polling now).
 
         Spin, then park: a reply due in tens of microseconds is picked up at once instead
         of through an epoll wake-up of a thread gone idle (~40% of a small round trip on
-        2 vCPUs). Only when no other task of this trio run is ready to run (they would wait
-        for it); the caller decides that it is worth it otherwise (see WorkerPoolBackend).
-        A poll that comes back empty-handed (a slow handler) skips the next
-        ``_SPIN_BACKOFF`` polls, so slow handlers cost little spinning.
+        2 vCPUs), and the worker, lingering for the next request (``Execute.linger``), is
+        not woken either. A poll that runs out of time (a slow handler) makes the next
+        ``_SPIN_BACKOFF`` polls be skipped, so slow handlers cost little spinning.
         """
         if self._spin_backoff:
             self._spin_backoff -= 1
-            return None
+            return False
         if self._fd_closed:
-            return None
+            return False
         if trio.lowlevel.current_statistics().tasks_runnable:
-            return None
+            return False
         fd = self._fd
-        end = time.perf_counter() + seconds
+        peers = self._spin_peers
         while True:
             try:
                 return os.read(fd, _READ_SIZE)
             except BlockingIOError:
-                if time.perf_counter() >= end:
+                if time.perf_counter() >= until:
                     self._spin_backoff = _SPIN_BACKOFF
-                    return None
+                    return False
+                if peers is not None:
+                    for ready, _events in peers.poll(0):
+                        if ready != fd:  # (this one's answer, come meanwhile: read it)
+                            return True
             except OSError:
-                return None  # the usual path reports it
+                return False  # the usual path reports it
 
     async def _watch_exit(self) -> None:
         """Notice the worker's end even when no caller is reading: read what it said last
@@ -665,8 +712,8 @@ class WorkerProcess:
         The pool submits a queued caller's request in the same step that frees the worker,
         so the worker is not idle while the caller is scheduled. ``linger``: how long the
         worker polls for a next request after answering (``Execute.linger``), and the host
-        for the reply before parking (see :meth:`_poll`); for an execution alone in flight,
-        which is usually followed by another at once.
+        for the reply before parking (see :meth:`_poll`): a next request usually follows at
+        once.
         """
         if self.lost.is_set():
             raise self.crash_error()
@@ -762,7 +809,7 @@ class WorkerProcess:
         """Run ``job`` on this worker and return its result: :meth:`submit`, then
         :meth:`collect` (see there for the errors). ``spin``: seconds to poll for the reply
         before parking (see :meth:`_poll`); the worker then lingers as long for the next
-        request (an execution alone in flight is usually followed by another at once).
+        request (one usually follows at once).
         """
         pending = self.submit(job, workspace=workspace, cancel_grace=cancel_grace, linger=spin)
         return await self.collect(pending, backend=backend)
@@ -979,6 +1026,7 @@ async def serve_worker(
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            worker.spin_alone()
             worker._fd_closed = True  # raw reads and writes of the fd stop here
             await worker._stream.aclose()
             if stderr is not None:

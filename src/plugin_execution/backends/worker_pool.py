@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -247,6 +248,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue_deadlines = Deadlines(self._give_up, self._still_queued)
         self._idle = trio.Event()
         self._in_use = 0  # executions on workers now (sum of their ``running``)
+        self._spin_peers = select.poll()  # the workers' sockets (see WorkerProcess.spin_with)
         self._last_check = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -364,14 +366,18 @@ class WorkerPoolBackend(ExecutionBackend):
         worker.state = "idle"
         task_status.started()
         self._dispatch()
-        async with trio.open_nursery() as watch:
-            watch.start_soon(_cancel_when, proc.lost, watch.cancel_scope)
-            watch.start_soon(self._spare_when_wanted, worker, spares)
-            await worker.retire.wait()
-            while worker.running or worker.sessions:
-                worker.idle = trio.Event()
-                await worker.idle.wait()
-            watch.cancel_scope.cancel()
+        proc.spin_with(self._spin_peers)
+        try:
+            async with trio.open_nursery() as watch:
+                watch.start_soon(_cancel_when, proc.lost, watch.cancel_scope)
+                watch.start_soon(self._spare_when_wanted, worker, spares)
+                await worker.retire.wait()
+                while worker.running or worker.sessions:
+                    worker.idle = trio.Event()
+                    await worker.idle.wait()
+                watch.cancel_scope.cancel()
+        finally:
+            proc.spin_alone()
         worker.proc = None
         if proc.lost.is_set() and not worker.retire.is_set():
             if proc.killed:  # we stopped it (timeout, health check): replace, no restart
@@ -649,6 +655,7 @@ class WorkerPoolBackend(ExecutionBackend):
     async def _run(self, job: Job) -> ExecutionResult:
         if job.channel is not None:
             return await self._run_session(job)
+        await trio.lowlevel.checkpoint_if_cancelled()  # the answer may come without a wait
         request = job.request
         lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
         workspace = os.fspath(lease)
