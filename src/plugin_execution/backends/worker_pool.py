@@ -48,7 +48,9 @@ from .base import ExecutionBackend, Job
 __all__ = ["WorkerPoolBackend"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
-_SPIN_S = 100e-6  # how long a lone execution polls for its reply before parking
+# How long a caller polls for its reply before parking, and its worker for the next request
+# after answering (see WorkerProcess._poll and Execute.linger).
+_SPIN_S = 100e-6
 
 
 class _Worker:
@@ -550,14 +552,14 @@ class WorkerPoolBackend(ExecutionBackend):
         waiter.wake()
 
     def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> _Pending:
-        # Alone in flight, wait for the reply spinning a moment rather than asleep (see
-        # WorkerProcess._poll): nothing else of the pool's is then kept waiting.
-        alone = self._in_use == 1 and proc.spin_ok
+        # Every execution polls, not only one alone in flight: with callers queued, the
+        # hand-over's next request finds its worker still awake (measured on 2 vCPUs, 8
+        # and 64 callers: +15-25% calls/s; 2 callers: even).
         return proc.submit(
             job,
             workspace=workspace,
             cancel_grace=self.cancel_grace,
-            linger=_SPIN_S if alone else 0.0,
+            linger=_SPIN_S if proc.spin_ok else 0.0,
         )
 
     def _take(self, worker: _Worker, plugin_id: str) -> None:

@@ -433,10 +433,11 @@ class Worker:
     def _linger_poll(self) -> None:
         """Poll the socket for up to ``Execute.linger`` seconds before sleeping in ``read``.
 
-        The host asks for it when an execution is alone in flight: its next request usually
-        follows within tens of microseconds, and picking it up awake saves this process a
-        wake-up from sleep. One that does not come (the host had no more work) makes the
-        next ``_SPIN_BACKOFF`` lingers be skipped, so an idle worker soon just sleeps.
+        The host asks for it when it has a CPU to spare for this process: the next request
+        usually follows within tens of microseconds, and picking it up awake saves this
+        process a wake-up from sleep (and the host the cost of waking it). One that does not
+        come (the host had no more work) makes the next ``_SPIN_BACKOFF`` lingers be
+        skipped, so an idle worker soon just sleeps.
         """
         seconds, self._linger = self._linger, 0.0
         if self._linger_backoff:
