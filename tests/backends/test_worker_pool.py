@@ -317,6 +317,27 @@ async def test_handler_errors(registry, workspaces) -> None:  # type: ignore[no-
         assert kinds.count("tick") == 3
 
 
+async def test_a_caller_already_cancelled_runs_nothing(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    """Every execute is a cancel point, even though a quick answer may come without a wait
+    (polled for): a cancelled caller gets Cancelled before a worker is taken."""
+    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+        await full_strength(backend, 1)
+        await backend.execute(req("whoami"))
+        (worker,) = backend._workers.values()
+        sent = worker.proc.executions
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await backend.execute(req("whoami"))
+        assert scope.cancelled_caught
+        assert worker.proc.executions == sent  # nothing was sent to the worker
+        stats = backend.stats()
+        assert stats.ok == 1 and stats.failed_by_code == {"ABORTED": 1}
+        assert stats.details["workers"]["busy"] == 0
+        host_dirs = list(workspaces.root.iterdir())
+        assert not [ws for host in host_dirs for ws in host.iterdir()]  # none was made
+        assert (await backend.execute(req("add", {"a": 1, "b": 2}))).output == 3
+
+
 async def test_thread_workers(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
     async with pool(registry, workspaces, kind="thread", min_workers=2, max_workers=2) as backend:
         await full_strength(backend, 2)
