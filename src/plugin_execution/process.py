@@ -423,10 +423,10 @@ class WorkerProcess:
 
     def _poll(self, until: float) -> bytes | bool:
         """Read the socket in a tight loop until ``until`` (``time.perf_counter()``): what
-        came; or True: not now, poll again once the other tasks of the run have run (one is
-        ready to run, or another worker of the pool answered and its caller should not wait
-        for this one's answer; see :meth:`spin_with`); or False: park (time is up, or no
-        polling now).
+        came; or True: another worker of the pool answered, whose caller should not wait for
+        this one's answer (see :meth:`spin_with`): poll again once the run's other tasks
+        have run; or False: park (time is up, another task of the run is ready to run, or
+        no polling now).
 
         Spin, then park: a reply due in tens of microseconds is picked up at once instead
         of through an epoll wake-up of a thread gone idle (~40% of a small round trip on
