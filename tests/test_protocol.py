@@ -1014,3 +1014,14 @@ def test_frames_are_read_where_a_read_put_them_and_a_split_one_is_kept_in_order(
     small.receive_data(pings[0])
     with pytest.raises(ProtocolError, match=r"over the 10-byte limit"):
         small.next_message()
+
+
+@given(st.lists(st.binary(max_size=40), max_size=5), st.data())
+def test_unsent_is_what_follows_the_bytes_written(parts: list[bytes], data: st.DataObject) -> None:
+    """Both ends finish a partly written frame with ``_wire.unsent``: whatever the split,
+    the rest is exactly the frame's bytes after those written, with no empty piece."""
+    whole = b"".join(parts)
+    sent = data.draw(st.integers(0, len(whole)))
+    rest = _wire.unsent(parts, sent)
+    assert b"".join(rest) == whole[sent:]
+    assert all(len(piece) for piece in rest)

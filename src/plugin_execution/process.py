@@ -51,6 +51,7 @@ from .protocol import (
     Warmup,
 )
 from .types import ExecutionEvent, ExecutionResult, check_serializable
+from .worker._wire import unsent
 
 if TYPE_CHECKING:
     from .backends.base import Job
@@ -668,14 +669,7 @@ class WorkerProcess:
                 sent = 0
             except OSError:
                 sent = 0  # broken: _send_rest reports it the usual way
-        parts = [data] if isinstance(data, bytes) else data
-        rest = []
-        for part in parts:
-            if sent >= len(part):
-                sent -= len(part)
-            else:
-                rest.append(memoryview(part)[sent:])
-                sent = 0
+        rest = unsent([data] if isinstance(data, bytes) else data, sent)
         if not rest:
             return None
         if lock.value == 0:

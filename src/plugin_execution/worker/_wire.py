@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "pack_parts",
+    "unsent",
 ]
 
 PROTOCOL_VERSION = 1
@@ -134,6 +135,18 @@ def pack_parts(fields: dict[str, Any], key: str) -> list[bytes] | None:
     tail = msgpack.packb(key) + _BIN32 + len(value).to_bytes(4, "big")
     size = len(head) + len(tail) + len(value)
     return [size.to_bytes(_HEADER_SIZE, "big") + bytes((head[0] + 1,)) + head[1:] + tail, value]
+
+
+def unsent(parts: list[bytes] | list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of a frame's ``parts`` once their first ``sent`` bytes were written."""
+    rest = []
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+        else:
+            rest.append(memoryview(part)[sent:])
+            sent = 0
+    return rest
 
 
 def encode_parts(

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
-from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode, encode_parts
+from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode, encode_parts, unsent
 from .platform_calls import PlatformCalls
 
 TYPE_CHECKING = False
@@ -310,18 +310,16 @@ class Worker:
                         sent = 0
                     if sent == len(frame):
                         return
-                    frame = [frame[sent:]]
-                parts = [memoryview(piece) for piece in frame]
+                    parts = unsent([frame], sent)
+                else:
+                    parts = unsent(frame, 0)
                 while parts:
                     try:
                         sent = os.writev(self._fd, parts)
                     except BlockingIOError:  # the loop reads: the fd is non-blocking
                         _wait_writable(self._fd)
                         continue
-                    while parts and sent >= len(parts[0]):
-                        sent -= len(parts.pop(0))
-                    if sent:
-                        parts[0] = parts[0][sent:]
+                    parts = unsent(parts, sent)
             except OSError:
                 pass  # the host is gone; the reader sees EOF and stops the worker
 
