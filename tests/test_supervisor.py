@@ -1135,3 +1135,31 @@ async def test_a_dynamic_supervisor_refuses_a_significant_template(autojump_cloc
     with pytest.raises(ValueError, match="significant"):
         async with open_dynamic_supervisor(template):
             pytest.fail("the block must not run")
+
+
+async def test_cancelled_terminate_and_restart_child_leave_the_child_terminated(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", family.child("a", cleanup=2)))
+        with trio.move_on_after(1):
+            await sup.terminate_child("a")  # only the wait is cut short
+        assert trio.current_time() == 1.0
+        assert sup.children()[0].state == "terminated"
+        with trio.move_on_after(0.5) as waited:
+            await sup.restart_child("a")  # waits for the instance stopping until 2
+        assert waited.cancelled_caught
+        assert sup.children()[0].state == "terminated"
+        await sup.restart_child("a")
+        assert trio.current_time() == 2.0
+    assert alive_at_once(family, "a") == 1
+    assert family.runs == {"a": 2}
+
+
+async def test_dynamic_names_skip_those_taken(autojump_clock: Any) -> None:
+    async with open_dynamic_supervisor(ChildSpec("w", forever)) as dyn:
+        await dyn.start_child(name="w-1")
+        assert (await dyn.start_child()).name == "w-2"
+        with pytest.raises(ValueError, match="'w-2' is already supervised"):
+            await dyn.start_child(name="w-2")
