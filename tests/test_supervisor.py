@@ -6,6 +6,7 @@ times read with ``trio.current_time()`` are exact.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -17,10 +18,13 @@ import pytest
 import trio
 
 from plugin_execution.supervisor import (
+    ChildCounts,
     ChildInfo,
     ChildSpec,
+    DynamicChild,
     SupervisorError,
     backoff_delay,
+    open_dynamic_supervisor,
     open_supervisor,
 )
 
@@ -641,10 +645,18 @@ async def test_terminate_child_stops_it_for_good(autojump_clock: Any) -> None:
         assert trio.current_time() == 1.0  # waited for a to finish
         await sup.terminate_child("noisy")
         await trio.sleep(10)
-        assert sup.children() == ()
+        assert [(c.name, c.state) for c in sup.children()] == [
+            ("a", "terminated"),
+            ("noisy", "terminated"),
+        ]
         assert family.runs == {"a": 1, "noisy": 1}
         assert sup.restart_count == 0
         assert sup.failures == ()
+        await sup.terminate_child("a")  # already terminated: nothing to do
+        assert trio.current_time() == 11.0
+        sup.delete_child("a")
+        sup.delete_child("noisy")
+        assert sup.children() == ()
         with pytest.raises(KeyError, match="no child named 'a'"):
             await sup.terminate_child("a")
 
@@ -666,7 +678,8 @@ async def test_terminate_child_gives_up_waiting_after_the_shutdown_timeout(
         await sup.start_child(ChildSpec("stubborn", stubborn, shutdown_timeout=3))
         await sup.terminate_child("stubborn")
         assert trio.current_time() == 3.0
-        assert sup.children() == ()
+        assert sup.children()[0].state == "terminated"
+        assert sup.count_children() == ChildCounts(specs=1, active=0, terminated=1, overdue=1)
     assert finished == [10.0]
 
 
@@ -691,3 +704,462 @@ async def test_children_and_restart_count_describe_the_supervisor(autojump_clock
         assert sup.children()[1] == ChildInfo("b", "transient", "running", 1, 2.0)
         assert sup.restart_count == 1
         assert [(f.child, f.at) for f in sup.failures] == [("b", 1.0)]
+
+
+# -- one instance at a time -------------------------------------------------------------------
+
+
+def alive_at_once(family: Family, name: str) -> int:
+    """The most instances of ``name`` alive at once, from the family's start/stopped log."""
+    alive = most = 0
+    for event in family.events:
+        if event == f"start {name}":
+            alive += 1
+            most = max(most, alive)
+        elif event == f"stopped {name}":
+            alive -= 1
+    return most
+
+
+async def test_a_strategy_restarts_a_child_only_once_its_previous_instance_finished(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    family = Family()
+    counts: list[ChildCounts] = []
+    async with open_supervisor(strategy="one_for_all", jitter=0.0) as sup:
+        # S takes 3 s to stop but promises 1; B crashes at 1 and S is stopped with it.
+        await sup.start_child(ChildSpec("S", family.child("S", cleanup=3), shutdown_timeout=1))
+        await sup.start_child(ChildSpec("B", family.child("B", crash_after=1)))
+        await trio.sleep(2.5)
+        counts.append(sup.count_children())
+        await trio.sleep(2.5)
+        assert [(c.name, c.state) for c in sup.children()] == [("S", "running"), ("B", "running")]
+    assert counts == [ChildCounts(specs=2, active=0, terminated=0, overdue=1)]
+    assert family.rounded()[2:6] == [
+        ("stop S", 1.0),
+        ("stopped S", 4.0),  # overdue from 2.0, and waited for
+        ("start S", 4.0),
+        ("start B", 4.0),
+    ]
+    assert alive_at_once(family, "S") == 1
+    assert "'S' is still running 1 s after it was cancelled" in caplog.text
+
+
+@pytest.mark.parametrize("restart", ["permanent", "temporary"])
+async def test_starting_a_terminated_child_again_waits_for_its_previous_instance(
+    restart: Any, autojump_clock: Any
+) -> None:
+    family = Family()
+    spec = ChildSpec("S", family.child("S", cleanup=3), restart=restart, shutdown_timeout=1)
+    async with open_supervisor() as sup:
+        await sup.start_child(spec)
+        await sup.terminate_child("S")
+        assert trio.current_time() == 1.0  # gave up waiting after its shutdown_timeout
+        if restart == "temporary":  # removed, so started afresh under the same name
+            await sup.start_child(spec)
+        else:  # kept as terminated
+            await sup.restart_child("S")
+        assert trio.current_time() == 3.0
+        assert sup.count_children() == ChildCounts(specs=1, active=1, terminated=0, overdue=0)
+    assert family.rounded()[:4] == [
+        ("start S", 0.0),
+        ("stop S", 0.0),
+        ("stopped S", 3.0),
+        ("start S", 3.0),
+    ]
+    assert alive_at_once(family, "S") == 1
+
+
+async def test_a_child_that_will_not_finish_makes_the_supervisor_give_up_not_double_it(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    with pytest.raises(SupervisorError) as raised:
+        async with open_supervisor(strategy="one_for_all", within=5, jitter=0.0) as sup:
+            await sup.start_child(
+                ChildSpec("S", family.child("S", cleanup=100), shutdown_timeout=1)
+            )
+            await sup.start_child(ChildSpec("B", family.child("B", crash_after=1)))
+            await trio.sleep_forever()
+    message = str(raised.value)
+    assert "'S' must be restarted but its previous instance is still running" in message
+    assert "shutdown_timeout=1 s" in message
+    assert [f.child for f in raised.value.failures] == ["B"]
+    assert family.runs == {"S": 1, "B": 1}
+    # Overdue at 2, waited `within` (5 s) more, gave up at 7.05; the block waited for S anyway.
+    assert family.rounded()[-1] == ("stopped S", 101.0)
+    assert trio.current_time() == 101.0
+
+
+async def test_restart_child_gives_up_on_an_instance_that_will_not_finish(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor(within=5) as sup:
+        await sup.start_child(ChildSpec("S", family.child("S", cleanup=100), shutdown_timeout=1))
+        await sup.terminate_child("S")
+        with pytest.raises(RuntimeError, match="'S': its previous instance is still running"):
+            await sup.restart_child("S")
+        assert trio.current_time() == 6.0
+        assert sup.children()[0].state == "terminated"
+        assert sup.count_children().overdue == 1
+    assert family.runs == {"S": 1}
+    assert trio.current_time() == 100.0
+
+
+# -- shutdown_timeout=0: brutal kill --------------------------------------------------------
+
+
+async def test_zero_shutdown_timeout_waits_for_a_cleanup_that_takes_no_time(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def quick_cleanup(family: Family, name: str) -> Start:
+        async def start(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            family.note(f"start {name}")
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                family.note(f"stop {name}")
+                with trio.CancelScope(shield=True):
+                    for _ in range(3):  # takes no time, but a few scheduling rounds
+                        await trio.lowlevel.checkpoint()
+                family.note(f"stopped {name}")
+
+        return start
+
+    for _ in range(20):  # trio runs a batch in random order: try both orders, many times
+        family = Family()
+        async with open_supervisor() as sup:
+            for name in "abc":
+                start = await quick_cleanup(family, name)
+                await sup.start_child(ChildSpec(name, start, shutdown_timeout=0))
+            await sup.terminate_child("a")
+            assert family.events[-1] == "stopped a"
+        assert family.events[5:] == [
+            *["stop c", "stopped c"],
+            *["stop b", "stopped b"],
+        ]
+    assert "still running" not in caplog.text
+
+
+async def test_zero_shutdown_timeout_moves_on_from_a_child_that_waits(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", family.child("a")))
+        await sup.start_child(
+            ChildSpec("slow", family.child("slow", cleanup=1), shutdown_timeout=0)
+        )
+    assert family.rounded()[2:] == [
+        ("stop slow", 0.0),
+        ("stop a", 0.0),
+        ("stopped a", 0.0),
+        ("stopped slow", 1.0),
+    ]
+    assert "'slow' is still running 0 s after it was cancelled" in caplog.text
+
+
+# -- started values, restart_child, delete_child, count_children --------------------------------
+
+
+async def test_start_and_restart_child_return_the_value_passed_to_started(
+    autojump_clock: Any,
+) -> None:
+    runs = 0
+
+    async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        task_status.started(f"port {8000 + runs}")
+        await trio.sleep_forever()
+
+    async with open_supervisor() as sup:
+        assert await sup.start_child(ChildSpec("server", serve)) == "port 8001"
+        assert await sup.start_child(ChildSpec("plain", forever)) is None
+        await sup.terminate_child("server")
+        assert await sup.restart_child("server") == "port 8002"
+
+
+async def test_restart_child_and_delete_child_act_on_terminated_children_only(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", family.child("a")))
+        with pytest.raises(RuntimeError, match="'a' is running; only a terminated child can be"):
+            await sup.restart_child("a")
+        with pytest.raises(RuntimeError, match="'a' is running; only a terminated child can be"):
+            sup.delete_child("a")
+        with pytest.raises(KeyError, match="no child named 'x'"):
+            await sup.restart_child("x")
+        with pytest.raises(KeyError, match="no child named 'x'"):
+            sup.delete_child("x")
+        await sup.terminate_child("a")
+        with pytest.raises(ValueError, match="'a' is already supervised"):
+            await sup.start_child(ChildSpec("a", forever))
+        await sup.restart_child("a")
+        assert sup.children() == (ChildInfo("a", "permanent", "running", 0, 0.0),)
+        await sup.terminate_child("a")
+        sup.delete_child("a")
+        await sup.start_child(ChildSpec("a", family.child("a", cleanup=1)))  # the name is free
+    assert family.runs == {"a": 3}
+
+
+async def test_a_restart_child_that_fails_to_start_leaves_it_terminated(
+    autojump_clock: Any,
+) -> None:
+    runs = 0
+
+    async def once(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            raise Boom("cannot start again")
+        task_status.started()
+        await trio.sleep_forever()
+
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("once", once))
+        await sup.terminate_child("once")
+        with pytest.raises(Boom):
+            await sup.restart_child("once")
+        assert sup.children()[0].state == "terminated"
+        assert sup.restart_count == 0
+        assert sup.failures == ()
+
+
+async def test_terminated_children_stay_terminated_through_a_strategy_restart(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor(strategy="one_for_all") as sup:
+        await sup.start_child(ChildSpec("a", family.child("a")))
+        await sup.start_child(ChildSpec("b", family.child("b", crash_after=1)))
+        await sup.terminate_child("a")
+        await trio.sleep(5)
+        assert [(c.name, c.state) for c in sup.children()] == [
+            ("a", "terminated"),
+            ("b", "running"),
+        ]
+    assert family.runs == {"a": 1, "b": 2}
+
+
+async def test_count_children_counts_specs_active_and_terminated(autojump_clock: Any) -> None:
+    async with open_supervisor() as sup:
+        assert sup.count_children() == ChildCounts(specs=0, active=0, terminated=0, overdue=0)
+        for name in "abc":
+            await sup.start_child(ChildSpec(name, forever))
+        await sup.terminate_child("b")
+        assert sup.count_children() == ChildCounts(specs=3, active=2, terminated=1, overdue=0)
+
+
+# -- significant children and auto_shutdown ----------------------------------------------------
+
+
+def test_a_significant_child_must_not_be_permanent() -> None:
+    with pytest.raises(ValueError, match="significant child must be 'transient' or 'temporary'"):
+        ChildSpec("main", forever, significant=True)
+
+
+async def test_significant_children_need_an_auto_shutdown(autojump_clock: Any) -> None:
+    with pytest.raises(ValueError, match="auto_shutdown"):
+        async with open_supervisor(auto_shutdown="sometimes"):  # type: ignore[arg-type]
+            pytest.fail("the block must not run")
+    async with open_supervisor() as sup:
+        with pytest.raises(ValueError, match="significant but the supervisor's auto_shutdown"):
+            await sup.start_child(ChildSpec("m", forever, restart="transient", significant=True))
+        assert sup.children() == ()
+
+
+async def returns_after(seconds: float) -> None:
+    await trio.sleep(seconds)
+
+
+async def test_any_significant_ends_the_supervisor_when_its_main_child_ends(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    body_cancelled = False
+    async with open_supervisor(auto_shutdown="any_significant") as sup:
+        await sup.start_child(ChildSpec("helper", family.child("helper", cleanup=1)))
+        main = functools.partial(returns_after, 2)
+        await sup.start_child(ChildSpec("main", main, restart="transient", significant=True))
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            body_cancelled = True
+            raise
+    assert body_cancelled  # and the block exited without an error
+    assert family.rounded()[1:] == [("stop helper", 2.0), ("stopped helper", 3.0)]
+    with pytest.raises(RuntimeError, match="stopping"):
+        await sup.start_child(ChildSpec("late", forever))
+
+
+async def test_all_significant_waits_for_the_last_significant_child(autojump_clock: Any) -> None:
+    async with open_supervisor(auto_shutdown="all_significant") as sup:
+        await sup.start_child(ChildSpec("helper", forever))
+        for seconds in (1, 3):
+            start = functools.partial(returns_after, seconds)
+            await sup.start_child(ChildSpec(f"m{seconds}", start, "temporary", significant=True))
+        await trio.sleep_forever()
+    assert trio.current_time() == 3.0
+
+
+async def test_only_a_significant_child_ending_on_its_own_ends_the_supervisor(
+    autojump_clock: Any,
+) -> None:
+    crashes = 0
+
+    async def crashes_once() -> None:
+        nonlocal crashes
+        await trio.sleep(1)
+        if not crashes:
+            crashes += 1
+            raise Boom("restarted: not an end")
+        await trio.sleep_forever()
+
+    async with open_supervisor(auto_shutdown="any_significant") as sup:
+        await sup.start_child(ChildSpec("crashy", crashes_once, "transient", significant=True))
+        await sup.start_child(ChildSpec("stopped", forever, "temporary", significant=True))
+        await sup.terminate_child("stopped")  # the supervisor's doing: not an end either
+        await trio.sleep(10)
+        assert [(c.name, c.state) for c in sup.children()] == [("crashy", "running")]
+
+
+# -- nesting ----------------------------------------------------------------------------------
+
+
+async def test_a_transient_parent_restarts_a_child_supervisor_that_gave_up(
+    autojump_clock: Any,
+) -> None:
+    runs = 0
+
+    async def crashing_subtree() -> None:
+        nonlocal runs
+        runs += 1
+        async with open_supervisor(max_restarts=0) as inner:
+            await inner.start_child(ChildSpec("crash", functools.partial(crash_after, 1)))
+            await trio.sleep_forever()
+
+    with pytest.raises(SupervisorError, match="'subtree'") as raised:
+        async with open_supervisor(max_restarts=2, within=100) as outer:
+            await outer.start_child(ChildSpec("subtree", crashing_subtree, restart="transient"))
+            await trio.sleep_forever()
+    # Each give-up is a failure the parent restarts, until the parent gives up in turn.
+    assert runs == 3
+    assert [type(f.exception) for f in raised.value.failures] == [SupervisorError] * 3
+    assert "'crash'" in str(raised.value.__cause__)
+
+
+async def test_a_transient_parent_does_not_restart_a_child_supervisor_that_shut_down(
+    autojump_clock: Any,
+) -> None:
+    runs = 0
+
+    async def subtree() -> None:
+        nonlocal runs
+        runs += 1
+        async with open_supervisor(auto_shutdown="any_significant") as inner:
+            main = functools.partial(returns_after, 1)
+            await inner.start_child(ChildSpec("main", main, "transient", significant=True))
+            await trio.sleep_forever()
+
+    async with open_supervisor() as outer:
+        await outer.start_child(ChildSpec("subtree", subtree, restart="transient"))
+        await trio.sleep(10)
+        assert outer.children() == ()
+    assert runs == 1
+
+
+async def crash_after(seconds: float) -> None:
+    await trio.sleep(seconds)
+    raise Boom(f"crashed after {seconds} s")
+
+
+# -- the dynamic (template) form --------------------------------------------------------------
+
+
+async def test_a_dynamic_supervisor_starts_many_children_of_one_template(
+    autojump_clock: Any,
+) -> None:
+    log: list[tuple[str, int, float]] = []
+
+    async def worker(port: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        log.append(("start", port, trio.current_time()))
+        task_status.started(f"listening on {port}")
+        try:
+            if port == 2 and sum(e[1] == 2 for e in log) == 1:
+                await trio.sleep(1)
+                raise Boom("crash once")
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(1)
+            log.append(("stopped", port, trio.current_time()))
+
+    template = ChildSpec("w", worker, restart="transient", shutdown_timeout=5)
+    async with open_dynamic_supervisor(template, jitter=0.0) as dyn:
+        assert dyn.template is template
+        assert await dyn.start_child(1) == DynamicChild("w-1", "listening on 1")
+        assert await dyn.start_child(2, name="two") == DynamicChild("two", "listening on 2")
+        assert await dyn.start_child(3) == DynamicChild("w-2", "listening on 3")
+        await trio.sleep(5)  # "two" crashed at 1, stopped at 2, restarted with its args
+        assert dyn.restart_count == 1
+        assert [(c.name, c.restarts) for c in dyn.children()] == [
+            ("w-1", 0),
+            ("two", 1),
+            ("w-2", 0),
+        ]
+        await dyn.terminate_child("w-1")  # removed, not kept
+        assert [c.name for c in dyn.children()] == ["two", "w-2"]
+        assert dyn.count_children() == ChildCounts(specs=2, active=2, terminated=0, overdue=0)
+        with pytest.raises(KeyError):
+            await dyn.terminate_child("w-1")
+        assert await dyn.start_child(4) == DynamicChild("w-3", "listening on 4")
+        stopping_at = trio.current_time()
+    # Stopped all at once on exit: 1 s of cleanup each, 1 s in all.
+    assert trio.current_time() == stopping_at + 1
+    assert sorted(p for event, p, _ in log if event == "stopped") == [1, 2, 2, 3, 4]
+    assert [(e, p) for e, p, _ in log if p == 2] == [
+        ("start", 2),
+        ("stopped", 2),
+        ("start", 2),
+        ("stopped", 2),
+    ]
+
+
+async def test_a_dynamic_supervisor_refuses_a_significant_template(autojump_clock: Any) -> None:
+    template = ChildSpec("w", forever, restart="temporary", significant=True)
+    with pytest.raises(ValueError, match="significant"):
+        async with open_dynamic_supervisor(template):
+            pytest.fail("the block must not run")
+
+
+async def test_cancelled_terminate_and_restart_child_leave_the_child_terminated(
+    autojump_clock: Any,
+) -> None:
+    family = Family()
+    async with open_supervisor() as sup:
+        await sup.start_child(ChildSpec("a", family.child("a", cleanup=2)))
+        with trio.move_on_after(1):
+            await sup.terminate_child("a")  # only the wait is cut short
+        assert trio.current_time() == 1.0
+        assert sup.children()[0].state == "terminated"
+        with trio.move_on_after(0.5) as waited:
+            await sup.restart_child("a")  # waits for the instance stopping until 2
+        assert waited.cancelled_caught
+        assert sup.children()[0].state == "terminated"
+        await sup.restart_child("a")
+        assert trio.current_time() == 2.0
+    assert alive_at_once(family, "a") == 1
+    assert family.runs == {"a": 2}
+
+
+async def test_dynamic_names_skip_those_taken(autojump_clock: Any) -> None:
+    async with open_dynamic_supervisor(ChildSpec("w", forever)) as dyn:
+        await dyn.start_child(name="w-1")
+        assert (await dyn.start_child()).name == "w-2"
+        with pytest.raises(ValueError, match="'w-2' is already supervised"):
+            await dyn.start_child(name="w-2")
