@@ -38,5 +38,5 @@ def test_every_reference_entry_names_something_real() -> None:
     import importlib
 
     for entry in _documented():
-        module, _, name = entry.rpartition(".")
-        assert hasattr(importlib.import_module(f"plugin_execution.{module}"), name), entry
+        module, _, name = f"plugin_execution.{entry}".rpartition(".")
+        assert hasattr(importlib.import_module(module), name), entry
