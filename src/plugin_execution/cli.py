@@ -16,7 +16,8 @@ Exit statuses (stable; scripts may branch on them):
 - ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up
   (``serve`` runs until then: its connections are closed with 1001 on the way out).
 
-``run`` prints JSON on stdout. Handler outputs may contain ``bytes``, which JSON cannot carry:
+``run`` prints JSON on stdout, and nothing else: what a handler prints goes to stderr, and so do
+its events with ``--events``. Handler outputs may contain ``bytes``, which JSON cannot carry:
 they are printed as ``{"$base64": "..."}``.
 """
 
@@ -24,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,9 +40,9 @@ import trio
 from .backends.base import ExecutionBackend
 from .errors import ExecutionError, InvalidRequestError, ManifestError
 from .factory import BACKEND_TYPES, create_execution_backend
-from .manifest import PluginManifest
+from .manifest import Permissions, PluginManifest
 from .registry import PluginRegistry
-from .types import ExecutionRequest, ExecutionResult
+from .types import ExecutionEvent, ExecutionRequest, ExecutionResult
 
 __all__ = [
     "EXIT_FAILED",
@@ -128,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("handler_id", metavar="HANDLER_ID")
     run.add_argument(
         "--input",
-        required=True,
+        default={},
         type=_json_value,
         metavar="JSON",
-        help="the handler's input, as JSON ('-' reads it from stdin)",
+        help="the handler's input, as JSON ('-' reads it from stdin; default {})",
     )
     run.add_argument(
         "--context",
@@ -142,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--backend", choices=BACKEND_TYPES, default="auto")
     run.add_argument("--timeout", type=_seconds, metavar="S", help="time limit in seconds")
+    run.add_argument(
+        "--events",
+        action="store_true",
+        help="show the execution's events (progress, logs, custom) on stderr as they happen",
+    )
     _add_plugin_path(run)
     run.set_defaults(func=_cmd_run)
 
@@ -281,7 +289,8 @@ def _as_execution_error(exc: Exception) -> ExecutionError:
 def _cmd_run(args: argparse.Namespace) -> int:
     registry = _registry(args.plugin_path, strict=True)
     try:
-        result = trio.run(_run, registry, args)
+        with _prints_to_stderr():
+            result = trio.run(_run, registry, args)
     except Exception as exc:
         error = _as_execution_error(exc)
     else:
@@ -294,6 +303,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+@contextlib.contextmanager
+def _prints_to_stderr() -> Iterator[None]:
+    """Keep stdout for the JSON answer alone: while the execution runs, whatever a handler
+    prints (through ``sys.stdout`` or to fd 1, in this process or a child that inherits it)
+    goes to stderr."""
+    sys.stdout.flush()
+    saved_fd, saved_stream = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        sys.stdout = saved_stream
+
+
 async def _run(registry: PluginRegistry, args: argparse.Namespace) -> ExecutionResult:
     request = ExecutionRequest(
         plugin_id=args.plugin_id,
@@ -303,7 +330,24 @@ async def _run(registry: PluginRegistry, args: argparse.Namespace) -> ExecutionR
         timeout=args.timeout,
     )
     async with create_execution_backend(type=args.backend, registry=registry) as backend:
-        return await backend.execute(request, raise_errors=False)
+        if not args.events:
+            return await backend.execute(request, raise_errors=False)
+        async with backend.open_execution(request) as execution:
+            async for event in execution.events:
+                print(_event_line(event), file=sys.stderr, flush=True)
+            return await execution.result(raise_errors=False)
+
+
+def _event_line(event: ExecutionEvent) -> str:
+    """One event as a line for a person: ``[progress] 2/5``, ``[log] stdout text``, or
+    ``[kind] {json}`` for a custom event."""
+    data = event.data
+    if event.kind == "progress" and isinstance(data, dict):
+        return f"[progress] {data.get('done')}/{data.get('total')}"
+    if event.kind == "log" and isinstance(data, dict):  # ctx.logger, or a captured print
+        source = data.get("level") or data.get("stream") or ""
+        return f"[log] {source} {data.get('message', '')}".replace("  ", " ")
+    return f"[{event.kind}] {_dumps(data)}"
 
 
 def _result_dict(result: ExecutionResult) -> dict[str, Any]:
@@ -346,7 +390,15 @@ def _manifest_dict(manifest: PluginManifest) -> dict[str, Any]:
         "description": manifest.description,
         "root": manifest.root,
         "handlers": [
-            {"id": h.id, "entry": h.entry, "timeout": h.timeout, "warmup": h.warmup}
+            {
+                "id": h.id,
+                "entry": h.entry,
+                "timeout": h.timeout,
+                "warmup": h.warmup,
+                # What the handler runs with: its own permissions replace the plugin's.
+                "permissions": attrs.asdict(manifest.permissions_for(h)),
+                "permissions_overridden": h.permissions is not None,
+            }
             for h in manifest.handlers
         ],
         "channels": [
@@ -372,12 +424,36 @@ def _print_plugins(
         for h in manifest.handlers:
             extra = f" (timeout {h.timeout:g} s)" if h.timeout is not None else ""
             print(f"  handler  {h.id:<{width}}  {h.entry}{extra}", file=out)
+            source = "its own" if h.permissions is not None else "the plugin's"
+            granted = _grants(manifest.permissions_for(h)) or "nothing beyond the defaults"
+            print(f"  {'':<{width + 9}}  may: {granted} ({source} permissions)", file=out)
         for c in manifest.channels:
             print(f"  channel  {c.path}  {c.entry} ({c.style})", file=out)
+    if manifests:
+        print(
+            "\n(every handler may also read its plugin's root and read and write its "
+            "workspace; docs/permissions.md)",
+            file=out,
+        )
     if errors:
         print(f"\n{len(errors)} plugin(s) failed to load:", file=out)
         for error in errors:
             print(f"  {error.message}", file=out)
+
+
+def _grants(permissions: Permissions) -> str:
+    """The non-empty grants of ``permissions`` as ``name=value`` items, e.g.
+    ``fs.read=/data/*, platform=cache, quotas.timeout=5``."""
+
+    def flat(prefix: str, value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield from flat(f"{prefix}.{key}" if prefix else key, inner)
+        elif value not in (None, (), [], ""):
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+            yield f"{prefix}={shown}"
+
+    return "; ".join(flat("", attrs.asdict(permissions)))
 
 
 # -- demo -----------------------------------------------------------------------------------
@@ -539,7 +615,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         width = max(len(name) for name in support.layers)
         for name, status in support.layers.items():
             state = "yes" if status.available else "NO"
-            version = f" [{status.version}]" if status.version is not None else ""
+            version = ""
+            if status.version is not None and str(status.version) not in status.detail:
+                what = "ABI" if name == "landlock" else "version"
+                version = f" ({what} {status.version})"
             print(f"  {name:<{width}}  {state:<3}  {status.detail}{version}")
-        print("sandbox=True uses every layer marked yes; see docs/sandbox.md for what each stops.")
+        print(
+            "yes: the layer works on this machine; NO: it does not, for the reason shown. "
+            "sandbox=True uses every layer marked yes; see docs/sandbox.md for what each stops."
+        )
     return EXIT_OK if all(s.available for s in support.layers.values()) else EXIT_FAILED

@@ -142,9 +142,11 @@ class HealthStatus:
     """A backend's health: ``status`` is ``healthy``, ``degraded`` or ``unhealthy``."""
 
     healthy: bool
+    """False when the backend cannot take work (closed, or its workers cannot start)."""
     backend: str
     status: Literal["healthy", "degraded", "unhealthy"] = "healthy"
     details: dict[str, Any] = attrs.field(factory=dict)
+    """Backend-specific: workers by state, active subprocesses, uptime, last error, sandbox."""
 
 
 @attrs.frozen(kw_only=True)
@@ -152,6 +154,7 @@ class LatencySummary:
     """Average and percentiles in seconds over a recent window of samples."""
 
     count: int = 0
+    """How many samples the figures below are taken over."""
     avg: float = 0.0
     p50: float = 0.0
     p95: float = 0.0
@@ -161,22 +164,40 @@ class LatencySummary:
 
 @attrs.frozen(kw_only=True)
 class ExecutionStats:
-    """Counters since the backend started, and latency over a recent window."""
+    """Counters since the backend started, and latency over a recent window.
+
+    ``total == ok + failed`` once nothing is in flight. Returned by ``backend.stats()``,
+    which is cheap (no I/O): poll it as often as a dashboard wants.
+    """
 
     backend: str
+    """The backend's name: ``in-process``, ``worker-pool`` or ``subprocess``."""
     total: int = 0
+    """Executions that ended, whatever their outcome."""
     ok: int = 0
+    """Executions that returned a result."""
     failed: int = 0
+    """Executions that ended with an error (``failed_by_code`` splits them)."""
     failed_by_code: dict[str, int] = attrs.field(factory=dict)
+    """Failures by error code, e.g. ``{"TIMEOUT": 3, "HANDLER_ERROR": 1}``."""
     in_flight: int = 0
+    """Executions running now."""
     queued: int = 0
+    """Executions waiting for a worker or a slot now."""
     queue_full_rejections: int = 0
+    """Executions refused with ``QUEUE_FULL``."""
     acquire_timeouts: int = 0
+    """Executions that waited longer than the pool's ``acquire_timeout``."""
     worker_crashes: int = 0
+    """Workers (or children) that died under an execution or on their own."""
     workers_recycled: int = 0
+    """Workers retired on purpose: executions, uptime or memory past their limit."""
     permission_denials: int = 0
+    """``PERMISSION_DENIED`` refusals of platform calls, caught by the handler or not."""
     latency: LatencySummary = attrs.field(factory=LatencySummary)
+    """Duration of every ended execution, failures included, over the last 10,000."""
     queue_wait: LatencySummary = attrs.field(factory=LatencySummary)
+    """Time executions waited for a worker or slot before starting."""
     details: dict[str, Any] = attrs.field(factory=dict)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 import attrs
 import trio
 
+from .. import tracing
 from .._groups import unwrap_single
 from ..context import NULL_SINK
 from ..errors import (
@@ -301,6 +302,41 @@ class ExecutionBackend(abc.ABC):
         )
 
     async def _execute(
+        self,
+        request: ExecutionRequest,
+        timeout: float | None,
+        sink: EventSink,
+        raise_errors: bool,
+        *,
+        target: ResolvedHandler | None = None,
+        channel: Channel | None = None,
+        chain: tuple[tuple[str, str], ...] = (),
+    ) -> ExecutionResult:
+        """Every way of running something comes here: with a span around it when the host
+        uses OpenTelemetry (:mod:`plugin_execution.tracing`)."""
+        if not tracing.enabled():
+            return await self._execute_untraced(
+                request, timeout, sink, raise_errors, target=target, channel=channel, chain=chain
+            )
+        with tracing.span(
+            f"execute {request.plugin_id}/{request.handler_id}",
+            {
+                "plugin_id": request.plugin_id,
+                "handler_id": request.handler_id,
+                "execution_id": request.execution_id,
+                "backend": self.name,
+            },
+        ) as span:
+            result = await self._execute_untraced(
+                request, timeout, sink, raise_errors, target=target, channel=channel, chain=chain
+            )
+            if span is not None:
+                span.set("worker_id", result.worker_id)
+                if result.error is not None:
+                    span.outcome(result.error.code, result.error.message)
+            return result
+
+    async def _execute_untraced(
         self,
         request: ExecutionRequest,
         timeout: float | None,

@@ -1,0 +1,92 @@
+"""OpenTelemetry spans per execution, parented to the caller's span; nothing when unconfigured."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from plugin_execution import ExecutionRequest, PluginRegistry, create_execution_backend, tracing
+
+trace = pytest.importorskip("opentelemetry.trace", reason="opentelemetry-api is not installed")
+sdk_trace = pytest.importorskip(
+    "opentelemetry.sdk.trace", reason="opentelemetry-sdk is not installed"
+)
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """A tracer provider for this test only (the global one can be set once per process)."""
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    yield exporter
+    provider.shutdown()
+
+
+def _attributes(span: Any) -> dict[str, Any]:
+    return {k.removeprefix("plugin_execution."): v for k, v in span.attributes.items()}
+
+
+async def test_no_provider_no_spans(registry: PluginRegistry) -> None:
+    assert not tracing.enabled()
+    async with create_execution_backend(type="in-process", registry=registry) as backend:
+        result = await backend.execute(
+            ExecutionRequest(plugin_id="tests.sample", handler_id="echo", input=1)
+        )
+    assert result.output == 1
+
+
+@pytest.mark.parametrize("backend_type", ["in-process", "worker-pool"])
+async def test_one_span_per_execution_under_the_callers_span(
+    registry: PluginRegistry, spans: InMemorySpanExporter, backend_type: str
+) -> None:
+    tracer = trace.get_tracer_provider().get_tracer("host")
+    async with create_execution_backend(type=backend_type, registry=registry) as backend:
+        with tracer.start_as_current_span("request") as parent:
+            ok = await backend.execute(
+                ExecutionRequest(plugin_id="tests.sample", handler_id="echo", input=1)
+            )
+            failed = await backend.execute(
+                ExecutionRequest(plugin_id="tests.sample", handler_id="fail", input={}),
+                raise_errors=False,
+            )
+            with pytest.raises(Exception, match="no handler"):
+                await backend.execute(ExecutionRequest(plugin_id="tests.sample", handler_id="nope"))
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    ok_span = finished["execute tests.sample/echo"]
+    assert ok_span.parent.span_id == parent.get_span_context().span_id
+    assert _attributes(ok_span) == {
+        "plugin_id": "tests.sample",
+        "handler_id": "echo",
+        "execution_id": ok.execution_id,
+        "backend": backend_type,
+        "outcome": "ok",
+        **({"worker_id": ok.worker_id} if ok.worker_id else {}),
+    }
+    assert ok_span.status.is_ok
+    fail_span = finished["execute tests.sample/fail"]
+    assert _attributes(fail_span)["outcome"] == "HANDLER_ERROR" == failed.error.code
+    assert not fail_span.status.is_ok
+    assert _attributes(finished["execute tests.sample/nope"])["outcome"] == "HANDLER_NOT_FOUND"
+
+
+async def test_a_cancelled_execution_is_aborted(
+    registry: PluginRegistry, spans: InMemorySpanExporter
+) -> None:
+    async with create_execution_backend(type="in-process", registry=registry) as backend:
+        with trio.move_on_after(0.05):
+            await backend.execute(
+                ExecutionRequest(
+                    plugin_id="tests.sample", handler_id="sleep", input={"seconds": 30}
+                )
+            )
+    (span,) = spans.get_finished_spans()
+    assert _attributes(span)["outcome"] == "ABORTED"
