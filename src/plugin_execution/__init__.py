@@ -64,9 +64,13 @@ if TYPE_CHECKING:
     from .platform_client import ShellResult as ShellResult
     from .registry import PluginRegistry as PluginRegistry
     from .streaming import Execution as Execution
+    from .supervisor import ChildCounts as ChildCounts
     from .supervisor import ChildSpec as ChildSpec
+    from .supervisor import DynamicChild as DynamicChild
+    from .supervisor import DynamicSupervisor as DynamicSupervisor
     from .supervisor import Supervisor as Supervisor
     from .supervisor import SupervisorError as SupervisorError
+    from .supervisor import open_dynamic_supervisor as open_dynamic_supervisor
     from .supervisor import open_supervisor as open_supervisor
     from .types import ExecutionEvent as ExecutionEvent
     from .types import ExecutionRequest as ExecutionRequest
@@ -131,9 +135,13 @@ _EXPORTS: dict[str, str] = {
     "ShellResult": "platform_client",
     "PluginRegistry": "registry",
     "Execution": "streaming",
+    "ChildCounts": "supervisor",
     "ChildSpec": "supervisor",
+    "DynamicChild": "supervisor",
+    "DynamicSupervisor": "supervisor",
     "Supervisor": "supervisor",
     "SupervisorError": "supervisor",
+    "open_dynamic_supervisor": "supervisor",
     "open_supervisor": "supervisor",
     "ExecutionEvent": "types",
     "ExecutionRequest": "types",
