@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from .platform_client import FetchResponse as FetchResponse
     from .platform_client import ShellResult as ShellResult
     from .registry import PluginRegistry as PluginRegistry
+    from .run_many import MapResults as MapResults
     from .streaming import Execution as Execution
     from .supervisor import ChildCounts as ChildCounts
     from .supervisor import ChildSpec as ChildSpec
@@ -134,6 +135,7 @@ _EXPORTS: dict[str, str] = {
     "FetchResponse": "platform_client",
     "ShellResult": "platform_client",
     "PluginRegistry": "registry",
+    "MapResults": "run_many",
     "Execution": "streaming",
     "ChildCounts": "supervisor",
     "ChildSpec": "supervisor",

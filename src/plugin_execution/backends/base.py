@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
+from ..run_many import MapResults, Requests, run_many
 from ..stats import StatsRecorder
 from ..streaming import ChannelSink, Execution
 from ..types import (
@@ -418,6 +419,33 @@ class ExecutionBackend(abc.ABC):
         """Run ``request`` for ``ctx.invoke``: like :meth:`execute`, remembering the chain of
         executions that led to it (for cycle and depth checks)."""
         return await self._execute(request, timeout, NULL_SINK, True, chain=chain)
+
+    def map(
+        self,
+        requests: Requests,
+        *,
+        concurrency: int = 64,
+        ordered: bool = False,
+        timeout: float | None = None,
+    ) -> AbstractAsyncContextManager[MapResults]:
+        """Run many requests: ``async with backend.map(requests) as results:`` then
+        ``async for result in results``.
+
+        ``requests`` is an iterable or an async iterable of :class:`ExecutionRequest`,
+        consumed lazily: at most ``2 * concurrency`` requests are pulled and not yet consumed,
+        so a source of millions costs no more memory than a few. ``concurrency`` executions
+        run at once. Every request ends as one :class:`ExecutionResult` with its own
+        ``execution_id``; a failure is ``ok=False`` with ``error`` set, never an exception.
+        Results come as they finish, or in the order of ``requests`` with ``ordered=True``.
+        ``timeout`` (seconds) overrides each request's own.
+
+        Leaving the block before the end cancels the executions in flight and pulls nothing
+        more from ``requests``; so does cancelling the task that iterates. An exception from
+        ``requests`` itself (or an item that is not an ``ExecutionRequest``,
+        :class:`InvalidRequestError`) propagates out of the block. Bad options raise
+        :class:`InvalidRequestError` at entry.
+        """
+        return run_many(self, requests, concurrency=concurrency, ordered=ordered, timeout=timeout)
 
     def open_execution(
         self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024

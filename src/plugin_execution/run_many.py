@@ -1,0 +1,161 @@
+"""Run many: ``backend.map(requests)``, the harness primitive.
+
+A fixed number of caller tasks (``concurrency``) pull requests from the source one at a time,
+so the source is consumed lazily and memory stays flat however long it is. Every execution
+ends as one :class:`ExecutionResult` (a failure is ``ok=False``, never an exception). Results
+come as they finish, or in the order of the source with ``ordered=True``. A window of
+permits bounds how far the callers may run ahead of the consumer: a result takes a permit
+from the moment its request is pulled until the consumer has been given it, so at most
+``window`` requests are pulled and not yet consumed, in either mode (in order, that bounds the
+reorder buffer too). Leaving the block cancels what is in flight and pulls nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from ._groups import unwrap_single
+from .errors import InvalidRequestError
+from .types import ExecutionRequest, ExecutionResult
+
+__all__ = ["Executor", "MapResults", "Requests", "run_many"]
+
+Requests = Iterable[ExecutionRequest] | AsyncIterable[ExecutionRequest]
+
+
+class Executor(Protocol):
+    """What ``map`` needs of a backend (a protocol, so this module needs no backend)."""
+
+    async def execute(
+        self, request: ExecutionRequest, *, timeout: float | None = ..., raise_errors: bool = ...
+    ) -> ExecutionResult: ...
+
+
+class _Source:
+    """The requests, pulled one at a time by any number of tasks, each numbered."""
+
+    def __init__(self, requests: Requests) -> None:
+        self._sync: Iterator[ExecutionRequest] | None = None
+        self._async: AsyncIterator[ExecutionRequest] | None = None
+        if isinstance(requests, AsyncIterable):
+            self._async = aiter(requests)
+        elif isinstance(requests, Iterable):
+            self._sync = iter(requests)
+        else:
+            raise InvalidRequestError(
+                f"map takes an iterable or an async iterable of ExecutionRequest, "
+                f"not {type(requests).__name__}"
+            )
+        self._lock = trio.Lock()  # an async iterator must not be advanced concurrently
+        self._count = 0
+        self.exhausted = False
+
+    async def next(self) -> tuple[int, ExecutionRequest] | None:
+        async with self._lock:
+            if self.exhausted:
+                return None
+            try:
+                if self._sync is not None:
+                    request = next(self._sync)
+                else:
+                    assert self._async is not None
+                    request = await anext(self._async)
+            except (StopIteration, StopAsyncIteration):
+                self.exhausted = True
+                return None
+            if not isinstance(request, ExecutionRequest):
+                raise InvalidRequestError(
+                    f"map's requests must be ExecutionRequest objects; item {self._count} "
+                    f"is a {type(request).__name__}"
+                )
+            index, self._count = self._count, self._count + 1
+            return index, request
+
+
+class MapResults:
+    """The results of a ``map``, as an async iterator (``async for result in results``)."""
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[tuple[int, ExecutionResult]],
+        window: trio.Semaphore,
+        ordered: bool,
+    ) -> None:
+        self._receive = receive
+        self._window = window
+        self._ordered = ordered
+        self._waiting: dict[int, ExecutionResult] = {}  # in order: those that came early
+        self._next = 0
+
+    def __aiter__(self) -> MapResults:
+        return self
+
+    async def __anext__(self) -> ExecutionResult:
+        """The next result; waits for it. Ends when every request has been answered."""
+        if self._ordered:
+            while self._next not in self._waiting:
+                index, result = await self._receive_one()
+                self._waiting[index] = result
+            result = self._waiting.pop(self._next)
+            self._next += 1
+        else:
+            _, result = await self._receive_one()
+        self._window.release()
+        return result
+
+    async def _receive_one(self) -> tuple[int, ExecutionResult]:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+@asynccontextmanager
+async def run_many(
+    backend: Executor,
+    requests: Requests,
+    *,
+    concurrency: int = 64,
+    ordered: bool = False,
+    timeout: float | None = None,
+) -> AsyncIterator[MapResults]:
+    """See :meth:`ExecutionBackend.map <plugin_execution.ExecutionBackend.map>`."""
+    if type(concurrency) is not int or concurrency < 1:
+        raise InvalidRequestError(f"concurrency must be a positive int, got {concurrency!r}")
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise InvalidRequestError(f"timeout must be a positive number or None, got {timeout!r}")
+    source = _Source(requests)
+    # Ahead of the consumer: each caller's one in flight plus as many finished again, so
+    # callers keep going while the consumer (or, in order, a slow head) catches up.
+    window = trio.Semaphore(2 * concurrency)
+    send, receive = trio.open_memory_channel[tuple[int, ExecutionResult]](math.inf)
+
+    async def caller(results: trio.MemorySendChannel[tuple[int, ExecutionResult]]) -> None:
+        with results:  # sync close: no checkpoint that a cancellation could turn into Cancelled
+            while True:
+                await window.acquire()
+                pulled = await source.next()
+                if pulled is None:
+                    window.release()
+                    return
+                index, request = pulled
+                result = await backend.execute(request, timeout=timeout, raise_errors=False)
+                results.send_nowait((index, result))
+
+    with unwrap_single():  # the body's own exception, or the source's, comes out bare
+        # Channels close synchronously here: an async close is a checkpoint, and in the
+        # cancelled nursery its Cancelled would replace (and so swallow) the body's exception.
+        async with trio.open_nursery() as nursery:
+            with receive:
+                with send:  # the callers hold clones: the results end when the last one does
+                    for _ in range(concurrency):
+                        nursery.start_soon(caller, send.clone())
+                try:
+                    yield MapResults(receive, window, ordered)
+                finally:
+                    nursery.cancel_scope.cancel()
