@@ -198,3 +198,22 @@ async def test_fifos_and_devices_in_grants_are_refused(
             assert await fs.exists("fifo")
             await fs.remove("fifo")
             assert not (workspace / "fifo").exists()
+
+
+async def test_symlinks_that_stay_inside_the_grants_still_work(
+    platform_only: Platform, tmp_path: Path
+) -> None:
+    """The walk refuses symlinks that appear after the check; ones already there are
+    resolved by the check, and followed when their target is granted (as before)."""
+    workspace = (tmp_path / "ws").resolve()
+    (workspace / "real").mkdir(parents=True)
+    (workspace / "real" / "f.txt").write_text("via link")
+    (workspace / "alias").symlink_to(workspace / "real")
+    (workspace / "f-link").symlink_to("real/f.txt")
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path).fs
+        assert await fs.read("alias/f.txt") == b"via link"
+        assert await fs.read("f-link") == b"via link"
+        assert await fs.list("alias") == ["f.txt"]
+        assert await fs.write("alias/new/g.txt", "g") == 1
+        assert (workspace / "real" / "new" / "g.txt").read_text() == "g"
