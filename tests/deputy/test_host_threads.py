@@ -36,10 +36,10 @@ async def test_a_plugin_that_blocks_its_threads_blocks_only_its_own() -> None:
     async with trio.open_nursery() as nursery:
         for i in range(3):  # the third waits for one of the plugin's 2 slots
             nursery.start_soon(threads.run_sync, session("hog"), "block", block, f"hog-{i}")
-        await trio.testing.wait_all_tasks_blocked()
         while len(started) < 2:
             await trio.sleep(0.01)
-        assert threads.in_use("hog") == 2 and sorted(started) == ["hog-0", "hog-1"]
+        await trio.sleep(0.1)  # time for a third thread to start, were it allowed to
+        assert threads.in_use("hog") == 2 and len(started) == 2
         # another plugin still gets the third (last) thread of the total, and trio's own
         # default limiter was never touched
         assert await threads.run_sync(session("other"), "quick", lambda: "ok") == "ok"
