@@ -132,26 +132,35 @@ def test_fifos_and_devices_are_refused_unopened(walk: str, tree: Path) -> None:
 
 
 def test_missing_directories_are_created_only_where_allowed(walk: str, tree: Path) -> None:
-    asked: list[int] = []
+    asked: list[str] = []
 
-    def allow_two(i: int) -> bool:
-        asked.append(i)
-        return i < 3
+    def allow_shallow(path: str) -> bool:
+        asked.append(path)
+        return path.count("/") <= str(tree).count("/") + 3
 
-    fd = _fdwalk.open_dir(str(tree), ["a", "new", "deeper"], create=allow_two)
+    fd = _fdwalk.open_dir(str(tree), ["a", "new", "deeper"], create=allow_shallow)
     os.close(fd)
-    assert (tree / "a" / "new" / "deeper").is_dir() and asked == [1, 2]
+    assert (tree / "a" / "new" / "deeper").is_dir()
+    assert asked == [f"{tree}/a/new", f"{tree}/a/new/deeper"]
     with pytest.raises(_fdwalk.CreateRefused) as info:
-        _fdwalk.open_dir(str(tree), ["x", "y", "z", "w"], create=allow_two)
-    assert info.value.index == 3 and (tree / "x" / "y" / "z").is_dir()
+        _fdwalk.open_dir(str(tree), ["x", "y", "z", "w"], create=allow_shallow)
+    assert info.value.path == f"{tree}/x/y/z/w" and (tree / "x" / "y" / "z").is_dir()
     with pytest.raises(FileNotFoundError):
         _fdwalk.open_dir(str(tree), ["nope"])
+    # a missing anchor (a granted directory not made yet) is created the same way
+    fd = _fdwalk.open_dir(str(tree / "later"), ["sub"], create=lambda path: "later" in path)
+    os.close(fd)
+    assert (tree / "later" / "sub").is_dir()
+    with pytest.raises(_fdwalk.CreateRefused) as info:
+        only = str(tree / "no" / "anchor")  # a grant whose parent is missing and not granted
+        _fdwalk.open_dir(only, [], create=lambda path: path == only)
+    assert info.value.path == f"{tree}/no" and not (tree / "no").exists()
 
 
 def test_creating_refuses_a_symlink_too(walk: str, tree: Path) -> None:
     (tree / "w").symlink_to(tree.parent / "outside")
     with pytest.raises(_fdwalk.PathChanged):
-        _fdwalk.open_dir(str(tree), ["w", "sub"], create=lambda i: True)
+        _fdwalk.open_dir(str(tree), ["w", "sub"], create=lambda path: True)
     assert not (tree.parent / "outside" / "sub").exists()
 
 

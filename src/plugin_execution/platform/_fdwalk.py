@@ -60,12 +60,11 @@ class NotRegularFile(OSError):
 
 
 class CreateRefused(Exception):
-    """A missing directory that the walk's ``create`` callback did not allow: ``index`` is
-    its position in the walked parts."""
+    """A missing directory (``path``, absolute) that the walk's ``create`` did not allow."""
 
-    def __init__(self, index: int) -> None:
-        super().__init__(index)
-        self.index = index
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 def _kind(mode: int) -> str:
@@ -158,26 +157,30 @@ def parent_of(anchor: str, path: str) -> tuple[str, list[str], str]:
     return os.path.dirname(anchor), [], os.path.basename(anchor)
 
 
-def _open_anchor(anchor: str) -> int:
-    """The anchor itself: an absolute, resolved path, walked from ``/`` without symlinks."""
+def _open_anchor(anchor: str, create: Callable[[str], bool] | None) -> int:
+    """The anchor itself: an absolute, resolved path, walked from ``/`` without symlinks
+    (a granted directory that does not exist yet is made where ``create`` allows)."""
     root = os.open("/", _DIR)
     try:
-        return _descend(root, anchor.strip("/").split("/") if anchor != "/" else [], _DIR)
+        parts = anchor.strip("/").split("/") if anchor != "/" else []
+        return _descend(root, "/", parts, _DIR, create)
     finally:
         os.close(root)
 
 
 def _descend(
     dir_fd: int,
+    base: str,
     parts: list[str],
     flags: int,
-    create: Callable[[int], bool] | None = None,
+    create: Callable[[str], bool] | None = None,
 ) -> int:
-    """A new fd for ``dir_fd/parts...`` (a directory), never following a symlink.
+    """A new fd for ``dir_fd/parts...`` (a directory; ``dir_fd`` is at the path ``base``),
+    never following a symlink.
 
-    ``create(i)``: whether the missing ``parts[i]`` may be made (mkdirat, mode 0755); None
-    creates nothing. Raises :class:`PathChanged` on a symlink, :class:`CreateRefused` when
-    ``create`` says no.
+    ``create(path)``: whether the missing directory ``path`` (absolute) may be made
+    (mkdirat, mode 0755); None creates nothing. Raises :class:`PathChanged` on a symlink,
+    :class:`CreateRefused` when ``create`` says no.
     """
     if not parts:
         return os.open(".", flags | os.O_DIRECTORY, dir_fd=dir_fd)
@@ -195,8 +198,9 @@ def _descend(
             except FileNotFoundError:
                 if create is None:
                     raise
-                if not create(i):
-                    raise CreateRefused(i) from None
+                path = os.path.join(base, *parts[: i + 1])
+                if not create(path):
+                    raise CreateRefused(path) from None
                 try:
                     os.mkdir(part, 0o755, dir_fd=fd)
                 except FileExistsError:
@@ -238,14 +242,15 @@ def open_dir(
     parts: list[str],
     *,
     flags: int = _DIR,
-    create: Callable[[int], bool] | None = None,
+    create: Callable[[str], bool] | None = None,
 ) -> int:
     """An fd on the directory ``anchor/parts...``, reached without following any symlink
     and without leaving ``anchor``. ``flags``: ``O_PATH`` (default; for ``*at`` calls) or
-    ``O_RDONLY`` (to list it). ``create``: see :func:`_descend`. The caller closes the fd."""
-    base = _open_anchor(anchor)
+    ``O_RDONLY`` (to list it). ``create(path)``: whether a missing directory (the anchor's
+    own included) may be made; see :func:`_descend`. The caller closes the fd."""
+    base = _open_anchor(anchor, create)
     try:
-        return _descend(base, parts, flags | os.O_CLOEXEC, create)
+        return _descend(base, anchor, parts, flags | os.O_CLOEXEC, create)
     finally:
         os.close(base)
 

@@ -111,20 +111,18 @@ class FsService:
         if checked.anchor == _real_workspace(session):
             session.ensure_workspace()
         workspace = _real_workspace(session)
-        anchor, parts, _ = _fdwalk.parent_of(checked.anchor, checked.resolved)
         grants = session.grants
 
-        def may_create(i: int) -> bool:
+        def may_create(directory: str) -> bool:
             # runs in the host's thread: a pure check, the denial is raised back here
-            return grants.fs_write(os.path.join(anchor, *parts[: i + 1]), workspace)
+            return grants.fs_write(directory, workspace)
 
         try:
             return await self._run(
                 session, "fs.write", checked, _write, checked, blob, append, may_create
             )
         except _fdwalk.CreateRefused as exc:
-            missing = os.path.join(anchor, *parts[: exc.index + 1])
-            session.deny("fs.write", missing, "a parent directory that must be created")
+            session.deny("fs.write", exc.path, "a parent directory that must be created")
 
     async def list(self, session: PlatformSession, path: Any = ".") -> list[str]:
         checked = self._check(session, path, "fs.read")
@@ -166,7 +164,7 @@ def _read(checked: _Checked, limit: int) -> bytes:
     return data
 
 
-def _write(checked: _Checked, blob: bytes, append: bool, may_create: Callable[[int], bool]) -> int:
+def _write(checked: _Checked, blob: bytes, append: bool, may_create: Callable[[str], bool]) -> int:
     anchor, parts, name = _fdwalk.parent_of(checked.anchor, checked.resolved)
     parent = _fdwalk.open_dir(anchor, parts, create=may_create)
     try:
