@@ -15,12 +15,13 @@ import trio
 
 from plugin_execution import ExecutionBackend, PluginRegistry
 from plugin_execution.platform import Platform
-from plugin_execution.platform.storage import MAX_KEY_PARTS
+from plugin_execution.platform.storage import MAX_KEY_PARTS, MAX_NAMESPACE_PARTS
 
 from .conftest import register, run
 
 
 async def storage(backend: ExecutionBackend, method: str, *args: Any) -> Any:
+    """``ctx.storage.method(*args)`` by the plugin ``bystander`` (granted ``storage``)."""
     return await run(
         backend, "storage_call", {"method": method, "args": list(args)}, plugin="bystander"
     )
@@ -48,6 +49,19 @@ async def test_a_deep_key_is_refused_before_any_directory_is_made(
     assert await storage(backend, "get", deepest) == b"ok"
     assert await storage(backend, "delete", deepest) is True
     assert [p.name for p in root.rglob("*")] == ["bystander"]  # emptied directories went too
+
+
+async def test_a_deep_namespace_is_refused_too(backend: ExecutionBackend, tmp_path: Path) -> None:
+    # the bare grant covers the plugin's own namespace and everything under it
+    deep = "/".join(["bystander", *["n"] * 120])
+    result = await storage(backend, "put_in", deep, "k", "x")
+    assert result["error"] == "INVALID_REQUEST", result
+    assert f"at most {MAX_NAMESPACE_PARTS}" in result["message"]
+    for bad in ("bystander//x", "bystander/./x"):
+        assert (await storage(backend, "put_in", bad, "k", "x"))["error"] == "INVALID_REQUEST"
+    ok = "/".join(["bystander", *["n"] * (MAX_NAMESPACE_PARTS - 1)])
+    assert await storage(backend, "put_in", ok, "k", "x") is None
+    assert depth(tmp_path / "storage") == MAX_NAMESPACE_PARTS
 
 
 async def test_storage_errors_name_the_key_not_the_host_path(

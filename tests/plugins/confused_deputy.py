@@ -164,8 +164,12 @@ def fs_call(ctx: Any, input: dict[str, Any]) -> Any:
 
 
 def storage_call(ctx: Any, input: dict[str, Any]) -> Any:
-    """One ``ctx.storage`` call; an error as its type, code and message."""
+    """One ``ctx.storage`` call (``put_in``: ``put(key, data, namespace=...)``); an error as
+    its type, code and message."""
     try:
+        if input["method"] == "put_in":
+            namespace, key, data = input["args"]
+            return ctx.storage.put(key, data, namespace=namespace)
         return getattr(ctx.storage, input["method"])(*input.get("args", []))
     except Exception as exc:
         return {"error": _outcome(exc), "message": str(exc), "filename": _filename(exc)}

@@ -6,7 +6,8 @@ default, :class:`FileStorage`, writes one file per key under ``root/<namespace>/
 atomically (a temporary file renamed into place).
 
 A key names at most :data:`MAX_KEY_PARTS` levels of ``/``, each at most 255 UTF-8 bytes (a
-file name's limit), so a plugin cannot make the host create deep directory chains; deleting
+file name's limit), and a namespace at most :data:`MAX_NAMESPACE_PARTS`, so a plugin cannot
+make the host create deep directory chains; deleting
 a key removes the directories it leaves empty. Errors name the key, never the host's storage
 path, and each call ends at the execution's deadline.
 """
@@ -30,10 +31,19 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["MAX_KEY_PARTS", "FileStorage", "StorageBackend", "StorageService", "check_key"]
+__all__ = [
+    "MAX_KEY_PARTS",
+    "MAX_NAMESPACE_PARTS",
+    "FileStorage",
+    "StorageBackend",
+    "StorageService",
+    "check_key",
+]
 
 #: How many ``/``-separated parts a storage key may have (its directory depth on disk).
 MAX_KEY_PARTS = 16
+#: How many ``/``-separated parts a storage namespace may have (``plugin.id/sub``...).
+MAX_NAMESPACE_PARTS = 4
 _NAME_MAX = 255
 _STORAGE_THREADS = 8  # FileStorage's own bound, apart from trio's default thread limiter
 
@@ -192,6 +202,12 @@ class StorageService:
 
     def _namespace(self, session: PlatformSession, namespace: Any) -> str:
         ns = _args.namespace(namespace, session.plugin_id)
+        parts = ns.split("/")
+        if len(parts) > MAX_NAMESPACE_PARTS or any(part in ("", ".") for part in parts):
+            raise InvalidRequestError(
+                f"a storage namespace has at most {MAX_NAMESPACE_PARTS} '/'-separated parts, "
+                f"none empty or '.': {ns[:80]!r}"
+            )
         if not session.grants.service("storage", ns, session.plugin_id):
             grant = "storage" if ns == session.plugin_id else f"storage:{ns}"
             session.deny(f"platform.{grant}", f"storage namespace {ns}")
