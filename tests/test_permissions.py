@@ -93,6 +93,34 @@ def test_relative_grants_are_under_the_plugin_root(tmp_path: Path) -> None:
     assert not grants_for(perms, None).fs_write("/cache/x", None)
 
 
+def test_fs_anchor_is_where_the_granting_rule_starts(tmp_path: Path) -> None:
+    """The directory the host's fd walk to a path starts from: the workspace, the root, or
+    the literal directory of the most specific grant matching the path, and None exactly
+    where the check itself denies."""
+    data, root, ws = tmp_path.resolve(), str(tmp_path.resolve() / "plugin"), "/ws"
+    perms = Permissions(
+        fs=FsPermissions(
+            read=(f"{data}/in/*.csv", f"{data}/all/**"),
+            write=(f"{data}/out", f"{data}/out/deep/er"),
+        )
+    )
+    grants = grants_for(perms, root)
+    anchor = grants.fs_anchor
+    assert anchor("/ws/x/y", ws, write=True) == "/ws" == anchor("/ws", ws, write=False)
+    assert anchor(f"{root}/m.py", ws, write=False) == root
+    assert anchor(f"{root}/m.py", ws, write=True) is None  # own files: read only
+    assert anchor(f"{data}/in/a.csv", ws, write=False) == f"{data}/in"
+    assert anchor(f"{data}/in/a.txt", ws, write=False) is None
+    assert anchor(f"{data}/all/x/y", ws, write=False) == f"{data}/all"
+    assert anchor(f"{data}/out/deep/er/f", ws, write=True) == f"{data}/out/deep/er"
+    assert anchor(f"{data}/out/f", ws, write=False) == f"{data}/out"  # write grants read
+    assert anchor(f"{data}/in/a.csv", ws, write=True) is None
+    for path in ("/ws/a", f"{root}/m.py", f"{data}/in/a.csv", f"{data}/in/b.txt", "/etc"):
+        for write in (False, True):
+            allowed = (grants.fs_write if write else grants.fs_read)(path, ws)
+            assert (anchor(path, ws, write=write) is not None) == allowed, (path, write)
+
+
 # -- URLs, hosts, services --------------------------------------------------------------------
 
 

@@ -156,7 +156,8 @@ def resolve_path(path: str, base: str) -> str:
     """``path`` made absolute (relative to ``base``), with ``..``, ``.``, repeated slashes and
     symlinks resolved, as the kernel would resolve it now.
 
-    Raises :class:`PathProblem` for a NUL byte, and for characters that Unicode
+    Raises :class:`PathProblem` for a NUL byte, a path whose symlinks keep being replaced
+    while it is resolved, and for characters that Unicode
     compatibility normalisation (NFKC) turns into ``/`` or ``.`` segments: a path like
     ``"\\uff0e\\uff0e/x"`` is harmless to the kernel but may be read as ``../x`` by the next
     tool it is handed to, so it is refused rather than guessed at.
@@ -171,7 +172,14 @@ def resolve_path(path: str, base: str) -> str:
             raise PathProblem(
                 "the path holds characters that normalise to '/' or '.' (look-alikes)"
             )
-    resolved = os.path.realpath(os.path.join(base, path))
+    for _ in range(3):
+        try:
+            resolved = os.path.realpath(os.path.join(base, path))
+            break
+        except OSError:  # a symlink replaced between realpath's lstat and readlink
+            continue
+    else:
+        raise PathProblem("the path kept changing while it was resolved")
     if resolved.startswith("//"):  # POSIX leaves '//' implementation-defined; Linux: '/'
         resolved = "/" + resolved.lstrip("/")
     return resolved
@@ -211,12 +219,13 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
-def _compile_paths(patterns: Iterable[str], root: str | None) -> re.Pattern[str] | None:
-    """One regex for a list of path grants. A grant covers what it matches and everything
-    under it. Literal prefixes are resolved (a grant of ``/tmp/x`` follows ``/tmp``'s
-    symlink, as the requests it is compared with do); relative grants are relative to the
-    plugin's root, and mean nothing without one."""
-    parts = []
+def _path_grants(patterns: Iterable[str], root: str | None) -> list[tuple[str, str]]:
+    """``(prefix, regex body)`` of each path grant: the resolved literal directory part of
+    the pattern (where a walk to a matching path starts) and the regex of the whole. Literal
+    prefixes are resolved (a grant of ``/tmp/x`` follows ``/tmp``'s symlink, as the requests
+    it is compared with do); relative grants are relative to the plugin's root, and mean
+    nothing without one."""
+    grants = []
     for pattern in patterns:
         if not os.path.isabs(pattern):
             if root is None:
@@ -232,10 +241,22 @@ def _compile_paths(patterns: Iterable[str], root: str | None) -> re.Pattern[str]
             body = re.escape(prefix.rstrip("/")) + "/" + _glob_regex(rest)
         else:
             body = re.escape(prefix.rstrip("/"))
-        parts.append(body)
-    if not parts:
+        grants.append((prefix, body))
+    return grants
+
+
+def _compile_paths(grants: list[tuple[str, str]]) -> re.Pattern[str] | None:
+    """One regex for a list of path grants. A grant covers what it matches and everything
+    under it."""
+    if not grants:
         return None
-    return re.compile(f"(?:{'|'.join(parts)})(?:/.*)?", re.DOTALL)
+    return re.compile(f"(?:{'|'.join(body for _, body in grants)})(?:/.*)?", re.DOTALL)
+
+
+def _anchors(grants: list[tuple[str, str]]) -> list[tuple[str, re.Pattern[str]]]:
+    """Each grant's prefix with its own regex, longest prefix first."""
+    compiled = [(prefix, re.compile(f"(?:{body})(?:/.*)?", re.DOTALL)) for prefix, body in grants]
+    return sorted(compiled, key=lambda grant: len(grant[0]), reverse=True)
 
 
 def _under(path: str, directory: str) -> bool:
@@ -255,8 +276,12 @@ class Grants:
     def __init__(self, permissions: Permissions, root: str | None) -> None:
         self.permissions = permissions
         self.root = os.path.realpath(root) if root else None
-        self._read = _compile_paths(permissions.fs.read, self.root)
-        self._write = _compile_paths(permissions.fs.write, self.root)
+        read = _path_grants(permissions.fs.read, self.root)
+        write = _path_grants(permissions.fs.write, self.root)
+        self._read = _compile_paths(read)
+        self._write = _compile_paths(write)
+        self._read_anchors = _anchors(read + write)
+        self._write_anchors = _anchors(write)
         self._env = permissions.env.read
         self._urls = [parse_url_pattern(p) for p in permissions.network.fetch]
         self._services: dict[str, list[str | None]] = {}
@@ -280,6 +305,21 @@ class Grants:
         if workspace is not None and _under(path, workspace):
             return True
         return self._write is not None and self._write.fullmatch(path) is not None
+
+    def fs_anchor(self, path: str, workspace: str | None, *, write: bool) -> str | None:
+        """The directory a granted ``path`` is reached from: the workspace, the plugin's root
+        (reading), or the literal directory part of the most specific grant that matches it.
+        None when nothing grants ``path``. The host walks from here to ``path`` without
+        following symlinks (see ``platform/_fdwalk.py``), so the walk stays inside the
+        grant that allowed it."""
+        if workspace is not None and _under(path, workspace):
+            return workspace
+        if not write and self.root is not None and _under(path, self.root):
+            return self.root
+        for prefix, grant in self._write_anchors if write else self._read_anchors:
+            if grant.fullmatch(path) is not None:
+                return prefix
+        return None
 
     def env(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._env)

@@ -123,3 +123,18 @@ async def test_sync_convention(harness: Harness) -> None:
         return data
 
     assert await trio.to_thread.run_sync(work) == b"sync"
+
+
+async def test_a_granted_directory_that_does_not_exist_yet_is_created(
+    harness: Harness, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    fs = harness.ctx(Permissions(fs=FsPermissions(write=str(out)))).fs
+    await fs.write(str(out / "sub" / "a.txt"), "made")
+    assert (out / "sub" / "a.txt").read_text() == "made"
+    # its missing parent is not granted: refused, naming the directory
+    fs = harness.ctx(Permissions(fs=FsPermissions(write=str(tmp_path / "none" / "out")))).fs
+    with pytest.raises(PermissionDeniedError) as info:
+        await fs.write(str(tmp_path / "none" / "out" / "a.txt"), "x")
+    assert info.value.resource == str(tmp_path.resolve() / "none")
+    assert not (tmp_path / "none").exists()

@@ -5,6 +5,12 @@ parsed by httpx itself, so what is checked is what is requested: ``http://good@e
 request to ``evil``. Redirects are followed by hand, checking every hop. Paths are compared
 percent-decoded, and dot segments or encoded slashes in them are refused. The environment's
 proxy settings and ``.netrc`` are ignored (``trust_env=False``).
+
+Headers that tell a server or a shared reverse proxy which host to route to are checked like
+the URL, at every hop: ``Host``, ``X-Forwarded-Host``, ``X-Host``, ``X-Original-Host`` and
+``X-Forwarded-Server`` must name a host that ``network.fetch`` grants for this scheme, port
+and path; ``Forwarded``, ``X-Original-URL`` and ``X-Rewrite-URL`` (which route by a URL or
+path the host cannot check) are refused outright.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ __all__ = ["FetchService"]
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_REDIRECTS = 10
+#: Headers that name the host to route to: allowed when the grants allow that host.
+_HOST_HEADERS = frozenset(
+    {"host", "x-forwarded-host", "x-host", "x-original-host", "x-forwarded-server"}
+)
+#: Headers that route by a URL or forwarding record: never set by a plugin.
+_ROUTING_HEADERS = frozenset({"forwarded", "x-original-url", "x-rewrite-url"})
 _DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -54,7 +66,9 @@ class FetchService:
             with trio.CancelScope(shield=True):
                 await client.aclose()
 
-    def _check(self, session: PlatformSession, url: httpx.URL) -> None:
+    def _check(
+        self, session: PlatformSession, url: httpx.URL, headers: list[tuple[str, str]]
+    ) -> None:
         shown = str(url)
         scheme = url.scheme
         if scheme not in _DEFAULT_PORTS:
@@ -68,6 +82,37 @@ class FetchService:
         port = url.port if url.port is not None else _DEFAULT_PORTS[scheme]
         if not session.grants.url(scheme, url.host.lower(), port, decoded):
             session.deny("network.fetch", shown)
+        for name, value in headers:
+            key = name.strip().lower()
+            if key in _ROUTING_HEADERS:
+                session.deny(
+                    "network.fetch",
+                    f"{shown} with header {key}",
+                    "headers that route the request elsewhere cannot be set by a plugin",
+                )
+            if key in _HOST_HEADERS and not self._host_granted(session, value, scheme, decoded):
+                session.deny(
+                    "network.fetch",
+                    f"{shown} with header {key}: {value[:200]}",
+                    "a host header must name a host the grant allows",
+                )
+
+    @staticmethod
+    def _host_granted(session: PlatformSession, value: str, scheme: str, path: str) -> bool:
+        """Whether ``value`` (``host[:port]``) names a host the grants allow at ``path``."""
+        import httpx
+
+        text = value.strip()
+        if not text or any(char in text for char in "/?#@\\ \t"):
+            return False
+        try:
+            named = httpx.URL(f"{scheme}://{text}/")
+        except (httpx.InvalidURL, ValueError):
+            return False
+        if not named.host:
+            return False
+        port = named.port if named.port is not None else _DEFAULT_PORTS[scheme]
+        return session.grants.url(scheme, named.host.lower(), port, path)
 
     async def request(
         self,
@@ -94,7 +139,7 @@ class FetchService:
             raise InvalidRequestError(f"not a URL: {text!r}: {exc}") from None
         with trio.move_on_after(seconds) as scope:
             for _ in range(_MAX_REDIRECTS + 1):
-                self._check(session, target)
+                self._check(session, target, pairs)
                 response = await self._send(verb, target, pairs, content)
                 if response.get("next") is None:
                     return response

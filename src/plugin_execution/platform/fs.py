@@ -2,29 +2,35 @@
 
 Every path is resolved first (:func:`~plugin_execution.permissions.resolve_path`: relative
 to the workspace, ``..`` and symlinks followed, ``//`` collapsed) and the check is made on
-the result. Files are then opened with ``O_NOFOLLOW``, so a symlink swapped in after the check
-is not followed at the last step. Readable: the workspace, the plugin's own root, ``fs.read``
-and ``fs.write``; writable: the workspace and ``fs.write``.
+the result. Readable: the workspace, the plugin's own root, ``fs.read`` and ``fs.write``;
+writable: the workspace and ``fs.write``.
+
+The host then opens exactly the path it checked (``_fdwalk``): it walks from the directory
+the grant is rooted at (the workspace, the root, a granted directory) and refuses any symlink
+on the way, so a directory swapped for a symlink after the check is a denial, never a file
+elsewhere. Only regular files are read or written (a FIFO or device is refused unopened) and
+directories listed. The blocking work runs on the platform's :class:`HostThreads` (bounded per
+plugin and in total), under the execution's deadline.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import trio
-
-from ..errors import InvalidRequestError
+from ..errors import ExecutionError, InvalidRequestError
 from ..permissions import PathProblem, resolve_path
-from . import _args
+from . import _args, _fdwalk
+from ._limits import HostThreads
 
 if TYPE_CHECKING:
     from .session import PlatformSession
 
 __all__ = ["FsService"]
 
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+T = TypeVar("T")
 
 
 def _real_workspace(session: PlatformSession) -> str | None:
@@ -32,13 +38,26 @@ def _real_workspace(session: PlatformSession) -> str | None:
     return os.path.realpath(session.workspace) if session.workspace else None
 
 
+class _Checked:
+    """A path that passed the check: what it was asked as, what it resolved to, and the
+    directory the walk to it starts from."""
+
+    __slots__ = ("anchor", "asked", "resolved")
+
+    def __init__(self, asked: str, resolved: str, anchor: str) -> None:
+        self.asked = asked
+        self.resolved = resolved
+        self.anchor = anchor
+
+
 class FsService:
     """Host side of ``ctx.fs``."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, threads: HostThreads | None = None) -> None:
         self.max_bytes = max_bytes
+        self.threads = threads if threads is not None else HostThreads()
 
-    def _resolve(self, session: PlatformSession, path: Any, permission: str) -> str:
+    def _check(self, session: PlatformSession, path: Any, permission: str) -> _Checked:
         if type(path) is not str or not path:
             raise InvalidRequestError(f"a path must be a non-empty string, got {path!r}")
         workspace = _real_workspace(session)
@@ -46,91 +65,151 @@ class FsService:
             resolved = resolve_path(path, workspace or "/nonexistent-workspace")
         except PathProblem as exc:
             session.deny(permission, path, str(exc))
-        grants = session.grants
-        allowed = (
-            grants.fs_write(resolved, workspace)
-            if permission == "fs.write"
-            else grants.fs_read(resolved, workspace)
-        )
-        if not allowed:
-            shown = path if resolved == path else f"{path} (resolves to {resolved})"
-            session.deny(permission, shown)
-        return resolved
+        anchor = session.grants.fs_anchor(resolved, workspace, write=permission == "fs.write")
+        if anchor is None:
+            session.deny(permission, _shown(path, resolved))
+        return _Checked(path, resolved, anchor)
 
-    def _in_workspace(self, session: PlatformSession, resolved: str) -> None:
-        workspace = _real_workspace(session)
-        if workspace is not None and (resolved + "/").startswith(workspace + "/"):
-            session.ensure_workspace()
+    async def _run(
+        self,
+        session: PlatformSession,
+        permission: str,
+        checked: _Checked,
+        fn: Callable[..., T],
+        *args: object,
+    ) -> T:
+        """``fn(*args)`` on the host's file threads; a path that changed under the walk is
+        denied, a FIFO or device refused."""
+        try:
+            return await self.threads.run_sync(session, f"ctx.fs on {checked.asked!r}", fn, *args)
+        except _fdwalk.PathChanged:
+            session.deny(
+                permission,
+                _shown(checked.asked, checked.resolved),
+                "the path changed after it was checked (a symlink appeared on it)",
+            )
+        except _fdwalk.NotRegularFile as exc:
+            raise InvalidRequestError(
+                f"{checked.asked!r} is {exc.kind}: ctx.fs reads and writes regular files only"
+            ) from None
+        except ExecutionError:  # ExecutionTimeoutError is an OSError too (TimeoutError)
+            raise
+        except OSError as exc:  # named as the plugin asked, not by the walk's relative parts
+            raise OSError(exc.errno, exc.strerror, checked.asked) from None
 
     async def read(self, session: PlatformSession, path: Any) -> bytes:
-        resolved = self._resolve(session, path, "fs.read")
-        limit = self.max_bytes
-
-        def read() -> bytes:
-            fd = os.open(resolved, _READ)
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(limit + 1)
-            if len(data) > limit:
-                raise InvalidRequestError(
-                    f"{path!r} is over the {limit}-byte limit of fs.read; read it in a "
-                    "process backend's worker directly, or raise Platform(max_transfer_bytes)"
-                )
-            return data
-
-        return await trio.to_thread.run_sync(read)
+        checked = self._check(session, path, "fs.read")
+        return await self._run(session, "fs.read", checked, _read, checked, self.max_bytes)
 
     async def write(
         self, session: PlatformSession, path: Any, data: Any, append: bool = False
     ) -> int:
-        resolved = self._resolve(session, path, "fs.write")
+        checked = self._check(session, path, "fs.write")
         blob = _args.data_bytes(data, "data")
         if len(blob) > self.max_bytes:
             raise InvalidRequestError(f"fs.write takes at most {self.max_bytes} bytes at once")
-        self._in_workspace(session, resolved)
-        self._make_parents(session, resolved)
-        flags = _WRITE | (os.O_APPEND if append else os.O_TRUNC)
-
-        def write() -> int:
-            fd = os.open(resolved, flags, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                return f.write(blob)
-
-        return await trio.to_thread.run_sync(write)
-
-    def _make_parents(self, session: PlatformSession, resolved: str) -> None:
-        """Create missing parent directories, each of them checked for ``fs.write``."""
-        missing = []
-        parent = os.path.dirname(resolved)
-        while not os.path.isdir(parent) and parent != "/":
-            missing.append(parent)
-            parent = os.path.dirname(parent)
+        if checked.anchor == _real_workspace(session):
+            session.ensure_workspace()
         workspace = _real_workspace(session)
-        for directory in reversed(missing):
-            if not session.grants.fs_write(directory, workspace):
-                session.deny("fs.write", directory, "a parent directory that must be created")
-            try:
-                os.mkdir(directory, 0o755)
-            except FileExistsError:
-                pass
+        grants = session.grants
+
+        def may_create(directory: str) -> bool:
+            # runs in the host's thread: a pure check, the denial is raised back here
+            return grants.fs_write(directory, workspace)
+
+        try:
+            return await self._run(
+                session, "fs.write", checked, _write, checked, blob, append, may_create
+            )
+        except _fdwalk.CreateRefused as exc:
+            session.deny("fs.write", exc.path, "a parent directory that must be created")
 
     async def list(self, session: PlatformSession, path: Any = ".") -> list[str]:
-        resolved = self._resolve(session, path, "fs.read")
-        return sorted(await trio.to_thread.run_sync(os.listdir, resolved))
+        checked = self._check(session, path, "fs.read")
+        return await self._run(session, "fs.read", checked, _list, checked)
 
     async def exists(self, session: PlatformSession, path: Any) -> bool:
-        resolved = self._resolve(session, path, "fs.read")
-        return os.path.lexists(resolved)  # noqa: ASYNC240 - one lstat, as cheap as the check
+        checked = self._check(session, path, "fs.read")
+        return await self._run(session, "fs.read", checked, _exists, checked)
 
     async def remove(self, session: PlatformSession, path: Any) -> None:
         """Remove a file, or an empty directory."""
-        resolved = self._resolve(session, path, "fs.write")
-        if resolved == _real_workspace(session):
+        checked = self._check(session, path, "fs.write")
+        if checked.resolved == _real_workspace(session):
             raise InvalidRequestError("the workspace itself cannot be removed")
+        await self._run(session, "fs.write", checked, _remove, checked)
 
-        def remove() -> None:
-            if os.path.isdir(resolved) and not os.path.islink(resolved):
-                os.rmdir(resolved)
-            else:
-                os.unlink(resolved)
 
-        await trio.to_thread.run_sync(remove)
+def _shown(path: str, resolved: str) -> str:
+    return path if resolved == path else f"{path} (resolves to {resolved})"
+
+
+# -- the blocking work, in a host thread: every fd is closed before returning ----------------
+
+
+def _read(checked: _Checked, limit: int) -> bytes:
+    anchor, parts, name = _fdwalk.parent_of(checked.anchor, checked.resolved)
+    parent = _fdwalk.open_dir(anchor, parts)
+    try:
+        fd = _fdwalk.open_file(parent, name, os.O_RDONLY)
+    finally:
+        os.close(parent)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidRequestError(
+            f"{checked.asked!r} is over the {limit}-byte limit of fs.read; read it in a "
+            "process backend's worker directly, or raise Platform(max_transfer_bytes)"
+        )
+    return data
+
+
+def _write(checked: _Checked, blob: bytes, append: bool, may_create: Callable[[str], bool]) -> int:
+    anchor, parts, name = _fdwalk.parent_of(checked.anchor, checked.resolved)
+    parent = _fdwalk.open_dir(anchor, parts, create=may_create)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
+        fd = _fdwalk.open_file(parent, name, flags)
+    finally:
+        os.close(parent)
+    with os.fdopen(fd, "wb") as f:
+        if not append:
+            f.truncate(0)  # only now that it is known to be a regular file
+        return f.write(blob)
+
+
+def _list(checked: _Checked) -> list[str]:
+    parts = _fdwalk.components(checked.anchor, checked.resolved)
+    fd = _fdwalk.open_dir(checked.anchor, parts, flags=os.O_RDONLY)
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _exists(checked: _Checked) -> bool:
+    anchor, parts, name = _fdwalk.parent_of(checked.anchor, checked.resolved)
+    try:
+        parent = _fdwalk.open_dir(anchor, parts)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    finally:
+        os.close(parent)
+    return True
+
+
+def _remove(checked: _Checked) -> None:
+    anchor, parts, name = _fdwalk.parent_of(checked.anchor, checked.resolved)
+    parent = _fdwalk.open_dir(anchor, parts)
+    try:
+        mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+        if stat.S_ISDIR(mode):
+            os.rmdir(name, dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+    finally:
+        os.close(parent)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Self
 import trio
 
 from ..errors import ExecutionError, InvalidRequestError
+from ._limits import HostThreads
 from .cache import CacheBackend, CacheService, MemoryCache
 from .env import EnvService
 from .events import EventBus, EventsService
@@ -49,6 +50,9 @@ class Platform:
     - ``max_transfer_bytes``: cap on one file read/write, blob, HTTP body or command
       output (default 32 MiB, under the worker protocol's 64 MiB frame limit).
     - ``max_invoke_depth``: how deep ``ctx.invoke`` chains may go (default 8).
+    - ``max_host_threads_per_plugin`` / ``max_host_threads``: threads the host's file work
+      for plugins (``ctx.fs``) may use at once, per plugin and in all (default 4 and 16);
+      apart from trio's shared default thread limiter.
 
     A backend enters the platform while it runs (``async with platform``, re-entrant); when
     the last user leaves, the HTTP client's connections and a temporary storage directory
@@ -66,6 +70,8 @@ class Platform:
         http_transport: httpx.AsyncBaseTransport | None = None,
         max_transfer_bytes: int = 32 * _MiB,
         max_invoke_depth: int = 8,
+        max_host_threads_per_plugin: int = 4,
+        max_host_threads: int = 16,
     ) -> None:
         if storage is not None and storage_root is not None:
             raise ValueError("pass storage_root or storage, not both")
@@ -76,7 +82,9 @@ class Platform:
         self._fetch = FetchService(max_bytes=max_transfer_bytes, transport=http_transport)
         self._users = 0
         services: dict[str, object] = {
-            "fs": FsService(max_transfer_bytes),
+            "fs": FsService(
+                max_transfer_bytes, HostThreads(max_host_threads_per_plugin, max_host_threads)
+            ),
             "env": EnvService(environ),
             "cache": CacheService(self.cache),
             "storage": StorageService(self.storage, max_transfer_bytes),

@@ -4,6 +4,12 @@ plugin, kept under a host directory.
 The service checks the grant and the key; a :class:`StorageBackend` keeps the bytes. The
 default, :class:`FileStorage`, writes one file per key under ``root/<namespace>/``,
 atomically (a temporary file renamed into place).
+
+A key names at most :data:`MAX_KEY_PARTS` levels of ``/``, each at most 255 UTF-8 bytes (a
+file name's limit), and a namespace at most :data:`MAX_NAMESPACE_PARTS`, so a plugin cannot
+make the host create deep directory chains; deleting
+a key removes the directories it leaves empty. Errors name the key, never the host's storage
+path, and each call ends at the execution's deadline.
 """
 
 from __future__ import annotations
@@ -11,18 +17,35 @@ from __future__ import annotations
 import os
 import tempfile
 import unicodedata
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from ..errors import InvalidRequestError
+from ..errors import ExecutionTimeoutError, InvalidRequestError
 from . import _args
 
 if TYPE_CHECKING:
     from .session import PlatformSession
 
-__all__ = ["FileStorage", "StorageBackend", "StorageService", "check_key"]
+T = TypeVar("T")
+
+__all__ = [
+    "MAX_KEY_PARTS",
+    "MAX_NAMESPACE_PARTS",
+    "FileStorage",
+    "StorageBackend",
+    "StorageService",
+    "check_key",
+]
+
+#: How many ``/``-separated parts a storage key may have (its directory depth on disk).
+MAX_KEY_PARTS = 16
+#: How many ``/``-separated parts a storage namespace may have (``plugin.id/sub``...).
+MAX_NAMESPACE_PARTS = 4
+_NAME_MAX = 255
+_STORAGE_THREADS = 8  # FileStorage's own bound, apart from trio's default thread limiter
 
 
 class StorageBackend(Protocol):
@@ -50,6 +73,16 @@ def check_key(value: Any) -> str:
             )
     if folded.count("/") != key.count("/"):
         raise InvalidRequestError(f"storage key {key!r} holds look-alikes of '/'")
+    parts = key.split("/")
+    if len(parts) > MAX_KEY_PARTS:
+        raise InvalidRequestError(
+            f"storage key {key[:80]!r}... has {len(parts)} '/'-separated parts; "
+            f"at most {MAX_KEY_PARTS} are allowed"
+        )
+    if any(len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in parts):
+        raise InvalidRequestError(
+            f"each '/'-separated part of a storage key is at most {_NAME_MAX} UTF-8 bytes"
+        )
     return key
 
 
@@ -61,6 +94,10 @@ class FileStorage:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self._owned = root is None
         self._root = Path(root) if root is not None else None
+        self._threads = trio.CapacityLimiter(_STORAGE_THREADS)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self._threads)
 
     @property
     def root(self) -> Path:
@@ -79,8 +116,14 @@ class FileStorage:
         path = self._path(namespace, key)
 
         def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+            for attempt in range(3):
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                try:
+                    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+                    break
+                except FileNotFoundError:  # a delete pruned the empty directory meanwhile
+                    if attempt == 2:
+                        raise
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -89,7 +132,7 @@ class FileStorage:
                 os.unlink(tmp)
                 raise
 
-        await trio.to_thread.run_sync(write)
+        await self._in_thread(write)
 
     async def get(self, namespace: str, key: str) -> bytes | None:
         path = self._path(namespace, key)
@@ -100,15 +143,28 @@ class FileStorage:
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return None
 
-        return await trio.to_thread.run_sync(read)
+        return await self._in_thread(read)
 
     async def delete(self, namespace: str, key: str) -> bool:
         path = self._path(namespace, key)
-        try:
-            path.unlink()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return False
-        return True
+        namespace_dir = self.root / namespace
+
+        def unlink() -> bool:
+            base = Path(os.path.realpath(namespace_dir))
+            try:
+                path.unlink()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return False
+            for parent in path.parents:  # the directories the key leaves empty
+                if parent == base or base not in parent.parents:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            return True
+
+        return await self._in_thread(unlink)
 
     async def list(self, namespace: str, prefix: str) -> list[str]:
         base = self.root / namespace
@@ -125,7 +181,7 @@ class FileStorage:
                         keys.append(key)
             return sorted(keys)
 
-        return await trio.to_thread.run_sync(walk)
+        return await self._in_thread(walk)
 
     def close(self) -> None:
         """Remove the temporary root, if this storage made one."""
@@ -146,10 +202,38 @@ class StorageService:
 
     def _namespace(self, session: PlatformSession, namespace: Any) -> str:
         ns = _args.namespace(namespace, session.plugin_id)
+        parts = ns.split("/")
+        if len(parts) > MAX_NAMESPACE_PARTS or any(part in ("", ".") for part in parts):
+            raise InvalidRequestError(
+                f"a storage namespace has at most {MAX_NAMESPACE_PARTS} '/'-separated parts, "
+                f"none empty or '.': {ns[:80]!r}"
+            )
         if not session.grants.service("storage", ns, session.plugin_id):
             grant = "storage" if ns == session.plugin_id else f"storage:{ns}"
             session.deny(f"platform.{grant}", f"storage namespace {ns}")
         return ns
+
+    async def _call(
+        self, session: PlatformSession, key: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run a backend call under the execution's deadline. An ``OSError`` is raised
+        again naming the key only: its own message and filename hold the host's path."""
+        failed: OSError | None = None
+        with trio.move_on_at(session.deadline) as scope:
+            try:
+                return await call()
+            except OSError as exc:
+                failed = exc
+        if failed is not None:
+            # raised outside the except block, so the host's error is not its __context__
+            raise OSError(failed.errno, failed.strerror or "storage error", f"storage key {key}")
+        assert scope.cancelled_caught
+        raise ExecutionTimeoutError(
+            f"ctx.storage on {key!r} did not finish before the execution's deadline",
+            execution_id=session.execution_id,
+            plugin_id=session.plugin_id,
+            handler_id=session.handler_id,
+        )
 
     async def put(
         self, session: PlatformSession, key: Any, data: Any, namespace: Any = None
@@ -158,22 +242,26 @@ class StorageService:
         blob = _args.data_bytes(data, "data")
         if len(blob) > self.max_bytes:
             raise InvalidRequestError(f"a blob is limited to {self.max_bytes} bytes")
-        await self.backend.put(ns, check_key(key), blob)
+        name = check_key(key)
+        await self._call(session, name, lambda: self.backend.put(ns, name, blob))
 
     async def get(
         self, session: PlatformSession, key: Any, default: Any = None, namespace: Any = None
     ) -> Any:
         ns = self._namespace(session, namespace)
-        blob = await self.backend.get(ns, check_key(key))
+        name = check_key(key)
+        blob = await self._call(session, name, lambda: self.backend.get(ns, name))
         return default if blob is None else blob
 
     async def exists(self, session: PlatformSession, key: Any, namespace: Any = None) -> bool:
         ns = self._namespace(session, namespace)
-        return await self.backend.get(ns, check_key(key)) is not None
+        name = check_key(key)
+        return await self._call(session, name, lambda: self.backend.get(ns, name)) is not None
 
     async def delete(self, session: PlatformSession, key: Any, namespace: Any = None) -> bool:
         ns = self._namespace(session, namespace)
-        return await self.backend.delete(ns, check_key(key))
+        name = check_key(key)
+        return await self._call(session, name, lambda: self.backend.delete(ns, name))
 
     async def list(
         self, session: PlatformSession, prefix: Any = "", namespace: Any = None
@@ -181,4 +269,6 @@ class StorageService:
         ns = self._namespace(session, namespace)
         if type(prefix) is not str:
             raise InvalidRequestError("prefix must be a string")
-        return await self.backend.list(ns, prefix)
+        return await self._call(
+            session, prefix or "prefix ''", lambda: self.backend.list(ns, prefix)
+        )

@@ -1,0 +1,219 @@
+"""ctx.fs as a confused deputy: a plugin swaps a directory of a path for a symlink between
+the host's check and its open, or hands the host a FIFO to block on. Mounted for real by
+tests/plugins/confused_deputy.py on every backend where the host does the file work, the subprocess
+one sandboxed with both start methods; each attack is bounded in attempts and time."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from plugin_execution import ExecutionBackend, PermissionDeniedError, Permissions
+from plugin_execution.context import ExecutionContext
+from plugin_execution.manifest import FsPermissions
+from plugin_execution.platform import Platform
+from plugin_execution.platform import fs as fs_module
+
+from .conftest import run
+
+SECRET = "root:$6$not-for-plugins"
+ATTEMPTS = {"attempts": 400, "seconds": 10}
+
+
+@pytest.fixture
+def secret_dir(tmp_path: Path) -> Path:
+    """A directory outside every grant holding ``shadow``, readable by the host only."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "shadow").write_text(SECRET)
+    (etc / "shadow").chmod(0o600)
+    return etc
+
+
+async def test_a_swapped_directory_never_makes_the_host_read_outside(
+    backend: ExecutionBackend, secret_dir: Path
+) -> None:
+    report = await run(backend, "swap_read", {"target": str(secret_dir), **ATTEMPTS})
+    outcomes = report["outcomes"]
+    assert "leaked" not in outcomes and report["leaks"] == [], report
+    # the race was live: some reads saw the directory, some the symlink
+    assert report["swaps"] > 0 and outcomes.get("decoy", 0) > 0, report
+    assert outcomes.get("PERMISSION_DENIED", 0) > 0, report
+    assert set(outcomes) <= {"decoy", "PERMISSION_DENIED", "FileNotFoundError"}, report
+
+
+async def test_a_swapped_directory_never_makes_the_host_write_outside(
+    backend: ExecutionBackend, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    report = await run(backend, "swap_write", {"target": str(outside), **ATTEMPTS})
+    outcomes = report["outcomes"]
+    assert list(outside.rglob("*")) == [], report
+    assert report["swaps"] > 0 and outcomes.get("written", 0) > 0, report
+    assert outcomes.get("PERMISSION_DENIED", 0) > 0, report
+    assert set(outcomes) <= {"written", "PERMISSION_DENIED", "FileNotFoundError"}, report
+
+
+async def test_fifos_are_refused_at_once_and_stall_nobody(backend: ExecutionBackend) -> None:
+    """45 FIFOs read at once by one plugin: each read fails fast with INVALID_REQUEST, and
+    another plugin's storage calls meanwhile go through."""
+    fifo_report: dict[str, object] = {}
+    bystander: list[float] = []
+
+    async def fifos() -> None:
+        fifo_report.update(await run(backend, "read_fifo", {"count": 45, "join": 30}))
+
+    async def storage() -> None:
+        for i in range(5):
+            started = time.monotonic()
+            await run(
+                backend,
+                "storage_call",
+                {"method": "put", "args": [f"k{i}", "v"]},
+                plugin="bystander",
+            )
+            bystander.append(time.monotonic() - started)
+
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fifos)
+        nursery.start_soon(storage)
+    assert fifo_report["outcomes"] == {"INVALID_REQUEST": 45}, fifo_report
+    assert fifo_report["unfinished"] == 0
+    # the execution's timeout is 60 s and a blocked FIFO open never returns: a few seconds
+    # on a loaded machine is "at once"
+    assert time.monotonic() - started < 30 and max(bystander) < 20, (fifo_report, bystander)
+
+
+# -- the same attacks, deterministic: the swap lands exactly between check and open -----------
+
+
+@pytest.fixture
+async def platform_only(tmp_path: Path) -> Platform:
+    return Platform(storage_root=tmp_path / "storage")
+
+
+def _context(platform: Platform, workspace: Path, root: Path, **grants: str) -> ExecutionContext:
+    session = platform.session(
+        execution_id="e-1",
+        plugin_id="deputy",
+        handler_id="h",
+        permissions=Permissions(fs=FsPermissions(**grants)),  # type: ignore[arg-type]
+        root=str(root),
+        workspace=str(workspace),
+    )
+    session.bind_loop()
+    return ExecutionContext(
+        execution_id="e-1", plugin_id="deputy", handler_id="h", platform=session
+    )
+
+
+@pytest.fixture
+def swap_after_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[Path, list[tuple[Path, Path]]]:
+    """``(workspace, swaps)``: each ``(directory, target)`` appended to ``swaps`` is replaced
+    by a symlink to ``target`` right after the next path check: the worst timing a racing
+    plugin can hope for, every time."""
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    swaps: list[tuple[Path, Path]] = []
+    real = fs_module.resolve_path
+
+    def resolve_then_swap(path: str, base: str) -> str:
+        resolved = real(path, base)
+        while swaps:
+            directory, target = swaps.pop()
+            directory.rename(directory.with_name(directory.name + ".real"))
+            directory.symlink_to(target)
+        return resolved
+
+    monkeypatch.setattr(fs_module, "resolve_path", resolve_then_swap)
+    return workspace, swaps
+
+
+@pytest.mark.parametrize("method", ["read", "write", "list", "exists", "remove"])
+async def test_a_swap_right_after_the_check_is_denied(
+    swap_after_check: tuple[Path, list[tuple[Path, Path]]],
+    platform_only: Platform,
+    secret_dir: Path,
+    tmp_path: Path,
+    method: str,
+) -> None:
+    workspace, swaps = swap_after_check
+    (workspace / "d").mkdir()
+    (workspace / "d" / "shadow").write_text("decoy")
+    root = tmp_path / "plugin"
+    root.mkdir()
+    async with platform_only:
+        fs = _context(platform_only, workspace, root).fs
+        swaps.append((workspace / "d", secret_dir))
+        args = {"write": ("d/shadow", "pwned"), "list": ("d",)}.get(method, ("d/shadow",))
+        with pytest.raises(PermissionDeniedError) as info:
+            await getattr(fs, method)(*args)
+    assert "changed after it was checked" in info.value.message
+    assert (secret_dir / "shadow").read_text() == SECRET
+    assert sorted(os.listdir(secret_dir)) == ["shadow"]
+
+
+async def test_a_swap_in_a_granted_directory_outside_the_workspace_is_denied(
+    swap_after_check: tuple[Path, list[tuple[Path, Path]]],
+    platform_only: Platform,
+    secret_dir: Path,
+    tmp_path: Path,
+) -> None:
+    workspace, swaps = swap_after_check
+    out = (tmp_path / "out").resolve()
+    (out / "deep").mkdir(parents=True)
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path, write=str(out)).fs
+        await fs.write(str(out / "deep" / "ok.txt"), "fine")  # the grant works
+        swaps.append((out / "deep", secret_dir))
+        with pytest.raises(PermissionDeniedError):
+            await fs.write(str(out / "deep" / "new" / "pwned.txt"), "pwned")
+    assert sorted(os.listdir(secret_dir)) == ["shadow"]
+
+
+async def test_fifos_and_devices_in_grants_are_refused(
+    platform_only: Platform, tmp_path: Path
+) -> None:
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    os.mkfifo(workspace / "fifo")
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path, read="/dev/zero").fs
+        with trio.fail_after(10):  # a blocked open would hang here, not fail
+            for call in (fs.read("fifo"), fs.write("fifo", "x"), fs.read("/dev/zero")):
+                with pytest.raises(Exception) as info:
+                    await call
+                assert getattr(info.value, "code", None) == "INVALID_REQUEST", info.value
+                assert "regular files only" in str(info.value)
+            with pytest.raises(NotADirectoryError):
+                await fs.list("fifo")
+            assert await fs.exists("fifo")
+            await fs.remove("fifo")
+            assert not (workspace / "fifo").exists()
+
+
+async def test_symlinks_that_stay_inside_the_grants_still_work(
+    platform_only: Platform, tmp_path: Path
+) -> None:
+    """The walk refuses symlinks that appear after the check; ones already there are
+    resolved by the check, and followed when their target is granted (as before)."""
+    workspace = (tmp_path / "ws").resolve()
+    (workspace / "real").mkdir(parents=True)
+    (workspace / "real" / "f.txt").write_text("via link")
+    (workspace / "alias").symlink_to(workspace / "real")
+    (workspace / "f-link").symlink_to("real/f.txt")
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path).fs
+        assert await fs.read("alias/f.txt") == b"via link"
+        assert await fs.read("f-link") == b"via link"
+        assert await fs.list("alias") == ["f.txt"]
+        assert await fs.write("alias/new/g.txt", "g") == 1
+        assert (workspace / "real" / "new" / "g.txt").read_text() == "g"
