@@ -551,18 +551,22 @@ class WorkerProcess:
 
     async def _platform_call(self, msg: PlatformCall) -> None:
         """Serve one ``PlatformCall`` with the session the host made for its execution (the
-        worker's word is taken for nothing but the execution id), and reply."""
+        worker's word is taken for nothing but the execution id), and reply. A call for an
+        execution not running on this worker is refused at once; the cancel scopes of the
+        calls in flight are kept per execution only while there are some."""
         from .platform_client import error_to_wire
 
         job = self._jobs.get(msg.execution_id)
-        scopes = self._calls.setdefault(msg.execution_id, set())
+        if job is None:  # refused before anything is kept: a forged id leaves nothing behind
+            refused = AbortedError(f"execution {msg.execution_id!r} is not running here")
+            await self._reply(msg.call_id, None, refused.to_dict())
+            return
         error: dict[str, Any] | None = None
         value: Any = None
+        scopes = self._calls.setdefault(msg.execution_id, set())
         with trio.CancelScope() as scope:
             scopes.add(scope)
             try:
-                if job is None:
-                    raise AbortedError(f"execution {msg.execution_id!r} is not running here")
                 if len(scopes) > _MAX_CALLS_IN_FLIGHT:
                     raise InvalidRequestError(
                         f"more than {_MAX_CALLS_IN_FLIGHT} platform calls in flight"
@@ -572,15 +576,21 @@ class WorkerProcess:
                 error = error_to_wire(exc)
             finally:
                 scopes.discard(scope)
+                if not scopes and self._calls.get(msg.execution_id) is scopes:
+                    del self._calls[msg.execution_id]
         if scope.cancelled_caught:
             error = AbortedError("the execution ended before this platform call").to_dict()
-        reply = PlatformReply(call_id=msg.call_id, ok=error is None, value=value, error=error)
+        await self._reply(msg.call_id, value, error)
+
+    async def _reply(self, call_id: int, value: Any, error: dict[str, Any] | None) -> None:
+        """Answer a ``PlatformCall``: ``value``, or ``error`` (an error's wire form)."""
+        reply = PlatformReply(call_id=call_id, ok=error is None, value=value, error=error)
         try:
             await self._send(reply)
         except ProtocolError as exc:  # the value would not encode: say so instead
             failed = InvalidRequestError(f"the platform's reply could not be sent: {exc}")
             await self._send(
-                PlatformReply(call_id=msg.call_id, ok=False, value=None, error=failed.to_dict())
+                PlatformReply(call_id=call_id, ok=False, value=None, error=failed.to_dict())
             )
         except ExecutionError:
             pass  # the worker is gone

@@ -28,7 +28,7 @@ from ..errors import (
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..stats import StatsRecorder
-from ..streaming import ChannelSink, Execution
+from ..streaming import ByteBudget, ChannelSink, Execution, ExecutionEvents
 from ..types import (
     DEFAULT_TIMEOUT_S,
     ExecutionEvent,
@@ -56,6 +56,7 @@ class Attachment(Protocol):
 __all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
+_MiB = 1024 * 1024
 
 
 @attrs.define(slots=True, eq=False)
@@ -117,8 +118,11 @@ class ExecutionBackend(abc.ABC):
         registry: PluginRegistry,
         platform: Platform | None = None,
         workspace: WorkspaceManager | None = None,
+        max_event_bytes: int = 256 * _MiB,
     ) -> None:
         self.registry = registry
+        #: Bytes of unread events all the backend's ``open_execution`` streams hold at most.
+        self.event_bytes = ByteBudget(max_event_bytes)
         #: The services behind ``ctx`` (a default :class:`Platform` when none is given).
         self.platform = platform if platform is not None else Platform()
         self.workspaces = workspace if workspace is not None else WorkspaceManager()
@@ -384,16 +388,26 @@ class ExecutionBackend(abc.ABC):
         return await self._execute(request, timeout, NULL_SINK, True, chain=chain)
 
     def open_execution(
-        self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None = None,
+        buffer: int = 1024,
+        buffer_bytes: int = 16 * _MiB,
     ) -> AbstractAsyncContextManager[Execution]:
         """Start ``request`` and stream it: ``async with backend.open_execution(r) as ex:``.
 
         ``ex.events`` yields the handler's events as they happen and ends with the
         execution; ``await ex.result()`` gives the outcome. Leaving the block before the
-        execution ends cancels it. Events wait for buffer space when the handler awaits
-        ``ctx.emit``; non-blocking emits beyond ``buffer`` unread events are dropped.
+        execution ends cancels it; events still unread then are discarded. At most
+        ``buffer`` events and ``buffer_bytes`` bytes of them wait unread (and all the
+        backend's streams together hold at most ``max_event_bytes``): events wait for room
+        when an in-process handler awaits ``ctx.emit``; other events past a bound are
+        dropped, counted in the result's ``metadata["events_dropped"]``.
         """
-        return self._open_execution(request, timeout=timeout, buffer=buffer)
+        return self._open_execution(
+            request, timeout=timeout, buffer=buffer, buffer_bytes=buffer_bytes
+        )
 
     @asynccontextmanager
     async def _open_execution(
@@ -402,14 +416,17 @@ class ExecutionBackend(abc.ABC):
         *,
         timeout: float | None = None,
         buffer: int = 1024,
+        buffer_bytes: int = 16 * _MiB,
         target: ResolvedHandler | None = None,
     ) -> AsyncIterator[Execution]:
         """:meth:`open_execution` of a ``target`` given directly (not looked up in the
         registry), e.g. the events-style adapter of a WebSocket channel."""
         self._check_running()
-        send, receive = trio.open_memory_channel[ExecutionEvent](buffer)
-        execution = Execution(request.execution_id, receive)
-        sink = ChannelSink(request.execution_id, send)
+        send, receive = trio.open_memory_channel[tuple[ExecutionEvent, int]](buffer)
+        sink = ChannelSink(
+            request.execution_id, send, max_bytes=buffer_bytes, total=self.event_bytes
+        )
+        execution = Execution(request.execution_id, ExecutionEvents(receive, sink))
 
         async def run() -> None:
             async with send:
@@ -426,13 +443,16 @@ class ExecutionBackend(abc.ABC):
                     )
                 execution._finish(result, None)
 
-        with unwrap_single():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                try:
-                    yield execution
-                finally:
-                    nursery.cancel_scope.cancel()
+        try:
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run)
+                    try:
+                        yield execution
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            execution.events.close()  # what was not read gives its bytes back
 
     # -- observing ------------------------------------------------------------------------
 
