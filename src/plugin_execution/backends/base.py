@@ -74,7 +74,21 @@ class Job:
     #: The backend running it, and the executions that led to it through ``ctx.invoke``.
     backend: ExecutionBackend | None = None
     chain: tuple[tuple[str, str], ...] = ()
+    #: The execution whose ``ctx.invoke`` started this one (None: the caller's own).
+    parent: Job | None = None
+    #: The capacity the job holds while it runs (a backend's slot or worker), once placed;
+    #: nested invocations may borrow it (see :meth:`lent_slot`).
+    slot: Any = None
     _session: PlatformSession | None = None
+    _lent: trio.Lock | None = None
+
+    def lent_slot(self) -> trio.Lock:
+        """Held by the nested invocation running on this job's :attr:`slot`: the job waits
+        for it while invoking, so its capacity is lent to one of its invocations at a time
+        (an invocation that finds free capacity of its own needs no loan)."""
+        if self._lent is None:
+            self._lent = trio.Lock()
+        return self._lent
 
     @property
     def session(self) -> PlatformSession:
@@ -249,6 +263,7 @@ class ExecutionBackend(abc.ABC):
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
         chain: tuple[tuple[str, str], ...] = (),
+        parent: Job | None = None,
     ) -> Job:
         if target is None:
             target = self.registry.resolve(request.plugin_id, request.handler_id)
@@ -262,7 +277,16 @@ class ExecutionBackend(abc.ABC):
             limit = quota
         deadline = trio.current_time() + limit
         return Job(
-            request, target, limit, deadline, sink, time.perf_counter(), channel, self, chain
+            request,
+            target,
+            limit,
+            deadline,
+            sink,
+            time.perf_counter(),
+            channel,
+            self,
+            chain,
+            parent,
         )
 
     async def execute(
@@ -314,13 +338,14 @@ class ExecutionBackend(abc.ABC):
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
         chain: tuple[tuple[str, str], ...] = (),
+        parent: Job | None = None,
     ) -> ExecutionResult:
         started = time.perf_counter()
         stats = self._stats
         stats.in_flight += 1
         try:
             self._check_running()
-            job = self._job(request, timeout, sink, target, channel, chain)
+            job = self._job(request, timeout, sink, target, channel, chain, parent)
             try:
                 result = await self._run(job)
             finally:
@@ -373,6 +398,7 @@ class ExecutionBackend(abc.ABC):
             context=request.context,
             backend=self,
             chain=job.chain,
+            job=job,
             on_denied=self._stats.record_permission_denial,
         )
 
@@ -382,10 +408,13 @@ class ExecutionBackend(abc.ABC):
         *,
         timeout: float | None,
         chain: tuple[tuple[str, str], ...],
+        parent: Job | None = None,
     ) -> ExecutionResult:
         """Run ``request`` for ``ctx.invoke``: like :meth:`execute`, remembering the chain of
-        executions that led to it (for cycle and depth checks)."""
-        return await self._execute(request, timeout, NULL_SINK, True, chain=chain)
+        executions that led to it (for cycle and depth checks) and the invoking job
+        (``parent``), whose capacity the invocation runs on when the backend has none free:
+        an invocation never waits for capacity its own ancestors hold."""
+        return await self._execute(request, timeout, NULL_SINK, True, chain=chain, parent=parent)
 
     def open_execution(
         self,
