@@ -76,6 +76,9 @@ __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
 _ids = itertools.count(1)
 _STDERR_TAIL_BYTES = 8192
 _MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
+# Bytes of the frames of one execution's platform calls in flight: what the host holds for
+# its calls waiting (an invoke's input, a request body...) is bounded, not 64 x 64 MiB.
+_MAX_CALL_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit by itself
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read. A frame
@@ -219,6 +222,7 @@ class WorkerProcess:
         # checked against), the cancel scopes of its calls in flight, and where they run.
         self._jobs: dict[str, Job] = {}
         self._calls: dict[str, set[trio.CancelScope]] = {}
+        self._call_bytes: dict[str, int] = {}  # their frames' bytes, per execution
         self._call_nursery: trio.Nursery | None = None
         self._losing = False
 
@@ -544,26 +548,48 @@ class WorkerProcess:
             if warmed is not None:
                 warmed.finish(msg)
         elif isinstance(msg, PlatformCall):
-            if self._call_nursery is not None:
-                self._call_nursery.start_soon(self._platform_call, msg)
+            self._accept_call(msg, self._conn.frame_size)
         elif isinstance(msg, Hello):
             self._hello.finish(msg)
 
-    async def _platform_call(self, msg: PlatformCall) -> None:
-        """Serve one ``PlatformCall`` with the session the host made for its execution (the
-        worker's word is taken for nothing but the execution id), and reply. A call for an
-        execution not running on this worker is refused at once; the cancel scopes of the
-        calls in flight are kept per execution only while there are some."""
+    def _accept_call(self, msg: PlatformCall, size: int) -> None:
+        """Start serving a ``PlatformCall`` (``size``: its frame's bytes), or refuse it at
+        once, keeping nothing of it: a call for an execution not running on this worker, or
+        one that would take the execution's calls in flight past
+        ``_MAX_CALL_BYTES_IN_FLIGHT``. Runs as the frame is read, so refused calls never
+        pile up waiting for a task."""
+        nursery = self._call_nursery
+        if nursery is None:
+            return
+        execution_id = msg.execution_id
+        job = self._jobs.get(execution_id)
+        refused: ExecutionError | None = None
+        held = self._call_bytes.get(execution_id, 0) + size
+        if job is None:
+            refused = AbortedError(f"execution {execution_id!r} is not running here")
+        elif held > _MAX_CALL_BYTES_IN_FLIGHT:
+            refused = InvalidRequestError(
+                f"platform calls of {held} bytes in flight, over the limit of "
+                f"{_MAX_CALL_BYTES_IN_FLIGHT} bytes per execution"
+            )
+        if refused is not None:
+            nursery.start_soon(self._reply, msg.call_id, None, refused.to_dict())
+            return
+        assert job is not None
+        self._call_bytes[execution_id] = held
+        nursery.start_soon(self._platform_call, msg, job, size)
+
+    async def _platform_call(self, msg: PlatformCall, job: Job, size: int) -> None:
+        """Serve one ``PlatformCall`` accepted by :meth:`_accept_call` with the session the
+        host made for its execution (the worker's word is taken for nothing but the
+        execution id), and reply. The cancel scopes and bytes of the calls in flight are
+        kept per execution only while there are some."""
         from .platform_client import error_to_wire
 
-        job = self._jobs.get(msg.execution_id)
-        if job is None:  # refused before anything is kept: a forged id leaves nothing behind
-            refused = AbortedError(f"execution {msg.execution_id!r} is not running here")
-            await self._reply(msg.call_id, None, refused.to_dict())
-            return
         error: dict[str, Any] | None = None
         value: Any = None
-        scopes = self._calls.setdefault(msg.execution_id, set())
+        execution_id = msg.execution_id
+        scopes = self._calls.setdefault(execution_id, set())
         with trio.CancelScope() as scope:
             scopes.add(scope)
             try:
@@ -576,8 +602,13 @@ class WorkerProcess:
                 error = error_to_wire(exc)
             finally:
                 scopes.discard(scope)
-                if not scopes and self._calls.get(msg.execution_id) is scopes:
-                    del self._calls[msg.execution_id]
+                if not scopes and self._calls.get(execution_id) is scopes:
+                    del self._calls[execution_id]
+                left = self._call_bytes[execution_id] - size
+                if left:
+                    self._call_bytes[execution_id] = left
+                else:
+                    del self._call_bytes[execution_id]
         if scope.cancelled_caught:
             error = AbortedError("the execution ended before this platform call").to_dict()
         await self._reply(msg.call_id, value, error)

@@ -516,6 +516,8 @@ class Connection(FrameBuffer):
         self._receives = _SENT_BY[_PEER[role]]
         self._greeted = False  # host: Hello received; worker: Hello sent
         self._failure: ProtocolError | None = None
+        #: The payload size of the last message :meth:`next_message` returned, in bytes.
+        self.frame_size = 0
 
     @property
     def eof_received(self) -> bool:
@@ -581,7 +583,10 @@ class Connection(FrameBuffer):
             raise ProtocolError(f"the connection already failed: {self._failure}")
         try:
             payload = self._next_frame()
-            return None if payload is None else self._decode(payload)
+            if payload is None:
+                return None
+            self.frame_size = len(payload)
+            return self._decode(payload)
         except ProtocolError as exc:
             self._failure = exc
             raise

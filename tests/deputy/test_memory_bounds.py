@@ -94,13 +94,18 @@ def plugins() -> PluginRegistry:
         "emit_blobs",
         "emit_blobs_nowait",
         "forge_pcalls",
+        "invoke_many",
+        "quick",
     )
     registry.register(
         {
             "id": PLUGIN,
             "root": str(PLUGINS),
             "handlers": [{"id": h, "entry": f"deputy_bounds:{h}"} for h in handlers],
-            "permissions": {"platform": ["cache", "events:flood.*"]},
+            "permissions": {
+                "platform": ["cache", "events:flood.*"],
+                "invoke": {"allow": [PLUGIN]},
+            },
         }
     )
     return registry
@@ -295,3 +300,20 @@ async def test_huge_execution_ids_are_a_protocol_error(
                 while not _procs(backend):
                     await trio.sleep(0.05)
             assert all(proc._calls == {} for proc in _procs(backend))
+
+
+@pytest.mark.parametrize("kind", ["worker-pool", "subprocess"])
+async def test_platform_calls_in_flight_are_bounded_in_bytes(
+    kind: str, plugins: PluginRegistry, workspaces: WorkspaceManager, platform: Platform
+) -> None:
+    """40 ``ctx.invoke`` at once, each with a 4 MiB input, while the invocations run one at a
+    time on the caller's slot: the host would hold all 160 MiB of their calls. Past 64 MiB of
+    calls in flight for the execution, a call is refused at once."""
+    async with _open(kind, plugins, workspaces, platform) as backend:
+        many = {"plugin": PLUGIN, "handler": "quick", "count": 40, "input": bytes(4 * MiB)}
+        with host_memory() as growth:
+            outcomes = (await backend.execute(run("invoke_many", many))).output
+        assert "quick" in outcomes
+        assert outcomes.count("INVALID_REQUEST") >= 10
+        assert set(outcomes) == {"quick", "INVALID_REQUEST"}
+        within(growth, 64 * MiB)

@@ -106,13 +106,19 @@ def invoke_sync(ctx: Any, input: dict[str, Any]) -> Any:
 
 
 async def invoke_many(ctx: Any, input: dict[str, Any]) -> list[Any]:
-    """``count`` invocations at once, from one execution."""
+    """``count`` invocations at once, from one execution: their outputs, or for those that
+    failed their error codes."""
     import trio
+
+    from plugin_execution import ExecutionError
 
     results: list[Any] = [None] * input["count"]
 
     async def one(i: int) -> None:
-        results[i] = await ctx.invoke(input["plugin"], input["handler"], input.get("input"))
+        try:
+            results[i] = await ctx.invoke(input["plugin"], input["handler"], input.get("input"))
+        except ExecutionError as exc:
+            results[i] = exc.code
 
     async with trio.open_nursery() as nursery:
         for i in range(input["count"]):

@@ -183,6 +183,7 @@ class PlatformSession:
     def close(self) -> None:
         """End the session: close its event subscriptions; later calls are refused."""
         self._closed = True
+        self.job = None  # the job refers to its session: let both go without the cyclic GC
         while self.subscriptions:
             _, subscription = self.subscriptions.popitem()
             subscription.close()
