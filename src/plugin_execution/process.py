@@ -161,7 +161,7 @@ class _Pending(_Reply):
 
     def __init__(self, job: Job, cancel_grace: float, linger: float) -> None:
         super().__init__(job.sink)
-        self.job = job
+        self.job: Job | None = job
         self.cancel_grace = cancel_grace
         self.linger = linger
         self.unsent: tuple[list[memoryview], bool] | None = None
@@ -798,6 +798,7 @@ class WorkerProcess:
         the worker to linger polls for the reply as long before parking (see :meth:`_poll`).
         """
         job = pending.job
+        assert job is not None, "collected twice"
         execution_id = job.request.execution_id
         try:
             if pending.unsent is not None:
@@ -815,13 +816,16 @@ class WorkerProcess:
             if self._calls:
                 for scope in self._calls.pop(execution_id, ()):
                     scope.cancel()
+            # The deadline heap keeps ``pending`` until its deadline or a compaction: let go
+            # of what may be big (the request's input, the output, an error's traceback).
+            error, result, pending.error, pending.value = pending.error, pending.value, None, None
+            pending.job = pending.sink = pending.unsent = None
         if pending.expired:
             raise job.timeout_error()
-        if pending.error is not None:
-            raise pending.error
+        if error is not None:
+            raise error
         if not pending.done:
             raise self.crash_error()
-        result: Result = pending.value
         return ExecutionResult(
             execution_id=execution_id,
             ok=True,
