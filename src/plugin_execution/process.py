@@ -76,6 +76,9 @@ __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
 _ids = itertools.count(1)
 _STDERR_TAIL_BYTES = 8192
 _MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
+# Bytes of the frames of one execution's platform calls in flight: what the host holds for
+# its calls waiting (an invoke's input, a request body...) is bounded, not 64 x 64 MiB.
+_MAX_CALL_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit by itself
 # Bytes per os.read: 64 KiB stays under glibc's mmap threshold (128 KiB); a bigger buffer is
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read. A frame
@@ -158,7 +161,7 @@ class _Pending(_Reply):
 
     def __init__(self, job: Job, cancel_grace: float, linger: float) -> None:
         super().__init__(job.sink)
-        self.job = job
+        self.job: Job | None = job
         self.cancel_grace = cancel_grace
         self.linger = linger
         self.unsent: tuple[list[memoryview], bool] | None = None
@@ -219,6 +222,7 @@ class WorkerProcess:
         # checked against), the cancel scopes of its calls in flight, and where they run.
         self._jobs: dict[str, Job] = {}
         self._calls: dict[str, set[trio.CancelScope]] = {}
+        self._call_bytes: dict[str, int] = {}  # their frames' bytes, per execution
         self._call_nursery: trio.Nursery | None = None
         self._losing = False
 
@@ -544,25 +548,51 @@ class WorkerProcess:
             if warmed is not None:
                 warmed.finish(msg)
         elif isinstance(msg, PlatformCall):
-            if self._call_nursery is not None:
-                self._call_nursery.start_soon(self._platform_call, msg)
+            self._accept_call(msg, self._conn.frame_size)
         elif isinstance(msg, Hello):
             self._hello.finish(msg)
 
-    async def _platform_call(self, msg: PlatformCall) -> None:
-        """Serve one ``PlatformCall`` with the session the host made for its execution (the
-        worker's word is taken for nothing but the execution id), and reply."""
+    def _accept_call(self, msg: PlatformCall, size: int) -> None:
+        """Start serving a ``PlatformCall`` (``size``: its frame's bytes), or refuse it at
+        once, keeping nothing of it: a call for an execution not running on this worker, or
+        one that would take the execution's calls in flight past
+        ``_MAX_CALL_BYTES_IN_FLIGHT``. Runs as the frame is read, so refused calls never
+        pile up waiting for a task."""
+        nursery = self._call_nursery
+        if nursery is None:
+            return
+        execution_id = msg.execution_id
+        job = self._jobs.get(execution_id)
+        refused: ExecutionError | None = None
+        held = self._call_bytes.get(execution_id, 0) + size
+        if job is None:
+            refused = AbortedError(f"execution {execution_id!r} is not running here")
+        elif held > _MAX_CALL_BYTES_IN_FLIGHT:
+            refused = InvalidRequestError(
+                f"platform calls of {held} bytes in flight, over the limit of "
+                f"{_MAX_CALL_BYTES_IN_FLIGHT} bytes per execution"
+            )
+        if refused is not None:
+            nursery.start_soon(self._reply, msg.call_id, None, refused.to_dict())
+            return
+        assert job is not None
+        self._call_bytes[execution_id] = held
+        nursery.start_soon(self._platform_call, msg, job, size)
+
+    async def _platform_call(self, msg: PlatformCall, job: Job, size: int) -> None:
+        """Serve one ``PlatformCall`` accepted by :meth:`_accept_call` with the session the
+        host made for its execution (the worker's word is taken for nothing but the
+        execution id), and reply. The cancel scopes and bytes of the calls in flight are
+        kept per execution only while there are some."""
         from .platform_client import error_to_wire
 
-        job = self._jobs.get(msg.execution_id)
-        scopes = self._calls.setdefault(msg.execution_id, set())
         error: dict[str, Any] | None = None
         value: Any = None
+        execution_id = msg.execution_id
+        scopes = self._calls.setdefault(execution_id, set())
         with trio.CancelScope() as scope:
             scopes.add(scope)
             try:
-                if job is None:
-                    raise AbortedError(f"execution {msg.execution_id!r} is not running here")
                 if len(scopes) > _MAX_CALLS_IN_FLIGHT:
                     raise InvalidRequestError(
                         f"more than {_MAX_CALLS_IN_FLIGHT} platform calls in flight"
@@ -572,15 +602,26 @@ class WorkerProcess:
                 error = error_to_wire(exc)
             finally:
                 scopes.discard(scope)
+                if not scopes and self._calls.get(execution_id) is scopes:
+                    del self._calls[execution_id]
+                left = self._call_bytes[execution_id] - size
+                if left:
+                    self._call_bytes[execution_id] = left
+                else:
+                    del self._call_bytes[execution_id]
         if scope.cancelled_caught:
             error = AbortedError("the execution ended before this platform call").to_dict()
-        reply = PlatformReply(call_id=msg.call_id, ok=error is None, value=value, error=error)
+        await self._reply(msg.call_id, value, error)
+
+    async def _reply(self, call_id: int, value: Any, error: dict[str, Any] | None) -> None:
+        """Answer a ``PlatformCall``: ``value``, or ``error`` (an error's wire form)."""
+        reply = PlatformReply(call_id=call_id, ok=error is None, value=value, error=error)
         try:
             await self._send(reply)
         except ProtocolError as exc:  # the value would not encode: say so instead
             failed = InvalidRequestError(f"the platform's reply could not be sent: {exc}")
             await self._send(
-                PlatformReply(call_id=msg.call_id, ok=False, value=None, error=failed.to_dict())
+                PlatformReply(call_id=call_id, ok=False, value=None, error=failed.to_dict())
             )
         except ExecutionError:
             pass  # the worker is gone
@@ -757,6 +798,7 @@ class WorkerProcess:
         the worker to linger polls for the reply as long before parking (see :meth:`_poll`).
         """
         job = pending.job
+        assert job is not None, "collected twice"
         execution_id = job.request.execution_id
         try:
             if pending.unsent is not None:
@@ -774,13 +816,16 @@ class WorkerProcess:
             if self._calls:
                 for scope in self._calls.pop(execution_id, ()):
                     scope.cancel()
+            # The deadline heap keeps ``pending`` until its deadline or a compaction: let go
+            # of what may be big (the request's input, the output, an error's traceback).
+            error, result, pending.error, pending.value = pending.error, pending.value, None, None
+            pending.job = pending.sink = pending.unsent = None
         if pending.expired:
             raise job.timeout_error()
-        if pending.error is not None:
-            raise pending.error
+        if error is not None:
+            raise error
         if not pending.done:
             raise self.crash_error()
-        result: Result = pending.value
         return ExecutionResult(
             execution_id=execution_id,
             ok=True,

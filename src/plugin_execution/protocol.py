@@ -33,6 +33,7 @@ from .worker._wire import FrameBuffer, pack_parts
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_ID_LENGTH",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "Cancel",
@@ -60,6 +61,14 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+#: The longest id a frame may carry, in characters: execution, plugin, handler and channel
+#: ids and a platform call's service and method names. Real ids are at most 128 characters
+#: (see ``types.py``); a longer one is a :class:`ProtocolError` when received, so a worker
+#: cannot make the host keep (or echo) megabytes under an "id".
+MAX_ID_LENGTH: Final = 256
+_ID_FIELDS: Final = frozenset(
+    {"execution_id", "plugin_id", "handler_id", "channel_id", "service", "method"}
+)
 _HEADER_SIZE = 4
 
 Role: TypeAlias = Literal["host", "worker"]
@@ -385,13 +394,21 @@ def _accepts(tp: Any) -> Callable[[object], bool]:
     raise TypeError(f"no wire check for {tp!r}")
 
 
-def _strict_hook(tp: Any) -> Callable[[Any, Any], Any]:
-    accepts = _accepts(tp)
+def _bounded_id(value: object) -> bool:
+    return type(value) is str and len(value) <= MAX_ID_LENGTH
+
+
+def _strict_hook(tp: Any, name: str = "") -> Callable[[Any, Any], Any]:
+    accepts = _bounded_id if name in _ID_FIELDS else _accepts(tp)
     expected = str(tp).replace("typing.", "") if get_args(tp) else tp.__name__
 
     def hook(value: Any, _: Any) -> Any:
         if accepts(value):
             return value
+        if type(value) is str and name in _ID_FIELDS:
+            raise _WrongType(
+                f"expected an id of at most {MAX_ID_LENGTH} characters, got {len(value)}"
+            )
         got = f"{type(value).__name__} {_clip(repr(value), 40)}"
         raise _WrongType(f"expected {expected}, got {got}")
 
@@ -420,7 +437,9 @@ def _codec(cls: type[Message]) -> _Codec:
     # (an attrs value in ``input``, a set, a datetime) to the converter on the way.
     as_is: dict[str, Any] = {f.name: override(unstruct_hook=identity) for f in fields}
     strict: dict[str, Any] = {
-        f.name: override(struct_hook=_strict_hook(f.type)) for f in fields if f.type is not Any
+        f.name: override(struct_hook=_strict_hook(f.type, f.name))
+        for f in fields
+        if f.type is not Any
     }
     return _Codec(
         cls,
@@ -433,7 +452,11 @@ def _codec(cls: type[Message]) -> _Codec:
             **strict,
         ),
         frozenset(f.name for f in fields),
-        tuple((f.name, _accepts(f.type)) for f in fields if f.type is not Any),
+        tuple(
+            (f.name, _bounded_id if f.name in _ID_FIELDS else _accepts(f.type))
+            for f in fields
+            if f.type is not Any
+        ),
     )
 
 
@@ -493,6 +516,8 @@ class Connection(FrameBuffer):
         self._receives = _SENT_BY[_PEER[role]]
         self._greeted = False  # host: Hello received; worker: Hello sent
         self._failure: ProtocolError | None = None
+        #: The payload size of the last message :meth:`next_message` returned, in bytes.
+        self.frame_size = 0
 
     @property
     def eof_received(self) -> bool:
@@ -558,7 +583,10 @@ class Connection(FrameBuffer):
             raise ProtocolError(f"the connection already failed: {self._failure}")
         try:
             payload = self._next_frame()
-            return None if payload is None else self._decode(payload)
+            if payload is None:
+                return None
+            self.frame_size = len(payload)
+            return self._decode(payload)
         except ProtocolError as exc:
             self._failure = exc
             raise

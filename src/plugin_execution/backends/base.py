@@ -30,7 +30,7 @@ from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..run_many import MapResults, Requests, run_many
 from ..stats import StatsRecorder
-from ..streaming import ChannelSink, Execution
+from ..streaming import ByteBudget, ChannelSink, Execution, ExecutionEvents
 from ..types import (
     DEFAULT_TIMEOUT_S,
     ExecutionEvent,
@@ -58,6 +58,7 @@ class Attachment(Protocol):
 __all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
+_MiB = 1024 * 1024
 
 
 @attrs.define(slots=True, eq=False)
@@ -75,7 +76,21 @@ class Job:
     #: The backend running it, and the executions that led to it through ``ctx.invoke``.
     backend: ExecutionBackend | None = None
     chain: tuple[tuple[str, str], ...] = ()
+    #: The execution whose ``ctx.invoke`` started this one (None: the caller's own).
+    parent: Job | None = None
+    #: The capacity the job holds while it runs (a backend's slot or worker), once placed;
+    #: nested invocations may borrow it (see :meth:`lent_slot`).
+    slot: Any = None
     _session: PlatformSession | None = None
+    _lent: trio.Lock | None = None
+
+    def lent_slot(self) -> trio.Lock:
+        """Held by the nested invocation running on this job's :attr:`slot`: the job waits
+        for it while invoking, so its capacity is lent to one of its invocations at a time
+        (an invocation that finds free capacity of its own needs no loan)."""
+        if self._lent is None:
+            self._lent = trio.Lock()
+        return self._lent
 
     @property
     def session(self) -> PlatformSession:
@@ -119,8 +134,11 @@ class ExecutionBackend(abc.ABC):
         registry: PluginRegistry,
         platform: Platform | None = None,
         workspace: WorkspaceManager | None = None,
+        max_event_bytes: int = 256 * _MiB,
     ) -> None:
         self.registry = registry
+        #: Bytes of unread events all the backend's ``open_execution`` streams hold at most.
+        self.event_bytes = ByteBudget(max_event_bytes)
         #: The services behind ``ctx`` (a default :class:`Platform` when none is given).
         self.platform = platform if platform is not None else Platform()
         self.workspaces = workspace if workspace is not None else WorkspaceManager()
@@ -247,6 +265,7 @@ class ExecutionBackend(abc.ABC):
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
         chain: tuple[tuple[str, str], ...] = (),
+        parent: Job | None = None,
     ) -> Job:
         if target is None:
             target = self.registry.resolve(request.plugin_id, request.handler_id)
@@ -260,7 +279,16 @@ class ExecutionBackend(abc.ABC):
             limit = quota
         deadline = trio.current_time() + limit
         return Job(
-            request, target, limit, deadline, sink, time.perf_counter(), channel, self, chain
+            request,
+            target,
+            limit,
+            deadline,
+            sink,
+            time.perf_counter(),
+            channel,
+            self,
+            chain,
+            parent,
         )
 
     async def execute(
@@ -312,6 +340,7 @@ class ExecutionBackend(abc.ABC):
         target: ResolvedHandler | None = None,
         channel: Channel | None = None,
         chain: tuple[tuple[str, str], ...] = (),
+        parent: Job | None = None,
     ) -> ExecutionResult:
         """Every way of running something comes here: with a span around it when the host
         uses OpenTelemetry (:mod:`plugin_execution.tracing`)."""
@@ -353,7 +382,7 @@ class ExecutionBackend(abc.ABC):
         stats.in_flight += 1
         try:
             self._check_running()
-            job = self._job(request, timeout, sink, target, channel, chain)
+            job = self._job(request, timeout, sink, target, channel, chain, parent)
             try:
                 result = await self._run(job)
             finally:
@@ -406,6 +435,7 @@ class ExecutionBackend(abc.ABC):
             context=request.context,
             backend=self,
             chain=job.chain,
+            job=job,
             on_denied=self._stats.record_permission_denial,
         )
 
@@ -415,10 +445,13 @@ class ExecutionBackend(abc.ABC):
         *,
         timeout: float | None,
         chain: tuple[tuple[str, str], ...],
+        parent: Job | None = None,
     ) -> ExecutionResult:
         """Run ``request`` for ``ctx.invoke``: like :meth:`execute`, remembering the chain of
-        executions that led to it (for cycle and depth checks)."""
-        return await self._execute(request, timeout, NULL_SINK, True, chain=chain)
+        executions that led to it (for cycle and depth checks) and the invoking job
+        (``parent``), whose capacity the invocation runs on when the backend has none free:
+        an invocation never waits for capacity its own ancestors hold."""
+        return await self._execute(request, timeout, NULL_SINK, True, chain=chain, parent=parent)
 
     def map(
         self,
@@ -448,16 +481,26 @@ class ExecutionBackend(abc.ABC):
         return run_many(self, requests, concurrency=concurrency, ordered=ordered, timeout=timeout)
 
     def open_execution(
-        self, request: ExecutionRequest, *, timeout: float | None = None, buffer: int = 1024
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None = None,
+        buffer: int = 1024,
+        buffer_bytes: int = 16 * _MiB,
     ) -> AbstractAsyncContextManager[Execution]:
         """Start ``request`` and stream it: ``async with backend.open_execution(r) as ex:``.
 
         ``ex.events`` yields the handler's events as they happen and ends with the
         execution; ``await ex.result()`` gives the outcome. Leaving the block before the
-        execution ends cancels it. Events wait for buffer space when the handler awaits
-        ``ctx.emit``; non-blocking emits beyond ``buffer`` unread events are dropped.
+        execution ends cancels it; events still unread then are discarded. At most
+        ``buffer`` events and ``buffer_bytes`` bytes of them wait unread (and all the
+        backend's streams together hold at most ``max_event_bytes``): events wait for room
+        when an in-process handler awaits ``ctx.emit``; other events past a bound are
+        dropped, counted in the result's ``metadata["events_dropped"]``.
         """
-        return self._open_execution(request, timeout=timeout, buffer=buffer)
+        return self._open_execution(
+            request, timeout=timeout, buffer=buffer, buffer_bytes=buffer_bytes
+        )
 
     @asynccontextmanager
     async def _open_execution(
@@ -466,14 +509,17 @@ class ExecutionBackend(abc.ABC):
         *,
         timeout: float | None = None,
         buffer: int = 1024,
+        buffer_bytes: int = 16 * _MiB,
         target: ResolvedHandler | None = None,
     ) -> AsyncIterator[Execution]:
         """:meth:`open_execution` of a ``target`` given directly (not looked up in the
         registry), e.g. the events-style adapter of a WebSocket channel."""
         self._check_running()
-        send, receive = trio.open_memory_channel[ExecutionEvent](buffer)
-        execution = Execution(request.execution_id, receive)
-        sink = ChannelSink(request.execution_id, send)
+        send, receive = trio.open_memory_channel[tuple[ExecutionEvent, int]](buffer)
+        sink = ChannelSink(
+            request.execution_id, send, max_bytes=buffer_bytes, total=self.event_bytes
+        )
+        execution = Execution(request.execution_id, ExecutionEvents(receive, sink))
 
         async def run() -> None:
             async with send:
@@ -490,13 +536,16 @@ class ExecutionBackend(abc.ABC):
                     )
                 execution._finish(result, None)
 
-        with unwrap_single():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                try:
-                    yield execution
-                finally:
-                    nursery.cancel_scope.cancel()
+        try:
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run)
+                    try:
+                        yield execution
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            execution.events.close()  # what was not read gives its bytes back
 
     # -- observing ------------------------------------------------------------------------
 

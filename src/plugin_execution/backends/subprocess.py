@@ -20,7 +20,8 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Literal
 
@@ -69,7 +70,9 @@ class SubprocessBackend(ExecutionBackend):
     - ``memory_mb`` (address space, default 4096), ``open_files`` (default 256),
       ``file_size_mb`` (default 1024): per-child limits; a plugin's quotas lower
       ``memory_mb`` and set the CPU-seconds limit (default: the timeout, rounded up, + 1).
-    - ``max_concurrent``: children alive at once (default 64); more executions wait.
+    - ``max_concurrent``: child slots (default 64); more executions wait. A nested
+      ``ctx.invoke`` that finds no free slot runs on its caller's, so a chain of invocations
+      needs one slot (and has up to ``max_invoke_depth + 1`` children alive).
     - ``max_processes``: ``RLIMIT_NPROC`` per child (default None: not set). The kernel counts
       every process and thread of the child's user, and never enforces it for root.
     - ``sandbox``: ``True`` (default): every kernel layer this machine supports (``health()``
@@ -175,14 +178,41 @@ class SubprocessBackend(ExecutionBackend):
         job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
         """
         check_serializable(job.request.input, "input")  # before any child is started
-        with trio.CancelScope(deadline=job.deadline) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise job.timeout_error(" while waiting for a free child slot")
-        try:
+        async with self._slot(job):
             zygote = await self._zygote_for_spawn(job)
             async with self.workspaces.lease(job.request.execution_id) as lease:
                 return await self._run_in_child(job, str(lease.dir), zygote)
+
+    @asynccontextmanager
+    async def _slot(self, job: Job) -> AsyncIterator[None]:
+        """Hold a child slot for ``job``, waiting for one until its deadline. A nested
+        invocation (``ctx.invoke``) that finds none free runs on its caller's slot instead,
+        lent to one of the caller's invocations at a time: it must never wait for the slots
+        its own ancestors hold (with every slot taken by callers, none would come)."""
+        parent = job.parent
+        nested = parent is not None and parent.slot is not None
+        if parent is not None and nested and not _took(self._slots):
+            lent = parent.lent_slot()
+            with trio.CancelScope(deadline=job.deadline) as waiting:
+                await lent.acquire()
+            if waiting.cancelled_caught:
+                raise job.timeout_error(
+                    " while its caller's slot was lent to another of its invocations"
+                )
+            try:
+                job.slot = parent.slot
+                yield
+            finally:
+                lent.release()
+            return
+        if not nested:
+            with trio.CancelScope(deadline=job.deadline) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise job.timeout_error(" while waiting for a free child slot")
+        try:
+            job.slot = self._slots
+            yield
         finally:
             self._slots.release()
 
@@ -275,6 +305,15 @@ def _explain_crash(exc: WorkerCrashedError) -> None:
         exc.details["reason"] = reason
         what = "CPU time" if reason == "cpu_limit" else "file size"
         exc.message += f": it exceeded its {what} limit"
+
+
+def _took(limiter: trio.CapacityLimiter) -> bool:
+    """Take a token of ``limiter`` if one is free now; whether it did."""
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def _end_group(leader: int) -> None:

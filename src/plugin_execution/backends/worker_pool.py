@@ -608,10 +608,20 @@ class WorkerPoolBackend(ExecutionBackend):
         except Exception as exc:  # the queue's acquire timeout reports the consequence
             self._stats.last_error = f"could not start a worker: {exc}"
 
-    async def _acquire(self, job: Job, workspace: str | None) -> _Waiter | _Worker:
+    async def _acquire(
+        self, job: Job, workspace: str | None, lender: _Worker | None = None
+    ) -> _Waiter | _Worker:
         """A worker for ``job``: at once, or after waiting in the queue; then, the waiter,
-        whose request the hand-over may have submitted already (see :class:`_Waiter`)."""
+        whose request the hand-over may have submitted already (see :class:`_Waiter`).
+        ``lender``: the worker of the invoking execution, whose slot ``job`` borrows."""
         plugin_id = job.request.plugin_id
+        if lender is not None:
+            draining = lender.state == "draining"  # retired, finishing its caller's work
+            self._take(lender, plugin_id)
+            if draining:
+                lender.state = "draining"
+            self._stats.record_queue_wait(0.0)
+            return lender
         if not self._queue and self._plugin_has_room(plugin_id):
             worker = self._free_worker()
             if worker is not None:
@@ -657,6 +667,35 @@ class WorkerPoolBackend(ExecutionBackend):
     async def _run(self, job: Job) -> ExecutionResult:
         if job.channel is not None:
             return await self._run_session(job)
+        lender = self._lender(job)
+        if lender is None:
+            return await self._run_job(job)
+        assert job.parent is not None
+        lent = job.parent.lent_slot()
+        with trio.CancelScope(deadline=job.deadline) as waiting:
+            await lent.acquire()
+        if waiting.cancelled_caught:
+            raise job.timeout_error(
+                " while its caller's worker was lent to another of its invocations"
+            )
+        try:
+            return await self._run_job(job, lender)
+        finally:
+            lent.release()
+
+    def _lender(self, job: Job) -> _Worker | None:
+        """The worker of the execution that invoked ``job`` (``ctx.invoke``) when ``job``
+        would have to queue: it then runs there, beside its waiting caller, instead of
+        waiting for workers its own ancestors hold (a deadlock once they hold them all)."""
+        parent = job.parent
+        if parent is None or not isinstance(parent.slot, _Worker):
+            return None
+        plugin_id = job.request.plugin_id
+        if not self._queue and self._plugin_has_room(plugin_id) and self._free_worker():
+            return None  # free capacity: taken at once, like anyone's
+        return parent.slot
+
+    async def _run_job(self, job: Job, lender: _Worker | None = None) -> ExecutionResult:
         await trio.lowlevel.checkpoint_if_cancelled()  # the answer may come without a wait
         request = job.request
         lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
@@ -665,7 +704,7 @@ class WorkerPoolBackend(ExecutionBackend):
         watched = self.kind == "process" and bool(quotas.memory_mb or quotas.cpu_s)
         self._stats.queued = len(self._queue) + 1
         try:
-            got = await self._acquire(job, None if watched else workspace)
+            got = await self._acquire(job, None if watched else workspace, lender)
         except BaseException:
             lease.release_unused()  # nothing was made
             raise
@@ -674,6 +713,7 @@ class WorkerPoolBackend(ExecutionBackend):
             assert worker is not None
         else:
             worker, proc, pending = got, None, None
+        job.slot = worker  # what its own invocations may borrow
         self._stats.queued = len(self._queue)
         self._usage[(request.plugin_id, request.handler_id)] += 1
         result = None

@@ -4,6 +4,11 @@ Only plugin ids matched by ``invoke.allow`` may be invoked. An invocation chain 
 back to a handler already in it (a cycle), nor grow deeper than the platform's
 ``max_invoke_depth``; both are refused before anything runs. The invoked execution gets the
 caller's context descriptor, and at most the caller's remaining time.
+
+Capacity: the caller waits while its invocation runs, so a nested invocation never waits for
+capacity its ancestors hold. It takes free capacity when the backend has some at once;
+otherwise it runs on its caller's (the subprocess backend's child slot, the pool's worker),
+lent to one of the caller's invocations at a time. A chain thus needs one slot, however deep.
 """
 
 from __future__ import annotations
@@ -63,5 +68,5 @@ class InvokeService:
             input=input,
             context=dict(session.context),
         )
-        result = await backend._invoke(request, timeout=seconds, chain=chain)
+        result = await backend._invoke(request, timeout=seconds, chain=chain, parent=session.job)
         return result.output

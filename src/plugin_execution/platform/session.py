@@ -21,7 +21,7 @@ from ..errors import AbortedError, PermissionDeniedError
 from ..permissions import Grants, grants_for
 
 if TYPE_CHECKING:
-    from ..backends.base import ExecutionBackend
+    from ..backends.base import ExecutionBackend, Job
     from ..manifest import Permissions
     from .events import TopicSubscription
     from .platform import Platform
@@ -49,6 +49,7 @@ class PlatformSession:
         "deadline",
         "execution_id",
         "handler_id",
+        "job",
         "on_denied",
         "permissions",
         "platform",
@@ -72,6 +73,7 @@ class PlatformSession:
         context: dict[str, Any] | None = None,
         backend: ExecutionBackend | None = None,
         chain: tuple[tuple[str, str], ...] = (),
+        job: Job | None = None,
         on_denied: Callable[[], None] | None = None,
     ) -> None:
         self.platform = platform
@@ -87,6 +89,8 @@ class PlatformSession:
         self.backend = backend
         #: ``(plugin_id, handler_id)`` of every execution that invoked this one, outermost first.
         self.chain = chain
+        #: The backend's job of this execution: ``ctx.invoke`` runs on its capacity.
+        self.job = job
         self.on_denied = on_denied
         self.subscriptions: dict[int, TopicSubscription] = {}
         self._grants: Grants | None = None
@@ -179,6 +183,7 @@ class PlatformSession:
     def close(self) -> None:
         """End the session: close its event subscriptions; later calls are refused."""
         self._closed = True
+        self.job = None  # the job refers to its session: let both go without the cyclic GC
         while self.subscriptions:
             _, subscription = self.subscriptions.popitem()
             subscription.close()
