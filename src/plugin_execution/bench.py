@@ -155,8 +155,8 @@ def render_table(cells: Sequence[BenchCell], out: TextIO) -> None:
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in (header, *rows):
-        cells = (value.ljust(width) for value, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip(), file=out)
+        padded = (value.ljust(width) for value, width in zip(row, widths, strict=True))
+        print("  ".join(padded).rstrip(), file=out)
 
 
 def plot(cells: Sequence[BenchCell], path: str) -> None:

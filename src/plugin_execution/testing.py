@@ -64,7 +64,8 @@ def load_registry(*sources: ManifestSource, base_dir: str | Path | None = None) 
 
     Each source is a :class:`PluginManifest`, a mapping (validated like a ``plugin.toml``),
     a path to a ``plugin.toml`` or to the directory holding one, or the name of an entry
-    point of the ``plugin_execution.plugins`` group. A relative path is taken from
+    point of the ``plugin_execution.plugins`` group (a name that is no such file or
+    directory). A relative path is taken from
     ``base_dir`` (default: the working directory). Raises :class:`ManifestError` naming the
     source that could not be loaded.
     """
@@ -76,7 +77,7 @@ def load_registry(*sources: ManifestSource, base_dir: str | Path | None = None) 
             continue
         path = Path(source)
         path = path if path.is_absolute() else base / path
-        if path.exists():
+        if path.is_file() or (path / "plugin.toml").is_file():
             registry.load_path(path)
         elif isinstance(source, str):
             registry.register(_entry_point_manifest(source))

@@ -346,7 +346,7 @@ class ExecutionBackend(abc.ABC):
         uses OpenTelemetry (:mod:`plugin_execution.tracing`)."""
         if not tracing.enabled():
             return await self._execute_untraced(
-                request, timeout, sink, raise_errors, target=target, channel=channel, chain=chain
+                request, timeout, sink, raise_errors, target, channel, chain, parent
             )
         with tracing.span(
             f"execute {request.plugin_id}/{request.handler_id}",
@@ -358,7 +358,7 @@ class ExecutionBackend(abc.ABC):
             },
         ) as span:
             result = await self._execute_untraced(
-                request, timeout, sink, raise_errors, target=target, channel=channel, chain=chain
+                request, timeout, sink, raise_errors, target, channel, chain, parent
             )
             if span is not None:
                 span.set("worker_id", result.worker_id)
@@ -372,10 +372,10 @@ class ExecutionBackend(abc.ABC):
         timeout: float | None,
         sink: EventSink,
         raise_errors: bool,
-        *,
-        target: ResolvedHandler | None = None,
-        channel: Channel | None = None,
-        chain: tuple[tuple[str, str], ...] = (),
+        target: ResolvedHandler | None,
+        channel: Channel | None,
+        chain: tuple[tuple[str, str], ...],
+        parent: Job | None,
     ) -> ExecutionResult:
         started = time.perf_counter()
         stats = self._stats
