@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..context import ExecutionContext
-from ..errors import ExecutionError, HandlerContractError, WorkspaceError, handler_error
+from ..errors import (
+    ExecutionError,
+    ExecutionTimeoutError,
+    HandlerContractError,
+    WorkspaceError,
+    handler_error,
+)
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult, check_serializable
 from ..workspace import WorkspaceLease, WorkspaceManager
@@ -95,6 +101,17 @@ def session_contract_error(entry: str) -> HandlerContractError:
     )
 
 
+def _abandoned(job: Job) -> ExecutionTimeoutError:
+    """The timeout of a sync handler, which was not stopped: its thread runs on."""
+    return ExecutionTimeoutError(
+        f"execution exceeded its {job.timeout:g} s timeout; its sync handler could not be "
+        "stopped (a thread cannot be killed): the thread was abandoned and runs on until the "
+        "handler returns, its result discarded (ctx.cancelled is now true; a process backend "
+        "kills such a handler)",
+        details={"timeout_s": job.timeout, "abandoned": True},
+    )
+
+
 class InProcessBackend(ExecutionBackend):
     """Runs handlers in this process and this trio loop."""
 
@@ -103,7 +120,8 @@ class InProcessBackend(ExecutionBackend):
     def __init__(self, *, thread_grace: float = 5.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._handlers: dict[tuple[str, str | None], Handler] = {}
-        self._thread_grace = thread_grace
+        #: How long leaving the block waits for abandoned sync-handler threads, in seconds.
+        self.thread_grace = thread_grace
         self._threads_running = 0
         self._threads_idle = trio.Event()
         self._threads_idle.set()
@@ -154,7 +172,7 @@ class InProcessBackend(ExecutionBackend):
                 finally:
                     ctx.cancel()
             if scope.cancelled_caught:
-                raise job.timeout_error()
+                raise job.timeout_error() if handler.is_async else _abandoned(job)
         finally:
             await workspace.close()
         output = handler.plain_output(output)
@@ -199,7 +217,7 @@ class InProcessBackend(ExecutionBackend):
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Wait for abandoned sync-handler threads. Async handlers run in their callers'
         tasks: cancelling those stops them; a thread cannot be stopped, only waited for."""
-        grace = self._thread_grace if timeout is None else timeout
+        grace = self.thread_grace if timeout is None else timeout
         with trio.move_on_after(grace if drain else 0):
             await self._threads_idle.wait()
 
