@@ -146,118 +146,6 @@ class ExecutionError(Exception):
         return err
 
 
-def _detail(name: str, doc: str) -> property:
-    return property(lambda self: self.details.get(name), doc=doc)
-
-
-class PluginNotFoundError(ExecutionError):
-    """No plugin with the requested id is registered."""
-
-    code = "PLUGIN_NOT_FOUND"
-
-
-class HandlerNotFoundError(ExecutionError):
-    """The plugin has no such handler, or its entry does not import."""
-
-    code = "HANDLER_NOT_FOUND"
-    entry = _detail("entry", "The import path that was tried, when there was one.")
-
-
-class ExecutionTimeoutError(ExecutionError, TimeoutError):
-    """The execution's time limit passed; the work was stopped."""
-
-    code = "TIMEOUT"
-    timeout_s = _detail("timeout_s", "The limit that was exceeded, in seconds.")
-
-
-class PermissionDeniedError(ExecutionError):
-    """The handler asked for something its manifest does not grant."""
-
-    code = "PERMISSION_DENIED"
-    permission = _detail("permission", "The permission that would be needed, e.g. 'fs.read'.")
-    resource = _detail("resource", "What was asked for: a path, a host, a name.")
-
-
-class QueueFullError(ExecutionError):
-    """The pool's queue is at capacity; the request was rejected without running."""
-
-    code = "QUEUE_FULL"
-    queue_size = _detail("queue_size", "Requests waiting when this one arrived.")
-    capacity = _detail("capacity", "The queue's capacity.")
-
-
-class WorkerCrashedError(ExecutionError):
-    """The worker thread or process died while running the execution."""
-
-    code = "WORKER_CRASHED"
-    exit_code = _detail("exit_code", "The process exit status, when it exited.")
-    signal = _detail("signal", "The number of the signal that killed it, when one did.")
-    stderr_tail = _detail("stderr_tail", "The last lines the process wrote to stderr.")
-
-
-class HandlerError(ExecutionError):
-    """The handler raised an exception."""
-
-    code = "HANDLER_ERROR"
-    remote_type = _detail("remote_type", "Qualified name of the exception the handler raised.")
-    remote_traceback = _detail("remote_traceback", "The handler's traceback, as text.")
-
-
-class InvalidRequestError(ExecutionError):
-    """The request is malformed: bad ids, unserializable input, bad options."""
-
-    code = "INVALID_REQUEST"
-
-
-class BackendClosedError(ExecutionError):
-    """The backend is not running (never entered, shutting down, or closed)."""
-
-    code = "BACKEND_CLOSED"
-
-
-class ValidationError(ExecutionError):
-    """Input or output does not match the handler's declared types."""
-
-    code = "VALIDATION_ERROR"
-    field = _detail("field", "The offending field, when one could be named.")
-
-
-class HandlerContractError(ExecutionError):
-    """The entry imports but is not a callable handler (or has no ``execute``)."""
-
-    code = "HANDLER_CONTRACT_ERROR"
-
-
-class AbortedError(ExecutionError):
-    """The execution was cancelled by its caller: the wire form of a cancellation."""
-
-    code = "ABORTED"
-
-
-class WorkspaceError(ExecutionError):
-    """A workspace directory could not be leased or released."""
-
-    code = "WORKSPACE_ERROR"
-
-
-class AcquireTimeoutError(ExecutionError):
-    """No worker became free within the pool's acquire timeout."""
-
-    code = "ACQUIRE_TIMEOUT"
-
-
-class WorkerUnhealthyError(ExecutionError):
-    """The worker failed its health check (hung, over memory) and was replaced."""
-
-    code = "WORKER_UNHEALTHY"
-
-
-class ManifestError(ExecutionError):
-    """A plugin manifest is malformed; raised when it is loaded, naming the bad key."""
-
-    code = "INVALID_MANIFEST"
-
-
 # -- rendering: reporting a failure must not fail ---------------------------------------------
 
 
@@ -410,3 +298,115 @@ def plain_error(error: ExecutionError) -> dict[str, Any]:
         }
     except BaseException as exc:
         return plain_error(handler_error(exc, "reporting the error failed:"))
+
+
+def _detail(name: str, doc: str) -> property:
+    return property(lambda self: self.details.get(name), doc=doc)
+
+
+class PluginNotFoundError(ExecutionError):
+    """No plugin with the requested id is registered."""
+
+    code = "PLUGIN_NOT_FOUND"
+
+
+class HandlerNotFoundError(ExecutionError):
+    """The plugin has no such handler, or its entry does not import."""
+
+    code = "HANDLER_NOT_FOUND"
+    entry = _detail("entry", "The import path that was tried, when there was one.")
+
+
+class ExecutionTimeoutError(ExecutionError, TimeoutError):
+    """The execution's time limit passed; the work was stopped."""
+
+    code = "TIMEOUT"
+    timeout_s = _detail("timeout_s", "The limit that was exceeded, in seconds.")
+
+
+class PermissionDeniedError(ExecutionError):
+    """The handler asked for something its manifest does not grant."""
+
+    code = "PERMISSION_DENIED"
+    permission = _detail("permission", "The permission that would be needed, e.g. 'fs.read'.")
+    resource = _detail("resource", "What was asked for: a path, a host, a name.")
+
+
+class QueueFullError(ExecutionError):
+    """The pool's queue is at capacity; the request was rejected without running."""
+
+    code = "QUEUE_FULL"
+    queue_size = _detail("queue_size", "Requests waiting when this one arrived.")
+    capacity = _detail("capacity", "The queue's capacity.")
+
+
+class WorkerCrashedError(ExecutionError):
+    """The worker thread or process died while running the execution."""
+
+    code = "WORKER_CRASHED"
+    exit_code = _detail("exit_code", "The process exit status, when it exited.")
+    signal = _detail("signal", "The number of the signal that killed it, when one did.")
+    stderr_tail = _detail("stderr_tail", "The last lines the process wrote to stderr.")
+
+
+class HandlerError(ExecutionError):
+    """The handler raised an exception."""
+
+    code = "HANDLER_ERROR"
+    remote_type = _detail("remote_type", "Qualified name of the exception the handler raised.")
+    remote_traceback = _detail("remote_traceback", "The handler's traceback, as text.")
+
+
+class InvalidRequestError(ExecutionError):
+    """The request is malformed: bad ids, unserializable input, bad options."""
+
+    code = "INVALID_REQUEST"
+
+
+class BackendClosedError(ExecutionError):
+    """The backend is not running (never entered, shutting down, or closed)."""
+
+    code = "BACKEND_CLOSED"
+
+
+class ValidationError(ExecutionError):
+    """Input or output does not match the handler's declared types."""
+
+    code = "VALIDATION_ERROR"
+    field = _detail("field", "The offending field, when one could be named.")
+
+
+class HandlerContractError(ExecutionError):
+    """The entry imports but is not a callable handler (or has no ``execute``)."""
+
+    code = "HANDLER_CONTRACT_ERROR"
+
+
+class AbortedError(ExecutionError):
+    """The execution was cancelled by its caller: the wire form of a cancellation."""
+
+    code = "ABORTED"
+
+
+class WorkspaceError(ExecutionError):
+    """A workspace directory could not be leased or released."""
+
+    code = "WORKSPACE_ERROR"
+
+
+class AcquireTimeoutError(ExecutionError):
+    """No worker became free within the pool's acquire timeout."""
+
+    code = "ACQUIRE_TIMEOUT"
+
+
+class WorkerUnhealthyError(ExecutionError):
+    """The worker failed its health check (hung, over memory) and was replaced."""
+
+    code = "WORKER_UNHEALTHY"
+
+
+class ManifestError(ExecutionError):
+    """A plugin manifest is malformed; raised when it is loaded, naming the bad key."""
+
+    code = "INVALID_MANIFEST"
