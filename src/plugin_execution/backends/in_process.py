@@ -120,11 +120,15 @@ class InProcessBackend(ExecutionBackend):
     def __init__(self, *, thread_grace: float = 5.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._handlers: dict[tuple[str, str | None], Handler] = {}
-        #: How long leaving the block waits for abandoned sync-handler threads, in seconds.
-        self.thread_grace = thread_grace
+        self._thread_grace = thread_grace
         self._threads_running = 0
         self._threads_idle = trio.Event()
         self._threads_idle.set()
+
+    @property
+    def thread_grace(self) -> float:
+        """How long leaving the block waits for abandoned sync-handler threads, in seconds."""
+        return self._thread_grace
 
     def _handler(self, job: Job) -> Handler:
         key = (job.target.entry, job.target.root)
@@ -217,7 +221,7 @@ class InProcessBackend(ExecutionBackend):
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Wait for abandoned sync-handler threads. Async handlers run in their callers'
         tasks: cancelling those stops them; a thread cannot be stopped, only waited for."""
-        grace = self.thread_grace if timeout is None else timeout
+        grace = self._thread_grace if timeout is None else timeout
         with trio.move_on_after(grace if drain else 0):
             await self._threads_idle.wait()
 
