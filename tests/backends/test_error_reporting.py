@@ -85,9 +85,10 @@ def errors_registry(registry: PluginRegistry) -> PluginRegistry:
 
 
 OPTIONS: dict[str, dict[str, Any]] = {
-    "in-process": {},
-    "worker-pool": {"min_workers": 1, "max_workers": 1},
-    "subprocess": {},
+    "in-process": {"type": "in-process"},
+    "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 1},
+    "thread-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 1, "kind": "thread"},
+    "subprocess": {"type": "subprocess"},
 }
 
 
@@ -96,7 +97,7 @@ async def backend(
     request: pytest.FixtureRequest, errors_registry: PluginRegistry, workspaces: WorkspaceManager
 ) -> AsyncIterator[ExecutionBackend]:
     async with create_execution_backend(
-        type=request.param, registry=errors_registry, workspace=workspaces, **OPTIONS[request.param]
+        registry=errors_registry, workspace=workspaces, **OPTIONS[request.param]
     ) as backend:
         yield backend
 
