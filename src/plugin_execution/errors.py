@@ -12,6 +12,7 @@ cannot be formatted, and :func:`plain_error` gives an error's wire form as bound
 the middle).
 
 This module imports only the standard library: worker children load it at start-up.
+``__all__`` lists the error classes; the rendering helpers and limits are imported by name.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     from typing import Any, ClassVar
 
 __all__ = [
-    "MAX_MESSAGE_CHARS",
-    "MAX_TEXT_CHARS",
     "AbortedError",
     "AcquireTimeoutError",
     "BackendClosedError",
@@ -40,11 +39,6 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerUnhealthyError",
     "WorkspaceError",
-    "clip_text",
-    "format_traceback",
-    "handler_error",
-    "plain_error",
-    "safe_text",
 ]
 
 #: The longest error message carried across a process boundary, in characters: a handler's
