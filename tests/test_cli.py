@@ -100,6 +100,40 @@ def test_run_timeout() -> None:
     assert error["details"]["timeout_s"] == 0.2
 
 
+@pytest.mark.parametrize("seconds", [2, 60])
+def test_run_sync_timeout_says_the_thread_is_abandoned_and_waited_for(seconds: int) -> None:
+    # A sync handler in-process cannot be stopped: the error says so, and so does the CLI
+    # while it waits thread_grace (5 s) for the thread, which returns after 2 s, or not.
+    started = time.monotonic()
+    proc = spawn(
+        "run",
+        "tests.sample",
+        "sleep_sync",
+        "--input",
+        json.dumps({"seconds": seconds}),
+        "--timeout",
+        "0.2",
+        *SAMPLE,
+    )
+    assert proc.returncode == cli.EXIT_FAILED
+    error = parse(proc)["error"]
+    assert error["code"] == "TIMEOUT" and error["details"]["abandoned"] is True
+    assert "the thread was abandoned and runs on until the handler returns" in error["message"]
+    assert "waiting up to 5 s (thread_grace) for it to return" in proc.stderr
+    gave_up = "exiting with the handler's thread still running" in proc.stderr
+    assert gave_up == (seconds == 60)
+    assert time.monotonic() - started < 50  # the thread did not hold the process open
+
+
+def test_run_async_timeout_says_nothing_of_threads() -> None:
+    proc = spawn(
+        "run", "tests.sample", "sleep", "--input", '{"seconds": 30}', "--timeout", "0.2", *SAMPLE
+    )
+    error = parse(proc)["error"]
+    assert error["message"] == "execution exceeded its 0.2 s timeout and was stopped"
+    assert "thread" not in proc.stderr
+
+
 def test_run_malformed_input_is_a_usage_error() -> None:
     proc = spawn("run", "examples.hello", "greet", "--input", "{name: 1}")
     assert proc.returncode == cli.EXIT_USAGE

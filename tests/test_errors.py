@@ -161,3 +161,105 @@ def test_manifest_error_has_its_own_code() -> None:
     err = errors.ManifestError("bad key")
     assert err.code == "INVALID_MANIFEST"
     assert type(ExecutionError.from_dict(err.to_dict())) is errors.ManifestError
+
+
+# -- rendering never fails (issue 14, item 4) -----------------------------------------------
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise SystemExit(1)
+
+    def __repr__(self) -> str:
+        raise KeyboardInterrupt
+
+
+def test_safe_text_falls_back_from_str_to_repr_to_a_placeholder() -> None:
+    class ReprOnly:
+        def __str__(self) -> str:
+            raise ValueError
+
+        def __repr__(self) -> str:
+            return "ReprOnly()"
+
+    assert errors.safe_text(ValueError("plain")) == "plain"
+    assert errors.safe_text(ReprOnly()) == "ReprOnly()"
+    assert errors.safe_text(_Unprintable()) == "<_Unprintable object: str() and repr() failed>"
+
+
+def test_clip_text_keeps_both_ends_and_says_what_went() -> None:
+    text = "a" * 500 + "b" * 500
+    clipped = errors.clip_text(text, 200)
+    assert len(clipped) <= 200
+    assert clipped.startswith("aaa") and clipped.endswith("bbb")
+    assert f"[{1000 - 200} characters cut]" in clipped
+    assert errors.clip_text("short", 200) == "short"
+
+
+def test_handler_error_of_the_unprintable() -> None:
+    try:
+        raise _Unprintable()
+    except _Unprintable as exc:
+        error = errors.handler_error(exc)
+    assert error.code == "HANDLER_ERROR"
+    assert error.message == (
+        "handler raised _Unprintable: <_Unprintable object: str() and repr() failed>"
+    )
+    assert error.details["remote_type"].endswith("test_errors._Unprintable")
+    assert "raise _Unprintable()" in error.details["remote_traceback"]
+
+
+def test_plain_error_is_plain_and_bounded() -> None:
+    deep: list[object] = []
+    for _ in range(40):
+        deep = [deep]
+    error = errors.ValidationError(
+        "m" * (errors.MAX_MESSAGE_CHARS * 2),
+        execution_id=7,  # type: ignore[arg-type]
+        details={
+            "object": object(),
+            "set": {1},
+            1: "int key",
+            "big_int": 2**70,
+            "text": "t" * (errors.MAX_TEXT_CHARS * 2),
+            "bytes": b"b" * (errors.MAX_TEXT_CHARS * 2),
+            "deep": deep,
+            "many": list(range(500_000)),
+        },
+    )
+    wire = errors.plain_error(error)
+    assert wire["code"] == "VALIDATION_ERROR" and wire["execution_id"] == "7"
+    assert len(wire["message"]) <= errors.MAX_MESSAGE_CHARS
+    details = wire["details"]
+    assert details["object"].startswith("<object object at") and details["set"] == "{1}"
+    assert details["1"] == "int key" and details["big_int"] == str(2**70)
+    assert len(details["text"]) <= errors.MAX_TEXT_CHARS
+    assert len(details["bytes"]) == errors.MAX_TEXT_CHARS
+    assert "more items cut" in details["many"][-1] and len(details["many"]) < 200_000
+    assert isinstance(pickle.dumps(wire), bytes)  # plain data all the way down
+
+
+def test_plain_error_of_an_error_whose_to_dict_raises() -> None:
+    class Broken(errors.HandlerError):
+        def to_dict(self) -> dict[str, object]:
+            raise _Unprintable()
+
+    wire = errors.plain_error(Broken("x"))
+    assert wire["code"] == "HANDLER_ERROR"
+    assert wire["message"].startswith("reporting the error failed: _Unprintable: <_Unprintable")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"code": 5, "message": ["not", "text"], "details": 5},
+        {"code": None, "message": None, "details": "abc", "execution_id": 1},
+        {"details": [1, 2]},
+        {},
+    ],
+)
+def test_from_dict_never_raises_on_a_malformed_wire_form(data: dict[str, object]) -> None:
+    error = ExecutionError.from_dict(data)
+    assert isinstance(error.code, str) and isinstance(error.message, str)
+    assert isinstance(error.details, dict)
+    assert error.execution_id is None or isinstance(error.execution_id, str)

@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from .backends.base import ExecutionBackend
+from .backends.in_process import InProcessBackend
 from .errors import ExecutionError, InvalidRequestError, ManifestError
 from .factory import BACKEND_TYPES, create_execution_backend
 from .manifest import Permissions, PluginManifest
@@ -383,12 +384,32 @@ async def _run(registry: PluginRegistry, args: argparse.Namespace) -> ExecutionR
         timeout=args.timeout,
     )
     async with create_execution_backend(type=args.backend, registry=registry) as backend:
-        if not args.events:
-            return await backend.execute(request, raise_errors=False)
-        async with backend.open_execution(request) as execution:
-            async for event in execution.events:
-                print(_event_line(event), file=sys.stderr, flush=True)
-            return await execution.result(raise_errors=False)
+        if args.events:
+            async with backend.open_execution(request) as execution:
+                async for event in execution.events:
+                    print(_event_line(event), file=sys.stderr, flush=True)
+                result = await execution.result(raise_errors=False)
+        else:
+            result = await backend.execute(request, raise_errors=False)
+        abandoned = _abandoned_threads(backend)
+        if abandoned:
+            assert isinstance(backend, InProcessBackend)
+            print(
+                f"{PROG}: the handler's thread is still running (a sync handler cannot be "
+                f"stopped, only abandoned); waiting up to {backend.thread_grace:g} s "
+                "(thread_grace) for it to return",
+                file=sys.stderr,
+            )
+    if abandoned and _abandoned_threads(backend):
+        print(f"{PROG}: exiting with the handler's thread still running", file=sys.stderr)
+    return result
+
+
+def _abandoned_threads(backend: ExecutionBackend) -> int:
+    """Sync-handler threads of an in-process backend still running after their execution."""
+    if not isinstance(backend, InProcessBackend):
+        return 0
+    return int(backend.stats().details.get("threads_running", 0))
 
 
 def _event_line(event: ExecutionEvent) -> str:

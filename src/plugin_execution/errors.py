@@ -5,7 +5,14 @@ Every failure a caller can see is an :class:`ExecutionError` subclass carrying a
 (exit codes, queue sizes, remote tracebacks...). ``to_dict()`` / ``ExecutionError.from_dict()``
 round-trip an error across a process boundary to the same subclass.
 
+Reporting a failure never fails: :func:`handler_error` turns whatever a handler raised into a
+``HANDLER_ERROR`` even when the exception's ``__str__``/``__repr__`` raise or its traceback
+cannot be formatted, and :func:`plain_error` gives an error's wire form as bounded plain data
+(messages over :data:`MAX_MESSAGE_CHARS` and texts over :data:`MAX_TEXT_CHARS` are cut in
+the middle).
+
 This module imports only the standard library: worker children load it at start-up.
+``__all__`` lists the error classes; the rendering helpers and limits are imported by name.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ __all__ = [
     "WorkerUnhealthyError",
     "WorkspaceError",
 ]
+
+#: The longest error message carried across a process boundary, in characters: a handler's
+#: 10 MB message is cut in the middle to this (the cut says how much went).
+MAX_MESSAGE_CHARS = 16 * 1024
+#: The same for a traceback and any other text in an error's details.
+MAX_TEXT_CHARS = 64 * 1024
 
 _BY_CODE: dict[str, type[ExecutionError]] = {}
 
@@ -102,21 +115,183 @@ class ExecutionError(Exception):
         """Rebuild an error from :meth:`to_dict` output, as the subclass its code names.
 
         An unknown code (a newer peer) gives a plain ``ExecutionError`` that keeps the code.
+        Never raises: what is not of its type (a peer's bug, or a hostile worker) is made
+        text, and details that are not a mapping are kept as text under ``"malformed"``.
         """
-        code = str(data.get("code") or ExecutionError.code)
+        code = data.get("code") or ExecutionError.code
+        if type(code) is not str:
+            code = safe_text(code, 200)
         cls = _BY_CODE.get(code, ExecutionError)
         err = cls.__new__(cls)
+        message = data.get("message", "")
+        details = data.get("details") or {}
+        if not isinstance(details, dict):
+            details = {"malformed": safe_text(details, MAX_TEXT_CHARS)}
         ExecutionError.__init__(
             err,
-            str(data.get("message", "")),
-            execution_id=data.get("execution_id"),
-            plugin_id=data.get("plugin_id"),
-            handler_id=data.get("handler_id"),
-            details=data.get("details") or {},
+            message if type(message) is str else safe_text(message),
+            execution_id=_text_or_none(data.get("execution_id")),
+            plugin_id=_text_or_none(data.get("plugin_id")),
+            handler_id=_text_or_none(data.get("handler_id")),
+            details=details,
         )
         if cls is ExecutionError and code != ExecutionError.code:
             err.code = code  # type: ignore[misc]
         return err
+
+
+# -- rendering: reporting a failure must not fail ---------------------------------------------
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if value is None or type(value) is str else safe_text(value, 200)
+
+
+def clip_text(text: str, limit: int) -> str:
+    """``text``, or when longer than ``limit`` characters its head and tail around a note
+    of how much was cut (both ends: a message's start and a traceback's last lines matter)."""
+    if len(text) <= limit:
+        return text
+    note = f"\n... [{len(text) - limit} characters cut] ...\n"
+    keep = max(limit - len(note), 0)
+    head = keep // 2
+    return text[:head] + note + text[len(text) - (keep - head) :]
+
+
+def _type_name(value: object, qualified: bool = False) -> str:
+    kind = type(value)
+    try:
+        name = kind.__qualname__
+        if qualified:
+            name = f"{kind.__module__}.{name}"
+        if type(name) is str:
+            return name
+    except BaseException:  # a hostile metaclass
+        pass
+    return "<unnamed type>"
+
+
+def safe_text(value: object, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``str(value)``, else ``repr(value)``, else a placeholder naming its type: never raises
+    (whatever ``__str__``/``__repr__`` raise, ``BaseException`` included), at most ``limit``
+    characters (see :func:`clip_text`)."""
+    for render in (str, repr):
+        try:
+            text = render(value)
+            return clip_text(str.__str__(text), limit)  # a str subclass's methods: not called
+        except BaseException:
+            continue
+    return f"<{_type_name(value)} object: str() and repr() failed>"
+
+
+def format_traceback(exc: BaseException, limit: int = MAX_TEXT_CHARS) -> str:
+    """The traceback text of ``exc`` (its chain included), at most ``limit`` characters.
+
+    Never raises: when :mod:`traceback` fails (a frame whose source lookup raises, say), the
+    frames are listed without source lines and the failure is named.
+    """
+    import traceback
+
+    try:
+        return clip_text("".join(traceback.format_exception(exc)), limit)
+    except BaseException as failure:
+        why = f"{_type_name(failure)}: {safe_text(failure, 200)}"
+    lines = ["Traceback (most recent call last):\n"]
+    try:
+        tb = exc.__traceback__
+        while tb is not None and len(lines) < 1000:
+            code = tb.tb_frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
+            tb = tb.tb_next
+    except BaseException:
+        lines.append("  <the frames could not be listed>\n")
+    lines.append(f"{_type_name(exc)}: {safe_text(exc)}\n")
+    lines.append(f"(the traceback module failed on this exception: {why})\n")
+    return clip_text("".join(lines), limit)
+
+
+def handler_error(exc: BaseException, what: str = "handler raised") -> HandlerError:
+    """``HANDLER_ERROR`` for what a handler raised: its type's qualified name, its message
+    and its traceback text, each as far as it can be rendered. Never raises."""
+    name = _type_name(exc)
+    return HandlerError(
+        f"{what} {name}: {safe_text(exc)}",
+        details={
+            "remote_type": _type_name(exc, qualified=True),
+            "remote_traceback": format_traceback(exc),
+        },
+    )
+
+
+_MAX_PLAIN_DEPTH = 16
+#: About how much of an error's details goes on the wire (texts count their length, other
+#: values 8): a few of the longest texts, or many small values, never a frame's worth.
+_DETAILS_BUDGET = 1 << 20
+
+
+def _plain(value: object, depth: int, budget: list[int]) -> object:
+    """``value`` as msgpack-safe plain data: containers copied, texts clipped, anything
+    else (or nested too deep) rendered as text. Charges ``budget[0]`` what it keeps."""
+    if type(value) is str:
+        value = clip_text(value, MAX_TEXT_CHARS)
+        budget[0] -= len(value)
+        return value
+    if type(value) is bytes:
+        value = value[:MAX_TEXT_CHARS]
+        budget[0] -= len(value)
+        return value
+    budget[0] -= 8
+    if type(value) is int:
+        return value if -(2**63) <= value < 2**64 else safe_text(value, 200)
+    if value is None or type(value) is bool or type(value) is float:
+        return value
+    if depth < _MAX_PLAIN_DEPTH:
+        if type(value) is list or type(value) is tuple:
+            items: list[object] = []
+            for item in value:
+                if budget[0] <= 0:
+                    items.append(f"... {len(value) - len(items)} more items cut")
+                    break
+                items.append(_plain(item, depth + 1, budget))
+            return items
+        if type(value) is dict:
+            return _plain_dict(value, depth, budget)
+    text = safe_text(value, min(MAX_TEXT_CHARS, max(budget[0], 200)))
+    budget[0] -= len(text)
+    return text
+
+
+def _plain_dict(value: dict[Any, Any], depth: int, budget: list[int]) -> dict[str, object]:
+    plain: dict[str, object] = {}
+    for key, item in value.items():
+        if budget[0] <= 0:
+            plain["..."] = f"{len(value) - len(plain)} more entries cut"
+            break
+        plain[key if type(key) is str else safe_text(key, 200)] = _plain(item, depth + 1, budget)
+    return plain
+
+
+def plain_error(error: ExecutionError) -> dict[str, Any]:
+    """``error.to_dict()`` fit for the wire whatever the error holds: plain data only (other
+    values become their text), the message cut to :data:`MAX_MESSAGE_CHARS`, every text in
+    the details to :data:`MAX_TEXT_CHARS`, about 1 MiB of details in all. Never raises: an error
+    whose ``to_dict`` fails is reported as the ``HANDLER_ERROR`` of that failure."""
+    try:
+        data = error.to_dict()
+        code = data.get("code")
+        details = data.get("details")
+        return {
+            "code": code if type(code) is str else safe_text(code, 200),
+            "message": safe_text(data.get("message"), MAX_MESSAGE_CHARS),
+            "execution_id": _text_or_none(data.get("execution_id")),
+            "plugin_id": _text_or_none(data.get("plugin_id")),
+            "handler_id": _text_or_none(data.get("handler_id")),
+            "details": _plain_dict(dict(details), 0, [_DETAILS_BUDGET])
+            if isinstance(details, dict)
+            else {"malformed": safe_text(details, MAX_TEXT_CHARS)},
+        }
+    except BaseException as exc:
+        return plain_error(handler_error(exc, "reporting the error failed:"))
 
 
 def _detail(name: str, doc: str) -> property:

@@ -15,7 +15,13 @@ import builtins
 import importlib
 import sys
 
-from .errors import HandlerContractError, HandlerNotFoundError, ValidationError
+from .errors import (
+    HandlerContractError,
+    HandlerNotFoundError,
+    ValidationError,
+    format_traceback,
+    safe_text,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,13 +47,13 @@ def import_entry(entry: str, root: str | None = None) -> Any:
         sys.path.insert(0, root)
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:
-        import traceback
-
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # in-process, it may be the user's Ctrl-C
+            raise
         raise HandlerNotFoundError(
             f"entry {entry!r}: module {module_name!r} failed to import: "
-            f"{type(exc).__name__}: {exc}",
-            details={"entry": entry, "traceback": traceback.format_exc(limit=-8)},
+            f"{type(exc).__name__}: {safe_text(exc)}",
+            details={"entry": entry, "traceback": format_traceback(exc)},
         ) from None
     for name in attr_path.split("."):
         try:
@@ -123,10 +129,12 @@ class Handler:
         if isinstance(target, type):
             try:
                 target = target()
-            except Exception as exc:
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
                 raise HandlerContractError(
                     f"entry {entry!r}: handler class could not be instantiated without "
-                    f"arguments: {type(exc).__name__}: {exc}",
+                    f"arguments: {type(exc).__name__}: {safe_text(exc)}",
                     details={"entry": entry},
                 ) from None
         execute = getattr(target, "execute", None)

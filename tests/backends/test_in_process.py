@@ -154,8 +154,12 @@ async def test_sync_timeout_is_real_and_sets_cancelled(registry, workspaces) -> 
         type="in-process", registry=registry, workspace=workspaces, thread_grace=10
     ) as backend:
         with trio.fail_after(5):
-            with pytest.raises(ExecutionTimeoutError):
+            with pytest.raises(ExecutionTimeoutError) as caught:
                 await backend.execute(req("sleep_sync", {"seconds": 0.5}), timeout=0.05)
+        # honest: the thread was abandoned, not stopped
+        assert "the thread was abandoned and runs on" in caught.value.message
+        assert "stopped (" not in caught.value.message.replace("could not be stopped", "")
+        assert caught.value.details == {"timeout_s": 0.05, "abandoned": True}
         assert backend.stats().failed_by_code == {"TIMEOUT": 1}
         assert (await backend.health()).details["threads_running"] == 1
     # leaving the block waited for the abandoned thread

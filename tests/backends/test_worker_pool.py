@@ -129,11 +129,18 @@ async def test_timeout_kills_a_cpu_loop_and_replaces_the_worker(registry, worksp
 
 
 async def test_async_timeout_is_cooperative(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
-    async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
+    # Not a race against the clock: the worker gets all the grace it could need to answer the
+    # Cancel (it was killed after the 0.3 s grace when, under load, its first async handler
+    # waited for trio's import, which took ~1 s: a replacement with another pid). Its trio
+    # loop is started first, and the call must end long before the grace would.
+    async with pool(registry, workspaces, min_workers=1, max_workers=1, cancel_grace=60) as backend:
         await full_strength(backend, 1)
+        await backend.execute(req("echo"))  # starts the worker's loop for async handlers
         pid = (await backend.execute(req("whoami"))).output["pid"]
+        started = time.monotonic()
         with pytest.raises(ExecutionTimeoutError):
             await backend.execute(req("sleep", {"seconds": 30}), timeout=0.3)
+        assert time.monotonic() - started < 30  # the worker answered: not killed after the grace
         # the handler honoured Cancel, so its worker was kept
         assert (await backend.execute(req("whoami"))).output["pid"] == pid
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import time
-import traceback
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
@@ -25,6 +24,8 @@ from ..errors import (
     BackendClosedError,
     ExecutionError,
     ExecutionTimeoutError,
+    format_traceback,
+    safe_text,
 )
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
@@ -394,8 +395,9 @@ class ExecutionBackend(abc.ABC):
             raise
         except Exception as exc:
             error = ExecutionError(
-                f"internal error in the {self.name} backend: {type(exc).__name__}: {exc}",
-                details={"traceback": traceback.format_exc()},
+                f"internal error in the {self.name} backend: {type(exc).__name__}: "
+                f"{safe_text(exc)}",
+                details={"traceback": format_traceback(exc)},
             )
         else:
             stats.record_ok(result.duration_s)

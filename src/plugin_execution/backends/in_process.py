@@ -15,14 +15,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..context import ExecutionContext
-from ..errors import ExecutionError, HandlerContractError, HandlerError, WorkspaceError
+from ..errors import (
+    ExecutionError,
+    ExecutionTimeoutError,
+    HandlerContractError,
+    WorkspaceError,
+    handler_error,
+)
 from ..handlers import Handler, load_handler
 from ..types import ExecutionResult, check_serializable
 from ..workspace import WorkspaceLease, WorkspaceManager
@@ -34,16 +39,14 @@ if TYPE_CHECKING:
 __all__ = ["InProcessBackend"]
 
 
-def handler_error(exc: BaseException) -> HandlerError:
-    """Wrap what a handler raised, keeping its type name and traceback text."""
-    kind = type(exc)
-    return HandlerError(
-        f"handler raised {kind.__name__}: {exc}",
-        details={
-            "remote_type": f"{kind.__module__}.{kind.__qualname__}",
-            "remote_traceback": "".join(traceback.format_exception(exc)),
-        },
-    )
+def _the_callers(exc: BaseException) -> bool:
+    """``exc`` ends the caller's task, not the handler: a cancellation, or Ctrl-C (trio
+    raises ``KeyboardInterrupt`` in whatever code runs on the main thread, an async
+    handler's included, so one from an async handler cannot be told from the user's); or
+    a group of nothing else (a handler's nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split((trio.Cancelled, KeyboardInterrupt))[1] is None
+    return isinstance(exc, trio.Cancelled | KeyboardInterrupt)
 
 
 class _LazyWorkspace:
@@ -98,6 +101,17 @@ def session_contract_error(entry: str) -> HandlerContractError:
     )
 
 
+def _abandoned(job: Job) -> ExecutionTimeoutError:
+    """The timeout of a sync handler, which was not stopped: its thread runs on."""
+    return ExecutionTimeoutError(
+        f"execution exceeded its {job.timeout:g} s timeout; its sync handler could not be "
+        "stopped (a thread cannot be killed): the thread was abandoned and runs on until the "
+        "handler returns, its result discarded (ctx.cancelled is now true; a process backend "
+        "kills such a handler)",
+        details={"timeout_s": job.timeout, "abandoned": True},
+    )
+
+
 class InProcessBackend(ExecutionBackend):
     """Runs handlers in this process and this trio loop."""
 
@@ -110,6 +124,11 @@ class InProcessBackend(ExecutionBackend):
         self._threads_running = 0
         self._threads_idle = trio.Event()
         self._threads_idle.set()
+
+    @property
+    def thread_grace(self) -> float:
+        """How long leaving the block waits for abandoned sync-handler threads, in seconds."""
+        return self._thread_grace
 
     def _handler(self, job: Job) -> Handler:
         key = (job.target.entry, job.target.root)
@@ -148,12 +167,16 @@ class InProcessBackend(ExecutionBackend):
                         output = await self._run_in_thread(handler, ctx, request.input)
                 except ExecutionError:
                     raise
-                except Exception as exc:
+                except BaseException as exc:
+                    if _the_callers(exc):
+                        raise
+                    # SystemExit, GeneratorExit, a BaseException of its own: the handler's
+                    # failure, never the host's exit.
                     raise handler_error(exc) from None
                 finally:
                     ctx.cancel()
             if scope.cancelled_caught:
-                raise job.timeout_error()
+                raise job.timeout_error() if handler.is_async else _abandoned(job)
         finally:
             await workspace.close()
         output = handler.plain_output(output)
@@ -177,6 +200,12 @@ class InProcessBackend(ExecutionBackend):
         def run() -> Any:
             try:
                 return handler.call(ctx, input)
+            except ExecutionError:
+                raise
+            except BaseException as exc:
+                # Even KeyboardInterrupt: a signal never reaches this thread, so it is the
+                # handler's own. Rendered here, where it was raised.
+                raise handler_error(exc) from None
             finally:
                 # Fire and forget: the count matters only to _stop, which runs in the loop.
                 with contextlib.suppress(trio.RunFinishedError):

@@ -31,9 +31,11 @@ from ..errors import (
     ExecutionError,
     ExecutionTimeoutError,
     HandlerContractError,
-    HandlerError,
     PermissionDeniedError,
     WorkerCrashedError,
+    handler_error,
+    plain_error,
+    safe_text,
 )
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
@@ -79,22 +81,24 @@ def _handler_error(exc: BaseException) -> ExecutionError:
     """What the caller sees of a handler's exception: ``HANDLER_ERROR``, except an OSError by
     which the kernel refused an access (EACCES, EPERM, EROFS): the sandbox (or plain file
     permissions) stopped the handler, which is ``PERMISSION_DENIED``, naming the path when
-    the error has one."""
-    import traceback
-
-    kind = type(exc)
-    details: dict[str, Any] = {
-        "remote_type": f"{kind.__module__}.{kind.__qualname__}",
-        "remote_traceback": "".join(traceback.format_exception(exc)),
-    }
-    if isinstance(exc, OSError) and exc.errno in _DENIED_ERRNOS:
-        details["errno"] = errno.errorcode[exc.errno]
-        if exc.filename is not None:
-            details["resource"] = os.fsdecode(exc.filename)
-        return PermissionDeniedError(
-            f"the system refused the handler: {kind.__name__}: {exc}", details=details
-        )
-    return HandlerError(f"handler raised {kind.__name__}: {exc}", details=details)
+    the error has one. Never raises, whatever the exception (see ``errors.handler_error``)."""
+    error = handler_error(exc)
+    try:
+        if isinstance(exc, OSError) and exc.errno in _DENIED_ERRNOS:
+            details = dict(error.details, errno=errno.errorcode[exc.errno])
+            if exc.filename is not None:
+                details["resource"] = safe_text(
+                    os.fsdecode(exc.filename)
+                    if isinstance(exc.filename, str | bytes)
+                    else exc.filename
+                )
+            return PermissionDeniedError(
+                f"the system refused the handler: {type(exc).__name__}: {safe_text(exc)}",
+                details=details,
+            )
+    except BaseException:  # a hostile OSError subclass: report it as what it raised
+        pass
+    return error
 
 
 class _Stop(Exception):
@@ -603,8 +607,9 @@ class Worker:
         self._running[execution_id] = running = _Running(ctx)
         try:
             handler, warm = self._handler(msg["entry"], msg.get("root"))
-        except ExecutionError as exc:
-            self._finish(execution_id, error=exc)
+        except BaseException as exc:  # what importing plugin code raised, whatever it is
+            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
+            self._finish(execution_id, error=error)
             return
         ctx.blocking = not handler.is_async
         channel = self._channel_of.pop(execution_id, None)
@@ -692,7 +697,11 @@ class Worker:
             except MemoryError:
                 self._out_of_memory(msg["execution_id"])
                 return
-            except Exception as exc:
+            except BaseException as exc:
+                if _is_cancellation(exc, trio.Cancelled):
+                    raise  # the scope's: a timeout or the host's Cancel, reported below
+                # SystemExit, KeyboardInterrupt, GeneratorExit...: the handler's, like any
+                # other exception; they must not end the loop other handlers run on.
                 self._finish(msg["execution_id"], error=_handler_error(exc))
                 return
             finally:
@@ -752,12 +761,13 @@ class Worker:
             try:
                 self.send("result", fields, big="output")
                 return
-            except (TypeError, ValueError, OverflowError) as exc:
+            except BaseException as exc:  # msgpack's errors, or what a hostile value raised
                 error = _InvalidRequest(
                     f"the handler's output is not serializable (plain data only): "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {safe_text(exc)}"
                 )
-        self.send("error", {"execution_id": execution_id, "error": error.to_dict()})
+        # Bounded plain data, whatever the error holds: sending it cannot fail.
+        self.send("error", {"execution_id": execution_id, "error": plain_error(error)})
 
     def _await_on_loop(self, awaitable: Any) -> Any:
         """Run an awaitable on the trio loop and wait for it (from an executor thread)."""
@@ -781,12 +791,18 @@ class Worker:
             pending = handler.warmup()
             if hasattr(pending, "__await__"):
                 self._await_on_loop(pending)
-        except ExecutionError as exc:
-            self.send("warmed", {**fields, "ok": False, "error": exc.to_dict()})
-        except Exception as exc:
-            self.send("warmed", {**fields, "ok": False, "error": _handler_error(exc).to_dict()})
+        except BaseException as exc:  # a warm-up hook is plugin code: anything goes
+            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
+            self.send("warmed", {**fields, "ok": False, "error": plain_error(error)})
         else:
             self.send("warmed", {**fields, "ok": True, "error": None})
+
+
+def _is_cancellation(exc: BaseException, cancelled: type[BaseException]) -> bool:
+    """``exc`` is trio's ``Cancelled``, or a group of nothing else (a handler's nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(cancelled)[1] is None
+    return isinstance(exc, cancelled)
 
 
 def _wait_writable(fd: int) -> None:
