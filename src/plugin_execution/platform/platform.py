@@ -9,7 +9,7 @@ are the same on every backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import trio
@@ -49,6 +49,8 @@ class Platform:
     - ``max_transfer_bytes``: cap on one file read/write, blob, HTTP body or command
       output (default 32 MiB, under the worker protocol's 64 MiB frame limit).
     - ``max_invoke_depth``: how deep ``ctx.invoke`` chains may go (default 8).
+    - ``shell_sandbox``: the kernel layers ``ctx.shell`` commands run under, on every backend
+      (default ``True``: every layer this machine has; see docs/sandbox.md).
 
     A backend enters the platform while it runs (``async with platform``, re-entrant); when
     the last user leaves, the HTTP client's connections and a temporary storage directory
@@ -66,6 +68,7 @@ class Platform:
         http_transport: httpx.AsyncBaseTransport | None = None,
         max_transfer_bytes: int = 32 * _MiB,
         max_invoke_depth: int = 8,
+        shell_sandbox: bool | Iterable[str] = True,
     ) -> None:
         if storage is not None and storage_root is not None:
             raise ValueError("pass storage_root or storage, not both")
@@ -82,7 +85,9 @@ class Platform:
             "storage": StorageService(self.storage, max_transfer_bytes),
             "events": EventsService(self.events),
             "fetch": self._fetch,
-            "shell": ShellService(environ=environ, max_bytes=max_transfer_bytes),
+            "shell": ShellService(
+                environ=environ, max_bytes=max_transfer_bytes, sandbox=shell_sandbox
+            ),
             "invoke": InvokeService(max_invoke_depth),
         }
         self._methods: dict[tuple[str, str], Callable[..., Awaitable[Any]]] = {
