@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from plugin_execution import (
     ExecutionBackend,
     ExecutionRequest,
+    ExecutionTimeoutError,
     PluginRegistry,
     WorkspaceManager,
     create_execution_backend,
 )
+from plugin_execution.manifest import Permissions, ShellPermissions
 from plugin_execution.platform import Platform
+from plugin_execution.platform.shell import ShellService
 from plugin_execution.sandbox import detect
 from plugin_execution.sandbox.capabilities import has_any as host_has_capabilities
 
@@ -294,3 +298,33 @@ async def test_plugin_children_send_udp_only_with_network_connect(
             ExecutionRequest(plugin_id="deputy.network", handler_id="udp", input={"port": port})
         )
         assert result.output == "sent" and received(udp_server) == [b"leak"]
+
+
+async def test_commands_of_one_plugin_run_a_few_at_a_time(tmp_path: Path) -> None:
+    # output is bounded per command; slots bound how many commands (so buffers) one plugin
+    # and the whole host hold at once. A command past its plugin's slots waits, then times out.
+    service = ShellService(environ=dict(os.environ), max_bytes=CAP, max_per_plugin=1)
+    async with Platform(storage_root=tmp_path / "storage") as platform:
+
+        def session(execution_id: str, plugin_id: str) -> Any:
+            (tmp_path / execution_id).mkdir()
+            return platform.session(
+                execution_id=execution_id,
+                plugin_id=plugin_id,
+                handler_id="h",
+                permissions=Permissions(shell=ShellPermissions(allow=(sys.executable,))),
+                workspace=str(tmp_path / execution_id),
+            )
+
+        first, second, other = session("e1", "p"), session("e2", "p"), session("e3", "q")
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run, first, sleeper)
+            while service._slots.borrowed_tokens < 1:
+                await trio.sleep(0.01)
+            with pytest.raises(ExecutionTimeoutError, match="free command slot"):
+                await service.run(second, [sys.executable, "-c", "pass"], timeout=0.5)
+            done = await service.run(other, [sys.executable, "-c", "pass"], timeout=30)
+            assert done["returncode"] == 0  # another plugin is not held up
+            nursery.cancel_scope.cancel()  # kills and reaps the sleeper
+    assert service._per_plugin == {}  # no entry is kept for a plugin with no command

@@ -99,3 +99,29 @@ def test_contain_allows_processes_but_keeps_them_in_the_group() -> None:
     assert result["shell"] == 0 and result["same group"] is True
     assert result["new session"] == "PermissionError:EPERM"  # the child's setsid, reported
     assert result["setsid in a child"] == 13
+
+
+@needs("seccomp")
+def test_no_network_socket_unless_allowed() -> None:
+    code = """
+        import socket
+        from plugin_execution.sandbox import seccomp
+        seccomp.install(allow_inet=allow_inet)
+        def make(family, kind):
+            return lambda: socket.socket(family, kind).close() or "made"
+        result = {
+            "udp": attempt(make(socket.AF_INET, socket.SOCK_DGRAM)),
+            "tcp6": attempt(make(socket.AF_INET6, socket.SOCK_STREAM)),
+            "unix": attempt(make(socket.AF_UNIX, socket.SOCK_STREAM)),
+            "pair": attempt(lambda: [s.close() for s in socket.socketpair()] and "made"),
+        }
+        """
+    denied = run_in_child(code, allow_inet=False)
+    assert denied == {
+        "udp": "PermissionError:EPERM",
+        "tcp6": "PermissionError:EPERM",
+        "unix": "made",  # the worker's own protocol and trio's wake-up need these
+        "pair": "made",
+    }
+    allowed = run_in_child(code, allow_inet=True)
+    assert set(allowed.values()) == {"made"}

@@ -17,7 +17,8 @@ variables, and ``HOME`` = ``TMPDIR`` = a fresh empty directory made for this one
 the workspace, where the plugin could plant a ``.gitconfig``), removed after it.
 
 Output is read as it comes: once stdout and stderr together pass ``max_bytes``, the command's
-process group is killed and the result says ``truncated`` (what came first is kept).
+process group is killed and the result says ``truncated`` (what came first is kept). At most
+``max_per_plugin`` commands of one plugin, and ``max_concurrent`` in all, run at once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -66,10 +68,13 @@ class ShellService:
     """Host side of ``ctx.shell``.
 
     ``max_bytes``: what a command may write to stdout and stderr together before it is
-    killed. ``sandbox``: the layers its commands run under, as the subprocess backend's
-    option: ``True`` (every layer this machine has), a tuple of the layers required (the
-    first command fails if one is missing), or ``False`` (none: only its own session, the
-    environment allow-list, the fresh ``HOME`` and the output cap).
+    killed. ``max_concurrent`` / ``max_per_plugin``: commands running at once on the host /
+    for one plugin (16 / 4); more wait, within their timeout. So the host holds at most
+    ``max_concurrent * max_bytes`` of command output. ``sandbox``: the layers its commands
+    run under, as the subprocess backend's option: ``True`` (every layer this machine has),
+    a tuple of the layers required (the first command fails if one is missing), or ``False``
+    (none: only its own session, the environment allow-list, the fresh ``HOME`` and the
+    output cap).
     """
 
     def __init__(
@@ -78,9 +83,14 @@ class ShellService:
         environ: Mapping[str, str] | None,
         max_bytes: int,
         sandbox: bool | Iterable[str] = True,
+        max_concurrent: int = 16,
+        max_per_plugin: int = 4,
     ) -> None:
         self.environ = environ
         self.max_bytes = max_bytes
+        self.max_per_plugin = max_per_plugin
+        self._slots = trio.CapacityLimiter(max_concurrent)
+        self._per_plugin: dict[str, trio.CapacityLimiter] = {}
         self._sandbox_option = check_layers(sandbox)
         self._policy: SandboxPolicy | None = None
 
@@ -134,6 +144,44 @@ class ShellService:
         seconds = min(seconds, max(0.0, session.remaining()))
         cwd = session.ensure_workspace()
         policy = await self.policy()
+        started = False
+        with trio.move_on_after(seconds) as scope:
+            async with self._slot(session.plugin_id):
+                started = True
+                return await self._run_in_sandbox(
+                    policy, session, executable, list(argv), cwd, stdin
+                )
+        assert scope.cancelled_caught
+        raise ExecutionTimeoutError(
+            f"command {argv[0]!r} ran longer than {seconds:g} s and was killed"
+            if started
+            else f"command {argv[0]!r} waited {seconds:g} s for a free command slot; never run",
+            details={"timeout_s": seconds},
+        )
+
+    @asynccontextmanager
+    async def _slot(self, plugin_id: str) -> AsyncIterator[None]:
+        """One of the plugin's command slots and one of the host's (output buffers are
+        bounded per command: these bound them per plugin and in total)."""
+        limiter = self._per_plugin.get(plugin_id)
+        if limiter is None:
+            limiter = self._per_plugin[plugin_id] = trio.CapacityLimiter(self.max_per_plugin)
+        try:
+            async with limiter, self._slots:
+                yield
+        finally:
+            if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+                self._per_plugin.pop(plugin_id, None)
+
+    async def _run_in_sandbox(
+        self,
+        policy: SandboxPolicy,
+        session: PlatformSession,
+        executable: str,
+        argv: list[str],
+        cwd: str,
+        stdin: bytes | None,
+    ) -> dict[str, Any]:
         home = tempfile.mkdtemp(prefix="plugin-execution-home-")
         try:
             env = self._environment(session, home)
@@ -144,14 +192,8 @@ class ShellService:
                 "limits": _limits(session.permissions),
                 "sandbox": sandbox.spec,
             }
-            command = sandbox.command(launcher.argv(spec, list(argv)))
-            with trio.move_on_after(seconds) as scope:
-                return await _run_capped(command, sandbox, cwd, env, stdin, self.max_bytes)
-            assert scope.cancelled_caught
-            raise ExecutionTimeoutError(
-                f"command {argv[0]!r} ran longer than {seconds:g} s and was killed",
-                details={"timeout_s": seconds},
-            )
+            command = sandbox.command(launcher.argv(spec, argv))
+            return await _run_capped(command, sandbox, cwd, env, stdin, self.max_bytes)
         finally:
             with trio.CancelScope(shield=True):  # fd-based: safe on a tree the command made
                 await trio.to_thread.run_sync(shutil.rmtree, home, True)
