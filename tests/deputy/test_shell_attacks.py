@@ -211,6 +211,36 @@ async def test_a_command_holds_no_capability(backend: ExecutionBackend) -> None:
     assert int(out["stdout"], 16) == 0
 
 
+def processes_running(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+async def test_what_a_command_leaves_running_ends_with_it(
+    backend: ExecutionBackend, tmp_path: Path
+) -> None:
+    # the leftover holds the output pipe: without the group kill the call would hang
+    marker = f"left-behind-{tmp_path.name}"
+    code = (
+        "import subprocess, sys;"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}]);"
+        "print('started')"
+    )
+    out = await shell(backend, "python", [sys.executable, "-c", code], timeout=20)
+    assert out["returncode"] == 0 and out["stdout"] == "started\n"
+    with trio.move_on_after(5):  # SIGKILL is sent at once; dying takes a moment
+        while processes_running(marker):
+            await trio.sleep(0.05)
+    assert processes_running(marker) == []
+
+
 # -- output is bounded while it streams ----------------------------------------------------------
 
 

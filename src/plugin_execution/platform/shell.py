@@ -263,6 +263,9 @@ async def _run_capped(
     child = sandbox.adopt(process)
     output = _Output(limit)
     assert process.stdout is not None and process.stderr is not None
+    # Until the leader is reaped its pid, the group's id, is reserved: every kill of the group
+    # below happens before the reaping, so it can never reach a process that reused the id.
+    exited = os.pidfd_open(process.pid)
     try:
         async with trio.open_nursery() as nursery:
 
@@ -277,12 +280,14 @@ async def _run_capped(
             async with trio.open_nursery() as readers:
                 readers.start_soon(output.drain, "stdout", process.stdout)
                 readers.start_soon(output.drain, "stderr", process.stderr)
-                await child.wait()
+                await trio.lowlevel.wait_readable(exited)  # it exited; not reaped yet
                 # what the command left running (and holding the pipes) ends with it
                 _kill_group(process.pid)
             nursery.cancel_scope.cancel()
     finally:
         _kill_group(process.pid)
+        trio.lowlevel.notify_closing(exited)
+        os.close(exited)
         with trio.CancelScope(shield=True):
             await child.wait()
             for stream in (process.stdin, process.stdout, process.stderr):
