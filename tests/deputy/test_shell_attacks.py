@@ -163,6 +163,18 @@ async def test_cat_reads_only_what_the_plugin_may(
         assert not leaked(out, SECRET, shadow), target
 
 
+async def test_control_without_the_sandbox_the_attack_works(
+    deputies: PluginRegistry, workspaces: WorkspaceManager, secret: Path, tmp_path: Path
+) -> None:
+    # the suite tests the sandbox, not the attempts: with shell_sandbox=False they succeed
+    platform = Platform(storage_root=tmp_path / "storage", shell_sandbox=False)
+    async with create_execution_backend(
+        type="in-process", registry=deputies, workspace=workspaces, platform=platform
+    ) as backend:
+        out = await shell(backend, "cat", ["cat", str(secret)])
+    assert out["returncode"] == 0 and out["stdout"] == SECRET
+
+
 @needs("landlock")
 async def test_a_command_writes_its_workspace_and_nothing_else(
     backend: ExecutionBackend, tmp_path: Path
