@@ -341,14 +341,17 @@ class FetchClient(_Client):
 
 
 class ShellResult:
-    """A finished command: ``returncode``, ``stdout`` and ``stderr`` (bytes)."""
+    """A finished command: ``returncode`` (``-N`` when killed by signal N), ``stdout`` and
+    ``stderr`` (bytes), and ``truncated``: the output passed the platform's limit, so the
+    command was killed (``returncode`` -9) and only what came first is here."""
 
-    __slots__ = ("returncode", "stderr", "stdout")
+    __slots__ = ("returncode", "stderr", "stdout", "truncated")
 
     def __init__(self, reply: dict[str, Any]) -> None:
         self.returncode: int = reply["returncode"]
         self.stdout: bytes = reply["stdout"]
         self.stderr: bytes = reply["stderr"]
+        self.truncated: bool = bool(reply.get("truncated", False))
 
     @property
     def ok(self) -> bool:
@@ -367,9 +370,10 @@ class ShellClient(_Client):
     def run(
         self, argv: list[str], *, timeout: float | None = None, input: bytes | str | None = None
     ) -> Any:
-        """Run ``argv`` (a list: never a shell string) in the workspace and capture its
-        output; returns a :class:`ShellResult` whatever the exit status. Past ``timeout``
-        (and at the execution's deadline) the command is killed: ``ExecutionTimeoutError``."""
+        """Run ``argv`` (a list: never a shell string) in the workspace, inside the plugin's
+        own sandbox, and capture its output; returns a :class:`ShellResult` whatever the exit
+        status (output past the limit: ``truncated``). Past ``timeout`` (and at the
+        execution's deadline) the command is killed: ``ExecutionTimeoutError``."""
         if isinstance(argv, str):
             raise TypeError("argv must be a list of strings, not a shell command line")
         return self._then(ShellResult, "run", list(argv), timeout=timeout, input=input)

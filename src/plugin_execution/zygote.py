@@ -183,6 +183,25 @@ class Zygote:
         self._children.clear()
 
 
+async def _end_with(process: trio.Process) -> None:
+    """When the zygote's process exits, kill what is left of its process group.
+
+    Under bubblewrap that process is bwrap, and the zygote its child (same group): killed
+    alone, bwrap would leave the zygote serving with nobody to watch it. Its exit is seen
+    through a pidfd, before it is reaped, so the group's id cannot have been reused.
+    """
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 @asynccontextmanager
 async def open_zygote(
     *,
@@ -236,6 +255,7 @@ async def open_zygote(
         with unwrap_single():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(zygote._read_loop)
+                nursery.start_soon(_end_with, process)
                 try:
                     yield zygote
                 finally:

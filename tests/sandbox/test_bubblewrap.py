@@ -26,7 +26,8 @@ def test_command_for_a_spawned_child() -> None:
         read=["/tmp/venv", "/usr/lib/python3", "/tmp/venv/lib"],
         write=["/srv/out"],
     )
-    assert argv[:2] == ["/usr/bin/bwrap", "--die-with-parent"]
+    assert argv[0] == "/usr/bin/bwrap"
+    assert "--die-with-parent" not in argv  # see test_a_sandbox_outlives_the_thread_...
     assert argv[-4:] == ["--", "python", "-c", "pass"]
     for flag in ("--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"):
         assert flag in argv
@@ -121,3 +122,22 @@ async def test_concurrent_waiters() -> None:
             for _ in range(3):
                 nursery.start_soon(wait, wrapped, codes)
         assert codes == [7, 7, 7]
+
+
+@needs("bubblewrap")
+async def test_a_sandbox_outlives_the_thread_that_started_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # trio starts processes from worker threads that exit after IDLE_TIMEOUT (10 s) idle;
+    # with --die-with-parent, bwrap's PR_SET_PDEATHSIG fired then and killed every sandbox
+    # (spawned executions, the zygote, ctx.shell commands) 10 s after it started.
+    from trio._core import _thread_cache
+
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.2)
+    assert SUPPORT.bwrap is not None
+    argv = bubblewrap.command(
+        ["/bin/sleep", "2"], bwrap=SUPPORT.bwrap, workspace=os.getcwd(), pid_namespace=True
+    )
+    process = bubblewrap.WrappedProcess(await trio.lowlevel.open_process(argv))
+    with trio.fail_after(30):
+        assert await process.wait() == 0  # not -9

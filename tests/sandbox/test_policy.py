@@ -111,6 +111,7 @@ def test_child_spec_from_permissions(tmp_path: Path) -> None:
     assert rules["execute"] == []
     assert rules["tcp_connect"] == [5432, 8080]
     assert child.spec["seccomp"] == "deny"
+    assert child.spec["seccomp_inet"] is True  # network.connect granted: sockets may be made
     argv = child.command(["python"])
     assert argv[0] == "/usr/bin/bwrap" and argv[-2:] == ["--", "python"]
     assert "--unshare-net" not in argv  # network.connect granted
@@ -131,6 +132,13 @@ def test_any_port_and_shell_allow() -> None:
     assert rules["execute"][0] == sh
     assert any("ld-" in path for path in rules["execute"][1:])  # the dynamic loader
     assert child.spec["seccomp"] == "contain" and "seccomp" in child.layers  # may fork
+
+
+def test_no_network_socket_without_network_connect() -> None:
+    policy = SandboxPolicy(True, support("seccomp"))
+    for zygote in (False, True):  # the same filter, whoever starts the child
+        child = policy.for_child(Permissions(), workspace="/w", root=None, env={}, zygote=zygote)
+        assert child.spec["seccomp_inet"] is False
 
 
 def test_zygote_children_are_not_wrapped() -> None:

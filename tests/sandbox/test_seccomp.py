@@ -11,10 +11,11 @@ from plugin_execution.sandbox import seccomp
 from .conftest import needs, run_in_child
 
 
+@pytest.mark.parametrize("allow_inet", [False, True])
 @pytest.mark.parametrize("allow_spawning", [False, True])
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
-def test_the_program_is_well_formed(machine: str, allow_spawning: bool) -> None:
-    program = seccomp.spawn_filter(machine, allow_spawning=allow_spawning)
+def test_the_program_is_well_formed(machine: str, allow_spawning: bool, allow_inet: bool) -> None:
+    program = seccomp.spawn_filter(machine, allow_spawning=allow_spawning, allow_inet=allow_inet)
     assert len(program) % 8 == 0
     insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
     for index, (code, jt, jf, _k) in enumerate(insns):
@@ -99,3 +100,33 @@ def test_contain_allows_processes_but_keeps_them_in_the_group() -> None:
     assert result["shell"] == 0 and result["same group"] is True
     assert result["new session"] == "PermissionError:EPERM"  # the child's setsid, reported
     assert result["setsid in a child"] == 13
+
+
+@needs("seccomp")
+def test_no_network_socket_unless_allowed() -> None:
+    code = """
+        import socket
+        from plugin_execution.sandbox import _libc, seccomp
+        seccomp.install(allow_inet=allow_inet)
+        def make(family, kind):
+            return lambda: socket.socket(family, kind).close() or "made"
+        result = {
+            "udp": attempt(make(socket.AF_INET, socket.SOCK_DGRAM)),
+            "tcp6": attempt(make(socket.AF_INET6, socket.SOCK_STREAM)),
+            "unix": attempt(make(socket.AF_UNIX, socket.SOCK_STREAM)),
+            "pair": attempt(lambda: [s.close() for s in socket.socketpair()] and "made"),
+            # io_uring could make sockets where no filter sees them: never set up
+            "io_uring": attempt(lambda: _libc.syscall(425, 1, bytes(120))),
+        }
+        """
+    denied = run_in_child(code, allow_inet=False)
+    assert denied == {
+        "udp": "PermissionError:EPERM",
+        "tcp6": "PermissionError:EPERM",
+        "unix": "made",  # the worker's own protocol and trio's wake-up need these
+        "pair": "made",
+        "io_uring": "PermissionError:EPERM",
+    }
+    allowed = run_in_child(code, allow_inet=True)
+    assert allowed.pop("io_uring") == "PermissionError:EPERM"
+    assert set(allowed.values()) == {"made"}

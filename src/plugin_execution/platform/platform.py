@@ -9,7 +9,7 @@ are the same on every backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import trio
@@ -53,6 +53,8 @@ class Platform:
     - ``max_host_threads_per_plugin`` / ``max_host_threads``: threads the host's file work
       for plugins (``ctx.fs``) may use at once, per plugin and in all (default 4 and 16);
       apart from trio's shared default thread limiter.
+    - ``shell_sandbox``: the kernel layers ``ctx.shell`` commands run under, on every backend
+      (default ``True``: every layer this machine has; see docs/sandbox.md).
 
     A backend enters the platform while it runs (``async with platform``, re-entrant); when
     the last user leaves, the HTTP client's connections and a temporary storage directory
@@ -72,6 +74,7 @@ class Platform:
         max_invoke_depth: int = 8,
         max_host_threads_per_plugin: int = 4,
         max_host_threads: int = 16,
+        shell_sandbox: bool | Iterable[str] = True,
     ) -> None:
         if storage is not None and storage_root is not None:
             raise ValueError("pass storage_root or storage, not both")
@@ -90,7 +93,9 @@ class Platform:
             "storage": StorageService(self.storage, max_transfer_bytes),
             "events": EventsService(self.events),
             "fetch": self._fetch,
-            "shell": ShellService(environ=environ, max_bytes=max_transfer_bytes),
+            "shell": ShellService(
+                environ=environ, max_bytes=max_transfer_bytes, sandbox=shell_sandbox
+            ),
             "invoke": InvokeService(max_invoke_depth),
         }
         self._methods: dict[tuple[str, str], Callable[..., Awaitable[Any]]] = {

@@ -7,7 +7,10 @@ Layers, in the order a child applies them (see docs/sandbox.md for what each sto
 - ``capabilities``: a child of a root host drops every capability (:mod:`.capabilities`);
 - ``landlock``: file system, TCP and signal restrictions (:mod:`.landlock`);
 - ``bubblewrap``: namespaces around the child's interpreter (:mod:`.bubblewrap`);
-- ``seccomp``: no new processes or programs unless ``shell.allow`` (:mod:`.seccomp`).
+- ``seccomp``: no new processes or programs unless ``shell.allow``, no network socket unless
+  ``network.connect`` (:mod:`.seccomp`).
+
+:mod:`.launcher` applies the same layers to a command ``ctx.shell`` runs for a plugin.
 
 Names load on first use (PEP 562): a worker child imports ``sandbox.landlock`` through this
 package and must not pay for attrs or trio.

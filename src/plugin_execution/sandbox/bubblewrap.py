@@ -12,7 +12,13 @@ The host wraps the child's command line in ``bwrap``, which sets up, before Pyth
 - without ``network``: a network namespace with only a loopback that is down, and ``/run``
   hidden (where the host's UNIX sockets live);
 - IPC, UTS and (when possible) cgroup namespaces; no capabilities (``--cap-drop ALL``: bwrap
-  started by root keeps them otherwise); ``--die-with-parent``.
+  started by root keeps them otherwise).
+
+Not ``--die-with-parent``: it kills the sandbox when the *thread* that started bwrap exits
+(``PR_SET_PDEATHSIG`` follows threads), and trio starts processes from its worker threads,
+which exit after 10 idle seconds: every sandbox would die 10 s after it started. A worker child
+and the zygote exit by themselves when the host goes away (EOF on their socket); the host kills
+bwrap's process group whenever it ends a child.
 
 bwrap exits with its command's status, or 128 + N when the command was killed by signal N:
 :class:`WrappedProcess` turns the latter back into ``-N``, as ``subprocess`` reports it (a
@@ -60,7 +66,7 @@ def command(
     hide them); ``write``: paths it may write besides ``workspace`` (bound read-write);
     ``chdir``: where it starts (default: ``workspace``).
     """
-    args = [bwrap, "--die-with-parent", "--cap-drop", "ALL"]
+    args = [bwrap, "--cap-drop", "ALL"]
     args += ["--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if pid_namespace:
         args.append("--unshare-pid")

@@ -69,7 +69,8 @@ class ChildSandbox:
         #: the layers this child runs under, in the order they apply
         self.layers = layers
         #: plain data for ``bootstrap.serve``: keys ``capabilities`` (bool), ``landlock`` (its
-        #: rules), ``seccomp`` (``"deny"`` new processes, or ``"contain"`` them in the group)
+        #: rules), ``seccomp`` (``"deny"`` new processes, or ``"contain"`` them in the group),
+        #: ``seccomp_inet`` (whether network sockets may be made)
         self.spec = spec
         self._wrapper = wrapper
 
@@ -159,6 +160,9 @@ class SandboxPolicy:
             # "deny": no new processes; "contain" (shell.allow): they may be started, but
             # never leave the process group the host kills
             spec["seccomp"] = "contain" if shell else "deny"
+            # without network.connect no network socket at all (UDP included), the same
+            # for a zygote's children, which share its network namespace, as for spawned ones
+            spec["seccomp_inet"] = bool(permissions.network.connect)
             layers.append("seccomp")
         return ChildSandbox(tuple(layers), spec, wrapper)
 

@@ -1,4 +1,4 @@
-"""seccomp: a worker child denies itself new processes and new programs.
+"""seccomp: a worker child denies itself new processes, new programs and network sockets.
 
 A classic-BPF filter, assembled here by hand (a dozen instructions), is installed with
 ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``. From then on, in this process and every
@@ -8,6 +8,12 @@ thread and process it starts:
   ``EPERM``: its numbers mean other calls;
 - ``setsid`` and ``setpgid`` fail with ``EPERM``: nothing leaves the worker's process group,
   which the host kills when the execution ends;
+- ``io_uring_setup`` fails with ``EPERM``: io_uring's operations (``socket``, ``connect``...)
+  are not system calls, so no filter would see them;
+- unless ``allow_inet`` (a plugin granted ``network.connect``): ``socket`` of the ``AF_INET``,
+  ``AF_INET6`` and ``AF_PACKET`` families fails with ``EPERM``: no UDP, raw or TCP socket at
+  all, whatever the start method (Landlock only knows TCP ports; a zygote's children share its
+  network namespace);
 - unless ``allow_spawning`` (for a plugin granted ``shell.allow``): ``fork``, ``vfork``,
   ``execve``, ``execveat`` fail with ``EPERM``; so does ``clone`` unless its flags have
   ``CLONE_THREAD`` (threads, which Python and trio need, are still created); ``clone3`` fails
@@ -58,6 +64,8 @@ _ARCHES: dict[str, tuple[int, dict[str, int], bool]] = {
             "setsid": 112,
             "execveat": 322,
             "clone3": 435,
+            "socket": 41,
+            "io_uring_setup": 425,
         },
         True,
     ),
@@ -70,12 +78,17 @@ _ARCHES: dict[str, tuple[int, dict[str, int], bool]] = {
             "execve": 221,
             "execveat": 281,
             "clone3": 435,
+            "socket": 198,
+            "io_uring_setup": 425,
         },
         False,
     ),
 }
 _SPAWNING = ("fork", "vfork", "execve", "execveat")
 _LEAVING_THE_GROUP = ("setsid", "setpgid")
+_ALWAYS_DENIED = (*_LEAVING_THE_GROUP, "io_uring_setup")
+#: socket families that reach a network: AF_INET, AF_INET6, AF_PACKET
+_NETWORK_FAMILIES = (2, 10, 17)
 
 
 def unavailable_reason() -> str | None:
@@ -94,9 +107,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def spawn_filter(machine: str | None = None, *, allow_spawning: bool = False) -> bytes:
+def spawn_filter(
+    machine: str | None = None, *, allow_spawning: bool = False, allow_inet: bool = True
+) -> bytes:
     """The BPF program (``struct sock_filter[]``) that keeps every process in the group and,
-    unless ``allow_spawning``, denies new processes and programs."""
+    unless ``allow_spawning``, denies new processes and programs; unless ``allow_inet``,
+    network sockets."""
     arch, numbers, x32 = _ARCHES[machine or os.uname().machine]
     program: list[tuple[int, int, object, object]] = [
         (_LD_W_ABS, _ARCH, None, None),
@@ -105,18 +121,26 @@ def spawn_filter(machine: str | None = None, *, allow_spawning: bool = False) ->
     ]
     if x32:
         program.append((_JGE_K, _X32_SYSCALL_BIT, "deny", None))
-    denied = list(_LEAVING_THE_GROUP)
+    denied = list(_ALWAYS_DENIED)
     if not allow_spawning:
         program.append((_JEQ_K, numbers["clone"], "clone", None))
         program.append((_JEQ_K, numbers["clone3"], "enosys", None))
         denied += _SPAWNING
+    if not allow_inet:
+        program.append((_JEQ_K, numbers["socket"], "socket", None))
     for name in denied:
         if name in numbers:
             program.append((_JEQ_K, numbers[name], "deny", None))
     program.append((_RET_K, _RET_ALLOW, None, None))
-    labels = {"clone": len(program)}  # BPF jumps only forward: the clone check comes after
+    # BPF jumps only forward: the checks on arguments come after
+    labels = {"clone": len(program)}
     program.append((_LD_W_ABS, _ARG0_LOW, None, None))
     program.append((_JSET_K, _CLONE_THREAD, None, "deny"))
+    program.append((_RET_K, _RET_ALLOW, None, None))
+    labels["socket"] = len(program)
+    program.append((_LD_W_ABS, _ARG0_LOW, None, None))
+    for family in _NETWORK_FAMILIES:
+        program.append((_JEQ_K, family, "deny", None))
     program.append((_RET_K, _RET_ALLOW, None, None))
     labels["enosys"] = len(program)
     program.append((_RET_K, _RET_ERRNO | errno.ENOSYS, None, None))
@@ -135,15 +159,16 @@ def _encode(index: int, insn: tuple[int, int, object, object], labels: dict[str,
     return struct.pack("=HBBI", code, offset(jt), offset(jf), k)
 
 
-def install(*, allow_spawning: bool = False) -> None:
-    """Install the filter on this thread and on every thread and process it starts later.
+def install(*, allow_spawning: bool = False, allow_inet: bool = True) -> None:
+    """Install the filter on this thread and on every thread and process it starts later
+    (see :func:`spawn_filter` for ``allow_spawning`` and ``allow_inet``).
 
     Sets no_new_privs (required). Threads that already exist are not filtered: call it while
     the process has one thread. Raises OSError when the kernel refuses.
     """
     import ctypes
 
-    program = spawn_filter(allow_spawning=allow_spawning)
+    program = spawn_filter(allow_spawning=allow_spawning, allow_inet=allow_inet)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = ctypes.create_string_buffer(
         struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))

@@ -137,6 +137,7 @@ def _seccomp() -> LayerStatus:
         "seccomp",
         True,
         "no fork, exec or new processes (threads allowed) unless shell.allow is granted; "
+        "no network socket (UDP included) unless network.connect is granted; "
         "nothing leaves the child's process group (no setsid, setpgid)",
     )
 

@@ -57,7 +57,7 @@ def apply_sandbox(spec: dict[str, Any]) -> None:
     if mode:
         from ..sandbox import seccomp
 
-        seccomp.install(allow_spawning=mode == "contain")
+        seccomp.install(allow_spawning=mode == "contain", allow_inet=spec.get("seccomp_inet", True))
 
 
 def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> None:

@@ -1,0 +1,60 @@
+"""The launcher of ``ctx.shell`` commands: it puts itself in a plugin's sandbox, then becomes
+the command.
+
+The host starts ``python -I -c "...; launch(SPEC)" ARGV...`` (under bubblewrap when the
+sandbox has it); the launcher applies the rlimits and the kernel layers of ``SPEC`` to itself,
+exactly as a worker child does (:mod:`plugin_execution.worker.bootstrap`), then ``execve``'s
+the command: the command inherits every restriction (Landlock, seccomp, no capabilities,
+no_new_privs), and so does everything it starts. ``SPEC`` is plain data written as a literal
+(no parser to import): ``executable``, ``env`` (the command's whole environment), ``limits``
+and ``sandbox`` (see :class:`~plugin_execution.sandbox.policy.ChildSandbox`).
+
+Standard library only, no ``typing`` at run time: a fresh interpreter pays for every import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+__all__ = ["SANDBOX_FAILED", "argv", "launch"]
+
+#: The exit status when the sandbox could not be applied (EX_OSERR, as a worker child's):
+#: the command never ran.
+SANDBOX_FAILED = 71
+#: The exit status when the command could not be executed (as a shell reports it).
+_CANNOT_EXECUTE = 126
+
+
+def argv(spec: dict[str, Any], command: list[str]) -> list[str]:
+    """The launcher's command line for ``command`` (``argv`` of the command, ``argv[0]``
+    included) with ``spec``."""
+    code = f"from plugin_execution.sandbox.launcher import launch; launch({spec!r})"
+    return [sys.executable, "-I", "-c", code, *command]
+
+
+def launch(spec: dict[str, Any]) -> NoReturn:
+    """Apply ``spec``'s limits and sandbox to this process, then exec the command given as
+    this interpreter's arguments. Never returns: on a failure it writes why to stderr and
+    exits with :data:`SANDBOX_FAILED` (the sandbox) or 126 (the command)."""
+    from ..worker.bootstrap import apply_limits, apply_sandbox
+
+    command = sys.argv[1:]
+    try:
+        apply_limits(str(spec.get("limits") or ""))
+        apply_sandbox(spec.get("sandbox") or {})
+    except OSError as exc:
+        _fail(SANDBOX_FAILED, f"cannot apply the plugin's sandbox: {exc}")
+    try:
+        os.execve(spec["executable"], command, spec["env"])
+    except OSError as exc:
+        _fail(_CANNOT_EXECUTE, f"cannot execute {command[0]!r}: {exc}")
+
+
+def _fail(status: int, why: str) -> NoReturn:
+    os.write(2, f"plugin_execution shell: {why}\n".encode())
+    os._exit(status)
