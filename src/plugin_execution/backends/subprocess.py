@@ -28,9 +28,9 @@ import attrs
 import trio
 
 from ..channels.bridge import run_session
-from ..errors import WorkerCrashedError
+from ..errors import BackendClosedError, WorkerCrashedError
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..process import WorkerLimits, open_worker_process
+from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
@@ -107,6 +107,8 @@ class SubprocessBackend(ExecutionBackend):
         self._file_size_mb = file_size_mb
         self._start_timeout = start_timeout
         self._slots = trio.CapacityLimiter(max_concurrent)
+        self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
+        self._live: set[WorkerProcess] = set()  # children running an execution
         self._children = 0
         self._zygote: Zygote | None = None
         self._zygote_ready = trio.Event()
@@ -176,8 +178,14 @@ class SubprocessBackend(ExecutionBackend):
         """
         check_serializable(job.request.input, "input")  # before any child is started
         with trio.CancelScope(deadline=job.deadline) as waiting:
-            await self._slots.acquire()
+            self._waiting.add(waiting)
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting.discard(waiting)
         if waiting.cancelled_caught:
+            if not self.running:
+                raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(" while waiting for a free child slot")
         try:
             zygote = await self._zygote_for_spawn(job)
@@ -209,9 +217,13 @@ class SubprocessBackend(ExecutionBackend):
                 started = True
                 group = worker.pid  # the leader of the child's process group
                 run = worker.execute if job.channel is None else partial(run_session, worker)
-                result = await run(
-                    job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
-                )
+                self._live.add(worker)
+                try:
+                    result = await run(
+                        job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
+                    )
+                finally:
+                    self._live.discard(worker)
         except WorkerCrashedError as exc:
             if not started and trio.current_time() >= job.deadline:
                 raise job.timeout_error(" before its child process started") from None
@@ -222,6 +234,23 @@ class SubprocessBackend(ExecutionBackend):
             if group is not None:
                 _end_group(group)
         return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
+
+    async def _stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Fail the executions still waiting for a child slot: they never started."""
+        for waiting in self._waiting:
+            waiting.cancel()
+
+    def _abort_in_flight(self) -> None:
+        """Kill every child still running an execution; its caller gets BackendClosedError.
+        The child's execution then ends its usual way: reaped, its group killed, and only
+        then its workspace removed."""
+        for worker in self._live:
+            worker.kill(
+                BackendClosedError(
+                    "the subprocess backend shut down before this execution finished; "
+                    "its child process was killed"
+                )
+            )
 
     # -- sandbox ------------------------------------------------------------------------------
 
