@@ -99,7 +99,12 @@ def session_contract_error(entry: str) -> HandlerContractError:
 
 
 class InProcessBackend(ExecutionBackend):
-    """Runs handlers in this process and this trio loop."""
+    """Runs handlers in this process and this trio loop.
+
+    Options: ``thread_grace`` [5 s]: how long leaving the block waits for abandoned sync
+    handler threads; ``shutdown_timeout`` [10 s]: how long in-flight executions get to
+    finish when the block is left (then async handlers are cancelled, threads abandoned).
+    """
 
     name = "in-process"
 

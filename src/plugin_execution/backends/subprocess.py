@@ -66,6 +66,8 @@ class SubprocessBackend(ExecutionBackend):
     - ``start_method``: ``"spawn"`` (a fresh ``python -I``, the default) or ``"zygote"``
       (a pre-warmed helper forks each child: faster start, same isolation between runs).
     - ``cancel_grace``: seconds between ``Cancel`` and SIGKILL (default 0.5).
+    - ``shutdown_timeout``: seconds in-flight executions get to finish when the block is left
+      (default 10); the children still running then are killed (see ``shutdown``).
     - ``memory_mb`` (address space, default 4096), ``open_files`` (default 256),
       ``file_size_mb`` (default 1024): per-child limits; a plugin's quotas lower
       ``memory_mb`` and set the CPU-seconds limit (default: the timeout, rounded up, + 1).
