@@ -603,8 +603,8 @@ class WorkerProcess:
                 if self.process.returncode is None:
                     self._force_kill()
             await self.process.wait()
-            if not self._killed:
-                _end_group(self.pid)
+            if not self._killed and not self._closing:
+                _end_group(self.pid)  # it died on its own (a crash): it could not clean up
             with trio.move_on_after(1):  # let the stderr pipe drain to EOF
                 await self._stderr_eof.wait()
         code = self.process.returncode

@@ -28,7 +28,7 @@ from plugin_execution import (
 
 P = "tests.lifecycle"
 PLUGINS = Path(__file__).parents[1] / "plugins"
-KINDS = ["in-process", "worker-pool", "subprocess-spawn", "subprocess-zygote"]
+KINDS = ["in-process", "worker-pool", "worker-pool-thread", "subprocess-spawn", "subprocess-zygote"]
 
 
 @pytest.fixture
@@ -49,12 +49,14 @@ def lifecycle() -> PluginRegistry:
 def open_backend(
     kind: str, registry: PluginRegistry, workspaces: WorkspaceManager, **options: Any
 ) -> ExecutionBackend:
-    if kind == "worker-pool":
+    if kind.startswith("worker-pool"):
         options.update(min_workers=2, max_workers=2, max_concurrency_per_worker=4)
+        if kind.endswith("-thread"):
+            options.update(kind="thread")
     elif kind.startswith("subprocess"):
         options.update(start_method=kind.removeprefix("subprocess-"), max_concurrent=8)
     return create_execution_backend(
-        type=kind.removesuffix("-spawn").removesuffix("-zygote"),
+        type=kind.removesuffix("-spawn").removesuffix("-zygote").removesuffix("-thread"),
         registry=registry,
         workspace=workspaces,
         **options,
@@ -146,7 +148,7 @@ async def shut_down_under_load(
 async def test_every_caller_gets_a_finished_result_or_backend_closed(
     lifecycle: PluginRegistry, workspaces: WorkspaceManager, kind: str, leave: Leave
 ) -> None:
-    count = 100 if kind == "worker-pool" else 24  # a child each: be kind to 2 CPUs
+    count = 24 if kind.startswith("subprocess") else 100  # a child each: be kind to 2 CPUs
     await shut_down_under_load(kind, lifecycle, workspaces, leave, count)
 
 

@@ -122,30 +122,22 @@ def kill_tree(leader: int) -> None:
     leader), its group, and every descendant, wherever they went (another session, say).
 
     The group is stopped first, so nothing in it forks meanwhile, and the worker, a
-    subreaper, stays the parent of what it started until the end; what left the group is
-    killed until none is left alive."""
+    subreaper, stays the parent of what it started until the end. What left the group may
+    still fork until it is killed: scan again until a scan finds nothing new (a killed
+    process forks no more). One scan of ``/proc`` when the worker left nothing behind."""
     try:
         os.killpg(leader, signal.SIGSTOP)
     except (ProcessLookupError, PermissionError):
         return  # already gone, with its whole group
-    for _ in range(100):
+    killed: set[int] = set()
+    while True:
         pids = descendants(leader)
-        if not pids:
+        fresh = [pid for pid in pids or () if pid not in killed]
+        if not fresh:
             break
-        kill_all(pids)
-        if all(_dead(pid) for pid in pids):
-            break
+        kill_all(fresh)
+        killed.update(fresh)
     try:
         os.killpg(leader, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _dead(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie or gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")

@@ -76,7 +76,7 @@ def _status(raw: int) -> int:
 def _reap(ctl: socket.socket) -> None:
     from ._leftovers import descendants, kill_all
 
-    worker_exited = False
+    worker_died = False
     while True:
         try:
             pid, raw = os.waitpid(-1, os.WNOHANG)
@@ -86,11 +86,13 @@ def _reap(ctl: socket.socket) -> None:
             break
         if pid in _workers:
             _workers.discard(pid)
-            worker_exited = True
-            _send(ctl, {"t": "exited", "pid": pid, "status": _status(raw)})
+            status = _status(raw)
+            # A worker that exits with 0 killed what its handlers left; one that died
+            # otherwise (a crash, a kill) may have left orphans, which came to us.
+            worker_died = worker_died or status != 0
+            _send(ctl, {"t": "exited", "pid": pid, "status": status})
         # else: something a dead worker left, killed below, reaped now
-    if worker_exited:
-        # A worker that died left its orphans to us (we are their subreaper): end them.
+    if worker_died:
         orphans = descendants(os.getpid(), skip=_workers)
         if orphans:
             kill_all(orphans)
