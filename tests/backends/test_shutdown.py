@@ -28,6 +28,7 @@ from plugin_execution import (
 
 P = "tests.lifecycle"
 PLUGINS = Path(__file__).parents[1] / "plugins"
+HANDLERS = ("nap", "nap_sync", "shut_down_own_backend")
 KINDS = ["in-process", "worker-pool", "worker-pool-thread", "subprocess-spawn", "subprocess-zygote"]
 
 
@@ -38,9 +39,7 @@ def lifecycle() -> PluginRegistry:
         {
             "id": P,
             "root": str(PLUGINS),
-            "handlers": [
-                {"id": name, "entry": f"lifecycle:{name}"} for name in ("nap", "nap_sync")
-            ],
+            "handlers": [{"id": name, "entry": f"lifecycle:{name}"} for name in HANDLERS],
         }
     )
     return registry
@@ -184,3 +183,25 @@ async def test_drain_lets_what_finishes_in_time_finish(
         assert len(results) == 3
     # the two that could finish in the drain did; the third was stopped at its deadline
     assert sorted(results) == ["BACKEND_CLOSED", "ok", "ok"]
+
+
+async def test_an_in_process_handler_may_shut_its_own_backend_down(
+    lifecycle: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    import lifecycle as plugin  # the module the backend imported (tests/plugins is on sys.path)
+
+    callers = Callers(10)
+    async with trio.open_nursery() as host:
+        async with open_backend("in-process", lifecycle, workspaces) as backend:
+            plugin.BACKEND = backend
+            callers.start(host, backend)
+            await callers.all_started()
+            with trio.fail_after(30):  # it must not wait for itself
+                result = await backend.execute(
+                    ExecutionRequest(plugin_id=P, handler_id="shut_down_own_backend"),
+                    raise_errors=False,
+                )
+            assert not backend.running
+            assert result.error is not None and result.error.code == "BACKEND_CLOSED"
+            callers.check(trio.current_time())
+        plugin.BACKEND = None

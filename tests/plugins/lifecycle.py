@@ -66,3 +66,16 @@ def leave_child(ctx: Any, input: dict[str, Any]) -> int:
     elif then == "exit":
         os._exit(3)
     return leftover
+
+
+#: The backend that ``shut_down_own_backend`` closes (set by the test; in-process only).
+BACKEND: Any = None
+
+
+async def shut_down_own_backend(ctx: Any, input: Any) -> str:
+    """Shut down the backend this very execution runs on, then go on as if nothing happened."""
+    import trio
+
+    await BACKEND.shutdown(drain=True, timeout=0.5)
+    await trio.lowlevel.checkpoint()  # the first after it: this execution was stopped too
+    return "went on"

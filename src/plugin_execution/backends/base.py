@@ -134,8 +134,9 @@ class ExecutionBackend(abc.ABC):
         self.attachment_grace = 5.0
         #: How long leaving the block lets in-flight executions finish (see :meth:`shutdown`).
         self.shutdown_timeout = shutdown_timeout
-        # The cancel scope of every execution in flight: what shutdown stops at its deadline.
-        self._executions: set[trio.CancelScope] = set()
+        # Every execution in flight: its cancel scope (what shutdown stops at its deadline),
+        # and the task it runs in.
+        self._executions: dict[trio.CancelScope, trio.lowlevel.Task] = {}
         self._executions_done = trio.Event()
         self._shut_down = trio.Event()
 
@@ -210,8 +211,11 @@ class ExecutionBackend(abc.ABC):
                 self._shut_down.set()
 
     async def _no_executions(self) -> None:
-        """Wait until no execution is in flight (each one's caller has its outcome)."""
-        while self._executions:
+        """Wait until no execution is in flight (each one's caller has its outcome), but
+        for those of this very task: a handler that shuts its own backend down (in-process)
+        must not wait for itself."""
+        me = trio.lowlevel.current_task()
+        while any(task is not me for task in self._executions.values()):
             self._executions_done = trio.Event()
             await self._executions_done.wait()
 
@@ -363,15 +367,15 @@ class ExecutionBackend(abc.ABC):
             self._check_running()
             job = self._job(request, timeout, sink, target, channel, chain)
             executions = self._executions
-            executions.add(scope)
+            executions[scope] = trio.lowlevel.current_task()
             try:
                 with scope:
                     result = await self._run(job)
             finally:
                 job.close_session()
-                executions.discard(scope)
-                if not executions:
-                    self._executions_done.set()
+                del executions[scope]
+                if self._state != "running":
+                    self._executions_done.set()  # shutdown is waiting for them
             if scope.cancelled_caught:
                 raise BackendClosedError(
                     f"the {self.name} backend shut down before this execution finished; "
