@@ -8,7 +8,8 @@ whole tree when it stops a worker by force (see ``WorkerProcess.kill``).
 
 Standard library only, no ``typing`` at run time: worker children import it at start-up.
 Descendants are found by scanning ``/proc`` (``/proc/PID/task/TID/children`` is not built
-into every kernel); that costs milliseconds, so it is done only when something is left.
+into every kernel); that costs milliseconds, so a worker does it only when something is
+left, and the host only when it kills a worker.
 """
 
 from __future__ import annotations
@@ -130,14 +131,16 @@ def kill_tree(leader: int) -> None:
     except (ProcessLookupError, PermissionError):
         return  # already gone, with its whole group
     killed: set[int] = set()
-    while True:
-        pids = descendants(leader)
-        fresh = [pid for pid in pids or () if pid not in killed]
-        if not fresh:
-            break
-        kill_all(fresh)
-        killed.update(fresh)
     try:
-        os.killpg(leader, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        while True:
+            pids = descendants(leader)
+            fresh = [pid for pid in pids or () if pid not in killed]
+            if not fresh:
+                break
+            kill_all(fresh)
+            killed.update(fresh)
+    finally:  # never leave the group stopped
+        try:
+            os.killpg(leader, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
