@@ -51,6 +51,7 @@ from .protocol import (
     Warmup,
 )
 from .types import ExecutionEvent, ExecutionResult, check_serializable
+from .worker._leftovers import kill_tree
 from .worker._wire import unsent
 
 if TYPE_CHECKING:
@@ -643,6 +644,8 @@ class WorkerProcess:
                 if self.process.returncode is None:
                     self._force_kill()
             await self.process.wait()
+            if not self._killed and not self._closing:
+                _end_group(self.pid)  # it died on its own (a crash): it could not clean up
             with trio.move_on_after(1):  # let the stderr pipe drain to EOF
                 await self._stderr_eof.wait()
         code = self.process.returncode
@@ -895,7 +898,8 @@ class WorkerProcess:
             raise ExecutionError.from_dict(warmed.error)
 
     def kill(self, error: ExecutionError | None = None) -> None:
-        """SIGKILL the worker's whole process group (it runs in a session of its own).
+        """SIGKILL the worker, its whole process group (it runs in a session of its own)
+        and every process below it, even one that left the group (see ``_leftovers``).
 
         ``error``, when given, is what its in-flight executions fail with (default:
         ``WorkerCrashedError``); e.g. ``WorkerUnhealthyError`` after a failed health check.
@@ -907,10 +911,9 @@ class WorkerProcess:
             self._force_kill()
 
     def _kill_group(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # The group, and what left it: a handler's setsid double fork stays the worker's
+        # descendant (it is a subreaper), and is killed with it.
+        kill_tree(self.pid)
 
     async def aclose(self, grace: float = 2.0) -> None:
         """Ask the worker to exit; kill it after ``grace`` seconds; reap it. Idempotent.
@@ -931,6 +934,16 @@ class WorkerProcess:
             if self.process.returncode is None:
                 self.kill()
                 await self.process.wait()
+
+
+def _end_group(leader: int) -> None:
+    """Kill what is left of the process group of a worker that exited by itself (a crash):
+    processes its handler started. The leader is reaped by now; its id stays reserved as a
+    group id while the group has members, so with none left this finds nobody."""
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def worker_socketpair() -> tuple[socket.socket, socket.socket]:

@@ -136,6 +136,7 @@ class ExecutionBackend(abc.ABC):
         platform: Platform | None = None,
         workspace: WorkspaceManager | None = None,
         max_event_bytes: int = 256 * _MiB,
+        shutdown_timeout: float = 10.0,
     ) -> None:
         self.registry = registry
         #: Bytes of unread events all the backend's ``open_execution`` streams hold at most.
@@ -152,6 +153,13 @@ class ExecutionBackend(abc.ABC):
         self._detached = trio.Event()
         #: How long shutdown waits for attachments (connections) to close.
         self.attachment_grace = 5.0
+        #: How long leaving the block lets in-flight executions finish (see :meth:`shutdown`).
+        self.shutdown_timeout = shutdown_timeout
+        # Every execution in flight: its cancel scope (what shutdown stops at its deadline),
+        # and the task it runs in.
+        self._executions: dict[trio.CancelScope, trio.lowlevel.Task] = {}
+        self._executions_done = trio.Event()
+        self._shut_down = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -188,19 +196,49 @@ class ExecutionBackend(abc.ABC):
     async def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking work, then finish or stop what is in flight. Idempotent.
 
-        From the first call on, ``execute`` raises :class:`BackendClosedError` and queued
-        executions fail with it. With ``drain``, in-flight executions get up to ``timeout``
-        seconds (default: the backend's own shutdown timeout) to finish; what is still running
-        then, or at once without ``drain``, is stopped the way the backend stops work (worker
-        processes are killed; its callers get an error). Not cancellable: it runs shielded.
-        Leaving the ``async with`` block calls it with the defaults.
+        One contract on every backend. From the first call on, ``execute`` raises
+        :class:`BackendClosedError` and queued executions fail with it. With ``drain``,
+        in-flight executions get up to ``timeout`` seconds (default
+        :attr:`shutdown_timeout`) to finish; without, none. What is still running then is
+        stopped the way the backend stops work (worker processes killed, async handlers
+        cancelled, sync handler threads abandoned) and its caller gets
+        :class:`BackendClosedError`, wherever that caller runs (a nursery outside the
+        backend's block included). Returns only once every execution has its outcome:
+        nothing completes after it, and workspaces outlive what used them. A second call
+        waits for the first. Not cancellable: it runs shielded. Leaving the ``async with``
+        block calls it with the defaults.
         """
         if self._state != "running":
+            if self._state == "closing":
+                with trio.CancelScope(shield=True):
+                    await self._shut_down.wait()
             return
         self._state = "closing"
+        limit = self.shutdown_timeout if timeout is None else timeout
         with trio.CancelScope(shield=True):
-            await self._close_attachments()
-            await self._stop(drain=drain, timeout=timeout)
+            try:
+                await self._close_attachments()
+                deadline = trio.current_time() + (limit if drain else 0.0)
+                await self._stop(drain=drain, timeout=timeout)
+                with trio.move_on_at(deadline):
+                    await self._no_executions()
+                if self._executions:
+                    self._abort_in_flight()
+                    for scope in self._executions:
+                        scope.cancel()
+                    await self._no_executions()
+                await self._stopped(drain=drain, timeout=timeout)
+            finally:
+                self._shut_down.set()
+
+    async def _no_executions(self) -> None:
+        """Wait until no execution is in flight (each one's caller has its outcome), but
+        for those of this very task: a handler that shuts its own backend down (in-process)
+        must not wait for itself."""
+        me = trio.lowlevel.current_task()
+        while any(task is not me for task in self._executions.values()):
+            self._executions_done = trio.Event()
+            await self._executions_done.wait()
 
     def attach(self, attachment: Attachment) -> None:
         """Tie ``attachment`` to this running backend (raises BackendClosedError if it is
@@ -233,7 +271,17 @@ class ExecutionBackend(abc.ABC):
         """Start background tasks (workers, reapers) in ``nursery``."""
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:  # noqa: B027
-        """Drain (within ``timeout``) or stop what is in flight; runs shielded."""
+        """First step of :meth:`shutdown` (shielded): fail what is queued; a backend may
+        drain and stop its own work here (within ``timeout``). What is still in flight
+        afterwards is drained until the shutdown deadline, then aborted by the base."""
+
+    def _abort_in_flight(self) -> None:  # noqa: B027
+        """At the shutdown deadline, with executions still in flight: stop their work at
+        once (kill their processes, failing them with BackendClosedError). Their callers'
+        cancel scopes are cancelled right after, which stops anything else."""
+
+    async def _stopped(self, *, drain: bool, timeout: float | None) -> None:  # noqa: B027
+        """Last step of :meth:`shutdown` (shielded), once every execution has ended."""
 
     @property
     def running(self) -> bool:
@@ -381,13 +429,25 @@ class ExecutionBackend(abc.ABC):
         started = time.perf_counter()
         stats = self._stats
         stats.in_flight += 1
+        scope = trio.CancelScope()
         try:
             self._check_running()
             job = self._job(request, timeout, sink, target, channel, chain, parent)
+            executions = self._executions
+            executions[scope] = trio.lowlevel.current_task()
             try:
-                result = await self._run(job)
+                with scope:
+                    result = await self._run(job)
             finally:
                 job.close_session()
+                del executions[scope]
+                if self._state != "running":
+                    self._executions_done.set()  # shutdown is waiting for them
+            if scope.cancelled_caught:
+                raise BackendClosedError(
+                    f"the {self.name} backend shut down before this execution finished; "
+                    "it was stopped"
+                )
         except ExecutionError as exc:
             error = exc
         except trio.Cancelled:

@@ -4,10 +4,10 @@ The lowest-latency backend, for development and trusted plugins. Async handlers 
 caller's task under a cancel scope; sync handlers run in a trio worker thread so they never
 block the loop.
 
-A thread cannot be killed: when a sync handler times out or is cancelled, the caller gets
-its error at once, ``ctx.cancelled`` becomes true, and the thread is left to finish. Leaving
-the backend block waits up to ``thread_grace`` seconds for such threads. Use a process backend
-for code that must really be stopped.
+A thread cannot be killed: when a sync handler times out or is cancelled (or is still running
+when a shutdown's drain ends), the caller gets its error at once, ``ctx.cancelled`` becomes
+true, and the thread is left to finish. Leaving the backend block waits up to ``thread_grace``
+seconds for such threads. Use a process backend for code that must really be stopped.
 """
 
 from __future__ import annotations
@@ -113,7 +113,12 @@ def _abandoned(job: Job) -> ExecutionTimeoutError:
 
 
 class InProcessBackend(ExecutionBackend):
-    """Runs handlers in this process and this trio loop."""
+    """Runs handlers in this process and this trio loop.
+
+    Options: ``thread_grace`` [5 s]: how long leaving the block waits for abandoned sync
+    handler threads; ``shutdown_timeout`` [10 s]: how long in-flight executions get to
+    finish when the block is left (then async handlers are cancelled, threads abandoned).
+    """
 
     name = "in-process"
 
@@ -218,10 +223,11 @@ class InProcessBackend(ExecutionBackend):
         if self._threads_running == 0:
             self._threads_idle.set()
 
-    async def _stop(self, *, drain: bool, timeout: float | None) -> None:
-        """Wait for abandoned sync-handler threads. Async handlers run in their callers'
-        tasks: cancelling those stops them; a thread cannot be stopped, only waited for."""
-        grace = self._thread_grace if timeout is None else timeout
+    async def _stopped(self, *, drain: bool, timeout: float | None) -> None:
+        """Wait for abandoned sync-handler threads (a thread cannot be stopped, only waited
+        for): up to ``thread_grace`` seconds, or ``timeout`` if shorter; not at all without
+        ``drain``. Async handlers were cancelled by then (see ``shutdown``)."""
+        grace = self._thread_grace if timeout is None else min(timeout, self._thread_grace)
         with trio.move_on_after(grace if drain else 0):
             await self._threads_idle.wait()
 

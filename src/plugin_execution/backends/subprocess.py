@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Literal
@@ -29,9 +29,9 @@ import attrs
 import trio
 
 from ..channels.bridge import run_session
-from ..errors import WorkerCrashedError
+from ..errors import BackendClosedError, WorkerCrashedError
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..process import WorkerLimits, open_worker_process
+from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
@@ -67,6 +67,8 @@ class SubprocessBackend(ExecutionBackend):
     - ``start_method``: ``"spawn"`` (a fresh ``python -I``, the default) or ``"zygote"``
       (a pre-warmed helper forks each child: faster start, same isolation between runs).
     - ``cancel_grace``: seconds between ``Cancel`` and SIGKILL (default 0.5).
+    - ``shutdown_timeout``: seconds in-flight executions get to finish when the block is left
+      (default 10); the children still running then are killed (see ``shutdown``).
     - ``memory_mb`` (address space, default 4096), ``open_files`` (default 256),
       ``file_size_mb`` (default 1024): per-child limits; a plugin's quotas lower
       ``memory_mb`` and set the CPU-seconds limit (default: the timeout, rounded up, + 1).
@@ -110,6 +112,8 @@ class SubprocessBackend(ExecutionBackend):
         self._file_size_mb = file_size_mb
         self._start_timeout = start_timeout
         self._slots = trio.CapacityLimiter(max_concurrent)
+        self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
+        self._live: set[WorkerProcess] = set()  # children running an execution
         self._children = 0
         self._zygote: Zygote | None = None
         self._zygote_ready = trio.Event()
@@ -193,12 +197,9 @@ class SubprocessBackend(ExecutionBackend):
         nested = parent is not None and parent.slot is not None
         if parent is not None and nested and not _took(self._slots):
             lent = parent.lent_slot()
-            with trio.CancelScope(deadline=job.deadline) as waiting:
-                await lent.acquire()
-            if waiting.cancelled_caught:
-                raise job.timeout_error(
-                    " while its caller's slot was lent to another of its invocations"
-                )
+            await self._wait(
+                job, lent.acquire, " while its caller's slot was lent to another of its invocations"
+            )
             try:
                 job.slot = parent.slot
                 yield
@@ -206,15 +207,26 @@ class SubprocessBackend(ExecutionBackend):
                 lent.release()
             return
         if not nested:
-            with trio.CancelScope(deadline=job.deadline) as waiting:
-                await self._slots.acquire()
-            if waiting.cancelled_caught:
-                raise job.timeout_error(" while waiting for a free child slot")
+            await self._wait(job, self._slots.acquire, " while waiting for a free child slot")
         try:
             job.slot = self._slots
             yield
         finally:
             self._slots.release()
+
+    async def _wait(self, job: Job, acquire: Callable[[], Awaitable[object]], what: str) -> None:
+        """Wait for capacity until the job's deadline; a shutdown ends the wait at once with
+        ``BackendClosedError`` (what is queued never starts)."""
+        with trio.CancelScope(deadline=job.deadline) as waiting:
+            self._waiting.add(waiting)
+            try:
+                await acquire()
+            finally:
+                self._waiting.discard(waiting)
+        if waiting.cancelled_caught:
+            if not self.running:
+                raise BackendClosedError("the subprocess backend shut down before a slot freed")
+            raise job.timeout_error(what)
 
     async def _run_in_child(
         self, job: Job, workspace: str, zygote: Zygote | None
@@ -239,9 +251,13 @@ class SubprocessBackend(ExecutionBackend):
                 started = True
                 group = worker.pid  # the leader of the child's process group
                 run = worker.execute if job.channel is None else partial(run_session, worker)
-                result = await run(
-                    job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
-                )
+                self._live.add(worker)
+                try:
+                    result = await run(
+                        job, backend=self.name, workspace=workspace, cancel_grace=self.cancel_grace
+                    )
+                finally:
+                    self._live.discard(worker)
         except WorkerCrashedError as exc:
             if not started and trio.current_time() >= job.deadline:
                 raise job.timeout_error(" before its child process started") from None
@@ -252,6 +268,23 @@ class SubprocessBackend(ExecutionBackend):
             if group is not None:
                 _end_group(group)
         return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
+
+    async def _stop(self, *, drain: bool, timeout: float | None) -> None:
+        """Fail the executions still waiting for a child slot: they never started."""
+        for waiting in self._waiting:
+            waiting.cancel()
+
+    def _abort_in_flight(self) -> None:
+        """Kill every child still running an execution; its caller gets BackendClosedError.
+        The child's execution then ends its usual way: reaped, its group killed, and only
+        then its workspace removed."""
+        for worker in self._live:
+            worker.kill(
+                BackendClosedError(
+                    "the subprocess backend shut down before this execution finished; "
+                    "its child process was killed"
+                )
+            )
 
     # -- sandbox ------------------------------------------------------------------------------
 

@@ -66,6 +66,14 @@ def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> N
     A sandbox that cannot be applied ends the process (status 71, the reason on stderr)
     before any plugin code runs: a child never runs with less protection than it was given.
     """
+    # Before any plugin code: what a handler starts stays below the worker, even a setsid
+    # double fork, so the worker can end it (see _leftovers).
+    try:
+        from ._leftovers import become_subreaper
+
+        become_subreaper()
+    except (ImportError, OSError):
+        pass  # no ctypes here: the host still kills the worker's group and tree
     if limits:
         apply_limits(limits)
     if sandbox:

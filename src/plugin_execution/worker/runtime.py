@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
+from ._leftovers import has_children, kill_leftovers
 from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode, encode_parts, unsent
 from .platform_calls import PlatformCalls
 
@@ -482,6 +483,7 @@ class Worker:
     def _exit(self, code: int) -> None:
         if self._in_thread:
             raise _Stop
+        kill_leftovers()  # nothing a handler started outlives its worker
         os._exit(code)
 
     def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
@@ -745,6 +747,10 @@ class Worker:
         self._stdout.finish(execution_id)
         self._stderr.finish(execution_id)
         running = self._running.pop(execution_id, None)
+        if not self._running and not self._in_thread and has_children():
+            # What the handler started and left running ends with its execution, before
+            # the caller hears of the outcome (with several in flight: once none is).
+            kill_leftovers()
         if error is None:
             used = running is not None and running.ctx.workspace_used
             fields = {

@@ -12,7 +12,11 @@ Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per messag
   or ``{"t": "spawn_failed", "id", "error"}``; ``{"t": "exited", "pid", "status"}`` when it
   reaps a child (``status`` as ``subprocess`` reports it: exit code, or -signal).
 
-The zygote exits when the host closes the channel.
+The zygote exits when the host closes the channel, killing whatever it still has below it.
+
+It is a child subreaper, like its workers: what a worker's handler left running when the
+worker died (a ``setsid`` double fork, say) comes to the zygote, which kills and reaps it. It
+reports only its own workers' exits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ import socket
 
 import msgpack
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 _MAX_MESSAGE = 1 << 20
+_workers: set[int] = set()  # the children this zygote forked and has not reaped yet
 
 
 def _recv(ctl: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
@@ -48,7 +57,16 @@ def _send(ctl: socket.socket, message: dict[str, object]) -> None:
     try:
         ctl.send(msgpack.packb(message, use_bin_type=True))
     except (BrokenPipeError, ConnectionResetError):  # the host is gone: so is the zygote
-        os._exit(0)
+        _exit()
+
+
+def _exit() -> NoReturn:
+    """End the zygote, and everything still below it (workers, what dead ones left)."""
+    from ._leftovers import kill_leftovers
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    kill_leftovers()
+    os._exit(0)
 
 
 def _status(raw: int) -> int:
@@ -56,14 +74,28 @@ def _status(raw: int) -> int:
 
 
 def _reap(ctl: socket.socket) -> None:
+    from ._leftovers import descendants, kill_all
+
+    worker_died = False
     while True:
         try:
             pid, raw = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
-        _send(ctl, {"t": "exited", "pid": pid, "status": _status(raw)})
+            break
+        if pid in _workers:
+            _workers.discard(pid)
+            status = _status(raw)
+            # A worker that exits with 0 killed what its handlers left; one that died
+            # otherwise (a crash, a kill) may have left orphans, which came to us.
+            worker_died = worker_died or status != 0
+            _send(ctl, {"t": "exited", "pid": pid, "status": status})
+        # else: something a dead worker left, killed below, reaped now
+    if worker_died:
+        orphans = descendants(os.getpid(), skip=_workers)
+        if orphans:
+            kill_all(orphans)
 
 
 def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> None:
@@ -114,6 +146,7 @@ def _spawn(ctl: socket.socket, request: dict[str, object], fds: list[int]) -> No
     os.close(sock_fd)
     os.close(out_fd)
     if pid > 0:
+        _workers.add(pid)
         _send(ctl, {"t": "spawned", "id": request.get("id"), "pid": pid})
 
 
@@ -130,6 +163,12 @@ def main(fd: int) -> None:
         from ..sandbox import _libc, capabilities, landlock, seccomp  # noqa: F401
 
         _libc.libc()
+    except (ImportError, OSError):
+        pass
+    try:
+        from ._leftovers import become_subreaper
+
+        become_subreaper()
     except (ImportError, OSError):
         pass
 
@@ -154,7 +193,7 @@ def main(fd: int) -> None:
         if ctl.fileno() in readable:
             request, fds = _recv(ctl)
             if request is None:
-                os._exit(0)
+                _exit()
             if request.get("t") == "spawn":
                 _spawn(ctl, request, fds)
             else:

@@ -1,0 +1,146 @@
+"""Processes a handler leaves behind: finding them, killing them, reaping them.
+
+A worker makes itself a *child subreaper* at start-up (``PR_SET_CHILD_SUBREAPER``): whatever
+a handler starts stays its descendant, even a ``setsid`` double fork, whose orphan is
+re-parented to the worker instead of to init. The worker kills and reaps them when an
+execution ends (when no other is running) and before it exits; the host kills the worker's
+whole tree when it stops a worker by force (see ``WorkerProcess.kill``).
+
+Standard library only, no ``typing`` at run time: worker children import it at start-up.
+Descendants are found by scanning ``/proc`` (``/proc/PID/task/TID/children`` is not built
+into every kernel); that costs milliseconds, so a worker does it only when something is
+left, and the host only when it kills a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+_PR_SET_CHILD_SUBREAPER = 36
+_REAP_LIMIT_S = 5.0  # how long a worker waits for what it killed to die
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of this process its children, not init's. False if the
+    kernel refused (the worker then works as before: ``setsid`` leftovers may escape)."""
+    from ..sandbox._libc import libc
+
+    return bool(libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def has_children() -> bool:
+    """Whether this process has any child, live or zombie: one syscall (``waitid``), the
+    per-execution check. A subreaper without children has no descendants at all."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _parents() -> dict[int, list[int]] | None:
+    """Every process's children, by parent pid, from ``/proc``; None if it cannot be read
+    here (a sandbox may hide it)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            stat = os.read(fd, 512)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split(b" ", 2)
+        children.setdefault(int(fields[1]), []).append(int(name))
+    return children
+
+
+def descendants(root: int, *, skip: frozenset[int] | set[int] = frozenset()) -> list[int] | None:
+    """Every process below ``root`` in the process tree (zombies included), parents first,
+    leaving out the children of ``root`` in ``skip`` and theirs; None if ``/proc`` cannot be
+    read here."""
+    children = _parents()
+    if children is None:
+        return None
+    found: list[int] = []
+    level = [pid for pid in children.get(root, ()) if pid not in skip]
+    while level:
+        found += level
+        level = [pid for parent in level for pid in children.get(parent, ())]
+    return found
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_leftovers() -> bool:
+    """In a worker (a subreaper): SIGKILL every descendant and reap them all. Returns
+    whether none is left; gives up after a few seconds, or at once if ``/proc`` cannot be
+    read (the host kills the worker's process group when it ends)."""
+    me = os.getpid()
+    deadline = time.monotonic() + _REAP_LIMIT_S
+    while True:
+        _reap_children()
+        if not has_children():
+            return True
+        pids = descendants(me)
+        if pids is None or time.monotonic() > deadline:
+            return False
+        kill_all(pids)
+        time.sleep(0.001)  # let them die; their children come to us meanwhile
+
+
+def kill_tree(leader: int) -> None:
+    """From the host: SIGKILL the process ``leader`` (a worker, its own process group's
+    leader), its group, and every descendant, wherever they went (another session, say).
+
+    The group is stopped first, so nothing in it forks meanwhile, and the worker, a
+    subreaper, stays the parent of what it started until the end. What left the group may
+    still fork until it is killed: scan again until a scan finds nothing new (a killed
+    process forks no more). One scan of ``/proc`` when the worker left nothing behind."""
+    try:
+        os.killpg(leader, signal.SIGSTOP)
+    except (ProcessLookupError, PermissionError):
+        return  # already gone, with its whole group
+    killed: set[int] = set()
+    try:
+        while True:
+            pids = descendants(leader)
+            fresh = [pid for pid in pids or () if pid not in killed]
+            if not fresh:
+                break
+            kill_all(fresh)
+            killed.update(fresh)
+    finally:  # never leave the group stopped
+        try:
+            os.killpg(leader, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
