@@ -245,9 +245,10 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        """False once the worker is lost, killed and not yet reaped, or said it is exiting
-        (an execution failed with ``WORKER_CRASHED``, e.g. out of memory): give it no work."""
-        return not (self._killed or self._exiting or self.lost.is_set())
+        """False once the worker is lost or being declared lost, killed and not yet reaped,
+        or said it is exiting (an execution failed with ``WORKER_CRASHED``, e.g. out of
+        memory): give it no work."""
+        return not (self._killed or self._exiting or self._losing or self.lost.is_set())
 
     def crash_error(self) -> ExecutionError:
         """A fresh copy of why the worker was lost (one exception object per raise)."""

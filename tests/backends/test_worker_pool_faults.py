@@ -55,24 +55,32 @@ async def full_strength(backend, workers: int, timeout: float = 30) -> None:  # 
             await trio.sleep(0.02)
 
 
-def _is_zygote(pid: int) -> bool:
+async def crashes_counted(backend, crashes: int) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the slots have replaced ``crashes`` crashed workers (counted as they do)."""
+    with trio.fail_after(30):
+        while backend.stats().worker_crashes < crashes:
+            await trio.sleep(0.02)
+
+
+def _read(path: str) -> bytes:
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"--zygote" in f.read().split(b"\0")
+        with open(path, "rb") as f:
+            return f.read()
     except OSError:
-        return False
+        return b""
 
 
 def live_workers() -> set[int]:
     """The pool's worker processes now, from /proc: this process's children and its
-    zygote's, zombies included (a worker counts until it is reaped), less the zygote."""
+    zygote's, zombies included (a worker counts until it is reaped), less the zygote. Only
+    Python processes count: the zygote's warm-up runs ``ldconfig`` (ctypes' find_library)."""
     pids = set()
     for pid in child_pids():
-        if _is_zygote(pid):
+        if b"--zygote" in _read(f"/proc/{pid}/cmdline").split(b"\0"):
             pids |= child_pids(pid)
         else:
             pids.add(pid)
-    return pids
+    return {pid for pid in pids if b"(python" in _read(f"/proc/{pid}/stat")[:40]}
 
 
 class Sampler:
@@ -107,6 +115,7 @@ async def test_crashes_never_grow_the_pool_past_max_workers(registry, workspaces
                 with pytest.raises(WorkerCrashedError) as info:
                     await backend.execute(req("crash", {"code": 3}))
                 assert info.value.exit_code == 3
+            await crashes_counted(backend, 6)
             await full_strength(backend, 2)
             states = backend.stats().details["workers"]
             assert sum(states.values()) == 2, states
@@ -209,8 +218,10 @@ async def test_many_crashes_and_kills_do_not_exhaust_restart_intensity(
                 for i in range(12):
                     nursery.start_soon(one, req("crash", {"code": 3}), None)
                     nursery.start_soon(one, req("echo", i), None)
+            await crashes_counted(backend, 12)
             for _ in range(4):  # one at a time: a timeout spent queued would kill nothing
-                await one(req("spin"), 0.3)
+                await full_strength(backend, 2)
+                await one(req("spin"), 1.0)
         assert codes.count("WORKER_CRASHED") == 12
         assert codes.count("TIMEOUT") == 4
         assert codes.count("ok") == 12
@@ -251,7 +262,7 @@ async def test_a_plugin_crashing_on_every_call_is_quarantined_and_others_served(
         for _ in range(3):
             with pytest.raises(WorkerCrashedError):
                 await backend.execute(req("run", plugin=CRASHY))
-        await full_strength(backend, 2)  # the three replaced
+        await crashes_counted(backend, 3)
         crashes = backend.stats().worker_crashes
         for _ in range(20):  # refused at once: no worker started, none killed
             with pytest.raises(PluginQuarantinedError) as info:
@@ -327,11 +338,12 @@ async def test_a_timed_out_worker_is_handed_nothing_while_it_is_killed(
     async with pool(registry, workspaces, min_workers=1, max_workers=1) as backend:
         await full_strength(backend, 1)
         for _ in range(3):
+            await full_strength(backend, 1)  # so the whole timeout is spent running
             async with trio.open_nursery() as nursery:
 
                 async def spin() -> None:
                     with pytest.raises(ExecutionTimeoutError):
-                        await backend.execute(req("spin"), timeout=0.3)
+                        await backend.execute(req("spin"), timeout=1.0)
 
                 nursery.start_soon(spin)
                 await trio.sleep(0.05)

@@ -447,6 +447,8 @@ class WorkerPoolBackend(ExecutionBackend):
             with spare.scope:
                 async with self._open_worker(slot_held=True) as proc:
                     await self._warm(proc)
+                    if self._process_slots.statistics().tasks_waiting:
+                        return  # a slot waits to start its worker: it needs this more
                     spare.proc = proc
                     spare.ready.set()
                     await spare.done.wait()
@@ -482,11 +484,13 @@ class WorkerPoolBackend(ExecutionBackend):
 
     async def _take_process_slot(self) -> None:
         """Wait for a process slot; spares not yet serving give theirs up, since a slot
-        without a worker serves nobody while a spare waits for its recycling."""
+        without a worker serves nobody while a spare waits for its recycling. (One still
+        starting does once it is up: cancelled while the zygote forks it, it could be
+        abandoned alive after its slot was given back.)"""
         slots = self._process_slots
         if slots.value == 0:
             for other in self._workers.values():
-                if other.spare is not None:
+                if other.spare is not None and other.spare.proc is not None:
                     other.spare.scope.cancel()
         await slots.acquire()
         self._note_peak()
@@ -650,8 +654,9 @@ class WorkerPoolBackend(ExecutionBackend):
         self._per_plugin[plugin_id] -= 1
         if not worker.running:
             worker.idle.set()
-            if worker.state == "busy":
-                worker.state = "idle"
+            if worker.state == "busy":  # a dying worker is not idle: its actor replaces it
+                proc = worker.proc
+                worker.state = "idle" if proc is not None and proc.alive else "draining"
         if worker.executions >= self._spare_at:
             worker.spare_wanted.set()
         if worker.executions >= self.max_executions_per_worker:
