@@ -133,6 +133,7 @@ async def test_crashes_never_grow_the_pool_past_max_workers(registry, workspaces
         stats = backend.stats()
         assert stats.worker_crashes == 6
         assert stats.details["workers_peak"] == 2
+        assert (await backend.health()).details["workers_peak"] == 2
         assert stats.details["restarts"] == 0  # the work killed them: no restart charged
 
 
