@@ -345,9 +345,9 @@ class WorkerPoolBackend(ExecutionBackend):
         in here, so they never count as restarts; a worker lost on its own (while idle)
         raises, and the supervisor restarts the actor, meanwhile keeping its record (the
         slot stays counted against ``max_workers``). Returns when the pool shrinks this slot
-        away. A worker nearing its
-        ``max_executions_per_worker`` gets its successor started ahead (a spare, in
-        ``spares``), so recycling leaves no gap the size of a process start (~20 ms).
+        away. A worker nearing its ``max_executions_per_worker`` gets its successor started
+        ahead (a spare, in ``spares``) when a process slot is free, so recycling leaves no
+        gap the size of a process start.
         """
         self._workers[worker.name] = worker
         restarting = False
