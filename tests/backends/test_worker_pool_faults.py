@@ -246,6 +246,45 @@ async def test_a_worker_dying_idle_is_charged_as_a_restart(registry, workspaces)
         assert backend.stats().details["restarts"] == 1
 
 
+async def test_workers_killed_with_their_zygote_are_restarts_not_the_works_fault(  # type: ignore[no-untyped-def]
+    registry, workspaces
+) -> None:
+    """The zygote dies (SIGKILL): its children go with it. A busy one's caller gets
+    WORKER_CRASHED, but the plugin is not charged: the pool failed, not the work."""
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=1, crash_breaker_threshold=1
+    ) as backend:
+        await full_strength(backend, 1)
+        with trio.fail_after(30):
+            while True:  # the first worker may predate the zygote: replace it until forked
+                pid = (await backend.execute(req("whoami"))).output["pid"]
+                if backend._zygote is not None and pid in child_pids(backend._zygote.pid):
+                    break
+                restarts = backend.stats().details["restarts"]
+                os.kill(pid, signal.SIGKILL)
+                while backend.stats().details["restarts"] == restarts:
+                    await trio.sleep(0.02)
+                await full_strength(backend, 1)
+        restarts = backend.stats().details["restarts"]
+        zygote = backend._zygote.pid
+        async with trio.open_nursery() as nursery:
+
+            async def kill_zygote() -> None:
+                await trio.sleep(0.3)
+                os.kill(zygote, signal.SIGKILL)
+
+            nursery.start_soon(kill_zygote)
+            with pytest.raises(WorkerCrashedError):
+                await backend.execute(req("sleep_sync", {"seconds": 30}))
+        with trio.fail_after(30):
+            while backend.stats().details["restarts"] == restarts:
+                await trio.sleep(0.02)
+        await full_strength(backend, 1)
+        assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
+        breaker = backend.stats().details["crash_breaker"]
+        assert breaker["quarantined"] == {} and breaker["trips"] == 0
+
+
 async def test_a_plugin_crashing_on_every_call_is_quarantined_and_others_served(  # type: ignore[no-untyped-def]
     registry, workspaces
 ) -> None:

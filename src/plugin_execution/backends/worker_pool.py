@@ -49,7 +49,7 @@ from ..manifest import Quotas
 from ..process import WorkerLimits, WorkerProcess, _Pending, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
-from ..zygote import BASE_ENV, Zygote, open_zygote
+from ..zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
 from ._breaker import CrashBreaker
 from ._quota_watch import watch_quotas
 from .base import ExecutionBackend, Job
@@ -420,14 +420,15 @@ class WorkerPoolBackend(ExecutionBackend):
         finally:
             proc.spin_alone()
         worker.proc = None
-        if proc.lost.is_set() and not worker.retire.is_set():
+        if proc.lost.is_set() and worker.retire_reason != "shrink":
             if proc.killed:  # we stopped it (timeout, quota, health check): replace it
                 return "killed"
-            if proc.exiting or proc.lost_running:  # its work killed it: replace it
-                return "crashed"
-            self._stats.worker_crashes += 1  # it died on its own: a restart
-            self._recent_restarts.append(time.monotonic())
-            raise proc.crash_error()
+            if (proc.exiting or proc.lost_running) and not _orphaned(proc):
+                return "crashed"  # its work killed it (even if due for recycling): replace it
+            if not worker.retire.is_set():
+                self._stats.worker_crashes += 1  # it died on its own: a restart
+                self._recent_restarts.append(time.monotonic())
+                raise proc.crash_error()
         return worker.retire_reason
 
     async def _spare_when_wanted(self, worker: _Worker, spares: trio.Nursery) -> None:
@@ -806,8 +807,8 @@ class WorkerPoolBackend(ExecutionBackend):
         that said it is exiting (no execution may follow on it)."""
         if result is not None:
             killed: bool | None = False
-        elif proc is None or not self.running:
-            killed = None  # it never ran, or the pool is closing: no verdict
+        elif proc is None or not self.running or _orphaned(proc):
+            killed = None  # it never ran, the pool is closing or its zygote died: no verdict
         else:
             killed = not proc.alive
             if proc.exiting and worker.proc is proc:
@@ -917,6 +918,11 @@ class WorkerPoolBackend(ExecutionBackend):
                 details={**status.details, "restarts_last_minute": recent},
             )
         return status
+
+
+def _orphaned(proc: WorkerProcess) -> bool:
+    """Killed because the zygote that forked it died: the pool's failure, not its work's."""
+    return isinstance(proc.process, ZygoteChild) and proc.process.orphaned
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
