@@ -179,7 +179,10 @@ class SubprocessBackend(ExecutionBackend):
 
     async def _run(self, job: Job) -> ExecutionResult:
         """Run the job unless its plugin is quarantined; tell the crash breaker whether
-        its child crashed (a kill while the backend closes is no verdict)."""
+        its child crashed (a kill while the backend closes is no verdict). Channel sessions
+        are neither refused nor counted."""
+        if job.channel is not None:
+            return await self._run_admitted(job)
         plugin_id = job.request.plugin_id
         trial = self._breaker.admit(plugin_id)  # PluginQuarantinedError: refused
         killed: bool | None = None
