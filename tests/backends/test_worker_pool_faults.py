@@ -84,7 +84,10 @@ def live_workers() -> set[int]:
 
 
 class Sampler:
-    """Samples :func:`live_workers` until cancelled; keeps the largest count seen."""
+    """Samples :func:`live_workers` until cancelled; keeps the largest count seen.
+
+    It starts once the pool's zygote is up: until then the zygote's own start (before its
+    exec, and its ldconfig before that one's) would look like one more worker."""
 
     def __init__(self, backend) -> None:  # type: ignore[no-untyped-def]
         self.backend = backend
@@ -92,6 +95,9 @@ class Sampler:
         self.samples = 0
 
     async def run(self) -> None:
+        with trio.fail_after(30):
+            while self.backend._zygote is None:
+                await trio.sleep(0.01)
         while True:
             seen = live_workers()
             self.peak = max(self.peak, len(seen))
@@ -283,6 +289,31 @@ async def test_workers_killed_with_their_zygote_are_restarts_not_the_works_fault
         assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
         breaker = backend.stats().details["crash_breaker"]
         assert breaker["quarantined"] == {} and breaker["trips"] == 0
+
+
+async def test_a_sigkill_from_outside_is_not_held_against_the_plugin(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    """An operator (or the OOM killer) SIGKILLs busy workers: their callers get
+    WORKER_CRASHED, the workers are replaced, and the plugin is not quarantined."""
+    async with pool(
+        registry, workspaces, min_workers=1, max_workers=1, crash_breaker_threshold=1
+    ) as backend:
+        for _ in range(3):
+            await full_strength(backend, 1)
+            pid = (await backend.execute(req("whoami"))).output["pid"]
+            async with trio.open_nursery() as nursery:
+
+                async def kill_soon(pid: int = pid) -> None:
+                    await trio.sleep(0.3)
+                    os.kill(pid, signal.SIGKILL)
+
+                nursery.start_soon(kill_soon)
+                with pytest.raises(WorkerCrashedError) as info:
+                    await backend.execute(req("sleep_sync", {"seconds": 30}))
+            assert info.value.signal == signal.SIGKILL
+        assert (await backend.execute(req("add", {"a": 1, "b": 1}))).output == 2
+        stats = backend.stats()
+        assert stats.details["crash_breaker"]["trips"] == 0
+        assert stats.details["restarts"] == 0  # busy: not the workers failing on their own
 
 
 async def test_a_plugin_crashing_on_every_call_is_quarantined_and_others_served(  # type: ignore[no-untyped-def]

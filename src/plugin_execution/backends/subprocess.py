@@ -190,8 +190,10 @@ class SubprocessBackend(ExecutionBackend):
             result = await self._run_admitted(job)
             killed = False
             return result
-        except WorkerCrashedError:
-            killed = True if self.running else None
+        except WorkerCrashedError as exc:
+            # SIGKILLed from outside (an operator, the OOM killer): not known to be its doing.
+            outside = exc.details.get("signal") == signal.SIGKILL
+            killed = True if self.running and not outside else None
             raise
         except ExecutionError:
             killed = False

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -807,8 +808,8 @@ class WorkerPoolBackend(ExecutionBackend):
         that said it is exiting (no execution may follow on it)."""
         if result is not None:
             killed: bool | None = False
-        elif proc is None or not self.running or _orphaned(proc):
-            killed = None  # it never ran, the pool is closing or its zygote died: no verdict
+        elif proc is None or not self.running or _orphaned(proc) or _killed_from_outside(proc):
+            killed = None  # it never ran, the pool is closing, or not the plugin's doing
         else:
             killed = not proc.alive
             if proc.exiting and worker.proc is proc:
@@ -918,6 +919,12 @@ class WorkerPoolBackend(ExecutionBackend):
                 details={**status.details, "restarts_last_minute": recent},
             )
         return status
+
+
+def _killed_from_outside(proc: WorkerProcess) -> bool:
+    """SIGKILLed, not by the pool: an operator, a chaos test or the kernel's OOM killer (which
+    may pick an innocent worker when the host runs short). Whose fault it was is unknown."""
+    return not proc.killed and not proc.exiting and proc.process.returncode == -signal.SIGKILL
 
 
 def _orphaned(proc: WorkerProcess) -> bool:
