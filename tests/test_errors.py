@@ -27,6 +27,7 @@ CODES = {
     "WorkspaceError": "WORKSPACE_ERROR",
     "AcquireTimeoutError": "ACQUIRE_TIMEOUT",
     "WorkerUnhealthyError": "WORKER_UNHEALTHY",
+    "PluginQuarantinedError": "PLUGIN_QUARANTINED",
 }
 ALL = sorted(CODES)
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .errors import ManifestError as ManifestError
     from .errors import PermissionDeniedError as PermissionDeniedError
     from .errors import PluginNotFoundError as PluginNotFoundError
+    from .errors import PluginQuarantinedError as PluginQuarantinedError
     from .errors import QueueFullError as QueueFullError
     from .errors import ValidationError as ValidationError
     from .errors import WorkerCrashedError as WorkerCrashedError
@@ -114,6 +115,7 @@ _EXPORTS: dict[str, str] = {
     "ManifestError": "errors",
     "PermissionDeniedError": "errors",
     "PluginNotFoundError": "errors",
+    "PluginQuarantinedError": "errors",
     "QueueFullError": "errors",
     "ValidationError": "errors",
     "WorkerCrashedError": "errors",

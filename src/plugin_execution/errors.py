@@ -34,6 +34,7 @@ __all__ = [
     "ManifestError",
     "PermissionDeniedError",
     "PluginNotFoundError",
+    "PluginQuarantinedError",
     "QueueFullError",
     "ValidationError",
     "WorkerCrashedError",
@@ -404,3 +405,11 @@ class ManifestError(ExecutionError):
     """A plugin manifest is malformed; raised when it is loaded, naming the bad key."""
 
     code = "INVALID_MANIFEST"
+
+
+class PluginQuarantinedError(ExecutionError):
+    """The plugin's executions kept killing their workers: its crash breaker is open and
+    it is refused, without running, until the cool-down ends (see docs/backends.md)."""
+
+    code = "PLUGIN_QUARANTINED"
+    retry_after_s = _detail("retry_after_s", "Seconds until the plugin is tried again.")

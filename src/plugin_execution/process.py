@@ -215,6 +215,10 @@ class WorkerProcess:
         self._kill_error: ExecutionError | None = None
         self._closing = False
         self._killed = False
+        self._exiting = False  # it said so: an execution's error was WORKER_CRASHED
+        #: The plugin ids of the executions it was running when it was lost: non-empty when
+        #: the work, not the worker, is the likely cause (see WorkerPoolBackend._serve_on).
+        self.lost_running: tuple[str, ...] = ()
         #: Channel sessions bridged to this worker, by channel id (see channels/bridge.py).
         self.channels: dict[str, ChannelBridge] = {}
         # The last two channels that sent the worker a message, and when (see channel_sent).
@@ -239,9 +243,17 @@ class WorkerProcess:
         return self._killed
 
     @property
+    def exiting(self) -> bool:
+        """True once the worker reported an execution failed with ``WORKER_CRASHED`` (it
+        ran out of memory and exits): it takes no more work and should be replaced."""
+        return self._exiting
+
+    @property
     def alive(self) -> bool:
-        """False once the worker is lost, or killed and not yet reaped: give it no work."""
-        return not (self._killed or self.lost.is_set())
+        """False once the worker is lost or being declared lost, killed and not yet reaped,
+        or said it is exiting (an execution failed with ``WORKER_CRASHED``, e.g. out of
+        memory): give it no work."""
+        return not (self._killed or self._exiting or self._losing or self.lost.is_set())
 
     def crash_error(self) -> ExecutionError:
         """A fresh copy of why the worker was lost (one exception object per raise)."""
@@ -539,7 +551,10 @@ class WorkerProcess:
         elif isinstance(msg, Error):
             pending = self._pending.get(msg.execution_id)
             if pending is not None:
-                pending.finish(error=ExecutionError.from_dict(msg.error))
+                error = ExecutionError.from_dict(msg.error)
+                if isinstance(error, WorkerCrashedError):
+                    self._exiting = True  # its last words: no other execution may follow
+                pending.finish(error=error)
         elif isinstance(msg, Pong):
             pong = self._pongs.pop(msg.seq, None)
             if pong is not None:
@@ -663,6 +678,7 @@ class WorkerProcess:
             self.crash = WorkerCrashedError(
                 f"worker {self.worker_id} {how} ({reason})", details=details
             )
+        self.lost_running = tuple(job.request.plugin_id for job in self._jobs.values())
         self.lost.set()
         if self._reading:  # wake the reader parked on the socket (the fd stays open)
             trio.lowlevel.notify_closing(self._fd)

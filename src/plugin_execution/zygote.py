@@ -40,6 +40,8 @@ class ZygoteChild:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        #: True when it was killed because its zygote died (not for anything it did).
+        self.orphaned = False
         self._exited = trio.Event()
 
     async def wait(self) -> int:
@@ -179,6 +181,7 @@ class Zygote:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            child.orphaned = True
             child._set_exited(-signal.SIGKILL)
         self._children.clear()
 

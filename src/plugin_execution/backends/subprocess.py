@@ -29,13 +29,14 @@ import attrs
 import trio
 
 from ..channels.bridge import run_session
-from ..errors import BackendClosedError, WorkerCrashedError
+from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
 from ..zygote import BASE_ENV, Zygote, open_zygote
+from ._breaker import CrashBreaker
 from .base import ExecutionBackend, Job
 
 __all__ = ["SubprocessBackend"]
@@ -81,6 +82,9 @@ class SubprocessBackend(ExecutionBackend):
       reports the ones it lacks, and why); ``False``: none; or the layers required, e.g.
       ``("landlock", "seccomp")``: entering the backend fails if one is missing. Layers:
       ``capabilities``, ``landlock``, ``bubblewrap``, ``seccomp`` (docs/sandbox.md).
+    - ``crash_breaker_threshold`` (default 5) executions in a row whose child crashed
+      quarantine their plugin for ``crash_breaker_cooldown`` seconds (default 30):
+      ``PluginQuarantinedError``, no child started. 0 or None: off. See docs/backends.md.
     """
 
     name = "subprocess"
@@ -97,6 +101,8 @@ class SubprocessBackend(ExecutionBackend):
         start_timeout: float = 30.0,
         max_processes: int | None = None,
         sandbox: bool | Iterable[str] = True,
+        crash_breaker_threshold: int | None = 5,
+        crash_breaker_cooldown: float = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -114,6 +120,7 @@ class SubprocessBackend(ExecutionBackend):
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
         self._live: set[WorkerProcess] = set()  # children running an execution
+        self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
         self._children = 0
         self._zygote: Zygote | None = None
         self._zygote_ready = trio.Event()
@@ -178,6 +185,30 @@ class SubprocessBackend(ExecutionBackend):
         )
 
     async def _run(self, job: Job) -> ExecutionResult:
+        """Run the job unless its plugin is quarantined; tell the crash breaker whether
+        its child crashed (a kill while the backend closes is no verdict). Channel sessions
+        are neither refused nor counted."""
+        if job.channel is not None:
+            return await self._run_admitted(job)
+        plugin_id = job.request.plugin_id
+        trial = self._breaker.admit(plugin_id)  # PluginQuarantinedError: refused
+        killed: bool | None = None
+        try:
+            result = await self._run_admitted(job)
+            killed = False
+            return result
+        except WorkerCrashedError as exc:
+            # SIGKILLed from outside (an operator, the OOM killer): not known to be its doing.
+            outside = exc.details.get("signal") == signal.SIGKILL
+            killed = True if self.running and not outside else None
+            raise
+        except ExecutionError:
+            killed = False
+            raise
+        finally:
+            self._breaker.record(plugin_id, killed, trial=trial)
+
+    async def _run_admitted(self, job: Job) -> ExecutionResult:
         """Wait for a slot, start a child, run the job in it. Every wait counts toward the
         job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
         """
@@ -313,6 +344,7 @@ class SubprocessBackend(ExecutionBackend):
         details: dict[str, Any] = {
             "active_subprocesses": self._children,
             "start_method": self.start_method,
+            "crash_breaker": self._breaker.details(),
         }
         if self.start_method == "zygote":
             details["zygote_pid"] = self._zygote.pid if self._zygote else None
@@ -323,7 +355,7 @@ class SubprocessBackend(ExecutionBackend):
         return details
 
     def _stats_details(self) -> dict[str, Any]:
-        return {"active_subprocesses": self._children}
+        return {"active_subprocesses": self._children, "crash_breaker": self._breaker.details()}
 
 
 #: Signals the kernel sends when a resource limit is hit, and the reason they stand for.

@@ -8,8 +8,16 @@ capacity, or queues it (bounded: ``QueueFullError``) until one frees up (``acqui
 Workers are grown to ``max_workers`` under load and shrunk back to ``min_workers`` after
 ``idle_timeout``; recycled after ``max_executions_per_worker``, ``max_worker_uptime`` or
 ``max_worker_memory_mb`` (RSS, measured by the health check) without failing any execution;
-health-checked by ping every ``health_check_interval``; replaced by the supervisor when they
-die. A worker that dies fails only the executions it was running (``WorkerCrashedError``).
+health-checked by ping every ``health_check_interval``. A worker that dies fails only the
+executions it was running (``WorkerCrashedError``).
+
+At no instant are more than ``max_workers`` worker processes alive, counting those starting,
+stopping and started ahead for recycling (``details["workers_peak"]``). A worker killed by
+the work it ran (a crash, a timeout, quota or health-check kill) is that work's failure: its
+slot replaces it at once and the supervisor's restart intensity is not charged; a per-plugin
+crash breaker (``_breaker``) refuses a plugin that keeps doing it. Workers failing on their
+own (start-up, handshake, dying idle) are restarted by the supervisor, which gives up past
+``max_restarts`` within ``restart_window``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import select
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -41,7 +50,8 @@ from ..manifest import Quotas
 from ..process import WorkerLimits, WorkerProcess, _Pending, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
-from ..zygote import BASE_ENV, Zygote, open_zygote
+from ..zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
+from ._breaker import CrashBreaker
 from ._quota_watch import watch_quotas
 from .base import ExecutionBackend, Job
 
@@ -92,14 +102,16 @@ class _Worker:
 
 class _Spare:
     """A worker started ahead for a slot: ``ready`` once it is up (``proc``) or failed
-    (``proc`` None); ``done`` ends its life (the slot served on it and retired it)."""
+    (``proc`` None); ``done`` ends its life (the slot served on it and retired it);
+    cancelling ``scope`` gives its process slot back to a worker that needs one."""
 
-    __slots__ = ("done", "proc", "ready")
+    __slots__ = ("done", "proc", "ready", "scope")
 
     def __init__(self) -> None:
         self.proc: WorkerProcess | None = None
         self.ready = trio.Event()
         self.done = trio.Event()
+        self.scope = trio.CancelScope()
 
 
 class _Waiter:
@@ -165,7 +177,10 @@ class WorkerPoolBackend(ExecutionBackend):
     ``max_executions_per_worker`` [1000], ``max_worker_uptime`` [1800 s],
     ``max_worker_memory_mb`` [None]; ``health_check_interval`` [10 s],
     ``health_check_timeout`` [5 s]; ``cancel_grace`` [1 s]; ``shutdown_timeout`` [10 s];
-    ``max_restarts`` [50] within ``restart_window`` [30 s] before the supervisor gives up;
+    ``max_restarts`` [50] within ``restart_window`` [30 s] before the supervisor gives up
+    (workers failing on their own only: not those killed by their work);
+    ``crash_breaker_threshold`` [5] worker-killing executions in a row quarantine a plugin
+    for ``crash_breaker_cooldown`` [30 s] (``PluginQuarantinedError``; 0 or None: off);
     ``memory_mb`` / ``open_files`` limits per worker; ``env``: extra environment variables
     for the workers (they get a minimal base environment, never the host's secrets).
     """
@@ -195,6 +210,8 @@ class WorkerPoolBackend(ExecutionBackend):
         shutdown_timeout: float = 10.0,
         max_restarts: int = 50,
         restart_window: float = 30.0,
+        crash_breaker_threshold: int | None = 5,
+        crash_breaker_cooldown: float = 30.0,
         memory_mb: int | None = None,
         open_files: int | None = None,
         env: dict[str, str] | None = None,
@@ -235,6 +252,11 @@ class WorkerPoolBackend(ExecutionBackend):
         self.shutdown_timeout = shutdown_timeout
         self._max_restarts = max_restarts
         self._restart_window = restart_window
+        self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
+        # Worker processes alive (starting to reaped, spares included): never above
+        # max_workers; the most there ever were.
+        self._process_slots = trio.Semaphore(max_workers)
+        self._workers_peak = 0
         self._limits = WorkerLimits(address_space_mb=memory_mb, open_files=open_files)
         self._env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
         self._env.update(env or {})
@@ -295,10 +317,16 @@ class WorkerPoolBackend(ExecutionBackend):
 
     # -- workers --------------------------------------------------------------------------
 
-    async def _add_worker(self, permanent: bool) -> None:
-        assert self._supervisor is not None
+    def _new_worker(self, permanent: bool) -> _Worker:
+        """A slot's record, counted against ``max_workers`` from now on."""
         worker = _Worker(f"worker-{next(self._names)}", permanent)
         self._workers[worker.name] = worker
+        return worker
+
+    async def _add_worker(self, permanent: bool, worker: _Worker | None = None) -> None:
+        assert self._supervisor is not None
+        if worker is None:
+            worker = self._new_worker(permanent)
         spec = ChildSpec(
             name=worker.name,
             start=lambda task_status=trio.TASK_STATUS_IGNORED: self._actor(worker, task_status),
@@ -314,13 +342,16 @@ class WorkerPoolBackend(ExecutionBackend):
     async def _actor(self, worker: _Worker, task_status: Any) -> None:
         """One worker slot's life: serve on a worker, replace it when it is retired.
 
-        Recycling (executions, uptime, memory) happens in here, so it never counts as a
-        restart; a worker lost without being retired raises, and the supervisor restarts the
-        actor. Returns when the pool shrinks this slot away. A worker nearing its
-        ``max_executions_per_worker`` gets its successor started ahead (a spare, in
-        ``spares``), so recycling leaves no gap the size of a process start (~20 ms).
+        Recycling (executions, uptime, memory) and replacing a worker its work killed happen
+        in here, so they never count as restarts; a worker lost on its own (while idle)
+        raises, and the supervisor restarts the actor, meanwhile keeping its record (the
+        slot stays counted against ``max_workers``). Returns when the pool shrinks this slot
+        away. A worker nearing its ``max_executions_per_worker`` gets its successor started
+        ahead (a spare, in ``spares``) when a process slot is free, so recycling leaves no
+        gap the size of a process start.
         """
         self._workers[worker.name] = worker
+        restarting = False
         try:
             with unwrap_single():
                 async with trio.open_nursery() as spares:
@@ -332,12 +363,21 @@ class WorkerPoolBackend(ExecutionBackend):
                             return
                         if reason == "killed":
                             self._workers_killed += 1
+                        elif reason == "crashed":
+                            self._stats.worker_crashes += 1
+                            self._recent_restarts.append(time.monotonic())
                         else:
                             self._stats.workers_recycled += 1
+        except Exception:
+            restarting = True  # the supervisor restarts this slot (or gives up)
+            raise
         finally:
-            worker.state = "stopped"
             worker.proc = None
-            self._workers.pop(worker.name, None)  # a restart puts it back
+            if restarting and self._supervisor is not None and self.running:
+                worker.state = "starting"
+            else:
+                worker.state = "stopped"
+                self._workers.pop(worker.name, None)
             self._dispatch()
 
     async def _serve_one(self, worker: _Worker, task_status: Any, spares: trio.Nursery) -> str:
@@ -381,12 +421,15 @@ class WorkerPoolBackend(ExecutionBackend):
         finally:
             proc.spin_alone()
         worker.proc = None
-        if proc.lost.is_set() and not worker.retire.is_set():
-            if proc.killed:  # we stopped it (timeout, health check): replace, no restart
+        if proc.lost.is_set() and worker.retire_reason != "shrink":
+            if proc.killed:  # we stopped it (timeout, quota, health check): replace it
                 return "killed"
-            self._stats.worker_crashes += 1
-            self._recent_restarts.append(time.monotonic())
-            raise proc.crash_error()
+            if (proc.exiting or proc.lost_running) and not _orphaned(proc):
+                return "crashed"  # its work killed it (even if due for recycling): replace it
+            if not worker.retire.is_set():
+                self._stats.worker_crashes += 1  # it died on its own: a restart
+                self._recent_restarts.append(time.monotonic())
+                raise proc.crash_error()
         return worker.retire_reason
 
     async def _spare_when_wanted(self, worker: _Worker, spares: trio.Nursery) -> None:
@@ -394,14 +437,23 @@ class WorkerPoolBackend(ExecutionBackend):
         spares.start_soon(self._keep_spare, worker)
 
     async def _keep_spare(self, worker: _Worker) -> None:
-        """Start and warm a successor for ``worker``; hold it until it is done with."""
+        """Start and warm a successor for ``worker``, if a process slot is free now (else
+        the slot starts one the usual way when it needs it); hold it until done with."""
+        try:
+            self._process_slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        self._note_peak()
         spare = worker.spare = _Spare()
         try:
-            async with self._open_worker() as proc:
-                await self._warm(proc)
-                spare.proc = proc
-                spare.ready.set()
-                await spare.done.wait()
+            with spare.scope:
+                async with self._open_worker(slot_held=True) as proc:
+                    await self._warm(proc)
+                    if self._process_slots.statistics().tasks_waiting:
+                        return  # a slot waits to start its worker: it needs this more
+                    spare.proc = proc
+                    spare.ready.set()
+                    await spare.done.wait()
         except ExecutionError as exc:  # the slot starts one the usual way when it needs it
             self._stats.last_error = f"could not start a spare worker: {exc.message}"
         finally:
@@ -409,15 +461,45 @@ class WorkerPoolBackend(ExecutionBackend):
             if worker.spare is spare:
                 worker.spare = None
 
-    def _open_worker(self) -> Any:
-        if self.kind == "thread":
-            from ..worker.in_thread import open_worker_thread
+    @asynccontextmanager
+    async def _open_worker(self, *, slot_held: bool = False) -> AsyncIterator[WorkerProcess]:
+        """Start a worker, once a process slot is free (``slot_held``: the caller took
+        one); the slot is given back once the worker is reaped."""
+        if not slot_held:
+            await self._take_process_slot()
+        try:
+            if self.kind == "thread":
+                from ..worker.in_thread import open_worker_thread
 
-            return open_worker_thread()
-        zygote = self._zygote
-        if zygote is not None and zygote.lost.is_set():
-            zygote = None
-        return open_worker_process(env=self._env, limits=self._limits, zygote=zygote)
+                async with open_worker_thread() as thread:
+                    yield thread
+                return
+            zygote = self._zygote
+            if zygote is not None and zygote.lost.is_set():
+                zygote = None
+            async with open_worker_process(
+                env=self._env, limits=self._limits, zygote=zygote
+            ) as proc:
+                yield proc
+        finally:
+            self._process_slots.release()
+
+    async def _take_process_slot(self) -> None:
+        """Wait for a process slot; spares not yet serving give theirs up, since a slot
+        without a worker serves nobody while a spare waits for its recycling. (One still
+        starting does once it is up: cancelled while the zygote forks it, it could be
+        abandoned alive after its slot was given back.)"""
+        slots = self._process_slots
+        if slots.value == 0:
+            for other in self._workers.values():
+                if other.spare is not None and other.spare.proc is not None:
+                    other.spare.scope.cancel()
+        await slots.acquire()
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        alive = self.max_workers - self._process_slots.value
+        self._workers_peak = max(self._workers_peak, alive)
 
     @asynccontextmanager
     async def _zygote_kept(self) -> AsyncIterator[None]:
@@ -574,8 +656,9 @@ class WorkerPoolBackend(ExecutionBackend):
         self._per_plugin[plugin_id] -= 1
         if not worker.running:
             worker.idle.set()
-            if worker.state == "busy":
-                worker.state = "idle"
+            if worker.state == "busy":  # a dying worker is not idle: its actor replaces it
+                proc = worker.proc
+                worker.state = "idle" if proc is not None and proc.alive else "draining"
         if worker.executions >= self._spare_at:
             worker.spare_wanted.set()
         if worker.executions >= self.max_executions_per_worker:
@@ -600,11 +683,13 @@ class WorkerPoolBackend(ExecutionBackend):
         starting = sum(w.state == "starting" for w in self._workers.values())
         alive = sum(w.state != "stopped" for w in self._workers.values())
         if alive < self.max_workers and starting < len(self._queue) and self._nursery:
-            self._nursery.start_soon(self._grow)
+            # The record now, not when the task runs: callers queued in the same step
+            # would otherwise each start one.
+            self._nursery.start_soon(self._grow, self._new_worker(False))
 
-    async def _grow(self) -> None:
+    async def _grow(self, worker: _Worker) -> None:
         try:
-            await self._add_worker(False)
+            await self._add_worker(False, worker)
         except Exception as exc:  # the queue's acquire timeout reports the consequence
             self._stats.last_error = f"could not start a worker: {exc}"
 
@@ -698,7 +783,12 @@ class WorkerPoolBackend(ExecutionBackend):
     async def _run_job(self, job: Job, lender: _Worker | None = None) -> ExecutionResult:
         await trio.lowlevel.checkpoint_if_cancelled()  # the answer may come without a wait
         request = job.request
-        lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
+        trial = self._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
+        try:
+            lease = self.workspaces._reserve(request.execution_id)  # a duplicate id fails here
+        except BaseException:
+            self._breaker.record(request.plugin_id, None, trial=trial)
+            raise
         workspace = os.fspath(lease)
         quotas = job.target.permissions.quotas
         watched = self.kind == "process" and bool(quotas.memory_mb or quotas.cpu_s)
@@ -707,6 +797,7 @@ class WorkerPoolBackend(ExecutionBackend):
             got = await self._acquire(job, None if watched else workspace, lender)
         except BaseException:
             lease.release_unused()  # nothing was made
+            self._breaker.record(request.plugin_id, None, trial=trial)
             raise
         if isinstance(got, _Waiter):
             worker, proc, pending = got.worker, got.proc, got.pending
@@ -732,6 +823,7 @@ class WorkerPoolBackend(ExecutionBackend):
                 result = await proc.collect(pending, backend=self.name)
             return result
         finally:
+            self._settle(worker, proc, request.plugin_id, result, trial)
             self._give_back(worker, request.plugin_id)
             if (
                 result is not None
@@ -743,6 +835,26 @@ class WorkerPoolBackend(ExecutionBackend):
                 lease.release_unused()
             else:
                 await lease.release()  # not cancellable; see WorkspaceLease.release
+
+    def _settle(
+        self,
+        worker: _Worker,
+        proc: WorkerProcess | None,
+        plugin_id: str,
+        result: ExecutionResult | None,
+        trial: bool,
+    ) -> None:
+        """Tell the crash breaker whether this execution killed its worker; retire a worker
+        that said it is exiting (no execution may follow on it)."""
+        if result is not None:
+            killed: bool | None = False
+        elif proc is None or not self.running or _orphaned(proc) or _killed_from_outside(proc):
+            killed = None  # it never ran, the pool is closing, or not the plugin's doing
+        else:
+            killed = not proc.alive
+            if proc.exiting and worker.proc is proc:
+                self._retire(worker, "crashed")
+        self._breaker.record(plugin_id, killed, trial=trial)
 
     async def _execute_watched(
         self, proc: WorkerProcess, job: Job, workspace: str, quotas: Quotas
@@ -800,7 +912,7 @@ class WorkerPoolBackend(ExecutionBackend):
                     f"{self.acquire_timeout:g} s ({len(self._workers)} workers)"
                 )
             if not self._workers and self._nursery is not None:
-                self._nursery.start_soon(self._grow)  # min_workers=0: start one
+                self._nursery.start_soon(self._grow, self._new_worker(False))  # min_workers=0
             await trio.sleep(0.02)  # workers are being (re)started; bounded by give_up
 
     # -- observing ------------------------------------------------------------------------
@@ -812,6 +924,9 @@ class WorkerPoolBackend(ExecutionBackend):
     def _stats_details(self) -> dict[str, Any]:
         return {
             "workers": self._worker_states(),
+            "workers_peak": self._workers_peak,
+            "max_workers": self.max_workers,
+            "crash_breaker": self._breaker.details(),
             "restarts": self._supervisor.restart_count if self._supervisor else 0,
             "workers_killed": self._workers_killed,
             "queue_depth": len(self._queue),
@@ -829,12 +944,14 @@ class WorkerPoolBackend(ExecutionBackend):
         }
 
     async def health(self) -> HealthStatus:
-        """As every backend's, ``degraded`` when 3+ workers crashed in the last minute or the
-        queue is full: still serving, but something needs a look."""
+        """As every backend's, ``degraded`` when 3+ workers crashed in the last minute, the
+        queue is full or a plugin is quarantined: still serving, but something needs a look."""
         status = await super().health()
         now = time.monotonic()
         recent = sum(1 for t in self._recent_restarts if now - t < 60)
-        degraded = recent >= 3 or len(self._queue) >= self.max_queue
+        degraded = (
+            recent >= 3 or len(self._queue) >= self.max_queue or bool(self._breaker.quarantined())
+        )
         if status.healthy and degraded:
             status = attrs.evolve(
                 status,
@@ -842,6 +959,17 @@ class WorkerPoolBackend(ExecutionBackend):
                 details={**status.details, "restarts_last_minute": recent},
             )
         return status
+
+
+def _killed_from_outside(proc: WorkerProcess) -> bool:
+    """SIGKILLed, not by the pool: an operator, a chaos test or the kernel's OOM killer (which
+    may pick an innocent worker when the host runs short). Whose fault it was is unknown."""
+    return not proc.killed and not proc.exiting and proc.process.returncode == -signal.SIGKILL
+
+
+def _orphaned(proc: WorkerProcess) -> bool:
+    """Killed because the zygote that forked it died: the pool's failure, not its work's."""
+    return isinstance(proc.process, ZygoteChild) and proc.process.orphaned
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
