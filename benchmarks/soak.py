@@ -124,14 +124,21 @@ def zygote_pids(backend: Any, table: dict[int, tuple[int, str]]) -> set[int]:
 
 
 def live_workers(backend: Any) -> dict[int, str]:
-    """The processes running the worker runtime for this host: our Python descendants,
-    zygotes aside (what a handler forks runs ``sleep``, and bubblewrap is not Python)."""
+    """The processes running the worker runtime for this host: Python children of the host
+    or of a zygote, zygotes aside (what a handler forks is the worker's child, and runs
+    ``sleep``; bubblewrap is not Python)."""
     table = _processes()
     zygotes = zygote_pids(backend, table)
+    parents = {os.getpid(), *zygotes}
     return {
         pid: cmd
         for pid, cmd in descendants(os.getpid(), table).items()
-        if "plugin_execution" in cmd and not cmd.startswith("<zombie>") and pid not in zygotes
+        if table[pid][0] in parents
+        and "plugin_execution" in cmd
+        and not cmd.startswith("<zombie>")
+        and pid not in zygotes
+        # a zygote not yet known to the backend: started by the host, not forked by a zygote
+        and not ("--zygote" in cmd and table[pid][0] == os.getpid())
     }
 
 
@@ -157,6 +164,7 @@ class Soak:
         self.faults_from_outside: Counter[str] = Counter()
         self.bare_exceptions: Counter[str] = Counter()
         self.peak_workers = 0
+        self.peak_snapshot: dict[int, str] = {}
         self.backend_error: str | None = None
 
     def options(self) -> dict[str, Any]:
@@ -225,7 +233,8 @@ class Soak:
     async def sampler(self, backend: Any) -> None:
         while True:
             workers = await trio.to_thread.run_sync(live_workers, backend)
-            self.peak_workers = max(self.peak_workers, len(workers))
+            if len(workers) > self.peak_workers:
+                self.peak_workers, self.peak_snapshot = len(workers), workers
             await trio.sleep(0.01)
 
     async def saboteur(self, backend: Any) -> None:
@@ -243,11 +252,13 @@ class Soak:
             if not targets:
                 continue
             pid = rng.choice(targets)
+            if fault == "zygote":
+                self.hit_workers |= set(descendants(pid))
             try:
                 os.kill(pid, signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            if fault != "zygote":
+            if fault != "zygote":  # (a zygote's forks die with it: counted above)
                 self.hit_workers.add(pid)
             self.faults_from_outside[fault] += 1
 
@@ -333,6 +344,7 @@ class Soak:
             "bare_exceptions": dict(self.bare_exceptions),
             "faults_from_outside": dict(self.faults_from_outside),
             "peak_live_workers": self.peak_workers,
+            "peak_snapshot": {str(pid): cmd[:100] for pid, cmd in self.peak_snapshot.items()},
             "worker_bound": bound,
             "leaked_processes": {str(pid): cmd for pid, cmd in leaked_processes.items()},
             "leftover_forks": leftovers,
