@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import trio
 
-from ..errors import ExecutionTimeoutError
-
 if TYPE_CHECKING:
     from .session import PlatformSession
 
@@ -99,9 +97,4 @@ class HostThreads:
             slots.users -= 1
             self._drop_if_idle(plugin_id, slots)
         assert scope.cancelled_caught
-        raise ExecutionTimeoutError(
-            f"{what} did not finish before the execution's deadline",
-            execution_id=session.execution_id,
-            plugin_id=session.plugin_id,
-            handler_id=session.handler_id,
-        )
+        raise session.past_deadline(what)

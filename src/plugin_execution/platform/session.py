@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from ..errors import AbortedError, PermissionDeniedError
+from ..errors import AbortedError, ExecutionTimeoutError, PermissionDeniedError
 from ..permissions import Grants, grants_for
 
 if TYPE_CHECKING:
@@ -125,6 +125,15 @@ class PlatformSession:
         return self.deadline - trio.current_time()
 
     # -- refusing -------------------------------------------------------------------------
+
+    def past_deadline(self, what: str) -> ExecutionTimeoutError:
+        """The error for host work done for this execution that outlived its deadline."""
+        return ExecutionTimeoutError(
+            f"{what} did not finish before the execution's deadline",
+            execution_id=self.execution_id,
+            plugin_id=self.plugin_id,
+            handler_id=self.handler_id,
+        )
 
     def deny(self, permission: str, resource: str, reason: str = "") -> NoReturn:
         """Count, log and raise a :class:`PermissionDeniedError` for ``resource``."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from ..errors import ExecutionTimeoutError, InvalidRequestError
+from ..errors import InvalidRequestError
 from . import _args
 
 if TYPE_CHECKING:
@@ -228,12 +228,7 @@ class StorageService:
             # raised outside the except block, so the host's error is not its __context__
             raise OSError(failed.errno, failed.strerror or "storage error", f"storage key {key}")
         assert scope.cancelled_caught
-        raise ExecutionTimeoutError(
-            f"ctx.storage on {key!r} did not finish before the execution's deadline",
-            execution_id=session.execution_id,
-            plugin_id=session.plugin_id,
-            handler_id=session.handler_id,
-        )
+        raise session.past_deadline(f"ctx.storage on {key!r}")
 
     async def put(
         self, session: PlatformSession, key: Any, data: Any, namespace: Any = None
