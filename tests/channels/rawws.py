@@ -121,6 +121,7 @@ class RawClient:
         self._buffer = bytearray()
         self.eof = False
         self.status: int | None = None
+        self.body = bytearray()  # what came after the last frame read, up to EOF
 
     @classmethod
     async def connect(cls, port: int, host: str = "127.0.0.1") -> RawClient:
@@ -188,14 +189,15 @@ class RawClient:
         assert status == 101, f"handshake to {path} got {status}"
         assert headers.get("sec-websocket-accept") == accept_value(key)
 
-    async def next_frame(self) -> Frame | None:
-        """The next frame from the server, or None at EOF."""
-        while True:
-            parsed = self._parse()
-            if parsed is not None:
-                return parsed
-            if not await self._fill():
-                return None
+    async def next_frame(self, timeout: float = 30.0) -> Frame | None:
+        """The next frame from the server, or None at EOF; fails after ``timeout``."""
+        with trio.fail_after(timeout):
+            while True:
+                parsed = self._parse()
+                if parsed is not None:
+                    return parsed
+                if not await self._fill():
+                    return None
 
     def _parse(self) -> Frame | None:
         buf = self._buffer
@@ -234,6 +236,10 @@ class RawClient:
                 return got
 
     async def until_eof(self) -> None:
-        """Read (and discard) until the server ends the TCP connection."""
-        while await self._fill():
+        """Read until the server ends the TCP connection (kept in ``body``, up to 64 KiB)."""
+        while True:
+            if len(self.body) < 65536:
+                self.body += self._buffer
             self._buffer.clear()
+            if not await self._fill():
+                return

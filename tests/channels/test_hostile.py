@@ -8,15 +8,30 @@ connection, and that well-behaved clients were not hurt.
 from __future__ import annotations
 
 import ast
+import base64
 import os
 import signal
+import tracemalloc
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 
 from .conftest import wait_until
-from .rawws import OP_PING, OP_PONG, OP_TEXT, RawClient, frame
+from .rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawClient,
+    close_payload,
+    frame,
+    new_key,
+    request,
+)
 from .test_websocket import closed_with
 
 ECHO = "/v1/ws/plugins/tests.ws/echo"
@@ -89,3 +104,165 @@ async def _open(url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     async with open_websocket_url(url) as ws:
         task_status.started(ws)
         await trio.sleep_forever()
+
+
+# -- 23.2: every close the server starts ends the TCP connection within close_timeout ------
+
+
+async def silent_after_close(client: RawClient) -> tuple[int | None, float]:
+    """The server's close code, and how long it kept TCP open after it while the client
+    stayed silent (neither answering the close nor closing)."""
+    closing = await client.closing()
+    assert closing is not None, "the server ended TCP without a close frame"
+    started = trio.current_time()
+    with trio.fail_after(30):
+        await client.until_eof()
+    return closing.close_code, trio.current_time() - started
+
+
+@pytest.mark.parametrize("where", ["mount", "router"])
+async def test_a_1009_close_ends_tcp_within_the_close_timeout(serve, where) -> None:  # type: ignore[no-untyped-def]
+    limits: dict[str, Any] = (
+        {"max_message_size": 1000, "close_timeout": 0.5}
+        if where == "mount"
+        else {"router_options": {"max_message_size": 1000, "close_timeout": 0.5}}
+    )
+    async with serve(**limits) as served, await RawClient.connect(served.port) as client:
+        await client.open(ECHO)
+        await client.send(frame(OP_BINARY, b"x" * 1001))
+        code, lingered = await silent_after_close(client)
+        assert code == 1009
+        assert lingered < 5  # 0.5 s and scheduling; it was over 60 s
+        await wait_until(lambda: served.registry.stats()["closed_by"]["server"] == {1009: 1})
+
+
+async def test_an_idle_close_ends_tcp_within_the_close_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    async with (
+        serve(idle_timeout=0.3, close_timeout=0.5) as served,
+        await RawClient.connect(served.port) as client,
+    ):
+        await client.open(ECHO)
+        code, lingered = await silent_after_close(client)
+        assert code == 1001
+        assert lingered < 5
+
+
+# -- 23.3: handshakes RFC 6455 section 4.2.1 says to refuse ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("handshake", "problem"),
+    [
+        (request(ECHO, key="abc"), b"16 bytes"),
+        (request(ECHO, key=base64.b64encode(b"x" * 15).decode()), b"16 bytes"),
+        (request(ECHO, key="not base64 at all!!!!!!="), b"16 bytes"),
+        (request(ECHO, extra=[("Sec-WebSocket-Key", new_key())]), b"one Sec-WebSocket-Key"),
+        (request(ECHO, version="HTTP/1.0"), b"HTTP/1.1"),
+        (request("/nowhere", key="abc"), b"16 bytes"),  # refused before any route
+    ],
+)
+async def test_handshakes_the_rfc_refuses_get_400(serve, handshake, problem) -> None:  # type: ignore[no-untyped-def]
+    async with serve() as served, await RawClient.connect(served.port) as client:
+        status, _ = await client.handshake(handshake)
+        assert status == 400
+        with trio.fail_after(10):
+            await client.until_eof()  # and the socket is closed
+        assert problem in client.body
+        assert served.registry.stats()["opened"] == 0
+        async with await RawClient.connect(served.port) as good:
+            await good.open(ECHO)  # a valid handshake still gets 101
+
+
+# -- 23.4: what one connection may make the server hold before the size check ------------
+
+
+async def test_a_message_in_tiny_fragments_holds_about_its_own_size(serve) -> None:  # type: ignore[no-untyped-def]
+    """16 KiB in 2-byte fragments: trio-websocket kept ~45 bytes per fragment (~370 KB
+    here); now the message's own bytes, in one buffer, plus the echo of it."""
+    limit = 16 * 1024
+    count = limit // 2
+    wire = b"".join(
+        frame(OP_BINARY if i == 0 else OP_CONT, b"ab", fin=i == count - 1) for i in range(count)
+    )
+    over = frame(OP_BINARY, b"a", fin=False) + frame(OP_CONT, b"a", fin=False) * limit
+    async with (
+        serve(max_message_size=limit) as served,
+        await RawClient.connect(served.port) as client,
+    ):
+        await client.open(ECHO)
+        tracemalloc.start()
+        try:
+            await client.send(wire)
+            echoed = b""
+            while len(echoed) < limit:
+                echoed += (await client.message()).payload
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert echoed == b"ab" * count
+        assert peak < 10 * limit, f"peak {peak} bytes for a {limit}-byte message"
+        # one byte more, in 1-byte fragments: 1009
+        await client.send_quietly(over)
+        closing = await client.closing()
+        assert closing is not None and closing.close_code == 1009
+
+
+@pytest.mark.parametrize("where", ["mount", "router"])
+async def test_text_is_limited_in_bytes_of_utf8(serve, where) -> None:  # type: ignore[no-untyped-def]
+    """250 four-byte characters fit in 1000 bytes, 251 do not, whole or in fragments
+    (trio-websocket counted characters: the router's limit let 4x through)."""
+    options: dict[str, Any] = (
+        {"max_message_size": 1000}
+        if where == "mount"
+        else {"router_options": {"max_message_size": 1000}}
+    )
+    clef = "\U0001d11e"
+    async with serve(**options) as served:
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(frame(OP_TEXT, (clef * 250).encode()))
+            assert (await client.message()).text == clef * 250
+            await client.send(frame(OP_TEXT, (clef * 100).encode(), fin=False))
+            await client.send(frame(OP_CONT, (clef * 151).encode()))
+            closing = await client.closing()
+            assert closing is not None and closing.close_code == 1009
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(frame(OP_TEXT, (clef * 251).encode()))
+            closing = await client.closing()
+            assert closing is not None and closing.close_code == 1009
+
+
+# -- 23.5: protocol errors are answered with a close frame, and recorded as the server's ---
+
+
+@pytest.mark.parametrize(
+    ("attack", "code"),
+    [
+        (frame(OP_TEXT, b"hi", masked=False), 1002),  # an unmasked frame
+        (frame(OP_TEXT, b"hi", rsv=4), 1002),  # a reserved bit
+        (frame(0x3, b"hi"), 1002),  # an unknown opcode
+        (frame(OP_PING, b"p", fin=False), 1002),  # a fragmented control frame
+        (frame(OP_CONT, b"hi"), 1002),  # a continuation of nothing
+        (frame(OP_TEXT, b"\xff\xfe"), 1007),  # invalid UTF-8
+        (frame(OP_CLOSE, close_payload(999)), 1002),  # a close code no one may send
+    ],
+)
+async def test_protocol_errors_get_a_close_frame(serve, attack, code) -> None:  # type: ignore[no-untyped-def]
+    async with serve(close_timeout=0.5) as served:
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(attack)
+            closing = await client.closing()
+            assert closing is not None, "the server ended TCP without a close frame"
+            assert closing.close_code == code
+            with trio.fail_after(10):
+                await client.until_eof()
+        async with open_websocket_url(served.url("/echo")) as ws:  # a clean close, by us
+            await ws.send_message("fine")
+            assert await ws.get_message() == "fine"
+        await wait_until(lambda: served.registry.count() == 0)
+        assert served.registry.stats()["closed_by"] == {
+            "server": {code: 1},
+            "client": {1000: 1},
+        }
