@@ -223,7 +223,9 @@ class RawClient:
         while True:
             got = await self.next_frame()
             assert got is not None, "the server closed the connection"
-            assert got.opcode != OP_CLOSE, f"the server closed with {got.close_code}"
+            assert got.opcode != OP_CLOSE, (
+                f"the server closed: {got.close_code} {got.payload[2:]!r}"
+            )
             if got.opcode in (OP_TEXT, OP_BINARY, OP_CONT):
                 return got
 

@@ -78,6 +78,8 @@ log = logging.getLogger("plugin_execution.channels")
 DEFAULT_BASE_PATH = "/v1/ws/plugins"
 #: Error codes that mean "the backend has no room now": such a refusal closes with 1013.
 OVERLOAD_CODES = frozenset({"QUEUE_FULL", "ACQUIRE_TIMEOUT"})
+#: How much of an error's message an error envelope carries (characters).
+_MAX_ERROR_MESSAGE = 1000
 #: Handshake headers a channel handler never sees: credentials stay with the host.
 HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "sec-websocket-key"})
 
@@ -403,7 +405,8 @@ class _ChannelMount:
             )
             if event != "disconnect":  # the client is still there to tell
                 reply_to = (fields.get("message") or {}).get("message_id")
-                payload = {"code": error.code, "message": error.message, "event": event}
+                message = error.message[:_MAX_ERROR_MESSAGE]
+                payload = {"code": error.code, "message": message, "event": event}
                 await _reply(conn, envelope("error", payload, reply_to=reply_to))
         return result
 
