@@ -107,7 +107,6 @@ class HardenedConnection(WebSocketConnection):
         self.closed_by: ClosedBy | None = None
         self.close_sent: tuple[int, str] | None = None
         self.on_close: Callable[[ClosedBy, int, str], None] | None = None
-        self.closing = trio.Event()
         self._assembly = bytearray()
         self._reader_scope = trio.CancelScope()
         self._reader_done = trio.Event()
@@ -122,7 +121,6 @@ class HardenedConnection(WebSocketConnection):
         if self.closed_by is not None:
             return
         self.closed_by = by
-        self.closing.set()
         if self.on_close is not None:
             self.on_close(by, code, reason or "")
 
@@ -162,8 +160,8 @@ class HardenedConnection(WebSocketConnection):
         if self._wsproto.state == ConnectionState.OPEN:
             # No close frame came: wsproto found a protocol error in what the client sent
             # (it reports one as a CloseConnection, leaving the state OPEN). Fail the
-            # connection (RFC 6455 section 7.1.7): our close frame with its code, then the
-            # TCP connection ends without waiting for an answer.
+            # connection (RFC 6455 section 7.1.7): our close frame with its code and a FIN
+            # at once; what the client still sends is dropped (see _read, _linger).
             await self._server_close(event.code, event.reason)
             await self._send_eof()
             self._reader_running = False
