@@ -13,8 +13,12 @@ Exit statuses (stable; scripts may branch on them):
   machine (``doctor``).
 - ``2``: usage error (bad arguments, malformed JSON, unreadable ``--plugin-path``); a message
   goes to stderr, never a traceback.
-- ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up
-  (``serve`` runs until then: its connections are closed with 1001 on the way out).
+- ``130``: interrupted (Ctrl-C); whatever was running has been cancelled and cleaned up.
+
+``serve`` runs until SIGTERM (what systemd and container runtimes send) or SIGINT (Ctrl-C):
+it stops listening, closes every connection with 1001 (going away) at once, gives in-flight
+executions ``--grace`` seconds to finish (then stops them), and exits 0 on SIGTERM, 130 on
+SIGINT.
 
 ``run`` prints JSON on stdout, and nothing else: what a handler prints goes to stderr, and so do
 its events with ``--events``. Handler outputs may contain ``bytes``, which JSON cannot carry:
@@ -26,8 +30,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -247,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="/v1/ws/plugins",
         metavar="PATH",
         help="where the routes go: BASE/PLUGIN_ID/CHANNEL_PATH (default /v1/ws/plugins)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long in-flight executions may take to finish once "
+        "every connection was closed with 1001 (default 10)",
     )
     _add_plugin_path(serve)
     serve.set_defaults(func=_cmd_serve)
@@ -681,33 +695,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not any(manifest.channels for manifest in registry):
         print(f"{PROG}: error: no discovered plugin declares a channel", file=sys.stderr)
         return EXIT_FAILED
+    if not args.grace >= 0:
+        raise UsageError(f"--grace must be 0 or more seconds, not {args.grace}")
     try:
-        trio.run(_serve, registry, args)
+        signum = trio.run(_serve, registry, args)
     except OSError as exc:  # the address is taken, or not ours to bind
         print(f"{PROG}: error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if signum == signal.SIGINT:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
-async def _serve(registry: PluginRegistry, args: argparse.Namespace) -> None:
+async def _serve(registry: PluginRegistry, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down in order; returns the signal.
+
+    Connections run in a nursery of their own, so that on a signal the listener stops
+    first, then the backend's shutdown closes every connection with 1001 (at once) and
+    gives in-flight executions ``args.grace`` seconds.
+    """
     from .channels.router import WebSocketRouter
     from .channels.websocket import mount_websocket_channels
 
     router = WebSocketRouter()
-    async with (
-        create_execution_backend(type=args.backend, registry=registry) as backend,
-        trio.open_nursery() as nursery,
-    ):
-        routes = mount_websocket_channels(
-            router, registry, backend=backend, base_path=args.base_path
-        )
-        server = await nursery.start(router.serve, args.host, args.port)
-        origin = f"ws://{args.host}:{server.port}"
-        listing = ", ".join(f"{origin}{route.path}" for route in routes)
-        print(f"serving {len(routes)} channel route(s) with the {backend.name} backend: {listing}")
-        for route in routes:
-            print(f"  {origin}{route}")
-        sys.stdout.flush()
+    signum: int = signal.SIGTERM
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with (
+            create_execution_backend(type=args.backend, registry=registry) as backend,
+            trio.open_nursery() as connections,
+        ):
+            routes = mount_websocket_channels(
+                router, registry, backend=backend, base_path=args.base_path
+            )
+            async with trio.open_nursery() as listening:
+                serve = functools.partial(router.serve, handler_nursery=connections)
+                server = await listening.start(serve, args.host, args.port)
+                origin = f"ws://{args.host}:{server.port}"
+                listing = ", ".join(f"{origin}{route.path}" for route in routes)
+                print(
+                    f"serving {len(routes)} channel route(s) with the {backend.name} "
+                    f"backend: {listing}"
+                )
+                for route in routes:
+                    print(f"  {origin}{route}")
+                sys.stdout.flush()
+                async for received in signals:
+                    signum = received
+                    break
+                listening.cancel_scope.cancel()
+            await backend.shutdown(drain=True, timeout=args.grace)
+    return signum
 
 
 # -- doctor ---------------------------------------------------------------------------------

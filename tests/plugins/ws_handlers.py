@@ -85,6 +85,8 @@ async def room(ctx: Any, input: Any) -> Any:
             return {"type": "pong", "payload": input.message["payload"]}
         elif input.message["type"] == "quit":
             await sender.close(4001, "quit")
+        elif input.message["type"] == "boom":
+            raise ValueError("boom")
     elif input.event == "error":
         await sender.reply({"type": "error", "payload": input.error})
     return None

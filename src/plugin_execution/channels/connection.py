@@ -10,6 +10,13 @@ slow client) puts the message in the connection's bounded send queue, drained by
 connection's writer task. While anything is queued, a handler's sends queue behind it too,
 so the client sees each sender's messages in order. A broadcast that finds the queue full
 disconnects the client with 1013 (try again later): a laggard never slows the others.
+
+On a :class:`~plugin_execution.channels.server.HardenedConnection` (what ``router.serve``
+runs) the connection learns at once that the WebSocket began closing, and from which side:
+``closed_by`` is ``"client"`` or ``"server"``, and the callbacks given to
+:meth:`ServerChannel.when_closed` run then (the registry forgets the connection before the
+client's close is even answered). On a plain trio-websocket connection a client that went
+away while nobody read or wrote is noticed within a second.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -32,6 +39,7 @@ from .channel import (
     check_message,
     clip_reason,
 )
+from .server import HardenedConnection
 
 __all__ = ["ServerChannel", "message_size"]
 
@@ -94,8 +102,16 @@ class ServerChannel(Channel):
         self._peer_closed = False
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Which side began the close, once it began.
+        self.closed_by: Literal["client", "server"] | None = None
+        self._on_closed: list[Callable[[ServerChannel], None]] = []
         self._done = trio.Event()
         self.last_activity = trio.current_time()
+        self._hardened = isinstance(ws, HardenedConnection)
+        if isinstance(ws, HardenedConnection):
+            ws.limit_message_size(max_message_size)
+            ws.close_timeout = close_timeout
+            ws.on_close = self._ws_closing
 
     # -- the Channel API ------------------------------------------------------------------
 
@@ -196,6 +212,37 @@ class ServerChannel(Channel):
         """Wait until the connection is closed and its tasks are done."""
         await self._done.wait()
 
+    def when_closed(self, callback: Callable[[ServerChannel], None]) -> None:
+        """Call ``callback(self)`` once the connection begins closing (at once if it has);
+        for the owner's bookkeeping, so it must not wait or raise."""
+        if self.closed_by is not None:
+            callback(self)
+        else:
+            self._on_closed.append(callback)
+
+    def _closing(self, by: Literal["client", "server"]) -> None:
+        if self.closed_by is not None:
+            return
+        self.closed_by = by
+        callbacks, self._on_closed = self._on_closed, []
+        for callback in callbacks:
+            callback(self)
+
+    def _ws_closing(self, by: Literal["client", "server"], code: int, reason: str) -> None:
+        """The hardened WebSocket began closing (called by its reader, never waits)."""
+        if by == "client":
+            if not self._closed_here and not self._peer_closed:
+                self._peer_closed = True
+                self.close_code, self.close_reason = code, reason
+        elif not self._closed_here:  # it closed by itself: too big, or a protocol error
+            self._closed_here = True
+            if self._ending is None:
+                self._ending = (code, reason)
+                self.close_code, self.close_reason = code, reason
+        if self._scope is not None:
+            self._scope.cancel()
+        self._closing(by)
+
     # -- running ----------------------------------------------------------------------------
 
     async def serve(self, body: Callable[[], Awaitable[tuple[int, str]]]) -> None:
@@ -227,12 +274,15 @@ class ServerChannel(Channel):
             with trio.CancelScope(shield=True):
                 await self._ws.aclose()  # frees the socket if a close above timed out
             self._queue.close()
+            self._closing("client" if self._peer_closed else "server")
             self._done.set()
 
     async def _close(self, code: int, reason: str, *, flush: bool) -> None:
         self._closed_here = True
         if self._ending is None:
             self.close_code, self.close_reason = code, clip_reason(reason)
+        if not self._hardened:
+            self._closing("server")
         with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
             if flush:
                 await self._flushed.wait()
@@ -248,6 +298,7 @@ class ServerChannel(Channel):
                 self.close_reason = exc.reason.reason or ""
             if self._scope is not None:
                 self._scope.cancel()
+            self._closing("client")
         await trio.lowlevel.checkpoint()
 
     def _sent(self) -> None:
@@ -269,18 +320,21 @@ class ServerChannel(Channel):
 
     async def _watchdog(self) -> None:
         """Close an idle connection (nothing received or sent for ``idle_timeout``), and
-        notice a client that went away while nobody was reading or writing."""
+        (on a plain trio-websocket connection) notice a client that went away while nobody
+        was reading or writing; a hardened connection says so itself."""
         idle = self._idle_timeout if self._idle_timeout is not None else math.inf
+        check = math.inf if self._hardened else PEER_CHECK_INTERVAL
         while True:
             now = trio.current_time()
             if now - self.last_activity >= idle:
                 self.end(GOING_AWAY, f"idle for {idle:g} s")
                 return
-            await trio.sleep(min(self.last_activity + idle - now, PEER_CHECK_INTERVAL))
+            await trio.sleep(min(self.last_activity + idle - now, check))
             reason = self._ws.closed
             if reason is not None and not self._closed_here and not self._peer_closed:
                 self._peer_closed = True
                 self.close_code, self.close_reason = reason.code, reason.reason or ""
                 if self._scope is not None:
                     self._scope.cancel()
+                self._closing("client")
                 return

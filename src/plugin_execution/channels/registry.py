@@ -55,6 +55,7 @@ class ConnectionRegistry:
         self._opened = 0
         self._rejected: Counter[int] = Counter()
         self._closed: Counter[int] = Counter()
+        self._closed_by: dict[str, Counter[int]] = {"client": Counter(), "server": Counter()}
 
     # -- observing --------------------------------------------------------------------------
 
@@ -75,12 +76,16 @@ class ConnectionRegistry:
 
     def stats(self) -> dict[str, Any]:
         """Counters since creation: ``opened``, ``live``, ``rejected`` handshakes by HTTP
-        status, ``closed`` connections by close code (1013: disconnected as too slow)."""
+        status, ``closed`` connections by close code (1013: disconnected as too slow), and
+        ``closed_by``: the same, split by the side that began the close (``client``: its
+        close frame, or 1006 when it dropped the connection; ``server``: the host's close,
+        1002 / 1007 / 1009 for what the client sent included)."""
         return {
             "opened": self._opened,
             "live": len(self._by_id),
             "rejected": dict(self._rejected),
             "closed": dict(self._closed),
+            "closed_by": {side: dict(codes) for side, codes in self._closed_by.items()},
         }
 
     # -- acting -----------------------------------------------------------------------------
@@ -156,6 +161,7 @@ class ConnectionRegistry:
         self._opened += 1
 
     def remove(self, conn: ServerChannel) -> None:
+        """Forget ``conn`` (idempotent): as soon as it begins closing."""
         if self._by_id.pop(conn.connection_id, None) is None:
             return
         peers = self._by_path.get(conn.path)
@@ -163,7 +169,9 @@ class ConnectionRegistry:
             peers.pop(conn.connection_id, None)
             if not peers:
                 del self._by_path[conn.path]
-        self._closed[conn.close_code if conn.close_code is not None else 1005] += 1
+        code = int(conn.close_code) if conn.close_code is not None else 1005
+        self._closed[code] += 1
+        self._closed_by["server" if conn.closed_by == "server" else "client"][code] += 1
 
 
 def _info(conn: ServerChannel) -> ConnectionInfo:

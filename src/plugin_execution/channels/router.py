@@ -4,10 +4,12 @@ trio-websocket serves a single ``async def handler(request)``; a router is such 
 that looks the request's path up in its routes. A route is any ``async def route(request)``
 that accepts or rejects the handshake itself: a plugin channel mounted by
 ``mount_websocket_channels``, or one of the host's own endpoints. An unknown path is
-rejected with 404.
+rejected with 404, and a handshake RFC 6455 says to refuse (see
+:func:`~plugin_execution.channels.server.handshake_problem`) with 400, before any route.
 
 ``await nursery.start(router.serve, "127.0.0.1", 0)`` runs the server with the router's
-limits and returns trio-websocket's ``WebSocketServer`` (its ``port`` is the one bound).
+limits and returns trio-websocket's ``WebSocketServer`` (its ``port`` is the one bound): a
+:class:`~plugin_execution.channels.server.HardenedServer`, bounded against hostile clients.
 """
 
 from __future__ import annotations
@@ -16,16 +18,13 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketRequest,
-    WebSocketServer,
-    serve_websocket,
-)
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+
+from .server import HardenedServer, handshake_problem
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "HandshakeRejected", "Route", "WebSocketRouter"]
 
@@ -60,9 +59,10 @@ class Route:
 class WebSocketRouter:
     """Dispatches WebSocket handshakes to routes by exact path (the query string is ignored).
 
-    ``max_message_size`` (bytes) and ``handshake_timeout`` (seconds to receive a client's
-    handshake) are what :meth:`serve` gives trio-websocket; a mounted channel may set a lower
-    message limit of its own.
+    ``max_message_size`` (bytes, text counted in UTF-8), ``handshake_timeout`` (seconds to
+    receive a client's handshake) and ``close_timeout`` (seconds a close handshake may take
+    before the socket is closed) are what :meth:`serve` runs the server with; a mounted
+    channel may set a lower message limit of its own.
     """
 
     def __init__(
@@ -70,11 +70,15 @@ class WebSocketRouter:
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         handshake_timeout: float = 10.0,
+        close_timeout: float = 5.0,
     ) -> None:
-        if max_message_size < 1 or not handshake_timeout > 0:
-            raise ValueError("max_message_size must be >= 1 and handshake_timeout > 0")
+        if max_message_size < 1 or not handshake_timeout > 0 or not close_timeout > 0:
+            raise ValueError(
+                "max_message_size must be >= 1, handshake_timeout and close_timeout > 0"
+            )
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
+        self.close_timeout = close_timeout
         self._routes: dict[str, Route] = {}
 
     @property
@@ -106,12 +110,18 @@ class WebSocketRouter:
     async def handle(self, request: WebSocketRequest) -> None:
         """The handler to give ``trio_websocket.serve_websocket``.
 
-        A route's exception never reaches trio-websocket (it would stop the whole server):
-        it is logged, and a handshake not yet answered is rejected with 500.
+        A handshake RFC 6455 says to refuse gets 400, whatever its path. A route's exception
+        never reaches trio-websocket (it would stop the whole server): it is logged, and a
+        handshake not yet answered is rejected with 500.
         """
         path = request.path.partition("?")[0]
         route = self._routes.get(path)
         try:
+            problem = handshake_problem(request)
+            if problem is not None:
+                await request.reject(400, body=f"{problem}\n".encode())
+                await close_rejected(request)
+                return
             if route is None:
                 await request.reject(404, body=b"no WebSocket endpoint at this path\n")
                 await close_rejected(request)
@@ -135,18 +145,29 @@ class WebSocketRouter:
         task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Serve this router on ``host``:``port`` until cancelled (``nursery.start`` gives
-        the ``WebSocketServer``, whose ``port`` is the one bound when ``port`` is 0)."""
-        await serve_websocket(
+        the ``WebSocketServer``, whose ``port`` is the one bound when ``port`` is 0).
+
+        ``handler_nursery``: where connections run (default: inside this call, so cancelling
+        it ends them too); with a nursery of its own, cancelling this call only stops
+        listening.
+        """
+        listeners: list[Any]
+        if ssl_context is None:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        else:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True
+            )
+        server = HardenedServer(
             self.handle,
-            host,
-            port,
-            ssl_context,
+            listeners,
             handler_nursery=handler_nursery,
             max_message_size=self.max_message_size,
             connect_timeout=self.handshake_timeout,
-            disconnect_timeout=self.handshake_timeout,
-            task_status=task_status,
+            disconnect_timeout=self.close_timeout,
+            close_timeout=self.close_timeout,
         )
+        await server.run(task_status=task_status)
 
 
 async def close_rejected(request: WebSocketRequest) -> None:

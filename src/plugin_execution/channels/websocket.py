@@ -18,9 +18,17 @@ How a connection ends, and its close code:
 - the client closes or drops it: the handler is cancelled (no close frame is owed);
 - the session handler returns: 1000; it raises, or its worker dies: 1011 with the error's
   code and message as the reason;
+- the backend is overloaded (``QUEUE_FULL``, ``ACQUIRE_TIMEOUT``) when a session or an
+  events-style ``connect`` is to run: 1013 (try again later), never 1011;
+- an events-style event fails: the client gets an error envelope ``{"type": "error",
+  "payload": {"code", "message", "event"}}``; after ``message`` / ``error`` the
+  connection stays open, after ``connect`` it is closed (1013 / 1011 as above);
 - a message over ``max_message_size``: 1009; idle for ``idle_timeout``: 1001;
 - a broadcast finds its send queue full: 1013 (the client reads too slowly);
 - ``registry.close(id, code)``: that code; the backend shuts down: 1001.
+
+A connection leaves the registry (and frees its place under the connection limits) as soon
+as it begins closing, not once its handler has wound down.
 """
 
 from __future__ import annotations
@@ -40,9 +48,16 @@ from ..errors import ExecutionError, PermissionDeniedError
 from ..manifest import ChannelSpec, HandlerSpec, PluginManifest
 from ..registry import ResolvedHandler
 from ..types import ExecutionEvent, ExecutionRequest, ExecutionResult
-from .channel import INTERNAL_ERROR, NORMAL_CLOSURE, ChannelClosed, clip_reason
+from .channel import (
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    NORMAL_CLOSURE,
+    TRY_AGAIN_LATER,
+    ChannelClosed,
+    clip_reason,
+)
 from .connection import ServerChannel
-from .events import DISPATCH_ENTRY, encode_message, parse_envelope
+from .events import DISPATCH_ENTRY, encode_message, envelope, parse_envelope
 from .registry import ConnectionRegistry
 from .router import DEFAULT_MAX_MESSAGE_SIZE, HandshakeRejected, WebSocketRouter, close_rejected
 
@@ -61,6 +76,10 @@ __all__ = [
 log = logging.getLogger("plugin_execution.channels")
 
 DEFAULT_BASE_PATH = "/v1/ws/plugins"
+#: Error codes that mean "the backend has no room now": such a refusal closes with 1013.
+OVERLOAD_CODES = frozenset({"QUEUE_FULL", "ACQUIRE_TIMEOUT"})
+#: How much of an error's message an error envelope carries (characters).
+_MAX_ERROR_MESSAGE = 1000
 #: Handshake headers a channel handler never sees: credentials stay with the host.
 HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "sec-websocket-key"})
 
@@ -217,6 +236,14 @@ class _ChannelMount:
         ):
             await self._reject(request, 503, "too many connections")
             return
+        reserved = True
+
+        def release(_: object = None) -> None:
+            nonlocal reserved
+            if reserved:
+                reserved = False
+                self.registry.release(self.path)
+
         try:
             principal = await self._authorize(request)
             if principal is None:
@@ -236,9 +263,10 @@ class _ChannelMount:
                 idle_timeout=self.limits.idle_timeout,
                 close_timeout=self.limits.close_timeout,
             )
+            conn.when_closed(release)
             await self._serve(conn)
         finally:
-            self.registry.release(self.path)
+            release()
 
     async def _reject(self, request: WebSocketRequest, status: int, reason: str) -> None:
         self.registry.rejected(status)
@@ -285,6 +313,7 @@ class _ChannelMount:
             await conn.serve(_going_away)
             return
         self.registry.add(conn)
+        conn.when_closed(self.registry.remove)
         try:
             if self.spec.style == "session":
                 await conn.serve(lambda: self._session(conn, context))
@@ -354,20 +383,31 @@ class _ChannelMount:
             context=context,
             timeout=self.limits.event_timeout,
         )
-        async with self.backend._open_execution(request, target=self.target) as execution:
-            async for action in execution.events:
-                await self._carry_out(conn, action)
-            result = await execution.result(raise_errors=False)
+        try:
+            async with self.backend._open_execution(request, target=self.target) as execution:
+                async for action in execution.events:
+                    await self._carry_out(conn, action)
+                result = await execution.result(raise_errors=False)
+        except ExecutionError as exc:  # refused before it ran (the backend is closing)
+            result = ExecutionResult(
+                execution_id=request.execution_id, ok=False, error=exc, backend=self.backend.name
+            )
         if result.ok and result.output is not None:
             await _reply(conn, result.output)
         elif result.error is not None:
+            error = result.error
             log.warning(
                 "%s: the %s event of connection %s failed: %s",
                 self.path,
                 event,
                 conn.connection_id,
-                result.error,
+                error,
             )
+            if event != "disconnect":  # the client is still there to tell
+                reply_to = (fields.get("message") or {}).get("message_id")
+                message = error.message[:_MAX_ERROR_MESSAGE]
+                payload = {"code": error.code, "message": message, "event": event}
+                await _reply(conn, envelope("error", payload, reply_to=reply_to))
         return result
 
     async def _carry_out(self, conn: ServerChannel, action: ExecutionEvent) -> None:
@@ -399,10 +439,16 @@ async def _going_away() -> tuple[int, str]:
 
 
 def _close_for(result: ExecutionResult) -> tuple[int, str]:
+    """The close code for how a session (or an events-style ``connect``) ended."""
     if result.ok or result.error is None:
         return NORMAL_CLOSURE, ""
     error = result.error
-    return INTERNAL_ERROR, clip_reason(f"{error.code}: {error.message}")
+    reason = clip_reason(f"{error.code}: {error.message}")
+    if error.code in OVERLOAD_CODES:
+        return TRY_AGAIN_LATER, reason
+    if error.code == "BACKEND_CLOSED":
+        return GOING_AWAY, reason
+    return INTERNAL_ERROR, reason
 
 
 def _visible_headers(raw: list[tuple[bytes, bytes]]) -> Mapping[str, str]:

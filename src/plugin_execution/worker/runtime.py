@@ -496,7 +496,10 @@ class Worker:
         elif tag == "cancel":
             running = self._running.get(msg["execution_id"])
             if running is not None:
-                running.cancel()
+                cancel = running.cancel
+                cancel()
+                if running.cancel is not cancel:  # _run_async swapped it in meanwhile
+                    running.cancel()
             self._platform.abort(msg["execution_id"])
             self._channel_of.pop(msg["execution_id"], None)
         elif tag == "ch_open":
@@ -690,6 +693,8 @@ class Worker:
             run.cancel = cancel
             if channel is not None:
                 channel.cancel = cancel
+            if run.ctx.cancelled:  # the Cancel came before this task started
+                scope.cancel()
             try:
                 argument = msg["input"] if channel is None else channel
                 output = handler.plain_output(await handler.call(run.ctx, argument))

@@ -1,0 +1,295 @@
+"""Hostile WebSocket clients (issue 23): raw frames and handshakes no real client would send.
+
+Each test mounts the attack for real with :mod:`.rawws` (TCP to 127.0.0.1, hand-made bytes)
+against a real server, and asserts what the server sent back, when it ended the TCP
+connection, and that well-behaved clients were not hurt.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import os
+import signal
+import tracemalloc
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from .conftest import wait_until
+from .rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawClient,
+    close_payload,
+    frame,
+    new_key,
+    request,
+)
+from .test_websocket import closed_with
+
+ECHO = "/v1/ws/plugins/tests.ws/echo"
+
+
+async def abort_with_unmasked_frame(port: int) -> None:
+    """Open a session, then send what only a server may send: an unmasked frame."""
+    async with await RawClient.connect(port) as client:
+        await client.open(ECHO)
+        await client.send_quietly(frame(OP_TEXT, b"hi", masked=False))
+        with trio.fail_after(10):
+            await client.until_eof()
+
+
+async def test_clients_that_abort_end_only_their_own_sessions(serve) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23.1: three dozen sessions ended by a protocol error right after opening. Each
+    is stopped by a cancel its worker answers, never by killing the worker (a generous
+    cancel grace, so a loaded machine is no excuse): a session opened before them and one
+    opened after them go on."""
+    async with serve("worker-pool", backend_options={"cancel_grace": 5.0}) as served:
+        async with open_websocket_url(served.url("/echo")) as before:
+            for _ in range(3):
+                for _ in range(12):
+                    await abort_with_unmasked_frame(served.port)
+                await before.send_message("and me")
+                assert await before.get_message() == "and me"
+            # every aborted session has ended: answered, or its worker killed
+            await wait_until(lambda: served.backend.stats().in_flight == 1, timeout=60)
+            assert served.backend.stats().details["workers_killed"] == 0
+            async with await RawClient.connect(served.port) as after:
+                await after.open(ECHO)
+                await after.send(frame(OP_PING, b"p"))
+                pong = await after.next_frame()
+                assert pong is not None and pong.opcode == OP_PONG
+                await after.send(frame(OP_TEXT, b"still here"))
+                assert (await after.message()).payload == b"still here"
+            await before.send_message("and still me")
+            assert await before.get_message() == "and still me"
+        await wait_until(lambda: served.backend.stats().in_flight == 0)
+        stats = served.backend.stats()
+        assert stats.details["workers_killed"] == 0
+        assert stats.failed_by_code == {"ABORTED": 38}  # every session, ended by its client
+
+
+async def test_a_dying_worker_closes_only_the_sessions_on_it(serve) -> None:  # type: ignore[no-untyped-def]
+    """Issue 23.1: when a worker does die, its sessions are closed with 1011 WORKER_CRASHED,
+    and the sessions on the other worker go on."""
+    options = {"min_workers": 2, "max_workers": 2}
+    async with serve("worker-pool", backend_options=options) as served:
+        await wait_until(lambda: served.backend.stats().details["workers"]["idle"] == 2, 30)
+        async with trio.open_nursery() as nursery:
+            sessions: list[tuple[Any, int]] = []
+            for _ in range(4):
+                ws = await nursery.start(_open, served.url("/info"))
+                info = ast.literal_eval(str(await ws.get_message()))
+                sessions.append((ws, info["pid"]))
+            pids = {pid for _, pid in sessions}
+            assert len(pids) == 2  # spread over both workers
+            victim = sessions[0][1]
+            os.kill(victim, signal.SIGKILL)
+            for ws, pid in sessions:
+                if pid == victim:
+                    code, reason = await closed_with(ws, timeout=20)
+                    assert code == 1011
+                    assert reason is not None and reason.startswith("WORKER_CRASHED")
+                else:
+                    await ws.send_message("alive")
+                    with trio.fail_after(10):
+                        assert await ws.get_message() == "alive"
+            nursery.cancel_scope.cancel()
+
+
+async def _open(url: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with open_websocket_url(url) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+# -- 23.2: every close the server starts ends the TCP connection within close_timeout ------
+
+
+async def silent_after_close(client: RawClient) -> tuple[int | None, float]:
+    """The server's close code, and how long it kept TCP open after it while the client
+    stayed silent (neither answering the close nor closing)."""
+    closing = await client.closing()
+    assert closing is not None, "the server ended TCP without a close frame"
+    started = trio.current_time()
+    with trio.fail_after(30):
+        await client.until_eof()
+    return closing.close_code, trio.current_time() - started
+
+
+@pytest.mark.parametrize("where", ["mount", "router"])
+async def test_a_1009_close_ends_tcp_within_the_close_timeout(serve, where) -> None:  # type: ignore[no-untyped-def]
+    limits: dict[str, Any] = (
+        {"max_message_size": 1000, "close_timeout": 0.5}
+        if where == "mount"
+        else {"router_options": {"max_message_size": 1000, "close_timeout": 0.5}}
+    )
+    async with serve(**limits) as served, await RawClient.connect(served.port) as client:
+        await client.open(ECHO)
+        await client.send(frame(OP_BINARY, b"x" * 1001))
+        code, lingered = await silent_after_close(client)
+        assert code == 1009
+        assert lingered < 5  # 0.5 s and scheduling; it was over 60 s
+        await wait_until(lambda: served.registry.stats()["closed_by"]["server"] == {1009: 1})
+
+
+async def test_an_idle_close_ends_tcp_within_the_close_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    async with (
+        serve(idle_timeout=0.3, close_timeout=0.5) as served,
+        await RawClient.connect(served.port) as client,
+    ):
+        await client.open(ECHO)
+        code, lingered = await silent_after_close(client)
+        assert code == 1001
+        assert lingered < 5
+
+
+# -- 23.3: handshakes RFC 6455 section 4.2.1 says to refuse ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("handshake", "problem"),
+    [
+        (request(ECHO, key="abc"), b"16 bytes"),
+        (request(ECHO, key=base64.b64encode(b"x" * 15).decode()), b"16 bytes"),
+        (request(ECHO, key="not base64 at all!!!!!!="), b"16 bytes"),
+        (request(ECHO, extra=[("Sec-WebSocket-Key", new_key())]), b"one Sec-WebSocket-Key"),
+        (request(ECHO, version="HTTP/1.0"), b"HTTP/1.1"),
+        (request("/nowhere", key="abc"), b"16 bytes"),  # refused before any route
+    ],
+)
+async def test_handshakes_the_rfc_refuses_get_400(serve, handshake, problem) -> None:  # type: ignore[no-untyped-def]
+    async with serve() as served, await RawClient.connect(served.port) as client:
+        status, _ = await client.handshake(handshake)
+        assert status == 400
+        with trio.fail_after(10):
+            await client.until_eof()  # and the socket is closed
+        assert problem in client.body
+        assert served.registry.stats()["opened"] == 0
+        async with await RawClient.connect(served.port) as good:
+            await good.open(ECHO)  # a valid handshake still gets 101
+
+
+# -- 23.4: what one connection may make the server hold before the size check ------------
+
+
+async def test_a_message_in_tiny_fragments_holds_about_its_own_size(serve) -> None:  # type: ignore[no-untyped-def]
+    """16 KiB in 2-byte fragments, all but the last sent: what the WebSocket libraries hold
+    for the connection then (allocations made in their code, so that other threads of the
+    test process do not count) is about the message's own bytes; trio-websocket kept ~45
+    bytes per fragment (~370 KB here). The last fragment completes it: echoed whole."""
+    limit = 16 * 1024
+    count = limit // 2
+    frames = [
+        frame(OP_BINARY if i == 0 else OP_CONT, b"ab", fin=i == count - 1) for i in range(count)
+    ]
+    over = frame(OP_BINARY, b"a", fin=False) + frame(OP_CONT, b"a", fin=False) * limit
+    code = ("*trio_websocket*", "*wsproto*", "*plugin_execution*")
+    async with (
+        serve(max_message_size=limit) as served,
+        await RawClient.connect(served.port) as client,
+    ):
+        await client.open(ECHO)
+        await wait_until(lambda: served.registry.count() == 1)
+        [conn] = served.registry._by_id.values()
+        ws = conn._ws
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            await client.send(b"".join(frames[:-1]))
+            await wait_until(lambda: _assembled(ws) == limit - 2)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        filters = [tracemalloc.Filter(True, pattern) for pattern in code]
+        grown = sum(
+            max(stat.size_diff, 0)
+            for stat in after.filter_traces(filters).compare_to(
+                before.filter_traces(filters), "filename"
+            )
+        )
+        assert grown < 3 * limit, f"{grown} bytes held for {limit - 2} bytes of a message"
+        await client.send(frames[-1])
+        echoed = b""
+        while len(echoed) < limit:
+            echoed += (await client.message()).payload
+        assert echoed == b"ab" * count
+        # one byte more, in 1-byte fragments: 1009
+        await client.send_quietly(over)
+        closing = await client.closing()
+        assert closing is not None and closing.close_code == 1009
+
+
+def _assembled(ws: Any) -> int:
+    """How much of a message a server connection has assembled (trio-websocket's own
+    connection counts it in ``_message_size``)."""
+    assembly = getattr(ws, "_assembly", None)
+    return len(assembly) if assembly is not None else int(ws._message_size)
+
+
+@pytest.mark.parametrize("where", ["mount", "router"])
+async def test_text_is_limited_in_bytes_of_utf8(serve, where) -> None:  # type: ignore[no-untyped-def]
+    """250 four-byte characters fit in 1000 bytes, 251 do not, whole or in fragments
+    (trio-websocket counted characters: the router's limit let 4x through)."""
+    options: dict[str, Any] = (
+        {"max_message_size": 1000}
+        if where == "mount"
+        else {"router_options": {"max_message_size": 1000}}
+    )
+    clef = "\U0001d11e"
+    async with serve(**options) as served:
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(frame(OP_TEXT, (clef * 250).encode()))
+            assert (await client.message()).text == clef * 250
+            await client.send(frame(OP_TEXT, (clef * 100).encode(), fin=False))
+            await client.send(frame(OP_CONT, (clef * 151).encode()))
+            closing = await client.closing()
+            assert closing is not None and closing.close_code == 1009
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(frame(OP_TEXT, (clef * 251).encode()))
+            closing = await client.closing()
+            assert closing is not None and closing.close_code == 1009
+
+
+# -- 23.5: protocol errors are answered with a close frame, and recorded as the server's ---
+
+
+@pytest.mark.parametrize(
+    ("attack", "code"),
+    [
+        (frame(OP_TEXT, b"hi", masked=False), 1002),  # an unmasked frame
+        (frame(OP_TEXT, b"hi", rsv=4), 1002),  # a reserved bit
+        (frame(0x3, b"hi"), 1002),  # an unknown opcode
+        (frame(OP_PING, b"p", fin=False), 1002),  # a fragmented control frame
+        (frame(OP_CONT, b"hi"), 1002),  # a continuation of nothing
+        (frame(OP_TEXT, b"\xff\xfe"), 1007),  # invalid UTF-8
+        (frame(OP_CLOSE, close_payload(999)), 1002),  # a close code no one may send
+    ],
+)
+async def test_protocol_errors_get_a_close_frame(serve, attack, code) -> None:  # type: ignore[no-untyped-def]
+    async with serve(close_timeout=0.5) as served:
+        async with await RawClient.connect(served.port) as client:
+            await client.open(ECHO)
+            await client.send(attack)
+            closing = await client.closing()
+            assert closing is not None, "the server ended TCP without a close frame"
+            assert closing.close_code == code
+            with trio.fail_after(10):
+                await client.until_eof()
+        async with open_websocket_url(served.url("/echo")) as ws:  # a clean close, by us
+            await ws.send_message("fine")
+            assert await ws.get_message() == "fine"
+        await wait_until(lambda: served.registry.count() == 0)
+        assert served.registry.stats()["closed_by"] == {
+            "server": {code: 1},
+            "client": {1000: 1},
+        }
