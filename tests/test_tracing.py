@@ -90,3 +90,28 @@ async def test_a_cancelled_execution_is_aborted(
             )
     (span,) = spans.get_finished_spans()
     assert _attributes(span)["outcome"] == "ABORTED"
+
+
+async def test_one_span_per_channel_connection_around_its_session(
+    spans: InMemorySpanExporter,
+) -> None:
+    from trio_websocket import open_websocket_url
+
+    from tests.channels.conftest import serving
+
+    async with serving("in-process") as served:
+        async with open_websocket_url(served.url("/echo")) as ws:
+            await ws.send_message("hi")
+            assert await ws.get_message() == "hi"
+        with trio.fail_after(10):
+            while not any(s.name.startswith("channel ") for s in spans.get_finished_spans()):
+                await trio.sleep(0.01)
+    finished = spans.get_finished_spans()
+    (channel,) = [s for s in finished if s.name.startswith("channel ")]
+    attributes = _attributes(channel)
+    assert channel.name == "channel /v1/ws/plugins/tests.ws/echo"
+    assert attributes["plugin_id"] == "tests.ws" and attributes["style"] == "session"
+    assert attributes["closed_by"] == "client" and attributes["close_code"] == 1000
+    assert attributes["outcome"] == "ok"
+    (session,) = [s for s in finished if s.name.startswith("execute tests.ws/")]
+    assert session.parent.span_id == channel.get_span_context().span_id

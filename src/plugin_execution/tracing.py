@@ -8,6 +8,8 @@ current span (trio tasks carry OpenTelemetry's context in their contextvars), na
 ``execute PLUGIN/HANDLER`` or ``channel PATH``, with these attributes:
 
 - ``plugin_execution.plugin_id``, ``.handler_id``, ``.execution_id``, ``.backend``;
+- a channel connection's span has ``.channel``, ``.style``, ``.connection_id``, and at the
+  end ``.close_code`` and ``.closed_by``; its executions' spans are its children;
 - at the end, ``plugin_execution.worker_id`` (where known) and ``plugin_execution.outcome``:
   ``ok`` or the error code (``ABORTED`` when the caller cancelled); the span's status is
   ERROR for every outcome but ``ok``.

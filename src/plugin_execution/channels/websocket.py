@@ -44,6 +44,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
+from .. import tracing
 from ..errors import ExecutionError, PermissionDeniedError
 from ..manifest import ChannelSpec, HandlerSpec, PluginManifest
 from ..registry import ResolvedHandler
@@ -264,7 +265,20 @@ class _ChannelMount:
                 close_timeout=self.limits.close_timeout,
             )
             conn.when_closed(release)
-            await self._serve(conn)
+            with tracing.span(
+                f"channel {self.path}",
+                {
+                    "plugin_id": self.manifest.id,
+                    "channel": self.path,
+                    "style": self.spec.style,
+                    "connection_id": conn.connection_id,
+                    "backend": self.backend.name,
+                },
+            ) as span:
+                await self._serve(conn)
+                if span is not None:
+                    span.set("close_code", conn.close_code)
+                    span.set("closed_by", conn.closed_by)
         finally:
             release()
 
