@@ -95,9 +95,8 @@ async def test_a_cancelled_execution_is_aborted(
 async def test_one_span_per_channel_connection_around_its_session(
     spans: InMemorySpanExporter,
 ) -> None:
-    from trio_websocket import open_websocket_url
-
     from tests.channels.conftest import serving
+    from trio_websocket import open_websocket_url
 
     async with serving("in-process") as served:
         async with open_websocket_url(served.url("/echo")) as ws:
