@@ -32,7 +32,7 @@ P = "tests.tb"
 PLUGINS = Path(__file__).parent / "plugins"
 ROOT = Path(__file__).parents[1]
 NOTE = re.compile(r"\((\d+) frames? of the plugin-execution runtime omitted\)\n")
-FRAME = re.compile(r'^  File "([^"]+)", line (\d+), in (\S+)$', re.MULTILINE)
+FRAME = re.compile(r'^[ |]*File "([^"]+)", line (\d+), in (\S+)$', re.MULTILINE)
 OPTIONS: dict[str, dict[str, Any]] = {
     "in-process": {"type": "in-process"},
     "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 1},
@@ -44,7 +44,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
 @pytest.fixture
 def tb_registry(registry: PluginRegistry) -> PluginRegistry:
     handlers = {h: {"entry": f"tb_plugin:{h}"} for h in ("nested", "nested_sync", "bad_json")}
-    handlers["runtime_call"] = {"entry": "tb_plugin:runtime_call"}
+    for handler in ("runtime_call", "chained", "in_nursery"):
+        handlers[handler] = {"entry": f"tb_plugin:{handler}"}
     handlers["no_plugin_frame"] = {"entry": "json:loads"}  # called as loads(ctx, input)
     handlers["sourceless"] = {"entry": "bad_errors:raise_sync"}
     registry.register({"id": P, "root": str(PLUGINS), "handlers": handlers})
@@ -125,6 +126,26 @@ async def test_frames_below_the_plugins_own_stay(backend: ExecutionBackend) -> N
     assert listed[0][0] == "tb_plugin.py" and listed[0][2] == "runtime_call"
     assert listed[1:] == [("errors.py", listed[1][1], "clip_text")], text
     assert text.endswith("TypeError: object of type 'NoneType' has no len()\n")
+
+
+async def test_every_traceback_of_a_chain_or_group_starts_at_the_plugin(
+    backend: ExecutionBackend,
+) -> None:
+    text = await remote_traceback(backend, "chained")
+    assert omitted(text) == 1, text
+    cause, outer = text.split("The above exception was the direct cause")
+    assert frames(cause) == [("tb_plugin.py", raising_line("# the cause"), "chained")], text
+    assert frames(outer) == [("tb_plugin.py", raising_line("# the outer"), "chained")], text
+
+    text = await remote_traceback(backend, "in_nursery")
+    assert omitted(text) == 1, text
+    listed = frames(text)
+    assert listed[0] == ("tb_plugin.py", raising_line("# the group"), "in_nursery"), text
+    assert ("_run.py", listed[1][1], "__aexit__") == listed[1]  # trio's, after the plugin's
+    assert listed[-2:] == [
+        ("tb_plugin.py", raising_line('_check("child")'), "child"),
+        ("tb_plugin.py", raising_line('raise ValueError(f"nested'), "_check"),
+    ], text
 
 
 async def test_a_traceback_without_plugin_frames_is_kept_whole(backend: ExecutionBackend) -> None:

@@ -28,3 +28,22 @@ async def runtime_call(ctx: Any, input: Any) -> None:
     from plugin_execution.errors import clip_text
 
     clip_text(input, 0)  # len(None): a TypeError inside errors.py
+
+
+async def chained(ctx: Any, input: Any) -> None:
+    """A failure raised from another: both tracebacks start here."""
+    try:
+        {}["missing"]  # the cause
+    except KeyError as exc:
+        raise RuntimeError("lookup failed") from exc  # the outer
+
+
+async def in_nursery(ctx: Any, input: Any) -> None:
+    """A child task fails: trio wraps it in an ExceptionGroup raised from this frame."""
+    import trio
+
+    async def child() -> None:
+        _check("child")
+
+    async with trio.open_nursery() as nursery:  # the group
+        nursery.start_soon(child)
