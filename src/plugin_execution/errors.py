@@ -185,8 +185,16 @@ def safe_text(value: object, limit: int = MAX_MESSAGE_CHARS) -> str:
     return f"<{_type_name(value)} object: str() and repr() failed>"
 
 
-def format_traceback(exc: BaseException, limit: int = MAX_TEXT_CHARS) -> str:
+def format_traceback(
+    exc: BaseException, limit: int = MAX_TEXT_CHARS, *, trim_runtime: bool = False
+) -> str:
     """The traceback text of ``exc`` (its chain included), at most ``limit`` characters.
+
+    With ``trim_runtime``, each traceback of the chain starts at the plugin's own code: the
+    frames before its first plugin frame that belong to the runtime (see :func:`_is_runtime`)
+    are dropped and a first line says how many. A traceback with no plugin frame at all (an
+    import that failed in importlib, say) is kept whole; frames after the first plugin frame
+    (the standard library, a ``ctx`` service) always stay.
 
     Never raises: when :mod:`traceback` fails (a frame whose source lookup raises, say), the
     frames are listed without source lines and the failure is named.
@@ -194,16 +202,23 @@ def format_traceback(exc: BaseException, limit: int = MAX_TEXT_CHARS) -> str:
     import traceback
 
     try:
-        return clip_text("".join(traceback.format_exception(exc)), limit)
+        report = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+        omitted = _trim_runtime_frames(report) if trim_runtime else 0
+        return clip_text(_omitted_note(omitted) + "".join(report.format()), limit)
     except BaseException as failure:
         why = f"{_type_name(failure)}: {safe_text(failure, 200)}"
     lines = ["Traceback (most recent call last):\n"]
     try:
+        frames: list[tuple[str, int, str]] = []
         tb = exc.__traceback__
-        while tb is not None and len(lines) < 1000:
+        while tb is not None and len(frames) < 1000:
             code = tb.tb_frame.f_code
-            lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}\n')
+            frames.append((code.co_filename, tb.tb_lineno, code.co_name))
             tb = tb.tb_next
+        skip = _runtime_prefix([name for name, _, _ in frames]) if trim_runtime else 0
+        if skip:
+            lines.insert(0, _omitted_note(skip))
+        lines += [f'  File "{f}", line {n}, in {name}\n' for f, n, name in frames[skip:]]
     except BaseException:
         lines.append("  <the frames could not be listed>\n")
     lines.append(f"{_type_name(exc)}: {safe_text(exc)}\n")
@@ -211,15 +226,97 @@ def format_traceback(exc: BaseException, limit: int = MAX_TEXT_CHARS) -> str:
     return clip_text("".join(lines), limit)
 
 
+def _omitted_note(count: int) -> str:
+    if not count:
+        return ""
+    return f"({count} frame{'s' if count != 1 else ''} of the plugin-execution runtime omitted)\n"
+
+
+#: The standard library's dirs, and the bundled example plugins' dir: computed on first use.
+_STDLIB_PATHS: tuple[tuple[str, ...], str] | None = None
+
+
+def _runtime_paths() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """(the runtime's package dirs, the standard library's dirs, the bundled examples' dir).
+
+    The packages are looked up each time, as loaded now: a worker may load trio late."""
+    import os
+    import sys
+
+    global _STDLIB_PATHS
+    if _STDLIB_PATHS is None:
+        import sysconfig
+
+        paths = sysconfig.get_paths()
+        stdlib = {os.path.join(paths[key], "") for key in ("stdlib", "platstdlib") if key in paths}
+        examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "")
+        _STDLIB_PATHS = (tuple(stdlib), examples)
+    packages = []
+    for name in ("plugin_execution", "trio", "outcome", "sniffio"):
+        for path in getattr(sys.modules.get(name), "__path__", None) or ():
+            packages.append(os.path.join(os.path.abspath(path), ""))
+    return tuple(packages), *_STDLIB_PATHS
+
+
+def _is_runtime(filename: str) -> bool:
+    """Whether a frame of ``filename`` is the runtime's rather than the plugin's: this
+    package (but its bundled example plugins), trio and its helpers, importlib's frozen
+    modules and the standard library (but what is installed in its site-packages)."""
+    packages, stdlib, examples = _runtime_paths()
+    if filename.startswith("<frozen "):
+        return True
+    if filename.startswith(examples):
+        return False
+    if filename.startswith(packages):
+        return True
+    return (
+        filename.startswith(stdlib)
+        and "/site-packages/" not in filename
+        and "/dist-packages/" not in filename
+    )
+
+
+def _runtime_prefix(filenames: list[str]) -> int:
+    """How many leading frames to drop: the runtime's before the first plugin frame, none
+    when there is no plugin frame."""
+    for index, filename in enumerate(filenames):
+        if not _is_runtime(filename):
+            return index
+    return 0
+
+
+def _trim_runtime_frames(report: Any) -> int:
+    """Drop the leading runtime frames of each traceback in ``report`` (a
+    ``traceback.TracebackException``: its causes, contexts and group members too); return
+    how many were dropped."""
+    from traceback import StackSummary
+
+    omitted = 0
+    pending: list[Any] = [report]
+    seen: set[int] = set()
+    while pending and len(seen) < 1000:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        skip = _runtime_prefix([frame.filename for frame in node.stack])
+        if skip:
+            node.stack = StackSummary.from_list(list(node.stack)[skip:])
+            omitted += skip
+        pending += [node.__cause__, node.__context__, *(getattr(node, "exceptions", None) or ())]
+    return omitted
+
+
 def handler_error(exc: BaseException, what: str = "handler raised") -> HandlerError:
     """``HANDLER_ERROR`` for what a handler raised: its type's qualified name, its message
-    and its traceback text, each as far as it can be rendered. Never raises."""
+    and its traceback text from the plugin's first frame on (see :func:`format_traceback`),
+    each as far as it can be rendered. Never raises."""
     name = _type_name(exc)
     return HandlerError(
         f"{what} {name}: {safe_text(exc)}",
         details={
             "remote_type": _type_name(exc, qualified=True),
-            "remote_traceback": format_traceback(exc),
+            "remote_traceback": format_traceback(exc, trim_runtime=True),
         },
     )
 
@@ -349,7 +446,11 @@ class HandlerError(ExecutionError):
 
     code = "HANDLER_ERROR"
     remote_type = _detail("remote_type", "Qualified name of the exception the handler raised.")
-    remote_traceback = _detail("remote_traceback", "The handler's traceback, as text.")
+    remote_traceback = _detail(
+        "remote_traceback",
+        "The handler's traceback, as text, from the plugin's first frame on (see "
+        "format_traceback).",
+    )
 
 
 class InvalidRequestError(ExecutionError):
