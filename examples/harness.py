@@ -1,10 +1,10 @@
-"""A harness: run one handler over many inputs with bounded concurrency, collect every
-outcome (failures included) and report latency and throughput.
+"""A harness: run one handler over many inputs with ``backend.map``, collect every outcome
+(failures included) and report latency and throughput.
 
     python examples/harness.py --backend worker-pool --executions 2000 --concurrency 32
 
-Memory stays flat however many inputs there are: a fixed number of caller tasks pull the
-next input when they are free, and results are folded into counters as they arrive.
+Memory stays flat however many inputs there are: ``map`` pulls the next input only as
+results are consumed, and results are folded into counters as they arrive.
 """
 
 from __future__ import annotations
@@ -16,37 +16,25 @@ from collections import Counter
 
 import trio
 
-from plugin_execution import (
-    ExecutionBackend,
-    ExecutionRequest,
-    PluginRegistry,
-    create_execution_backend,
-)
+from plugin_execution import ExecutionRequest, PluginRegistry, create_execution_backend
 
 
 async def main(backend_type: str, executions: int, concurrency: int) -> None:
     registry = PluginRegistry.from_entry_points()
-    inputs = iter(range(executions))  # stands for any large source of inputs
+    requests = (  # any iterable or async iterable: pulled lazily, never held whole
+        ExecutionRequest(plugin_id="examples.hello", handler_id="fib", input={"n": n % 15})
+        for n in range(executions)
+    )
     outcomes: Counter[str] = Counter()
     latencies: list[float] = []
-
-    async def caller(backend: ExecutionBackend) -> None:
-        for n in inputs:
-            started = time.perf_counter()
-            result = await backend.execute(
-                ExecutionRequest(plugin_id="examples.hello", handler_id="fib", input={"n": n % 15}),
-                raise_errors=False,  # a failure is one more outcome to count
-            )
-            latencies.append(time.perf_counter() - started)
-            outcomes[result.error.code if result.error else "ok"] += 1
-
     started = time.perf_counter()
     async with (
         create_execution_backend(type=backend_type, registry=registry) as backend,
-        trio.open_nursery() as nursery,
+        backend.map(requests, concurrency=concurrency) as results,
     ):
-        for _ in range(concurrency):
-            nursery.start_soon(caller, backend)
+        async for result in results:  # as they finish; a failure is one more outcome
+            latencies.append(result.duration_s)
+            outcomes[result.error.code if result.error else "ok"] += 1
     elapsed = time.perf_counter() - started
     latencies.sort()
     print(f"{executions} executions on {backend_type} in {elapsed:.2f} s")
