@@ -8,6 +8,7 @@ rejected with 404.
 
 ``await nursery.start(router.serve, "127.0.0.1", 0)`` runs the server with the router's
 limits and returns trio-websocket's ``WebSocketServer`` (its ``port`` is the one bound).
+Plain HTTP requests on the same port are answered by ``router.http`` (:mod:`.http`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -24,8 +25,9 @@ from trio_websocket import (
     ConnectionClosed,
     WebSocketRequest,
     WebSocketServer,
-    serve_websocket,
 )
+
+from .http import HTTPEndpoints
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "HandshakeRejected", "Route", "WebSocketRouter"]
 
@@ -76,6 +78,8 @@ class WebSocketRouter:
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
         self._routes: dict[str, Route] = {}
+        #: Plain HTTP endpoints on the same port (``GET /healthz``...): see :mod:`.http`.
+        self.http = HTTPEndpoints(head_timeout=handshake_timeout)
 
     @property
     def routes(self) -> Mapping[str, Route]:
@@ -136,17 +140,24 @@ class WebSocketRouter:
     ) -> NoReturn:
         """Serve this router on ``host``:``port`` until cancelled (``nursery.start`` gives
         the ``WebSocketServer``, whose ``port`` is the one bound when ``port`` is 0)."""
-        await serve_websocket(
+        listeners: list[Any]
+        if ssl_context is None:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        else:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True
+            )
+        server = WebSocketServer(
             self.handle,
-            host,
-            port,
-            ssl_context,
+            listeners,
             handler_nursery=handler_nursery,
             max_message_size=self.max_message_size,
             connect_timeout=self.handshake_timeout,
             disconnect_timeout=self.handshake_timeout,
-            task_status=task_status,
         )
+        if self.http:  # plain HTTP first, on the same port (see .http)
+            setattr(server, "_handle_connection", self.http.wrap(server._handle_connection))  # noqa: B010
+        await server.run(task_status=task_status)
 
 
 async def close_rejected(request: WebSocketRequest) -> None:
