@@ -6,13 +6,24 @@ Every test runs a real server on 127.0.0.1, port 0, and talks to it with real so
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import ast
+import gc
+import hashlib
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from plugin_execution import (
     ConnectionRegistry,
@@ -25,6 +36,7 @@ from plugin_execution import (
     mount_websocket_channels,
 )
 from plugin_execution.channels.http import mount_health_and_metrics
+from plugin_execution.serve_config import ConfigError, ServeOptions, build_authorize, load_options
 
 from .conftest import MANIFEST, OPTIONS, PLUGIN_ID
 
@@ -53,6 +65,8 @@ async def http_get(
         with trio.fail_after(20):
             while chunk := await stream.receive_some(65536):
                 data += chunk
+                if data.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in data:
+                    break  # an accepted WebSocket stays open: the head is all there is
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     _, status, reason = status_line.split(" ", 2)
@@ -75,7 +89,7 @@ class Ops:
 
 @asynccontextmanager
 async def ops_server(
-    backend_type: str = "in-process", **backend_options: Any
+    backend_type: str = "in-process", *, authorize: Any = None, **backend_options: Any
 ) -> AsyncIterator[Ops]:
     plugins = PluginRegistry([OPS_MANIFEST])
     connections = ConnectionRegistry()
@@ -83,7 +97,9 @@ async def ops_server(
     backend = create_execution_backend(type=backend_type, registry=plugins, **options)
     async with backend, trio.open_nursery() as nursery:
         router = WebSocketRouter()
-        mount_websocket_channels(router, plugins, backend=backend, connection_registry=connections)
+        mount_websocket_channels(
+            router, plugins, backend=backend, connection_registry=connections, authorize=authorize
+        )
         mount_health_and_metrics(router.http, backend, connections)
         server = await nursery.start(router.serve, "127.0.0.1", 0)
         yield Ops(server.port, backend, connections)
@@ -202,3 +218,210 @@ async def test_plain_http_refusals_have_a_reason_phrase_and_say_why() -> None:
         async with open_websocket_url(ops.ws("/echo")) as ws:
             await ws.send_message("still here")
             assert await ws.get_message() == "still here"
+
+
+# -- who may connect: tokens and origins ----------------------------------------------------
+
+
+async def handshake(url: str, headers: dict[str, str] | None = None) -> HTTPReply | str:
+    """A WebSocket handshake over a raw socket: the refusal, or "accepted" (then closed)."""
+    parsed = urllib.parse.urlsplit(url)
+    assert parsed.port is not None
+    target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+    reply = await http_get(
+        parsed.port,
+        target,
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+            **(headers or {}),
+        },
+    )
+    return "accepted" if reply.status == 101 else reply
+
+
+def tokens_file(tmp_path: Path, *tokens: str) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text("# operators' tokens\n\n" + "\n".join(f"{t}  # someone" for t in tokens))
+    return path
+
+
+async def test_a_tokens_file_admits_bearer_headers_and_query_tokens_only(tmp_path: Path) -> None:
+    options = ServeOptions(tokens_file=tokens_file(tmp_path, "s3cret-one", "s3cret-two"))
+    async with ops_server(authorize=build_authorize(options)) as ops:
+        headers = {"Authorization": "Bearer s3cret-two"}
+        async with open_websocket_url(ops.ws("/info"), extra_headers=list(_b(headers))) as ws:
+            info = ast.literal_eval(await ws.get_message())
+        assert info["principal"] == {"token": hashlib.sha256(b"s3cret-two").hexdigest()[:12]}
+        assert "authorization" not in info["headers"]
+        async with open_websocket_url(ops.ws("/info?token=s3cret-one&room=7")) as ws:
+            info = ast.literal_eval(await ws.get_message())
+        assert info["request_path"].endswith("/info?room=7")  # the token is not the plugin's
+        assert "s3cret" not in repr(info)
+
+        missing = await handshake(ops.ws("/echo"))
+        assert isinstance(missing, HTTPReply) and missing.status == 401
+        assert b"bearer token is required" in missing.body
+        for wrong in ({"Authorization": "Bearer s3cret"}, {"Authorization": "Basic s3cret-one"}):
+            refused = await handshake(ops.ws("/echo"), wrong)
+            assert isinstance(refused, HTTPReply) and refused.status == 401, wrong
+        refused = await handshake(ops.ws("/echo?token=s3cret-one-and-more"))
+        assert isinstance(refused, HTTPReply) and b"not valid" in refused.body
+        assert ops.connections.stats()["rejected"] == {401: 4}
+
+
+async def test_cross_origin_browser_handshakes_get_403_unless_allowed() -> None:
+    allowed = "https://app.example.com"
+    async with ops_server(authorize=build_authorize(ServeOptions(allow_origin=(allowed,)))) as ops:
+        own = f"http://127.0.0.1:{ops.port}"
+        assert await handshake(ops.ws("/echo")) == "accepted"  # not a browser: no Origin
+        assert await handshake(ops.ws("/echo"), {"Origin": own}) == "accepted"
+        assert await handshake(ops.ws("/echo"), {"Origin": allowed}) == "accepted"
+        evil = await handshake(ops.ws("/echo"), {"Origin": "https://evil.example"})
+        assert isinstance(evil, HTTPReply) and evil.status == 403
+        assert b"the origin https://evil.example is not allowed" in evil.body
+    async with ops_server(authorize=build_authorize(ServeOptions(allow_origin=("*",)))) as ops:
+        assert await handshake(ops.ws("/echo"), {"Origin": "https://evil.example"}) == "accepted"
+
+
+async def rejection(url: str, **options: Any) -> tuple[int, bytes | None]:
+    """The status and body a handshake is refused with (see conftest.rejected_status on
+    why the exception's frames are collected before returning)."""
+    try:
+        async with open_websocket_url(url, **options):
+            pass
+    except ConnectionRejected as exc:
+        refused = (exc.status_code, exc.body)
+    else:
+        raise AssertionError(f"the handshake to {url} was accepted")
+    gc.collect()
+    return refused
+
+
+def _b(headers: dict[str, str]) -> Iterator[tuple[bytes, bytes]]:
+    for name, value in headers.items():
+        yield name.encode(), value.encode()
+
+
+# -- options: flags, a config file, TLS -----------------------------------------------------
+
+
+def test_a_config_file_sets_the_options_and_flags_win(tmp_path: Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        'host = "0.0.0.0"\nport = 9000\ntokens_file = "tokens"\n'
+        'allow_origin = ["https://a.example/"]\nidle_timeout = 60\nmax_connections = 5\n'
+    )
+    options = load_options({"port": 9001, "host": None}, config)
+    assert (options.host, options.port) == ("0.0.0.0", 9001)
+    assert options.tokens_file == tmp_path / "tokens"  # relative to the file
+    assert options.allow_origin == ("https://a.example",)
+    assert (options.idle_timeout, options.max_connections) == (60, 5)
+    assert load_options({}).port == 8765
+
+    config.write_text("max_conections = 5\n")
+    with pytest.raises(ConfigError, match="unknown key 'max_conections'"):
+        load_options({}, config)
+    config.write_text('max_connections = "many"\n')
+    with pytest.raises(ConfigError, match="max_connections must be an integer"):
+        load_options({}, config)
+    with pytest.raises(ConfigError, match="give both or neither"):
+        load_options({"tls_cert": "cert.pem"})
+    with pytest.raises(ConfigError, match="worker-pool"):
+        load_options({"max_queue": 10})
+    with pytest.raises(ConfigError, match="holds no token"):
+        build_authorize(ServeOptions(tokens_file=tokens_file(tmp_path)))
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a self-signed certificate with")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_serve_cli_over_tls_with_tokens_limits_and_a_config_file(tmp_path: Path) -> None:
+    """The real command: wss:// with a self-signed certificate, a token, /healthz over
+    https on the same port, and --max-connections from the config file."""
+    cert, key = self_signed(tmp_path)
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f'tls_cert = "{cert.name}"\ntls_key = "{key.name}"\nmax_connections = 1\nport = 1\n'
+    )
+    tokens_file(tmp_path, "cli-token")
+    command = [sys.executable, "-m", "plugin_execution", "serve", "--config", str(config)]
+    command += ["--port", "0", "--backend", "in-process", "--tokens-file", str(tmp_path / "tokens")]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        output = b""
+        with trio.fail_after(30):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "serve exited before listing its routes"
+                output += chunk
+        first = output.decode().splitlines()[0]
+        echo = next(u.rstrip(",") for u in first.split() if u.rstrip(",").endswith("/echo"))
+        assert echo.startswith("wss://127.0.0.1:")
+        port = urllib.parse.urlsplit(echo).port
+        assert port is not None
+        client = ssl.create_default_context(cafile=str(cert))
+
+        async with open_websocket_url(f"{echo}?token=cli-token", ssl_context=client) as ws:
+            await ws.send_message("over tls")
+            assert await ws.get_message() == "over tls"
+            # the one connection allowed is taken: the next gets 503, saying why
+            busy = await rejection(f"{echo}?token=cli-token", ssl_context=client)
+            assert busy == (503, b"too many connections\n")
+        unauthorized = await rejection(echo, ssl_context=client)
+        assert unauthorized[0] == 401 and b"bearer token is required" in unauthorized[1]
+
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data = b""
+            with trio.fail_after(20):
+                try:
+                    while chunk := await stream.receive_some(65536):
+                        data += chunk
+                except trio.BrokenResourceError:
+                    pass  # a close without TLS close_notify after the response
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b'"healthy": true' in data
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(30):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+
+def test_bad_serve_options_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from plugin_execution import cli
+
+    assert cli.main(["serve", "--tls-cert", str(tmp_path / "c.pem")]) == cli.EXIT_USAGE
+    assert "give both or neither" in capsys.readouterr().err
+    missing = tmp_path / "nope.toml"
+    assert cli.main(["serve", "--config", str(missing)]) == cli.EXIT_USAGE
+    assert "cannot read the config file" in capsys.readouterr().err
+    files = ["--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")]
+    assert cli.main(["serve", *files]) == cli.EXIT_USAGE
+    assert "cannot load tls_cert/tls_key" in capsys.readouterr().err

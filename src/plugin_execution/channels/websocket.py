@@ -226,7 +226,7 @@ class _ChannelMount:
                 ws,
                 connection_id=os.urandom(12).hex(),
                 path=self.path,
-                request_path=request.path,
+                request_path=_hide_token(request.path),
                 plugin_id=self.manifest.id,
                 headers=_visible_headers(request.headers),
                 principal=None if principal is True else principal,
@@ -414,6 +414,16 @@ def _visible_headers(raw: list[tuple[bytes, bytes]]) -> Mapping[str, str]:
         value = value_bytes.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return MappingProxyType(headers)
+
+
+def _hide_token(target: str) -> str:
+    """``target`` without a ``token=`` query parameter: a credential, like the headers in
+    ``HIDDEN_HEADERS``, stays with the host."""
+    path, sep, query = target.partition("?")
+    if not sep or "token=" not in query:
+        return target
+    kept = [part for part in query.split("&") if part.partition("=")[0] != "token"]
+    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def _tenant(principal: Any) -> str | None:
