@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from plugin_execution import (
     ConnectionRegistry,
@@ -349,6 +349,37 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@asynccontextmanager
+async def serve_cli(*args: str) -> AsyncIterator[str]:
+    """Run ``plugin-execution serve ARGS`` (examples.chat's channels) and yield the URL of
+    its echo route; stop it with SIGTERM on the way out."""
+    command = [sys.executable, "-m", "plugin_execution", "serve", "--port", "0", *args]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        output = b""
+        with trio.fail_after(60):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "serve exited before listing its routes"
+                output += chunk
+        first = output.decode().splitlines()[0]
+        yield next(u.rstrip(",") for u in first.split() if u.rstrip(",").endswith("/echo"))
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(30):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+
 async def test_serve_cli_over_tls_with_tokens_limits_and_a_config_file(tmp_path: Path) -> None:
     """The real command: wss:// with a self-signed certificate, a token, /healthz over
     https on the same port, and --max-connections from the config file."""
@@ -357,22 +388,9 @@ async def test_serve_cli_over_tls_with_tokens_limits_and_a_config_file(tmp_path:
     config.write_text(
         f'tls_cert = "{cert.name}"\ntls_key = "{key.name}"\nmax_connections = 1\nport = 1\n'
     )
-    tokens_file(tmp_path, "cli-token")
-    command = [sys.executable, "-m", "plugin_execution", "serve", "--config", str(config)]
-    command += ["--port", "0", "--backend", "in-process", "--tokens-file", str(tmp_path / "tokens")]
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        output = b""
-        with trio.fail_after(30):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, "serve exited before listing its routes"
-                output += chunk
-        first = output.decode().splitlines()[0]
-        echo = next(u.rstrip(",") for u in first.split() if u.rstrip(",").endswith("/echo"))
+    tokens = tokens_file(tmp_path, "cli-token")
+    options = ["--config", str(config), "--backend", "in-process", "--tokens-file", str(tokens)]
+    async with serve_cli(*options) as echo:
         assert echo.startswith("wss://127.0.0.1:")
         port = urllib.parse.urlsplit(echo).port
         assert port is not None
@@ -399,17 +417,36 @@ async def test_serve_cli_over_tls_with_tokens_limits_and_a_config_file(tmp_path:
                     pass  # a close without TLS close_notify after the response
         assert data.startswith(b"HTTP/1.1 200 OK\r\n")
         assert b'"healthy": true' in data
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(30):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                await pipe.aclose()
+
+
+async def test_serve_cli_limits_reach_the_backend_and_the_connections() -> None:
+    """--max-queue reaches the pool, --max-message-size closes with 1009, and
+    --idle-timeout closes with 1001 even while the client pings (pings are not activity)."""
+    import json
+
+    options = ["--backend", "worker-pool", "--max-queue", "7", "--max-message-size", "1000"]
+    async with serve_cli(*options, "--idle-timeout", "1") as echo:
+        port = urllib.parse.urlsplit(echo).port
+        assert port is not None
+        health = json.loads((await http_get(port, "/healthz")).body)
+        assert health["details"]["max_queue"] == 7
+
+        async with open_websocket_url(echo) as ws:
+            await ws.send_message("x" * 1001)
+            with pytest.raises(ConnectionClosed) as too_big:
+                await ws.get_message()
+        assert too_big.value.reason.code == 1009
+        del too_big  # its frames hold the client's socket
+
+        async with open_websocket_url(echo) as ws:
+            with trio.fail_after(30), pytest.raises(ConnectionClosed) as idle:
+                while True:
+                    await ws.ping()
+                    await trio.sleep(0.2)
+        reason = idle.value.reason
+        del idle
+        assert reason.code == 1001 and "idle" in (reason.reason or "")
+        gc.collect()
 
 
 def test_bad_serve_options_are_usage_errors(
