@@ -26,6 +26,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from plugin_execution import (
+    ChannelSpec,
     ConnectionRegistry,
     ExecutionBackend,
     ExecutionRequest,
@@ -36,12 +37,21 @@ from plugin_execution import (
     mount_websocket_channels,
 )
 from plugin_execution.channels.http import mount_health_and_metrics
+from plugin_execution.errors import ManifestError
+from plugin_execution.manifest import manifest_from_dict
 from plugin_execution.serve_config import ConfigError, ServeOptions, build_authorize, load_options
 
 from .conftest import MANIFEST, OPTIONS, PLUGIN_ID
 
-#: The test channels, and a handler that sleeps (to keep a pool busy).
-OPS_MANIFEST = attrs.evolve(MANIFEST, handlers=[HandlerSpec(id="sleep", entry="sample:sleep")])
+#: The test channels, one that speaks subprotocols, and a handler that sleeps.
+OPS_MANIFEST = attrs.evolve(
+    MANIFEST,
+    handlers=[HandlerSpec(id="sleep", entry="sample:sleep")],
+    channels=[
+        *MANIFEST.channels,
+        ChannelSpec(path="/proto", entry="ws_handlers:info", subprotocols=["chat.v2", "chat.v1"]),
+    ],
+)
 
 
 @attrs.frozen
@@ -462,3 +472,32 @@ def test_bad_serve_options_are_usage_errors(
     files = ["--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")]
     assert cli.main(["serve", *files]) == cli.EXIT_USAGE
     assert "cannot load tls_cert/tls_key" in capsys.readouterr().err
+
+
+# -- subprotocols -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["in-process", "worker-pool"])
+async def test_a_channel_agrees_on_its_most_preferred_subprotocol(kind: str) -> None:
+    async with ops_server(kind) as ops:
+        async with open_websocket_url(ops.ws("/proto"), subprotocols=["chat.v1", "chat.v2"]) as ws:
+            assert ws.subprotocol == "chat.v2"
+            info = ast.literal_eval(await ws.get_message())
+        assert info["context"]["subprotocol"] == "chat.v2"
+        async with open_websocket_url(ops.ws("/proto"), subprotocols=["chat.v1", "x"]) as ws:
+            assert ws.subprotocol == "chat.v1"
+        none = await rejection(ops.ws("/proto"))
+        assert none[0] == 400
+        assert b"speaks the subprotocols chat.v2, chat.v1" in (none[1] or b"")
+        assert (await rejection(ops.ws("/proto"), subprotocols=["chat.v3"]))[0] == 400
+        async with open_websocket_url(ops.ws("/echo"), subprotocols=["chat.v1"]) as ws:
+            assert ws.subprotocol is None  # a channel that declares none agrees on none
+
+
+def test_subprotocols_are_validated_in_the_manifest() -> None:
+    channel = {"path": "/c", "entry": "m:f", "subprotocols": ["graphql-ws", "v1.chat"]}
+    manifest = manifest_from_dict({"id": "p", "channels": [channel]})
+    assert manifest.channels[0].subprotocols == ("graphql-ws", "v1.chat")
+    for bad in (["two words"], ["a,b"], [""], [7]):
+        with pytest.raises(ManifestError, match="subprotocol"):
+            manifest_from_dict({"id": "p", "channels": [{**channel, "subprotocols": bad}]})

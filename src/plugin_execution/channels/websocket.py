@@ -218,10 +218,19 @@ class _ChannelMount:
             await self._reject(request, 503, "too many connections")
             return
         try:
+            subprotocol = self._subprotocol(request)
+            if subprotocol == "":
+                await self._reject(
+                    request,
+                    400,
+                    "this channel speaks the subprotocols "
+                    f"{', '.join(self.spec.subprotocols)}: propose one in Sec-WebSocket-Protocol",
+                )
+                return
             principal = await self._authorize(request)
             if principal is None:
                 return
-            ws = await request.accept()
+            ws = await request.accept(subprotocol=subprotocol)
             conn = ServerChannel(
                 ws,
                 connection_id=os.urandom(12).hex(),
@@ -236,9 +245,17 @@ class _ChannelMount:
                 idle_timeout=self.limits.idle_timeout,
                 close_timeout=self.limits.close_timeout,
             )
-            await self._serve(conn)
+            await self._serve(conn, subprotocol)
         finally:
             self.registry.release(self.path)
+
+    def _subprotocol(self, request: WebSocketRequest) -> str | None:
+        """The channel's most preferred subprotocol the client proposed; None when the
+        channel declares none, "" when the client proposed none of them."""
+        if not self.spec.subprotocols:
+            return None
+        proposed = set(request.proposed_subprotocols)
+        return next((p for p in self.spec.subprotocols if p in proposed), "")
 
     async def _reject(self, request: WebSocketRequest, status: int, reason: str) -> None:
         self.registry.rejected(status)
@@ -269,7 +286,7 @@ class _ChannelMount:
 
     # -- serving a connection ---------------------------------------------------------------
 
-    async def _serve(self, conn: ServerChannel) -> None:
+    async def _serve(self, conn: ServerChannel, subprotocol: str | None = None) -> None:
         context = {
             "host": "ws",
             "connection_id": conn.connection_id,
@@ -279,6 +296,8 @@ class _ChannelMount:
         }
         if conn.tenant_id is not None:
             context["tenant_id"] = conn.tenant_id
+        if subprotocol is not None:
+            context["subprotocol"] = subprotocol
         try:
             self.backend.attach(conn)
         except ExecutionError:
