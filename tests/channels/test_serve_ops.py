@@ -37,6 +37,7 @@ from plugin_execution import (
     mount_websocket_channels,
 )
 from plugin_execution.channels.http import mount_health_and_metrics
+from plugin_execution.channels.router import HandshakeRejected
 from plugin_execution.errors import ManifestError
 from plugin_execution.manifest import manifest_from_dict
 from plugin_execution.serve_config import ConfigError, ServeOptions, build_authorize, load_options
@@ -63,14 +64,19 @@ class HTTPReply:
 
 
 async def http_get(
-    port: int, target: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    port: int,
+    target: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
 ) -> HTTPReply:
     """One plain HTTP/1.1 request over a raw socket; reads until the server closes."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         data = b""
         with trio.fail_after(20):
             while chunk := await stream.receive_some(65536):
@@ -222,6 +228,14 @@ async def test_plain_http_refusals_have_a_reason_phrase_and_say_why() -> None:
         post = await http_get(ops.port, "/healthz", method="POST")
         assert (post.status, post.reason) == (405, "Method Not Allowed")
         assert post.headers["allow"] == "GET, HEAD"
+        posted = await http_get(
+            ops.port,
+            "/metrics",
+            method="POST",
+            headers={"Content-Length": "200000", "Content-Type": "text/plain"},
+            body=b"x" * 200_000,  # unread by the server: it must not reset the answer away
+        )
+        assert posted.status == 405 and b"answers GET only" in posted.body
         head = await http_get(ops.port, "/healthz", method="HEAD")
         assert head.status == 200 and head.body == b""
         # and WebSocket handshakes on the same port still work
@@ -308,6 +322,14 @@ async def rejection(url: str, **options: Any) -> tuple[int, bytes | None]:
         raise AssertionError(f"the handshake to {url} was accepted")
     gc.collect()
     return refused
+
+
+async def test_a_refusal_without_a_reason_still_says_why() -> None:
+    def authorize(request: Any) -> Any:
+        raise HandshakeRejected(429)
+
+    async with ops_server(authorize=authorize) as ops:
+        assert await rejection(ops.ws("/echo")) == (429, b"Too Many Requests\n")
 
 
 def _b(headers: dict[str, str]) -> Iterator[tuple[bytes, bytes]]:

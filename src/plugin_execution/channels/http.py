@@ -111,6 +111,7 @@ class HTTPEndpoints:
                 await stream.receive_some(len(received))
             try:
                 await self._answer(stream, request)
+                await _linger(stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client left before reading the answer
             finally:
@@ -186,6 +187,18 @@ async def _read_head(
         seen += len(data)
         received += data
         conn.receive_data(data)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read what the client still sends (a request body), bounded: closing
+    a socket with unread bytes resets the connection, which can destroy the answer before
+    the client reads it."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    left = MAX_HEAD * 4
+    with trio.move_on_after(1.0):
+        while left > 0 and (data := await stream.receive_some(MAX_HEAD)):
+            left -= len(data)
 
 
 def _is_websocket(request: h11.Request) -> bool:

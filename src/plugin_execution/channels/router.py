@@ -13,6 +13,7 @@ Plain HTTP requests on the same port are answered by ``router.http`` (:mod:`.htt
 
 from __future__ import annotations
 
+import http
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,7 +47,7 @@ class HandshakeRejected(Exception):
         if not 300 <= status <= 599:
             raise ValueError(f"a handshake rejection needs an HTTP status 300-599, not {status}")
         self.status = status
-        self.reason = reason
+        self.reason = reason or _phrase(status)  # the refusal's body says why, always
         super().__init__(f"{status} {reason}".strip())
 
 
@@ -158,6 +159,13 @@ class WebSocketRouter:
         if self.http:  # plain HTTP first, on the same port (see .http)
             setattr(server, "_handle_connection", self.http.wrap(server._handle_connection))  # noqa: B010
         await server.run(task_status=task_status)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return f"refused with {status}"
 
 
 async def close_rejected(request: WebSocketRequest) -> None:
