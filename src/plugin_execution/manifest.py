@@ -46,6 +46,15 @@ def _matches(pattern: re.Pattern[str], what: str) -> Any:
     return check
 
 
+#: An HTTP token (RFC 7230), what a ``Sec-WebSocket-Protocol`` value must be.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+
+
+def _subprotocol(value: str) -> None:
+    if _TOKEN.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a WebSocket subprotocol name (an HTTP token)")
+
+
 def _positive_or_none(_inst: Any, attr: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None and not value > 0:
         raise ValueError(f"{attr.name} must be positive, got {value!r}")
@@ -160,7 +169,12 @@ class HandlerSpec:
 
 @attrs.frozen
 class ChannelSpec:
-    """A WebSocket channel: ``path`` under the plugin's base route, handled by ``entry``."""
+    """A WebSocket channel: ``path`` under the plugin's base route, handled by ``entry``.
+
+    ``subprotocols``: the WebSocket subprotocols the channel speaks (``Sec-WebSocket-
+    Protocol`` tokens), most preferred first; when given, a client must propose one of
+    them, and the one agreed is ``ctx.context["subprotocol"]``.
+    """
 
     path: str = attrs.field(validator=_matches(re.compile(r"/[\w./-]*"), "channel path"))
     entry: str = attrs.field(validator=_matches(_ENTRY, "entry ('package.module:attribute')"))
@@ -168,6 +182,7 @@ class ChannelSpec:
         default="session", validator=attrs.validators.in_(("session", "events"))
     )
     permissions: Permissions | None = None
+    subprotocols: tuple[str, ...] = _str_tuple(_subprotocol)
 
 
 def _unique(what: str, key: str) -> Any:

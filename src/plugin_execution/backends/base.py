@@ -9,8 +9,9 @@ run one job) and, if it owns resources, :meth:`_start` / :meth:`_stop`.
 from __future__ import annotations
 
 import abc
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
 
@@ -59,6 +60,11 @@ class Attachment(Protocol):
 __all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
+
+log = logging.getLogger("plugin_execution")
+
+#: ``observer(plugin_id, handler_id, outcome, duration_s)``: see ``add_observer``.
+ExecutionObserver = Callable[[str, str, str, float], None]
 _MiB = 1024 * 1024
 
 
@@ -148,6 +154,7 @@ class ExecutionBackend(abc.ABC):
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._stats = StatsRecorder(self.name)
+        self._observers: list[ExecutionObserver] = []
         self._started_at = 0.0
         self._attached: set[Attachment] = set()
         self._detached = trio.Event()
@@ -452,6 +459,7 @@ class ExecutionBackend(abc.ABC):
             error = exc
         except trio.Cancelled:
             stats.record_failure("ABORTED", time.perf_counter() - started)
+            self._observe(request, "ABORTED", time.perf_counter() - started)
             raise
         except Exception as exc:
             error = ExecutionError(
@@ -461,6 +469,7 @@ class ExecutionBackend(abc.ABC):
             )
         else:
             stats.record_ok(result.duration_s)
+            self._observe(request, "ok", result.duration_s)
             return result
         finally:
             stats.in_flight -= 1
@@ -471,6 +480,7 @@ class ExecutionBackend(abc.ABC):
             handler_id=request.handler_id,
         )
         stats.record_failure(error.code, duration, error.message)
+        self._observe(request, error.code, duration)
         if raise_errors:
             raise error
         return ExecutionResult(
@@ -617,6 +627,23 @@ class ExecutionBackend(abc.ABC):
 
     def _stats_details(self) -> dict[str, Any]:
         return {}
+
+    def add_observer(self, observer: ExecutionObserver) -> Callable[[], None]:
+        """Call ``observer(plugin_id, handler_id, outcome, duration_s)`` as each execution
+        ends (``outcome``: ``"ok"`` or the error code); returns a function that removes it.
+
+        For per-plugin metrics (:mod:`plugin_execution.metrics`): called synchronously on
+        the hot path, so it must be cheap; an exception it raises is logged and ignored.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def _observe(self, request: ExecutionRequest, outcome: str, duration_s: float) -> None:
+        for observer in self._observers:
+            try:
+                observer(request.plugin_id, request.handler_id, outcome, duration_s)
+            except Exception:
+                log.exception("an execution observer failed")
 
     async def health(self) -> HealthStatus:
         """Whether the backend can take work, with details. A checkpoint."""

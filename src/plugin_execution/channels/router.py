@@ -10,10 +10,12 @@ rejected with 404, and a handshake RFC 6455 says to refuse (see
 ``await nursery.start(router.serve, "127.0.0.1", 0)`` runs the server with the router's
 limits and returns trio-websocket's ``WebSocketServer`` (its ``port`` is the one bound): a
 :class:`~plugin_execution.channels.server.HardenedServer`, bounded against hostile clients.
+Plain HTTP requests on the same port are answered by ``router.http`` (:mod:`.http`).
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,6 +26,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
+from .http import HTTPEndpoints
 from .server import HardenedServer, handshake_problem
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "HandshakeRejected", "Route", "WebSocketRouter"]
@@ -43,7 +46,7 @@ class HandshakeRejected(Exception):
         if not 300 <= status <= 599:
             raise ValueError(f"a handshake rejection needs an HTTP status 300-599, not {status}")
         self.status = status
-        self.reason = reason
+        self.reason = reason or _phrase(status)  # the refusal's body says why, always
         super().__init__(f"{status} {reason}".strip())
 
 
@@ -80,6 +83,8 @@ class WebSocketRouter:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self._routes: dict[str, Route] = {}
+        #: Plain HTTP endpoints on the same port (``GET /healthz``...): see :mod:`.http`.
+        self.http = HTTPEndpoints(head_timeout=handshake_timeout)
 
     @property
     def routes(self) -> Mapping[str, Route]:
@@ -167,7 +172,16 @@ class WebSocketRouter:
             disconnect_timeout=self.close_timeout,
             close_timeout=self.close_timeout,
         )
+        if self.http:  # plain HTTP first, on the same port (see .http)
+            setattr(server, "_handle_connection", self.http.wrap(server._handle_connection))  # noqa: B010
         await server.run(task_status=task_status)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return f"refused with {status}"
 
 
 async def close_rejected(request: WebSocketRequest) -> None:

@@ -246,15 +246,24 @@ class _ChannelMount:
                 self.registry.release(self.path)
 
         try:
+            subprotocol = self._subprotocol(request)
+            if subprotocol == "":
+                await self._reject(
+                    request,
+                    400,
+                    "this channel speaks the subprotocols "
+                    f"{', '.join(self.spec.subprotocols)}: propose one in Sec-WebSocket-Protocol",
+                )
+                return
             principal = await self._authorize(request)
             if principal is None:
                 return
-            ws = await request.accept()
+            ws = await request.accept(subprotocol=subprotocol)
             conn = ServerChannel(
                 ws,
                 connection_id=os.urandom(12).hex(),
                 path=self.path,
-                request_path=request.path,
+                request_path=_hide_token(request.path),
                 plugin_id=self.manifest.id,
                 headers=_visible_headers(request.headers),
                 principal=None if principal is True else principal,
@@ -275,12 +284,20 @@ class _ChannelMount:
                     "backend": self.backend.name,
                 },
             ) as span:
-                await self._serve(conn)
+                await self._serve(conn, subprotocol)
                 if span is not None:
                     span.set("close_code", conn.close_code)
                     span.set("closed_by", conn.closed_by)
         finally:
             release()
+
+    def _subprotocol(self, request: WebSocketRequest) -> str | None:
+        """The channel's most preferred subprotocol the client proposed; None when the
+        channel declares none, "" when the client proposed none of them."""
+        if not self.spec.subprotocols:
+            return None
+        proposed = set(request.proposed_subprotocols)
+        return next((p for p in self.spec.subprotocols if p in proposed), "")
 
     async def _reject(self, request: WebSocketRequest, status: int, reason: str) -> None:
         self.registry.rejected(status)
@@ -311,7 +328,7 @@ class _ChannelMount:
 
     # -- serving a connection ---------------------------------------------------------------
 
-    async def _serve(self, conn: ServerChannel) -> None:
+    async def _serve(self, conn: ServerChannel, subprotocol: str | None = None) -> None:
         context = {
             "host": "ws",
             "connection_id": conn.connection_id,
@@ -321,6 +338,8 @@ class _ChannelMount:
         }
         if conn.tenant_id is not None:
             context["tenant_id"] = conn.tenant_id
+        if subprotocol is not None:
+            context["subprotocol"] = subprotocol
         try:
             self.backend.attach(conn)
         except ExecutionError:
@@ -474,6 +493,16 @@ def _visible_headers(raw: list[tuple[bytes, bytes]]) -> Mapping[str, str]:
         value = value_bytes.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return MappingProxyType(headers)
+
+
+def _hide_token(target: str) -> str:
+    """``target`` without a ``token=`` query parameter: a credential, like the headers in
+    ``HIDDEN_HEADERS``, stays with the host."""
+    path, sep, query = target.partition("?")
+    if not sep or "token=" not in query:
+        return target
+    kept = [part for part in query.split("&") if part.partition("=")[0] != "token"]
+    return f"{path}?{'&'.join(kept)}" if kept else path
 
 
 def _tenant(principal: Any) -> str | None:
