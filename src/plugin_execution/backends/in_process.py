@@ -162,6 +162,7 @@ class InProcessBackend(ExecutionBackend):
             job.session.bind_loop()  # the handler's thread calls back into this loop
         try:
             with trio.CancelScope(deadline=job.deadline) as scope:
+                self._abort_scopes.add(scope)  # the shutdown's deadline cancels it too
                 try:
                     if job.channel is not None:
                         await _run_session(handler, ctx, job.channel)
@@ -180,6 +181,7 @@ class InProcessBackend(ExecutionBackend):
                     raise handler_error(exc) from None
                 finally:
                     ctx.cancel()
+                    self._abort_scopes.discard(scope)
             if scope.cancelled_caught:
                 raise job.timeout_error() if handler.is_async else _abandoned(job)
         finally:

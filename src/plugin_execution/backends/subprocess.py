@@ -213,10 +213,18 @@ class SubprocessBackend(ExecutionBackend):
         job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
         """
         check_serializable(job.request.input, "input")  # before any child is started
-        async with self._slot(job):
-            zygote = await self._zygote_for_spawn(job)
-            async with self.workspaces.lease(job.request.execution_id) as lease:
-                return await self._run_in_child(job, str(lease.dir), zygote)
+        # A child costs milliseconds: a scope of its own for the shutdown to cancel is cheap
+        # here (it also stops a child still starting, which _abort_in_flight cannot kill).
+        with trio.CancelScope() as scope:
+            self._abort_scopes.add(scope)
+            try:
+                async with self._slot(job):
+                    zygote = await self._zygote_for_spawn(job)
+                    async with self.workspaces.lease(job.request.execution_id) as lease:
+                        return await self._run_in_child(job, str(lease.dir), zygote)
+            finally:
+                self._abort_scopes.discard(scope)
+        raise BackendClosedError("the subprocess backend shut down before this execution ended")
 
     @asynccontextmanager
     async def _slot(self, job: Job) -> AsyncIterator[None]:
