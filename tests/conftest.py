@@ -7,12 +7,16 @@ processes (zombies included) that it did not have before.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
 from plugin_execution import PluginRegistry, WorkspaceManager
 
@@ -107,3 +111,37 @@ def workspaces(workspace_root: Path) -> WorkspaceManager:
 
 def pytest_configure(config: pytest.Config) -> None:
     sys.path.insert(0, str(PLUGINS))  # lets tests import the sample plugin directly
+
+
+@asynccontextmanager
+async def serve_process(*args: str) -> AsyncIterator[tuple[trio.Process, list[str]]]:
+    """``plugin-execution serve --port 0 ARGS`` in a real child: yields it and the URLs its
+    first line lists, once it listens. Afterwards SIGTERM, then SIGKILL if it lingers; its
+    pipes are closed either way."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "plugin_execution", "serve", "--port", "0", *args],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        output = b""
+        with trio.fail_after(60):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "serve exited before listing its routes"
+                output += chunk
+        first = output.decode().splitlines()[0]
+        yield process, [word.rstrip(",") for word in first.split()]
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(30):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()

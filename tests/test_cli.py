@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import serve_process
 
 from plugin_execution import cli
 from plugin_execution.factory import BACKEND_TYPES
@@ -381,34 +382,13 @@ async def test_serve_lists_its_routes_and_serves_the_example_channels() -> None:
     import trio
     from trio_websocket import open_websocket_url
 
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "plugin_execution",
-            "serve",
-            "--port",
-            "0",
-            "--backend",
-            "in-process",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        output = b""
-        with trio.fail_after(30):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, "serve exited before listing its routes"
-                output += chunk
-        first = output.decode().splitlines()[0]
+    async with serve_process("--backend", "in-process") as (process, words):
+        assert process.stderr is not None
+        first = " ".join(words)
         assert first.startswith("serving 2 channel route(s) with the in-process backend: ws://")
-        echo = next(url for url in first.split() if url.rstrip(",").endswith("/echo"))
-        assert echo.rstrip(",").endswith("/v1/ws/plugins/examples.chat/echo")
-        async with open_websocket_url(echo.rstrip(",")) as ws:
+        echo = next(word for word in words if word.endswith("/echo"))
+        assert echo.endswith("/v1/ws/plugins/examples.chat/echo")
+        async with open_websocket_url(echo) as ws:
             await ws.send_message("from the cli test")
             assert await ws.get_message() == "from the cli test"
         process.send_signal(signal.SIGINT)
@@ -417,13 +397,6 @@ async def test_serve_lists_its_routes_and_serves_the_example_channels() -> None:
         errors = await process.stderr.receive_some(65536)
         assert status == cli.EXIT_INTERRUPTED, errors
         assert b"Traceback" not in errors
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                await stream.aclose()
 
 
 def test_serve_without_channels_is_an_error(

@@ -8,12 +8,11 @@ exit: 0 on SIGTERM, 130 on SIGINT.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
+from tests.conftest import serve_process
 from trio_websocket import open_websocket_url
 
 from plugin_execution import cli
@@ -30,22 +29,8 @@ ROOT = Path(__file__).parents[2]
 async def test_serve_closes_every_connection_1001_on_a_signal_and_exits(
     signum: int, status: int
 ) -> None:
-    argv = ["serve", "--port", "0", "--backend", "worker-pool", "--grace", "5"]
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "plugin_execution", *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        output = b""
-        with trio.fail_after(60):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, "serve exited before listing its routes"
-                output += chunk
-        urls = [url.rstrip(",") for url in output.decode().splitlines()[0].split()]
+    async with serve_process("--backend", "worker-pool", "--grace", "5") as (process, urls):
+        assert process.stderr is not None
         echo = next(url for url in urls if url.endswith("/examples.chat/echo"))
         room = next(url for url in urls if url.endswith("/examples.chat/room"))
         async with open_websocket_url(echo) as session, open_websocket_url(room) as events:
@@ -62,13 +47,6 @@ async def test_serve_closes_every_connection_1001_on_a_signal_and_exits(
             assert await process.wait() == status
         errors = await process.stderr.receive_some(65536)
         assert b"Traceback" not in errors, errors.decode()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                await stream.aclose()
 
 
 def test_serve_refuses_a_negative_grace(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,10 +10,8 @@ import ast
 import gc
 import hashlib
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,6 +21,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from tests.conftest import serve_process
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from plugin_execution import (
@@ -385,31 +384,8 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 async def serve_cli(*args: str) -> AsyncIterator[str]:
     """Run ``plugin-execution serve ARGS`` (examples.chat's channels) and yield the URL of
     its echo route; stop it with SIGTERM on the way out."""
-    command = [sys.executable, "-m", "plugin_execution", "serve", "--port", "0", *args]
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        output = b""
-        with trio.fail_after(60):
-            while b"\n" not in output:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, "serve exited before listing its routes"
-                output += chunk
-        first = output.decode().splitlines()[0]
-        yield next(u.rstrip(",") for u in first.split() if u.rstrip(",").endswith("/echo"))
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(30):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                await pipe.aclose()
+    async with serve_process(*args) as (_, words):
+        yield next(word for word in words if word.endswith("/echo"))
 
 
 async def test_serve_cli_over_tls_with_tokens_limits_and_a_config_file(tmp_path: Path) -> None:
