@@ -336,12 +336,7 @@ class Supervisor:
         terminated, if the supervisor is stopping, or if its previous instance is still running
         after the wait.
         """
-        child = self._get(name)
-        if child.state != "terminated":
-            raise RuntimeError(
-                f"child {name!r} is {child.state}; only a terminated child can be restarted "
-                "(call terminate_child first)"
-            )
+        child = self._terminated(name, "restarted")
         self._check_open(name)
         child.state = "starting"
         try:
@@ -361,15 +356,19 @@ class Supervisor:
         Raises ``KeyError`` for an unknown name and ``RuntimeError`` if the child is not
         terminated (call :meth:`terminate_child` first).
         """
+        self._forget(self._terminated(name, "deleted"))
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _terminated(self, name: str, action: str) -> _Child:
+        """The child ``name``, which must be terminated for it to be ``action``."""
         child = self._get(name)
         if child.state != "terminated":
             raise RuntimeError(
-                f"child {name!r} is {child.state}; only a terminated child can be deleted "
+                f"child {name!r} is {child.state}; only a terminated child can be {action} "
                 "(call terminate_child first)"
             )
-        self._forget(child)
-
-    # -- bookkeeping ----------------------------------------------------------------------
+        return child
 
     def _get(self, name: str) -> _Child:
         child = self._children.get(name)
