@@ -80,7 +80,7 @@ class Worker:
         self._fd = fd
         self._in_thread = in_thread
         self._writer = FrameWriter(fd, close if close is not None else lambda: os.close(fd))
-        self.send = self._writer.send
+        self.send = self._writer.send  # how every part of the worker writes a frame
         self._started = time.monotonic()
         self._threads = HandlerThreads()
         self._decoder = FrameDecoder()
@@ -245,6 +245,8 @@ class Worker:
                 self._stop_leading(thread)
 
     def _exit(self, code: int) -> None:
+        """Stop serving: a child kills what its handlers left and exits with ``code``; a
+        thread worker's reader raises ``_Stop`` (``serve`` then returns)."""
         if self._in_thread:
             raise _Stop
         kill_leftovers()  # nothing a handler started outlives its worker
