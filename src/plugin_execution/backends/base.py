@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..channels.channel import Channel
     from ..context import EventSink
 
-__all__ = ["Attachment", "ExecutionBackend", "ExecutionObserver", "Job"]
+__all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
 
