@@ -42,6 +42,8 @@ ExecutionObserver = Callable[[str, str, str, float], None]
 class JobRunner(SessionMaker, Protocol):
     """What the executor needs of its backend (an ``ExecutionBackend``)."""
 
+    registry: PluginRegistry
+
     @property
     def running(self) -> bool: ...
 
@@ -58,13 +60,11 @@ class Executor:
         self,
         backend: JobRunner,
         name: str,
-        registry: PluginRegistry,
         stats: StatsRecorder,
         in_flight: InFlight,
     ) -> None:
         self._backend = backend
         self._name = name
-        self._registry = registry
         self._stats = stats
         self._in_flight = in_flight
         self._observers: list[ExecutionObserver] = []
@@ -127,7 +127,7 @@ class Executor:
         try:
             backend._check_running()
             job = admit(
-                self._registry, backend, request, timeout, sink, target, channel, chain, parent
+                backend.registry, backend, request, timeout, sink, target, channel, chain, parent
             )
             in_flight.tasks[token] = trio.lowlevel.current_task()
             try:

@@ -82,7 +82,7 @@ class ExecutionBackend(abc.ABC):
         self._in_flight = InFlight()
         #: Cancel scopes a backend registers to be cancelled at the shutdown deadline.
         self._abort_scopes = self._in_flight.abort_scopes
-        self._executor = Executor(self, self.name, registry, self._stats, self._in_flight)
+        self._executor = Executor(self, self.name, self._stats, self._in_flight)
         self._shut_down = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
