@@ -23,13 +23,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._deadlines import Deadlines
 from ._groups import unwrap_single
 from .errors import AbortedError, ExecutionError, InvalidRequestError, WorkerCrashedError
+from .host.child import ChildProcess
+from .host.limits import WorkerLimits
 from .protocol import (
     Cancel,
     ChannelClose,
@@ -57,19 +59,8 @@ from .worker._wire import unsent
 if TYPE_CHECKING:
     from .backends.base import Job
     from .channels.bridge import ChannelBridge
+    from .host.zygote import Zygote
     from .sandbox.policy import ChildSandbox
-    from .zygote import Zygote
-
-
-class ChildProcess(Protocol):
-    """What a worker needs of its process: a ``trio.Process`` or a zygote's child."""
-
-    pid: int
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def wait(self) -> int: ...
 
 
 __all__ = ["WorkerLimits", "WorkerProcess", "open_worker_process"]
@@ -91,41 +82,6 @@ _YIELD_EVERY = 0.001  # s: at least this often, an answer got by polling yields 
 # instead of five (the default is ~208 KiB), each a wake-up of the reader. A limit, not an
 # allocation; the kernel caps it at net.core.wmem_max.
 _SEND_BUFFER = 4 << 20
-
-
-class WorkerLimits:
-    """Resource limits applied by the child to itself before it imports plugin code."""
-
-    __slots__ = ("address_space_mb", "cpu_s", "file_size_mb", "open_files", "processes")
-
-    def __init__(
-        self,
-        *,
-        address_space_mb: int | None = None,
-        cpu_s: float | None = None,
-        open_files: int | None = None,
-        file_size_mb: int | None = None,
-        processes: int | None = None,
-    ) -> None:
-        self.address_space_mb = address_space_mb
-        self.cpu_s = cpu_s
-        self.open_files = open_files
-        self.file_size_mb = file_size_mb
-        self.processes = processes
-
-    def to_arg(self) -> str:
-        parts = []
-        if self.address_space_mb:
-            parts.append(f"as={self.address_space_mb * 1024 * 1024}")
-        if self.cpu_s:
-            parts.append(f"cpu={max(1, int(self.cpu_s + 0.999))}")
-        if self.open_files:
-            parts.append(f"nofile={self.open_files}")
-        if self.file_size_mb:
-            parts.append(f"fsize={self.file_size_mb * 1024 * 1024}")
-        if self.processes:
-            parts.append(f"nproc={self.processes}")
-        return ",".join(parts)
 
 
 class _Reply:

@@ -30,12 +30,13 @@ import trio
 
 from ..channels.bridge import run_session
 from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
+from ..host.limits import WorkerLimits
+from ..host.zygote import BASE_ENV, Zygote, open_zygote
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..process import WorkerLimits, WorkerProcess, open_worker_process
+from ..process import WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
-from ..zygote import BASE_ENV, Zygote, open_zygote
 from ._breaker import CrashBreaker
 from .base import ExecutionBackend, Job
 

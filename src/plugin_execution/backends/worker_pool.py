@@ -46,11 +46,12 @@ from ..errors import (
     WorkerCrashedError,
     WorkerUnhealthyError,
 )
+from ..host.limits import WorkerLimits
+from ..host.zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
 from ..manifest import Quotas
-from ..process import WorkerLimits, WorkerProcess, _Pending, open_worker_process
+from ..process import WorkerProcess, _Pending, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
-from ..zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
 from ._breaker import CrashBreaker
 from ._quota_watch import watch_quotas
 from .base import ExecutionBackend, Job

@@ -22,8 +22,8 @@ from . import bubblewrap, capabilities
 from .support import OPTIONAL_LAYERS, SandboxSupport
 
 if TYPE_CHECKING:
+    from ..host.child import ChildProcess
     from ..manifest import Permissions
-    from ..process import ChildProcess
 
 __all__ = ["ChildSandbox", "SandboxPolicy", "check_layers"]
 

@@ -24,8 +24,8 @@ from contextlib import asynccontextmanager
 import msgpack
 import trio
 
-from ._groups import unwrap_single
-from .errors import WorkerCrashedError
+from .._groups import unwrap_single
+from ..errors import WorkerCrashedError
 
 __all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "open_zygote"]
 
