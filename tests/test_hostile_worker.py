@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from plugin_execution import ExecutionRequest, ExecutionResult, PluginRegistry
-from plugin_execution import process as process_module
 from plugin_execution.backends import worker_pool
 from plugin_execution.backends.base import Job
 from plugin_execution.errors import ExecutionError, WorkerCrashedError
-from plugin_execution.process import open_worker_process
+from plugin_execution.host import process as process_module
+from plugin_execution.host.process import open_worker_process
 from plugin_execution.protocol import MESSAGE_TYPES, PROTOCOL_VERSION
 from plugin_execution.types import ExecutionEvent
 

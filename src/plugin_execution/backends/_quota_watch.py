@@ -18,8 +18,8 @@ import os
 import trio
 
 from ..errors import WorkerCrashedError
+from ..host.handle import WorkerHandle
 from ..manifest import Quotas
-from ..process import WorkerProcess
 
 __all__ = ["SAMPLE_INTERVAL_S", "watch_quotas"]
 
@@ -39,22 +39,25 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-async def watch_quotas(proc: WorkerProcess, quotas: Quotas) -> None:
+async def watch_quotas(proc: WorkerHandle, quotas: Quotas) -> None:
     """Sample ``proc`` until cancelled; kill it when it goes over ``quotas``.
 
     Run it next to the execution and cancel it when the execution ends. Returns early if
-    the worker is gone.
+    the worker is gone, or is no process of its own (a thread: nothing to sample).
     """
+    pid = proc.pid
+    if pid is None:
+        return
     try:
-        cpu_start = _cpu_seconds(proc.pid)
+        cpu_start = _cpu_seconds(pid)
     except (OSError, IndexError, ValueError):
         return
     memory = quotas.memory_mb * 1024 * 1024 if quotas.memory_mb is not None else None
     while proc.alive:
         await trio.sleep(SAMPLE_INTERVAL_S)
         try:
-            rss = _rss_bytes(proc.pid)
-            cpu = _cpu_seconds(proc.pid) - cpu_start
+            rss = _rss_bytes(pid)
+            cpu = _cpu_seconds(pid) - cpu_start
         except (OSError, IndexError, ValueError):
             return  # the process is gone; its reader reports how
         if memory is not None and rss > memory:

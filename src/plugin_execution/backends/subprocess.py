@@ -31,9 +31,9 @@ import trio
 from ..channels.bridge import run_session
 from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
 from ..host.limits import WorkerLimits
+from ..host.process import WorkerProcess, open_worker_process
 from ..host.zygote import BASE_ENV, Zygote, open_zygote
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..process import WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable

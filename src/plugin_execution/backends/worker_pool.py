@@ -46,10 +46,11 @@ from ..errors import (
     WorkerCrashedError,
     WorkerUnhealthyError,
 )
+from ..host.calls import Pending
 from ..host.limits import WorkerLimits
+from ..host.process import WorkerProcess, open_worker_process
 from ..host.zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
 from ..manifest import Quotas
-from ..process import WorkerProcess, _Pending, open_worker_process
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
 from ._breaker import CrashBreaker
@@ -60,7 +61,7 @@ __all__ = ["WorkerPoolBackend"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
 # How long a caller polls for its reply before parking, and its worker for the next request
-# after answering (see WorkerProcess._poll and Execute.linger).
+# after answering (see WorkerConnection._poll and Execute.linger).
 _SPIN_S = 100e-6
 
 
@@ -145,7 +146,7 @@ class _Waiter:
         self.woken = False
         self.worker: _Worker | None = None
         self.proc: WorkerProcess | None = None
-        self.pending: _Pending | None = None
+        self.pending: Pending | None = None
         self.enqueued = time.perf_counter()
 
     def wake(self) -> None:
@@ -470,7 +471,7 @@ class WorkerPoolBackend(ExecutionBackend):
             await self._take_process_slot()
         try:
             if self.kind == "thread":
-                from ..worker.in_thread import open_worker_thread
+                from ..host.thread import open_worker_thread
 
                 async with open_worker_thread() as thread:
                     yield thread
@@ -634,7 +635,7 @@ class WorkerPoolBackend(ExecutionBackend):
                 pass  # the caller submits it again and gets the error in its own task
         waiter.wake()
 
-    def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> _Pending:
+    def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> Pending:
         # Every execution polls, not only one alone in flight: with callers queued, the
         # hand-over's next request finds its worker still awake (measured on 2 vCPUs, 8
         # and 64 callers: +15-25% calls/s; 2 callers: even).

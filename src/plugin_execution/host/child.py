@@ -13,9 +13,11 @@ __all__ = ["ChildProcess"]
 
 
 class ChildProcess(Protocol):
-    """What a worker needs of its process: a ``trio.Process`` or a zygote's child."""
+    """What a worker needs of its process: a ``trio.Process``, a zygote's child, or a
+    stand-in for a worker that is no process of its own (its ``pid`` is then None)."""
 
-    pid: int
+    @property
+    def pid(self) -> int | None: ...
 
     @property
     def returncode(self) -> int | None: ...

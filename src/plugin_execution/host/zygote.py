@@ -5,8 +5,9 @@
 process, forked from the warm zygote, that the zygote reaps and reports back. The wire format
 of the control channel is documented in ``worker/zygote.py``.
 
-A ``ZygoteChild`` looks like a ``trio.Process`` to :class:`~plugin_execution.process.WorkerProcess`
-(``pid``, ``returncode``, ``await wait()``), so every start method shares one code path.
+A ``ZygoteChild`` looks like a ``trio.Process`` to the worker handle
+(:class:`~plugin_execution.host.process.WorkerProcess`: ``pid``, ``returncode``, ``await
+wait()``), so every start method shares one code path.
 """
 
 from __future__ import annotations
