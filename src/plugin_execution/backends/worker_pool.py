@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import os
 import select
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
@@ -46,10 +45,10 @@ from ..errors import (
     WorkerCrashedError,
     WorkerUnhealthyError,
 )
-from ..host.calls import Pending
+from ..host.handle import Submitted, WorkerHandle, WorkerLauncher
+from ..host.launchers import ProcessLauncher, ThreadLauncher
 from ..host.limits import WorkerLimits
-from ..host.process import WorkerProcess, open_worker_process
-from ..host.zygote import BASE_ENV, Zygote, ZygoteChild, open_zygote
+from ..host.zygote import BASE_ENV, ZygoteKeeper
 from ..manifest import Quotas
 from ..supervisor import ChildSpec, Supervisor, open_supervisor
 from ..types import ExecutionResult, HealthStatus
@@ -61,7 +60,7 @@ __all__ = ["WorkerPoolBackend"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
 # How long a caller polls for its reply before parking, and its worker for the next request
-# after answering (see WorkerConnection._poll and Execute.linger).
+# after answering (see host/connection.py and Execute.linger).
 _SPIN_S = 100e-6
 
 
@@ -89,7 +88,7 @@ class _Worker:
         self.name = name
         self.permanent = permanent
         self.state: WorkerState = "starting"
-        self.proc: WorkerProcess | None = None
+        self.proc: WorkerHandle | None = None
         self.running = 0
         self.sessions = 0  # channel sessions: they share the worker, taking no slot
         self.executions = 0
@@ -110,7 +109,7 @@ class _Spare:
     __slots__ = ("done", "proc", "ready", "scope")
 
     def __init__(self) -> None:
-        self.proc: WorkerProcess | None = None
+        self.proc: WorkerHandle | None = None
         self.ready = trio.Event()
         self.done = trio.Event()
         self.scope = trio.CancelScope()
@@ -145,8 +144,8 @@ class _Waiter:
         self.task = trio.lowlevel.current_task()
         self.woken = False
         self.worker: _Worker | None = None
-        self.proc: WorkerProcess | None = None
-        self.pending: Pending | None = None
+        self.proc: WorkerHandle | None = None
+        self.pending: Submitted | None = None
         self.enqueued = time.perf_counter()
 
     def wake(self) -> None:
@@ -259,32 +258,40 @@ class WorkerPoolBackend(ExecutionBackend):
         # max_workers; the most there ever were.
         self._process_slots = trio.Semaphore(max_workers)
         self._workers_peak = 0
-        self._limits = WorkerLimits(address_space_mb=memory_mb, open_files=open_files)
         self._env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
         self._env.update(env or {})
+        # What starts the workers: the pool knows them only as handles from here on.
+        self._launcher: WorkerLauncher = ThreadLauncher()
+        if kind == "process":
+            self._launcher = ProcessLauncher(
+                env=self._env,
+                limits=WorkerLimits(address_space_mb=memory_mb, open_files=open_files),
+                # ~2 ms a worker instead of ~20 ms for a fresh interpreter, which is what
+                # recycling and growth cost the pool's throughput; while it is down,
+                # workers are spawned.
+                zygote=ZygoteKeeper(env=self._env, on_error=self._zygote_failed),
+            )
         self._workers: dict[str, _Worker] = {}
         self._names = itertools.count(1)
         self._queue: deque[_Waiter] = deque()
         self._per_plugin: Counter[str] = Counter()
         self._usage: Counter[tuple[str, str]] = Counter()
         self._supervisor: Supervisor | None = None
-        self._zygote: Zygote | None = None
         self._workers_killed = 0
         self._recent_restarts: deque[float] = deque(maxlen=1000)
         self._queue_deadlines = Deadlines(self._give_up, self._still_queued)
         self._idle = trio.Event()
         self._in_use = 0  # executions on workers now (sum of their ``running``)
-        self._spin_peers = select.poll()  # the workers' sockets (see WorkerProcess.spin_with)
+        self._spin_peers = select.poll()  # the workers' sockets (see WorkerHandle.spin_with)
         self._last_check = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def _open(self, stack: AsyncExitStack) -> None:
         # Outside the backend's nursery, whose cancellation on exit would otherwise hit
-        # them all at once: the supervisor stops the workers in order, then the zygote
-        # (entered first, left last) goes, which would kill any child it still had.
-        if self.kind == "process":
-            await stack.enter_async_context(self._zygote_kept())
+        # them all at once: the supervisor stops the workers in order, then the launcher's
+        # zygote (entered first, left last) goes, which would kill any child it still had.
+        await stack.enter_async_context(self._launcher_kept())
         self._supervisor = await stack.enter_async_context(
             open_supervisor(
                 strategy="one_for_one",
@@ -402,7 +409,7 @@ class WorkerPoolBackend(ExecutionBackend):
             return await self._serve_on(worker, proc, task_status, spares)
 
     async def _serve_on(
-        self, worker: _Worker, proc: WorkerProcess, task_status: Any, spares: trio.Nursery
+        self, worker: _Worker, proc: WorkerHandle, task_status: Any, spares: trio.Nursery
     ) -> str:
         worker.started_at = worker.last_used = time.monotonic()
         worker.executions = 0
@@ -426,7 +433,7 @@ class WorkerPoolBackend(ExecutionBackend):
         if proc.lost.is_set() and worker.retire_reason != "shrink":
             if proc.killed:  # we stopped it (timeout, quota, health check): replace it
                 return "killed"
-            if (proc.exiting or proc.lost_running) and not _orphaned(proc):
+            if (proc.exiting or proc.lost_running) and proc.exit_cause != "orphaned":
                 return "crashed"  # its work killed it (even if due for recycling): replace it
             if not worker.retire.is_set():
                 self._stats.worker_crashes += 1  # it died on its own: a restart
@@ -464,24 +471,13 @@ class WorkerPoolBackend(ExecutionBackend):
                 worker.spare = None
 
     @asynccontextmanager
-    async def _open_worker(self, *, slot_held: bool = False) -> AsyncIterator[WorkerProcess]:
+    async def _open_worker(self, *, slot_held: bool = False) -> AsyncIterator[WorkerHandle]:
         """Start a worker, once a process slot is free (``slot_held``: the caller took
         one); the slot is given back once the worker is reaped."""
         if not slot_held:
             await self._take_process_slot()
         try:
-            if self.kind == "thread":
-                from ..host.thread import open_worker_thread
-
-                async with open_worker_thread() as thread:
-                    yield thread
-                return
-            zygote = self._zygote
-            if zygote is not None and zygote.lost.is_set():
-                zygote = None
-            async with open_worker_process(
-                env=self._env, limits=self._limits, zygote=zygote
-            ) as proc:
+            async with self._launcher.open() as proc:
                 yield proc
         finally:
             self._process_slots.release()
@@ -504,33 +500,20 @@ class WorkerPoolBackend(ExecutionBackend):
         self._workers_peak = max(self._workers_peak, alive)
 
     @asynccontextmanager
-    async def _zygote_kept(self) -> AsyncIterator[None]:
+    async def _launcher_kept(self) -> AsyncIterator[None]:
+        """Run the launcher's background work (the zygote) while the pool is open; workers
+        do not wait for it."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_zygote)
+            nursery.start_soon(self._launcher.run)
             try:
                 yield
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _keep_zygote(self) -> None:
-        """Own a zygote to fork workers from: ~2 ms a worker instead of ~20 ms for a fresh
-        interpreter, which is what recycling and growth cost the pool's throughput. Until
-        it is up, and whenever it is down, workers are started the usual way; it is
-        replaced (with backoff) when it dies."""
-        delay = 0.1
-        while True:
-            try:
-                async with open_zygote(env=self._env) as zygote:
-                    self._zygote = zygote
-                    await zygote.lost.wait()
-            except WorkerCrashedError as exc:
-                self._stats.last_error = f"the pool's zygote failed: {exc.message}"
-            finally:
-                self._zygote = None
-            await trio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    def _zygote_failed(self, exc: WorkerCrashedError) -> None:
+        self._stats.last_error = f"the pool's zygote failed: {exc.message}"
 
-    async def _warm(self, proc: WorkerProcess) -> None:
+    async def _warm(self, proc: WorkerHandle) -> None:
         for plugin_id, handler_id in self._warm_set():
             try:
                 target = self.registry.resolve(plugin_id, handler_id)
@@ -635,7 +618,7 @@ class WorkerPoolBackend(ExecutionBackend):
                 pass  # the caller submits it again and gets the error in its own task
         waiter.wake()
 
-    def _submit(self, proc: WorkerProcess, job: Job, workspace: str) -> Pending:
+    def _submit(self, proc: WorkerHandle, job: Job, workspace: str) -> Submitted:
         # Every execution polls, not only one alone in flight: with callers queued, the
         # hand-over's next request finds its worker still awake (measured on 2 vCPUs, 8
         # and 64 callers: +15-25% calls/s; 2 callers: even).
@@ -841,7 +824,7 @@ class WorkerPoolBackend(ExecutionBackend):
     def _settle(
         self,
         worker: _Worker,
-        proc: WorkerProcess | None,
+        proc: WorkerHandle | None,
         plugin_id: str,
         result: ExecutionResult | None,
         trial: bool,
@@ -850,7 +833,7 @@ class WorkerPoolBackend(ExecutionBackend):
         that said it is exiting (no execution may follow on it)."""
         if result is not None:
             killed: bool | None = False
-        elif proc is None or not self.running or _orphaned(proc) or _killed_from_outside(proc):
+        elif proc is None or not self.running or proc.exit_cause in ("orphaned", "outside"):
             killed = None  # it never ran, the pool is closing, or not the plugin's doing
         else:
             killed = not proc.alive
@@ -859,7 +842,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._breaker.record(plugin_id, killed, trial=trial)
 
     async def _execute_watched(
-        self, proc: WorkerProcess, job: Job, workspace: str, quotas: Quotas
+        self, proc: WorkerHandle, job: Job, workspace: str, quotas: Quotas
     ) -> ExecutionResult:
         """Execute with the plugin's memory / CPU quotas sampled from the host (see
         ``_quota_watch``): a shared worker cannot take per-execution rlimits."""
@@ -961,17 +944,6 @@ class WorkerPoolBackend(ExecutionBackend):
                 details={**status.details, "restarts_last_minute": recent},
             )
         return status
-
-
-def _killed_from_outside(proc: WorkerProcess) -> bool:
-    """SIGKILLed, not by the pool: an operator, a chaos test or the kernel's OOM killer (which
-    may pick an innocent worker when the host runs short). Whose fault it was is unknown."""
-    return not proc.killed and not proc.exiting and proc.process.returncode == -signal.SIGKILL
-
-
-def _orphaned(proc: WorkerProcess) -> bool:
-    """Killed because the zygote that forked it died: the pool's failure, not its work's."""
-    return isinstance(proc.process, ZygoteChild) and proc.process.orphaned
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -179,9 +179,9 @@ class WorkerLauncher(Protocol):
         """Start a worker; yield its handle once it is ready; stop and reap it on exit.
         Raises ``WorkerCrashedError`` when it fails to start."""
 
-    async def run(self) -> None:
-        """Keep what the handles share (a zygote) until cancelled; returns at once when
-        there is nothing to keep."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Keep what the handles share (a zygote) until cancelled; ``task_status.started()``
+        once the first is up; returns at once when there is nothing to keep."""
 
     def health_details(self) -> Mapping[str, Any]:
         """What the backend's ``health()`` shows of the launcher."""

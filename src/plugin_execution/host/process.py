@@ -366,9 +366,11 @@ class WorkerProcess:
 
 
 def _end_group(leader: int) -> None:
-    """Kill what is left of the process group of a worker that exited by itself (a crash):
-    processes its handler started. The leader is reaped by now; its id stays reserved as a
-    group id while the group has members, so with none left this finds nobody."""
+    """Kill what is left of the process group of a worker that ended: processes its
+    handlers started and left running (the sandbox's seccomp filter keeps them from leaving
+    the group). The leader is reaped by now; its id stays reserved as a group id while the
+    group has members, so with none left this finds nobody (a fresh process could only get
+    that id as its group id after the kernel's pid counter wrapped around)."""
     try:
         os.killpg(leader, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -406,6 +408,7 @@ async def open_worker_process(
     start_timeout: float = 30.0,
     close_grace: float = 2.0,
     sandbox: ChildSandbox | None = None,
+    sweep_group: bool = False,
 ) -> AsyncIterator[WorkerProcess]:
     """Start a worker child and yield it once it said ``Hello``.
 
@@ -413,7 +416,8 @@ async def open_worker_process(
     kernel layers it applies to itself, and the command (bubblewrap) a spawned child is
     started under. Raises ``WorkerCrashedError`` if it dies or stays silent for
     ``start_timeout`` seconds before the handshake. On exit it is shut down (killed after
-    ``close_grace``) and reaped.
+    ``close_grace``) and reaped; ``sweep_group``: then what is left of its process group
+    (processes its handlers started and left running) is killed too.
     """
     host_sock, child_sock = worker_socketpair()
     err_read, err_write = os.pipe()
@@ -456,14 +460,18 @@ async def open_worker_process(
     finally:
         child_sock.close()
         os.close(err_write)
-    async with serve_worker(
-        process,
-        host_sock,
-        trio.lowlevel.FdStream(err_read),
-        start_timeout=start_timeout,
-        close_grace=close_grace,
-    ) as worker:
-        yield worker
+    try:
+        async with serve_worker(
+            process,
+            host_sock,
+            trio.lowlevel.FdStream(err_read),
+            start_timeout=start_timeout,
+            close_grace=close_grace,
+        ) as worker:
+            yield worker
+    finally:
+        if sweep_group and process.pid is not None:
+            _end_group(process.pid)
 
 
 @asynccontextmanager
