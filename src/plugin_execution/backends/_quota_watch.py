@@ -14,14 +14,20 @@ time is the whole worker's (with ``max_concurrency_per_worker=1`` that is this e
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
+from .._groups import unwrap_single
 from ..errors import WorkerCrashedError
 from ..host.handle import WorkerHandle
 from ..manifest import Quotas
 
-__all__ = ["SAMPLE_INTERVAL_S", "watch_quotas"]
+if TYPE_CHECKING:
+    from ..types import ExecutionResult
+    from .base import Job
+
+__all__ = ["SAMPLE_INTERVAL_S", "execute_watched", "watch_quotas"]
 
 SAMPLE_INTERVAL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -79,3 +85,25 @@ async def watch_quotas(proc: WorkerHandle, quotas: Quotas) -> None:
                 )
             )
             return
+
+
+async def execute_watched(
+    proc: WorkerHandle,
+    job: Job,
+    quotas: Quotas,
+    *,
+    backend: str,
+    workspace: str,
+    cancel_grace: float,
+) -> ExecutionResult:
+    """Execute ``job`` on ``proc`` with its plugin's memory / CPU ``quotas`` sampled from the
+    host meanwhile (:func:`watch_quotas`): a shared worker cannot take per-execution rlimits."""
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_quotas, proc, quotas)
+            try:
+                return await proc.execute(
+                    job, backend=backend, workspace=workspace, cancel_grace=cancel_grace
+                )
+            finally:
+                nursery.cancel_scope.cancel()
