@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..._groups import unwrap_single
-from ...errors import ExecutionError, WorkerUnhealthyError
+from ...errors import (
+    AcquireTimeoutError,
+    BackendClosedError,
+    ExecutionError,
+    WorkerUnhealthyError,
+)
 from ...supervisor import ChildSpec, Supervisor
 from .slots import Spare, Worker
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
     from ...host.handle import WorkerHandle, WorkerLauncher
     from ...registry import PluginRegistry
     from ...stats import StatsRecorder
+    from ..base import Job
     from .slots import PoolOptions
 
 __all__ = ["WorkerActors"]
@@ -73,6 +79,30 @@ class WorkerActors:
         self.recent_restarts: deque[float] = deque(maxlen=1000)
         self._spin_peers = select.poll()  # the workers' sockets (see WorkerHandle.spin_with)
         self._last_check = 0.0
+
+    async def session_worker(self, job: Job) -> Worker:
+        """The live worker with the fewest channel sessions, once there is one (bounded by
+        the acquire timeout and the job's deadline)."""
+        give_up = min(job.deadline, trio.current_time() + self._options.acquire_timeout)
+        while True:
+            ready = [
+                w
+                for w in self.workers.values()
+                if w.state in ("idle", "busy") and w.proc is not None and w.proc.alive
+            ]
+            if ready:
+                return min(ready, key=lambda w: w.sessions)
+            if not self._running():
+                raise BackendClosedError("the worker-pool backend is shutting down")
+            if trio.current_time() >= give_up:
+                self._stats.acquire_timeouts += 1
+                raise AcquireTimeoutError(
+                    f"no worker was ready for a channel session within "
+                    f"{self._options.acquire_timeout:g} s ({len(self.workers)} workers)"
+                )
+            if not self.workers:
+                self.start_extra()  # min_workers=0
+            await trio.sleep(0.02)  # workers are being (re)started; bounded by give_up
 
     def kill_busy(self, error: ExecutionError) -> None:
         """Kill every worker running an execution; those executions fail with ``error``."""

@@ -19,7 +19,6 @@ import trio
 
 from ...channels.bridge import run_session
 from ...errors import (
-    AcquireTimeoutError,
     BackendClosedError,
     WorkerCrashedError,
 )
@@ -55,7 +54,10 @@ class WorkerPoolBackend(ExecutionBackend):
     ``crash_breaker_threshold`` [5] worker-killing executions in a row quarantine a plugin
     for ``crash_breaker_cooldown`` [30 s] (``PluginQuarantinedError``; 0 or None: off);
     ``memory_mb`` / ``open_files`` limits per worker; ``env``: extra environment variables
-    for the workers (they get a minimal base environment, never the host's secrets).
+    for the workers (they get a minimal base environment, never the host's secrets);
+    ``launcher``: a :class:`~plugin_execution.host.handle.WorkerLauncher` starting the
+    workers instead (another kind of worker; ``kind``, ``env`` and the limits then do not
+    apply).
     """
 
     name = "worker-pool"
@@ -88,6 +90,7 @@ class WorkerPoolBackend(ExecutionBackend):
         memory_mb: int | None = None,
         open_files: int | None = None,
         env: dict[str, str] | None = None,
+        launcher: WorkerLauncher | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -103,7 +106,7 @@ class WorkerPoolBackend(ExecutionBackend):
             raise ValueError(f"warmup must be 'none', 'marked' or 'top_n', not {warmup!r}")
         if max_concurrency_per_worker < 1 or max_queue < 0:
             raise ValueError("max_concurrency_per_worker must be >= 1 and max_queue >= 0")
-        self.kind = kind
+        self.kind: str = kind if launcher is None else launcher.kind
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.idle_timeout = idle_timeout
@@ -127,8 +130,8 @@ class WorkerPoolBackend(ExecutionBackend):
         self._env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
         self._env.update(env or {})
         # What starts the workers: the pool knows them only as handles from here on.
-        self._launcher: WorkerLauncher = ThreadLauncher()
-        if kind == "process":
+        self._launcher: WorkerLauncher = launcher or ThreadLauncher()
+        if launcher is None and kind == "process":
             self._launcher = ProcessLauncher(
                 env=self._env,
                 limits=WorkerLimits(address_space_mb=memory_mb, open_files=open_files),
@@ -315,7 +318,7 @@ class WorkerPoolBackend(ExecutionBackend):
         """A channel session runs on the live worker with the fewest sessions, alongside
         its executions: a session mostly waits for messages, so it takes no execution slot
         (connection limits are the mount's). A worker retires only once its sessions end."""
-        worker = await self._session_worker(job)
+        worker = await self._actors.session_worker(job)
         worker.sessions += 1
         lease = self.workspaces.reserve(job.request.execution_id)
         try:
@@ -332,28 +335,6 @@ class WorkerPoolBackend(ExecutionBackend):
             if not worker.running and not worker.sessions:
                 worker.idle.set()
             await lease.release()  # not cancellable; see WorkspaceLease.release
-
-    async def _session_worker(self, job: Job) -> Worker:
-        give_up = min(job.deadline, trio.current_time() + self.acquire_timeout)
-        while True:
-            ready = [
-                w
-                for w in self._workers.values()
-                if w.state in ("idle", "busy") and w.proc is not None and w.proc.alive
-            ]
-            if ready:
-                return min(ready, key=lambda w: w.sessions)
-            if not self.running:
-                raise BackendClosedError("the worker-pool backend is shutting down")
-            if trio.current_time() >= give_up:
-                self._stats.acquire_timeouts += 1
-                raise AcquireTimeoutError(
-                    f"no worker was ready for a channel session within "
-                    f"{self.acquire_timeout:g} s ({len(self._workers)} workers)"
-                )
-            if not self._workers:
-                self._actors.start_extra()  # min_workers=0
-            await trio.sleep(0.02)  # workers are being (re)started; bounded by give_up
 
     def _stats_details(self) -> dict[str, Any]:
         return {
