@@ -30,9 +30,9 @@ import trio
 
 from ..channels.bridge import run_session
 from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
+from ..host.handle import WorkerHandle
 from ..host.launchers import ProcessLauncher
 from ..host.limits import WorkerLimits
-from ..host.process import WorkerProcess
 from ..host.zygote import BASE_ENV, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
@@ -121,7 +121,7 @@ class SubprocessBackend(ExecutionBackend):
         self._start_timeout = start_timeout
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
-        self._live: set[WorkerProcess] = set()  # children running an execution
+        self._live: set[WorkerHandle] = set()  # children running an execution
         self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
         self._children = 0
         keeper = None

@@ -145,7 +145,7 @@ class Calls:
         The pool submits a queued caller's request in the same step that frees the worker,
         so the worker is not idle while the caller is scheduled. ``linger``: how long the
         worker polls for a next request after answering (``Execute.linger``), and the host
-        for the reply before parking (see :meth:`_poll`): a next request usually follows at
+        for the reply before parking (see ``connection._poll``): a next request usually follows at
         once.
         """
         if self.lost.is_set():
@@ -193,7 +193,7 @@ class Calls:
         the cancel grace for the worker to stop the handler, killing the worker if it did
         not. Cancellation does the same, then re-raises. ``sent_now``: the request went out
         just before this call, so its answer cannot be there yet. A submission that asked
-        the worker to linger polls for the reply as long before parking (see :meth:`_poll`).
+        the worker to linger polls for the reply as long before parking (see ``connection._poll``).
         """
         job = pending.job
         assert job is not None, "collected twice"
@@ -245,7 +245,7 @@ class Calls:
     ) -> ExecutionResult:
         """Run ``job`` on this worker and return its result: :meth:`submit`, then
         :meth:`collect` (see there for the errors). ``spin``: seconds to poll for the reply
-        before parking (see :meth:`_poll`); the worker then lingers as long for the next
+        before parking (see ``connection._poll``); the worker then lingers as long for the next
         request (one usually follows at once).
         """
         pending = self.submit(job, workspace=workspace, cancel_grace=cancel_grace, linger=spin)
@@ -293,6 +293,7 @@ class Calls:
             raise ExecutionError.from_dict(warmed.error)
 
     def expire(self, key: tuple[str, float, Reply]) -> None:
+        """An execution's deadline passed (called by ``deadlines``): stop it meanwhile."""
         execution_id, grace, pending = key
         pending.expired = True
         assert self.nursery is not None
@@ -402,7 +403,7 @@ class PlatformCalls:
         nursery.start_soon(self._platform_call, msg, job, size)
 
     async def _platform_call(self, msg: PlatformCall, job: Job, size: int) -> None:
-        """Serve one ``PlatformCall`` accepted by :meth:`_accept_call` with the session the
+        """Serve one ``PlatformCall`` accepted by :meth:`accept` with the session the
         host made for its execution (the worker's word is taken for nothing but the
         execution id), and reply. The cancel scopes and bytes of the calls in flight are
         kept per execution only while there are some."""

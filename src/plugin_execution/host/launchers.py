@@ -21,7 +21,6 @@ import trio
 
 from ..errors import WorkerCrashedError
 from .process import WorkerProcess, open_worker_process
-from .thread import open_worker_thread
 
 if TYPE_CHECKING:
     from ..sandbox.policy import ChildSandbox
@@ -118,6 +117,8 @@ class ThreadLauncher:
     @asynccontextmanager
     async def open(self) -> AsyncIterator[WorkerProcess]:
         """Start a worker thread and yield its handle; stop it on exit."""
+        from .thread import open_worker_thread  # the worker runtime: only when used
+
         async with open_worker_thread(
             start_timeout=self.start_timeout, close_grace=self.close_grace
         ) as worker:
