@@ -215,6 +215,29 @@ async def test_zygote_is_replaced_when_it_dies(registry, workspaces) -> None:  #
         assert (await backend.health()).details["zygote_pid"] not in (first, None)
 
 
+async def test_an_execution_the_zygote_dies_under_is_started_again(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
+    """The zygote killed just before a fork: the child never started, so the execution waits
+    for the next zygote and runs, and the plugin's crash breaker is not charged (it did
+    nothing). Each round kills the zygote and asks for a fork at once."""
+    async with create_execution_backend(
+        type="subprocess",
+        registry=registry,
+        workspace=workspaces,
+        start_method="zygote",
+        crash_breaker_threshold=2,
+    ) as backend:
+        for _ in range(6):
+            with trio.fail_after(30):
+                while (pid := (await backend.health()).details["zygote_pid"]) is None:
+                    await trio.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+            result = await backend.execute(req("add", {"a": 1, "b": 1}), timeout=30)
+            assert result.output == 2
+        details = (await backend.health()).details
+        assert details["zygote_restarts"] >= 6
+        assert details["crash_breaker"]["trips"] == 0
+
+
 async def test_waiting_for_a_slot_counts_toward_the_timeout(registry, workspaces) -> None:  # type: ignore[no-untyped-def]
     async with (
         create_execution_backend(

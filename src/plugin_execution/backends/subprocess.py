@@ -33,7 +33,7 @@ from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
 from ..host.handle import WorkerHandle
 from ..host.launchers import ProcessLauncher
 from ..host.limits import WorkerLimits
-from ..host.zygote import BASE_ENV, ZygoteKeeper
+from ..host.zygote import BASE_ENV, Zygote, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
@@ -219,10 +219,19 @@ class SubprocessBackend(ExecutionBackend):
         with trio.CancelScope() as scope:
             self._abort_scopes.add(scope)
             try:
-                async with self._slot(job):
-                    forked = await self._forked(job)
-                    async with self.workspaces.lease(job.request.execution_id) as lease:
-                        return await self._run_in_child(job, str(lease.dir), forked)
+                async with (
+                    self._slot(job),
+                    self.workspaces.lease(job.request.execution_id) as lease,
+                ):
+                    while True:
+                        forked = await self._forked(job)
+                        try:
+                            return await self._run_in_child(job, str(lease.dir), forked)
+                        except _ZygoteLost:
+                            # The zygote died before the child could start: the backend's
+                            # failure, not the plugin's, and nothing ran yet. Wait for its
+                            # successor (within the deadline) and start the child again.
+                            continue
             finally:
                 self._abort_scopes.discard(scope)
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
@@ -273,6 +282,8 @@ class SubprocessBackend(ExecutionBackend):
         started = False
         env = child_environment(job.target.permissions, workspace)
         sandbox = self._child_sandbox(job, workspace, env, forked)
+        keeper = self._launcher.zygote
+        zygote: Zygote | None = keeper.live() if keeper is not None and forked else None
         try:
             async with self._launcher.open(
                 cwd=workspace,
@@ -296,6 +307,8 @@ class SubprocessBackend(ExecutionBackend):
         except WorkerCrashedError as exc:
             if not started and trio.current_time() >= job.deadline:
                 raise job.timeout_error(" before its child process started") from None
+            if not started and forked and (zygote is None or zygote.lost.is_set()):
+                raise _ZygoteLost from exc
             _explain_crash(exc)
             raise
         finally:
@@ -357,6 +370,10 @@ class SubprocessBackend(ExecutionBackend):
 
     def _stats_details(self) -> dict[str, Any]:
         return {"active_subprocesses": self._children, "crash_breaker": self._breaker.details()}
+
+
+class _ZygoteLost(Exception):
+    """A child to be forked never started because the zygote died meanwhile."""
 
 
 #: Signals the kernel sends when a resource limit is hit, and the reason they stand for.
