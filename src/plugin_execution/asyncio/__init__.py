@@ -14,8 +14,10 @@ from ._backend import Execution as Execution
 from ._backend import ExecutionEvents as ExecutionEvents
 from ._backend import MapResults as MapResults
 from ._backend import create_execution_backend as create_execution_backend
+from ._channels import ASGIChannels as ASGIChannels
 
 __all__ = [
+    "ASGIChannels",
     "AsyncioBackend",
     "Execution",
     "ExecutionEvents",
