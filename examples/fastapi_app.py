@@ -188,16 +188,27 @@ async def self_test(backend_type: str) -> None:
                 await http.post("/run/examples.hello/fib", json={"n": 60}, timeout=1.0)
             except httpx.TimeoutException:
                 pass
-            for _ in range(500):
-                failed = (await http.get("/stats")).json()["failed"]
-                if "ABORTED" in failed:
-                    break
-                await asyncio.sleep(0.02)
-            print(f"client gave up on fib: {failed.get('ABORTED', 0)} execution aborted")
+            print(f"client gave up on fib: {await aborted(http, 1)} execution aborted")
+            try:  # the same while streaming: Starlette cancels the stream, and the execution
+                async with http.stream("GET", "/stream/fib", params={"n": 60}, timeout=1.0):
+                    pass
+            except httpx.TimeoutException:
+                pass
+            print(f"client left the fib stream: {await aborted(http, 2)} executions aborted")
         print(f"websocket: echoed {await websocket_echo(port, 'hello')!r}")
     finally:
         server.should_exit = True
         await server.task  # type: ignore[attr-defined]
+
+
+async def aborted(http: Any, expected: int) -> int:
+    """The server's count of ABORTED executions, once it reached ``expected`` (or 10 s)."""
+    for _ in range(500):
+        count: int = (await http.get("/stats")).json()["failed"].get("ABORTED", 0)
+        if count >= expected:
+            break
+        await asyncio.sleep(0.02)
+    return count
 
 
 async def websocket_echo(port: int, text: str) -> str:

@@ -50,4 +50,5 @@ def test_fastapi_app_executes_per_request_and_cancels_for_a_client_that_left() -
     assert "error: 404 HANDLER_NOT_FOUND" in out
     assert "stream: 3 ticks, then liftoff" in out
     assert "client gave up on fib: 1 execution aborted" in out
+    assert "client left the fib stream: 2 executions aborted" in out
     assert "websocket: echoed 'hello'" in out
