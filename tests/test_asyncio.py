@@ -430,3 +430,20 @@ def test_leaving_map_early_cancels_what_is_in_flight(
             assert stats.in_flight == 0 and stats.failed_by_code == {"ABORTED": 4}
 
     run(main)
+
+
+def test_a_program_cancelled_mid_flight_leaves_nothing_running(
+    aio_registry: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with backend_for("worker-pool", aio_registry, workspaces, max_workers=2) as backend:
+            calls = [backend.execute(sleeper(tmp_path / f"pid{n}")) for n in range(2)]
+            calls.append(backend.execute(req("sleep", {"seconds": 30})))
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*calls)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(main())
+    with pytest.raises(RuntimeError):
+        trio.lowlevel.current_trio_token()
+    assert len(_guest._runs) == 0  # and no_leaks checks that no worker is left

@@ -98,6 +98,8 @@ class GuestRun:
 
     def _finished(self, result: outcome.Outcome[None]) -> None:
         self._nursery = None
+        while self._queue:  # (only a call made as the last backend left can be here)
+            _fail(self._queue.popleft().future, RuntimeError("the trio guest run ended"))
         if isinstance(result, outcome.Error):
             _fail(self._ready, result.error)
             _fail(self.done, result.error)
