@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, WebSocket
-from starlette.testclient import TestClient, WebSocketDenialResponse
+
+with warnings.catch_warnings():  # it asks for httpx2; httpx (a dependency) serves us
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from plugin_execution import ChannelLimits, ChannelSpec, PluginManifest
