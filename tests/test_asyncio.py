@@ -447,3 +447,39 @@ def test_a_program_cancelled_mid_flight_leaves_nothing_running(
     with pytest.raises(RuntimeError):
         trio.lowlevel.current_trio_token()
     assert len(_guest._runs) == 0  # and no_leaks checks that no worker is left
+
+
+def test_the_execution_span_is_a_child_of_the_asyncio_callers_span(
+    registry: PluginRegistry, workspaces: WorkspaceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trace = pytest.importorskip("opentelemetry.trace")
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+
+    async def main() -> None:
+        tracer = provider.get_tracer("host")
+        async with backend_for("in-process", registry, workspaces) as backend:
+            for n in range(3):  # each caller's own span, not the span of whoever came first
+                with tracer.start_as_current_span(f"request {n}"):
+                    assert (await backend.execute(req("echo", n))).output == n
+            assert (await backend.execute(req("echo", 3))).output == 3
+
+    try:
+        run(main)
+    finally:
+        provider.shutdown()
+    spans = exporter.get_finished_spans()
+    parents = {s.context.span_id: s.name for s in spans}
+    executions = [s for s in spans if s.name.startswith("execute")]
+    assert [parents.get(s.parent.span_id) if s.parent else None for s in executions] == [
+        "request 0",
+        "request 1",
+        "request 2",
+        None,
+    ]

@@ -15,6 +15,7 @@ its ``done_callback`` seen) when the last one leaves: nothing of trio outlives t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,6 +24,8 @@ from typing import Any, Generic, TypeVar
 
 import outcome
 import trio
+
+from .. import tracing
 
 __all__ = ["GuestRun", "Held", "acquire", "release"]
 
@@ -122,12 +125,16 @@ class GuestRun:
         if nursery is None:
             raise RuntimeError("the trio guest run of this loop is not running")
         call = _Call(self.loop.create_future(), fn, args)
-        if self._idle:
+        if tracing.enabled():
+            # A task of its own, spawned here, runs in a copy of the asyncio caller's context,
+            # so the execution's span is a child of the caller's (a runner's is its own).
+            nursery.start_soon(self._run_alone, call)
+        elif self._idle:
             trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(call))
         elif self._lingering > len(self._queue):
             self._queue.append(call)
-        else:
-            nursery.start_soon(self._runner, call)
+        else:  # a runner serves every caller: it must not keep this one's context
+            contextvars.Context().run(nursery.start_soon, self._runner, call)
         return call
 
     async def _runner(self, call: _Call | None) -> None:
@@ -148,6 +155,13 @@ class GuestRun:
             call = await self._next_call(me)
             if call is None:
                 return
+
+    async def _run_alone(self, call: _Call) -> None:
+        if call.cancelled:
+            call.done()
+            return
+        with trio.CancelScope() as call.scope:
+            await self._run_call(call)
 
     async def _next_call(self, me: trio.lowlevel.Task) -> _Call | None:
         if self._queue:
