@@ -86,6 +86,7 @@ class AsyncioBackend:
 
     @property
     def running(self) -> bool:
+        """True inside the ``async with`` block, until the backend begins shutting down."""
         return self._run is not None and self.backend.running
 
     async def __aenter__(self) -> Self:
@@ -117,7 +118,7 @@ class AsyncioBackend:
         finally:
             await _guest.release(run)
 
-    def _guest(self) -> _guest.GuestRun:
+    def _guest_run(self) -> _guest.GuestRun:
         run = self._run
         if run is None:
             why = "is closed" if self._held is not None else "has not been started"
@@ -145,7 +146,7 @@ class AsyncioBackend:
         framework) cancels the execution wherever it runs (a worker process is killed; the
         stats count it ``ABORTED``) and raises ``CancelledError`` once it has stopped.
         """
-        run = self._guest()
+        run = self._guest_run()
         execute = self.backend.execute
         return await run.run(partial(execute, request, timeout=timeout, raise_errors=raise_errors))
 
@@ -173,7 +174,7 @@ class AsyncioBackend:
     async def _open_execution(
         self, request: ExecutionRequest, **options: Any
     ) -> AsyncIterator[Execution]:
-        run = self._guest()
+        run = self._guest_run()
         held = await run.enter(self.backend.open_execution(request, **options))
         try:
             yield Execution(run, held.value)
@@ -200,7 +201,7 @@ class AsyncioBackend:
 
     @asynccontextmanager
     async def _map(self, requests: Any, **options: Any) -> AsyncIterator[MapResults]:
-        run = self._guest()
+        run = self._guest_run()
         if isinstance(requests, AsyncIterable):
             requests = _AsyncioSource(run, requests)
         held = await run.enter(self.backend.map(requests, **options))
