@@ -42,3 +42,13 @@ def test_harness_counts_every_outcome() -> None:
     out = run("harness.py", "--executions", "200", "--concurrency", "8")
     assert "200 executions on worker-pool" in out
     assert "outcomes: ok 200" in out
+
+
+def test_fastapi_app_executes_per_request_and_cancels_for_a_client_that_left() -> None:
+    out = run("fastapi_app.py", "--self-test")
+    assert "greet: Hello, asyncio! (worker-pool, another process)" in out
+    assert "error: 404 HANDLER_NOT_FOUND" in out
+    assert "stream: 3 ticks, then liftoff" in out
+    assert "client gave up on fib: 1 execution aborted" in out
+    assert "client left the fib stream: 2 executions aborted" in out
+    assert "websocket: echoed 'hello'" in out
