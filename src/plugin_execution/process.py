@@ -188,6 +188,9 @@ class WorkerProcess:
         self._fd_closed = False  # set before the stream closes (see serve_worker)
         self._stderr = stderr
         self._force_kill = kill or self._kill_group
+        # Its pid leads a process group of ours only when we stop it by signalling that
+        # group (a thread's pid is the host's own; a Ray actor's is on another node).
+        self._own_group = kill is None
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_bytes = 0
         self._conn = Connection(role="host")
@@ -659,7 +662,7 @@ class WorkerProcess:
                 if self.process.returncode is None:
                     self._force_kill()
             await self.process.wait()
-            if not self._killed and not self._closing:
+            if not self._killed and not self._closing and self._own_group:
                 _end_group(self.pid)  # it died on its own (a crash): it could not clean up
             with trio.move_on_after(1):  # let the stderr pipe drain to EOF
                 await self._stderr_eof.wait()
@@ -671,6 +674,10 @@ class WorkerProcess:
         else:
             details["exit_code"] = code
             how = f"exited with status {code}"
+        describe = getattr(self.process, "describe_exit", None)
+        if describe is not None:  # a worker that is no child of ours says how it ended
+            how, more = describe()
+            details.update(more)
         if self._kill_error is not None:
             self._kill_error.details.update(details)
             self.crash = self._kill_error

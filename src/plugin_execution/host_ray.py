@@ -1,0 +1,308 @@
+"""The host's side of Ray actor workers: start one, take its connection back, serve it.
+
+A worker on Ray is a :class:`~plugin_execution.worker.ray_actor.RayWorkerActor` whose
+``serve`` call connects back to the host over TCP. The host listens (:class:`ActorListener`)
+and admits a connection only once it sent the backend's secret token: anything else is
+dropped before a single frame of it is read. The admitted socket is then served by
+:func:`~plugin_execution.process.serve_worker` like any worker's, with a child-like
+:class:`ActorRun` standing in for the process: its ``wait()`` ends when the actor's
+``serve`` call ends (returned, or failed: the actor died, its node was lost...), and killing
+it is ``ray.kill``. Executions, events, platform calls (served and checked here, on the
+host), channels, cancellation and deadlines are the protocol's, shared with every worker.
+
+Ray's futures reach trio through a done-callback that wakes trio with
+``TrioToken.run_sync_soon`` (:func:`wait_ref`): no thread per call. The data path is the TCP
+connection; a Ray future is awaited only to learn that an actor's ``serve`` call ended.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import outcome
+import trio
+
+from .errors import WorkerCrashedError
+from .process import WorkerProcess, serve_worker
+from .worker.ray_actor import PREAMBLE
+
+__all__ = ["ActorListener", "ActorRun", "open_ray_worker", "ray_cause", "wait_ref"]
+
+_GREET_TIMEOUT_S = 10.0  # a connection gets this long to say who it is
+_MAX_HELLO_BYTES = 4096
+_KILL_CONFIRM_S = 10.0  # after ray.kill, how long the actor's end may take to be reported
+_starts = itertools.count(1)
+_NODE_LOST = "its node"  # Ray's words for an actor lost with its node
+_MAX_CAUSE = 400
+
+
+async def wait_ref(ref: Any) -> Any:
+    """The value of a Ray ``ObjectRef``, awaited in trio; raises what ``ray.get`` would.
+
+    The ref's future calls back on a Ray thread, which hands the outcome to this task
+    through ``TrioToken.run_sync_soon``. Cancellable: the task stops waiting (the work the
+    ref stands for is not cancelled).
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    waiting = True
+
+    def wake(result: outcome.Outcome[Any]) -> None:
+        nonlocal waiting
+        if waiting:
+            waiting = False
+            trio.lowlevel.reschedule(task, result)
+
+    def done(future: Any) -> None:
+        result = outcome.capture(future.result)
+        try:
+            token.run_sync_soon(wake, result)
+        except trio.RunFinishedError:
+            pass
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        nonlocal waiting
+        waiting = False
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    ref.future().add_done_callback(done)
+    return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def ray_cause(exc: BaseException) -> str:
+    """The line of a Ray error that says why an actor or task failed."""
+    text = str(getattr(exc, "error_msg", "") or exc)
+    for line in text.splitlines():
+        if "because" in line:
+            return line.strip()[:_MAX_CAUSE]
+    first = text.strip().splitlines()
+    return first[0][:_MAX_CAUSE] if first else type(exc).__name__
+
+
+class ActorRun:
+    """A ``ChildProcess`` look-alike for an actor's ``serve`` call (see the module docstring).
+
+    ``returncode``: 0 once the call returned (the worker was told to stop), ``-SIGKILL`` when
+    the actor was killed (by the host, by ``ray.kill`` from elsewhere, or with its node), 1
+    when it died otherwise (its process exited: a crash, ``os._exit``...).
+    """
+
+    def __init__(self, actor: Any, ref: Any, kill: Callable[[Any], None]) -> None:
+        self.pid = 0  # the actor's, on its node, once it connected
+        self.node_id: str | None = None
+        self.returncode: int | None = None
+        self.cause = ""
+        self._actor = actor
+        self._ray_kill = kill
+        self._killed_at: float | None = None
+        self._ended = trio.Event()
+        self._changed = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def done(future: Any) -> None:
+            result = outcome.capture(future.result)
+            try:
+                token.run_sync_soon(self._end_with, result)
+            except trio.RunFinishedError:
+                pass
+
+        ref.future().add_done_callback(done)
+
+    @property
+    def ended(self) -> trio.Event:
+        return self._ended
+
+    def _end_with(self, result: outcome.Outcome[Any]) -> None:
+        if not isinstance(result, outcome.Error):
+            self._end(0, "its serve call returned")
+            return
+        error = result.error
+        cause = ray_cause(error)
+        name = type(error).__name__
+        if self._killed_at is not None or "ray.kill" in cause or _NODE_LOST in cause:
+            code = -signal.SIGKILL
+        else:
+            code = 1
+        self._end(code, f"{name}: {cause}")
+
+    def _end(self, code: int, cause: str) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self.cause = cause
+            self._ended.set()
+            self._changed.set()
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            if self._killed_at is not None:
+                with trio.move_on_at(self._killed_at + _KILL_CONFIRM_S):
+                    await self._ended.wait()
+                self._end(-signal.SIGKILL, "killed by the host; Ray did not report its end")
+            else:
+                if self._changed.is_set():
+                    self._changed = trio.Event()
+                await self._changed.wait()
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None and self._killed_at is None:
+            self._killed_at = trio.current_time()
+            self._changed.set()
+            try:
+                self._ray_kill(self._actor)
+            except Exception:
+                pass
+
+    def describe_exit(self) -> tuple[str, dict[str, Any]]:
+        """How the actor ended, for ``WorkerProcess``'s crash error."""
+        where = f" on node {self.node_id}" if self.node_id else ""
+        how = f"(a Ray actor{where}) ended: {self.cause or 'unknown cause'}"
+        return how, {"node_id": self.node_id, "cause": self.cause}
+
+
+class _Start:
+    """A start waiting for its actor to connect."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.hello: dict[str, Any] = {}
+        self.connected = trio.Event()
+
+
+class ActorListener:
+    """Where actors connect back to (one per backend): ``token`` is the backend's secret."""
+
+    def __init__(self, token: bytes | None = None) -> None:
+        self.token = token if token is not None else secrets.token_bytes(PREAMBLE.size - 2)
+        self.host = ""
+        self.port = 0
+        #: Connections dropped: a wrong or missing token, a malformed or unknown hello.
+        self.refused = 0
+        self._starts: dict[str, _Start] = {}
+        self._sock: trio.socket.SocketType | None = None
+
+    async def serve(self, host: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``host`` (an ephemeral port) and admit actors until cancelled."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind((host, 0))
+            sock.listen(128)
+            self.host, self.port = host, sock.getsockname()[1]
+            self._sock = sock
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await sock.accept()
+                    nursery.start_soon(self._greet, conn)
+
+    def expect(self) -> tuple[str, _Start]:
+        start_id = f"s{next(_starts)}-{secrets.token_hex(4)}"
+        start = self._starts[start_id] = _Start()
+        return start_id, start
+
+    def forget(self, start_id: str) -> None:
+        self._starts.pop(start_id, None)
+
+    async def _greet(self, conn: trio.socket.SocketType) -> None:
+        admitted = False
+        try:
+            with trio.move_on_after(_GREET_TIMEOUT_S):
+                head = await _recv_exactly(conn, PREAMBLE.size)
+                if head is None:
+                    return
+                token, size = PREAMBLE.unpack(head)
+                if not hmac.compare_digest(token, self.token) or size > _MAX_HELLO_BYTES:
+                    return  # not ours: not one more byte is read
+                body = await _recv_exactly(conn, size)
+                if body is None:
+                    return
+                try:
+                    hello = json.loads(body)
+                    start = self._starts.pop(str(hello["start"]), None)
+                except (ValueError, KeyError, TypeError):
+                    return
+                if start is None or start.connected.is_set():
+                    return
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                start.sock = socket.socket(fileno=conn.detach())
+                start.hello = hello
+                start.connected.set()
+                admitted = True
+        finally:
+            if not admitted:
+                self.refused += 1
+                conn.close()
+
+
+async def _recv_exactly(conn: trio.socket.SocketType, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = await conn.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+@asynccontextmanager
+async def open_ray_worker(
+    listener: ActorListener,
+    actor_class: Any,
+    *,
+    options: dict[str, Any],
+    roots: list[str],
+    kill: Callable[[Any], None],
+    start_timeout: float = 60.0,
+    close_grace: float = 2.0,
+) -> AsyncIterator[WorkerProcess]:
+    """Start an actor of ``actor_class`` (a ``ray.remote`` class) with ``options``, wait
+    for it to connect back, and yield its worker once it said ``Hello``. On exit it is shut
+    down; ``kill`` (``ray.kill``) makes sure it is gone.
+
+    Raises ``WorkerCrashedError`` if the actor cannot be started (no node has the resources
+    within ``start_timeout``, its ``runtime_env`` fails, it dies) or does not connect.
+    """
+    start_id, start = listener.expect()
+    actor = actor_class.options(**options).remote()
+    try:
+        ref = actor.serve.remote(listener.host, listener.port, listener.token, start_id, roots)
+        run = ActorRun(actor, ref, kill)
+        with trio.move_on_after(start_timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on, start.connected, nursery.cancel_scope)
+                nursery.start_soon(_cancel_on, run.ended, nursery.cancel_scope)
+        sock, start.sock = start.sock, None
+        if sock is None:
+            why = run.cause if run.ended.is_set() else f"no connection within {start_timeout:g} s"
+            raise WorkerCrashedError(
+                f"a Ray actor worker could not be started: {why}", details={"cause": why}
+            )
+        run.pid = int(start.hello.get("pid") or 0)
+        run.node_id = str(start.hello.get("node_id") or "") or None
+        async with serve_worker(  # it owns the socket from here on
+            run, sock, None, kill=run.kill, start_timeout=start_timeout, close_grace=close_grace
+        ) as worker:
+            yield worker
+    finally:
+        listener.forget(start_id)
+        if start.sock is not None:  # connected as the start gave up
+            start.sock.close()
+        try:
+            kill(actor)  # done with it, whatever state it is in
+        except Exception:
+            pass
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,0 +1,121 @@
+"""The worker side of the Ray backend: a Ray actor that hosts the worker runtime.
+
+The actor connects back to the host over TCP, proves it was started by this backend (the
+backend's secret token, then which start it answers), and from then on is an ordinary worker:
+the same runtime as a thread worker (``worker/in_thread.py``), on the same wire protocol, on
+a thread of the actor's process. Platform calls go back over the connection and are checked
+and served on the host, as for every worker.
+
+What differs from a worker on the host's machine is the filesystem: a plugin's root and an
+execution's workspace are host paths. A root that does not exist on the actor's node is
+looked up among the directories Ray shipped in the actor's ``runtime_env`` (``py_modules``,
+by the root's directory name); a workspace whose parent does not exist here is made under
+this node's temporary directory and removed after its execution.
+
+Nothing here imports Ray: the host wraps :class:`RayWorkerActor` with ``ray.remote``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+from typing import Any
+
+from .runtime import Worker
+
+__all__ = ["PREAMBLE", "RayWorkerActor", "pack_preamble"]
+
+#: What a connecting actor sends before the first frame: the token (32 bytes), then a JSON
+#: object (its start id, node id, pid) of the length in the 2-byte big-endian prefix.
+PREAMBLE = struct.Struct("!32sH")
+_CONNECT_TIMEOUT_S = 30.0
+
+
+def pack_preamble(token: bytes, hello: dict[str, Any]) -> bytes:
+    body = json.dumps(hello).encode()
+    return PREAMBLE.pack(token, len(body)) + body
+
+
+class _ActorWorker(Worker):
+    """The worker runtime inside an actor: prints become ``log`` events (the process is the
+    actor's own), host paths are mapped onto this node (see the module docstring)."""
+
+    def __init__(self, sock: socket.socket, roots: dict[str, str]) -> None:
+        super().__init__(sock.fileno(), in_thread=True, close=sock.close)
+        self._roots = roots
+        self._local_workspaces: dict[str, str] = {}
+        self._node_tmp: str | None = None
+
+    def serve(self) -> None:
+        sys.stdout = self._stdout
+        sys.stderr = self._stderr
+        try:
+            super().serve()
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            for path in self._local_workspaces.values():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
+        if tag in ("execute", "warmup"):
+            root = msg.get("root")
+            if root:
+                msg["root"] = self._roots.get(root, root)
+            workspace = msg.get("workspace")
+            if workspace and not os.path.isdir(os.path.dirname(workspace)):
+                if self._node_tmp is None:
+                    self._node_tmp = tempfile.mkdtemp(prefix="plugin-execution-ray-")
+                local = os.path.join(self._node_tmp, os.path.basename(workspace))
+                self._local_workspaces[msg["execution_id"]] = local
+                msg["workspace"] = local
+        super()._dispatch(tag, msg)
+
+    def _finish(self, execution_id: str, **kwargs: Any) -> None:
+        super()._finish(execution_id, **kwargs)
+        local = self._local_workspaces.pop(execution_id, None)
+        if local is not None:  # made on this node: the host cannot remove it
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def _shipped_roots(roots: list[str]) -> dict[str, str]:
+    """Map each host root missing on this node to its copy shipped by ``runtime_env``."""
+    mapped: dict[str, str] = {}
+    for root in roots:
+        if os.path.isdir(root):
+            continue
+        name = os.path.basename(os.path.normpath(root))
+        for entry in sys.path:
+            candidate = os.path.join(entry, name)
+            if entry and os.path.isdir(candidate):
+                mapped[root] = candidate
+                break
+    return mapped
+
+
+class RayWorkerActor:
+    """One worker: :meth:`serve` connects to the host and serves until the host closes the
+    connection or says ``Shutdown``. Meant to be started with ``max_restarts=0``: a lost
+    actor is replaced by the pool, never restarted behind its back."""
+
+    def serve(
+        self, host: str, port: int, token: bytes, start_id: str, roots: list[str]
+    ) -> dict[str, Any]:
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S)
+        try:
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hello = {"start": start_id, "node_id": node_id, "pid": os.getpid()}
+            sock.sendall(pack_preamble(token, hello))
+        except BaseException:
+            sock.close()
+            raise
+        _ActorWorker(sock, _shipped_roots(roots)).serve()
+        return {"node_id": node_id, "pid": os.getpid()}
