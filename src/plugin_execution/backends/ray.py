@@ -71,9 +71,10 @@ class RayBackend(WorkerPoolBackend):
     ``open_files`` and ``env`` (an actor's process is Ray's; use ``runtime_env``), plus:
     ``address`` [None: a local instance on loopback] | ``"auto"`` | ``"host:port"``;
     ``num_cpus`` [1] and ``resources`` [none] each actor reserves; ``runtime_env`` [none]
-    for the actors; ``ship_plugins`` [False]: add the plugins' roots to the actors'
-    ``runtime_env`` (``py_modules``), so plugin code found only on the driver's disk runs on
-    every node; ``listen_host``: where actors connect back to [127.0.0.1 for a local
+    for the actors; ``scheduling_strategy`` [Ray's default]: ``"SPREAD"`` places the actors
+    on as many nodes as it can; ``ship_plugins`` [False]: add the plugins' roots to the
+    actors' ``runtime_env`` (``py_modules``), so plugin code found only on the driver's disk
+    runs on every node; ``listen_host``: where actors connect back to [127.0.0.1 for a local
     instance, else this node's address as Ray sees it]; ``start_timeout`` [60 s] for an
     actor to be placed, start and connect; ``ray_init``: more keyword arguments for
     ``ray.init`` (a local instance's ``num_cpus``, say).
@@ -88,6 +89,7 @@ class RayBackend(WorkerPoolBackend):
         num_cpus: float = 1.0,
         resources: dict[str, float] | None = None,
         runtime_env: dict[str, Any] | None = None,
+        scheduling_strategy: str | None = None,
         ship_plugins: bool = False,
         listen_host: str | None = None,
         start_timeout: float = 60.0,
@@ -106,6 +108,7 @@ class RayBackend(WorkerPoolBackend):
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
         self.runtime_env = dict(runtime_env or {})
+        self.scheduling_strategy = scheduling_strategy
         self.ship_plugins = ship_plugins
         self.listen_host = listen_host
         self.start_timeout = start_timeout
@@ -177,6 +180,8 @@ class RayBackend(WorkerPoolBackend):
         }
         if self.resources:
             options["resources"] = self.resources
+        if self.scheduling_strategy is not None:
+            options["scheduling_strategy"] = self.scheduling_strategy
         runtime_env = dict(self.runtime_env)
         if self.ship_plugins:
             shipped = list(runtime_env.get("py_modules", []))
