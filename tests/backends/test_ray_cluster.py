@@ -92,9 +92,22 @@ def where(sleep: float = 0.0) -> ExecutionRequest:
     return ExecutionRequest(plugin_id=R, handler_id="where", input={"sleep": sleep})
 
 
-async def test_the_default_is_a_local_loopback_instance_for_the_block(plugins) -> None:  # type: ignore[no-untyped-def]
+async def test_the_default_is_a_local_loopback_instance_for_the_block(plugins, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A plugin whose code is on the driver's disk only while the backend starts: it runs
+    # from the copy Ray shipped to the node (ship_plugins).
+    root = tmp_path / "driver_only_plugin"
+    root.mkdir()
+    (root / "driver_only.py").write_text("def run(ctx, input):\n    return __file__\n")
+    plugins.register(
+        {
+            "id": "t.shipped",
+            "root": str(root),
+            "handlers": [{"id": "run", "entry": "driver_only:run"}],
+        }
+    )
     assert not ray.is_initialized()
-    backend = create_execution_backend(type="ray", registry=plugins, min_workers=1, max_workers=1)
+    options = {"min_workers": 1, "max_workers": 1, "ship_plugins": True}
+    backend = create_execution_backend(type="ray", registry=plugins, **options)
     async with backend:
         LISTENER_PORTS.add(backend._listener.port)
         result = await backend.execute(where())
@@ -102,6 +115,9 @@ async def test_the_default_is_a_local_loopback_instance_for_the_block(plugins) -
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         assert _listening_addresses() == {"127.0.0.1"}
+        root.rename(tmp_path / "gone")
+        shipped = await backend.execute(ExecutionRequest(plugin_id="t.shipped", handler_id="run"))
+        assert "runtime_resources" in shipped.output and str(tmp_path) not in shipped.output
     assert not ray.is_initialized()  # shut down; the leak check sees its processes gone
 
 

@@ -142,6 +142,12 @@ class RayBackend(WorkerPoolBackend):
         else:
             import ray
         if ray.is_initialized() and not _owners:
+            if self.ship_plugins:
+                raise InvalidRequestError(
+                    "ship_plugins needs the backend to connect to Ray itself (Ray ships local "
+                    "directories only for a whole job); this process called ray.init already: "
+                    "pass runtime_env={'py_modules': [plugin roots]} to that call instead"
+                )
             yield _is_local(ray)
             return
         if not ray.is_initialized():
@@ -159,6 +165,11 @@ class RayBackend(WorkerPoolBackend):
             else:
                 options["address"] = self.address
             options.update(self._ray_init)
+            if self.ship_plugins:  # the job's runtime_env: Ray uploads local directories
+                job_env = dict(options.get("runtime_env") or {})
+                shipped = list(job_env.get("py_modules", []))
+                shipped += [root for root in self._roots() if root not in shipped]
+                options["runtime_env"] = {**job_env, "py_modules": shipped}
             await trio.to_thread.run_sync(lambda: ray.init(**options))
         _owners += 1
         try:
@@ -182,13 +193,8 @@ class RayBackend(WorkerPoolBackend):
             options["resources"] = self.resources
         if self.scheduling_strategy is not None:
             options["scheduling_strategy"] = self.scheduling_strategy
-        runtime_env = dict(self.runtime_env)
-        if self.ship_plugins:
-            shipped = list(runtime_env.get("py_modules", []))
-            shipped += [root for root in self._roots() if root not in shipped]
-            runtime_env["py_modules"] = shipped
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
         return options
 
     def _roots(self) -> list[str]:

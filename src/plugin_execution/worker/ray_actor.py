@@ -45,9 +45,10 @@ class _ActorWorker(Worker):
     """The worker runtime inside an actor: prints become ``log`` events (the process is the
     actor's own), host paths are mapped onto this node (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, roots: dict[str, str]) -> None:
+    def __init__(self, sock: socket.socket, shipped: list[str]) -> None:
         super().__init__(sock.fileno(), in_thread=True, close=sock.close)
-        self._roots = roots
+        self._shipped = set(shipped)
+        self._roots: dict[str, str] = {}
         self._local_workspaces: dict[str, str] = {}
         self._node_tmp: str | None = None
 
@@ -64,8 +65,8 @@ class _ActorWorker(Worker):
     def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
         if tag in ("execute", "warmup"):
             root = msg.get("root")
-            if root:
-                msg["root"] = self._roots.get(root, root)
+            if root in self._shipped:
+                msg["root"] = self._local_root(root)
             workspace = msg.get("workspace")
             if workspace and not os.path.isdir(os.path.dirname(workspace)):
                 if self._node_tmp is None:
@@ -75,26 +76,27 @@ class _ActorWorker(Worker):
                 msg["workspace"] = local
         super()._dispatch(tag, msg)
 
+    def _local_root(self, root: str) -> str:
+        """``root`` itself when this node has it, else its copy that ``runtime_env`` shipped
+        (``py_modules``: a directory on ``sys.path`` holds it under its own name)."""
+        local = self._roots.get(root)
+        if local is None:
+            local = root
+            if not os.path.isdir(root):
+                name = os.path.basename(os.path.normpath(root))
+                for entry in sys.path:
+                    candidate = os.path.join(entry, name)
+                    if entry and os.path.isdir(candidate):
+                        local = candidate
+                        break
+            self._roots[root] = local
+        return local
+
     def _finish(self, execution_id: str, **kwargs: Any) -> None:
         super()._finish(execution_id, **kwargs)
         local = self._local_workspaces.pop(execution_id, None)
         if local is not None:  # made on this node: the host cannot remove it
             shutil.rmtree(local, ignore_errors=True)
-
-
-def _shipped_roots(roots: list[str]) -> dict[str, str]:
-    """Map each host root missing on this node to its copy shipped by ``runtime_env``."""
-    mapped: dict[str, str] = {}
-    for root in roots:
-        if os.path.isdir(root):
-            continue
-        name = os.path.basename(os.path.normpath(root))
-        for entry in sys.path:
-            candidate = os.path.join(entry, name)
-            if entry and os.path.isdir(candidate):
-                mapped[root] = candidate
-                break
-    return mapped
 
 
 class RayWorkerActor:
@@ -117,5 +119,5 @@ class RayWorkerActor:
         except BaseException:
             sock.close()
             raise
-        _ActorWorker(sock, _shipped_roots(roots)).serve()
+        _ActorWorker(sock, roots).serve()
         return {"node_id": node_id, "pid": os.getpid()}
