@@ -97,7 +97,7 @@ class RayBackend(WorkerPoolBackend):
         **kwargs: Any,
     ) -> None:
         if not ray_available():
-            raise InvalidRequestError(_MISSING)
+            raise InvalidRequestError(_MISSING, details={"missing_extra": "ray"})
         for option in ("kind", "memory_mb", "open_files", "env"):
             if option in kwargs:
                 raise ValueError(f"{option!r} is not an option of the ray backend")
