@@ -81,8 +81,8 @@ def ray_cause(exc: BaseException) -> str:
     """The line of a Ray error that says why an actor or task failed."""
     text = str(getattr(exc, "error_msg", "") or exc)
     for line in text.splitlines():
-        if "because" in line:
-            return line.strip()[:_MAX_CAUSE]
+        if "because" in line:  # less Ray's list of what commonly causes such a death
+            return line.split(" Some common causes")[0].strip()[:_MAX_CAUSE]
     first = text.strip().splitlines()
     return first[0][:_MAX_CAUSE] if first else type(exc).__name__
 
@@ -91,8 +91,9 @@ class ActorRun:
     """A ``ChildProcess`` look-alike for an actor's ``serve`` call (see the module docstring).
 
     ``returncode``: 0 once the call returned (the worker was told to stop), ``-SIGKILL`` when
-    the actor was killed (by the host, by ``ray.kill`` from elsewhere, or with its node), 1
-    when it died otherwise (its process exited: a crash, ``os._exit``...).
+    Ray says the actor was killed (``ray.kill``, by the host or from elsewhere; its node lost;
+    Ray's memory monitor) or the host killed it and Ray did not report its end in time, 1 when
+    it died otherwise (its process exited: a crash, ``os._exit``, the kernel's OOM killer...).
     """
 
     def __init__(self, actor: Any, ref: Any, kill: Callable[[Any], None]) -> None:
@@ -127,8 +128,10 @@ class ActorRun:
         error = result.error
         cause = ray_cause(error)
         name = type(error).__name__
-        if self._killed_at is not None or "ray.kill" in cause or _NODE_LOST in cause:
-            code = -signal.SIGKILL
+        # By Ray's word, not by whether the host killed it too: a host that found the
+        # connection closed kills the actor to be sure, and the crash must still read as one.
+        if "ray.kill" in cause or _NODE_LOST in cause or "memory monitor" in cause:
+            code = -signal.SIGKILL  # not by its own doing (the pool knows which kills it made)
         else:
             code = 1
         self._end(code, f"{name}: {cause}")

@@ -223,6 +223,7 @@ async def test_two_nodes_run_executions_and_survive_losing_one(plugins, cluster)
         finished = [o for o in outcomes.values() if not isinstance(o, WorkerCrashedError)]
         assert len(crashed) == 1 and len(finished) == 1
         assert crashed[0].details["node_id"] == other.node_id
+        assert "its node has died" in crashed[0].details["cause"]
         assert finished[0].metadata["node_id"] == head
 
         # The pool replaced the lost worker, on the node that is left.
