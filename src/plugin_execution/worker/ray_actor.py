@@ -53,14 +53,15 @@ class _ActorWorker(Worker):
         self._node_tmp: str | None = None
 
     def serve(self) -> None:
+        saved = sys.stdout, sys.stderr
         sys.stdout = self._stdout
         sys.stderr = self._stderr
         try:
             super().serve()
         finally:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-            for path in self._local_workspaces.values():
-                shutil.rmtree(path, ignore_errors=True)
+            sys.stdout, sys.stderr = saved
+            if self._node_tmp is not None:  # with what abandoned executions left there
+                shutil.rmtree(self._node_tmp, ignore_errors=True)
 
     def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
         if tag in ("execute", "warmup"):
@@ -93,10 +94,10 @@ class _ActorWorker(Worker):
         return local
 
     def _finish(self, execution_id: str, **kwargs: Any) -> None:
-        super()._finish(execution_id, **kwargs)
         local = self._local_workspaces.pop(execution_id, None)
-        if local is not None:  # made on this node: the host cannot remove it
-            shutil.rmtree(local, ignore_errors=True)
+        if local is not None:  # made on this node: the host cannot remove it; gone before
+            shutil.rmtree(local, ignore_errors=True)  # the caller hears of the outcome
+        super()._finish(execution_id, **kwargs)
 
 
 class RayWorkerActor:
