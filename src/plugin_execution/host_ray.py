@@ -40,7 +40,9 @@ _GREET_TIMEOUT_S = 10.0  # a connection gets this long to say who it is
 _MAX_HELLO_BYTES = 4096
 _KILL_CONFIRM_S = 10.0  # after ray.kill, how long the actor's end may take to be reported
 _starts = itertools.count(1)
-_NODE_LOST = "its node"  # Ray's words for an actor lost with its node
+# Ray's words for an actor killed, not dead by its own doing: ray.kill, its node lost, Ray's
+# memory monitor (the pool tells its own kills apart: WorkerProcess.killed).
+_KILLED_FROM_OUTSIDE = ("ray.kill", "its node", "low on memory", "memory monitor")
 _MAX_CAUSE = 400
 
 
@@ -130,11 +132,8 @@ class ActorRun:
         name = type(error).__name__
         # By Ray's word, not by whether the host killed it too: a host that found the
         # connection closed kills the actor to be sure, and the crash must still read as one.
-        if "ray.kill" in cause or _NODE_LOST in cause or "memory monitor" in cause:
-            code = -signal.SIGKILL  # not by its own doing (the pool knows which kills it made)
-        else:
-            code = 1
-        self._end(code, f"{name}: {cause}")
+        killed = any(marker in cause for marker in _KILLED_FROM_OUTSIDE)
+        self._end(-signal.SIGKILL if killed else 1, f"{name}: {cause}")
 
     def _end(self, code: int, cause: str) -> None:
         if self.returncode is None:

@@ -7,6 +7,7 @@ their handler's ``os._exit``. The autouse leak check runs after each test as eve
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,23 @@ async def test_a_timeout_kills_the_actor_and_the_pool_replaces_it(plugins, works
         second = await backend.execute(req("where", plugin=R))
         assert second.worker_id != first.worker_id
         assert backend.stats().details["workers_killed"] == 1
+        # An async handler stops at the cooperative cancel: its actor lives on.
+        with pytest.raises(ExecutionTimeoutError):
+            await backend.execute(req("sleep", {"seconds": 30}, timeout=0.5))
+        assert (await backend.execute(req("where", plugin=R))).worker_id == second.worker_id
+
+
+async def test_an_actor_that_stops_answering_fails_its_health_check(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
+    options = {"health_check_interval": 0.3, "health_check_timeout": 0.5}
+    async with ray_backend(plugins, workspaces, **options) as backend:
+        await idle_workers(backend, 1)
+        first = await backend.execute(req("where", plugin=R))
+        os.kill(first.output["pid"], signal.SIGSTOP)  # hung: alive, connected, silent
+        with trio.fail_after(30):
+            while _alive(first.output["pid"]):
+                await trio.sleep(0.05)
+        second = await backend.execute(req("where", plugin=R))
+        assert second.worker_id != first.worker_id
 
 
 async def test_a_cancelled_caller_stops_the_work(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
