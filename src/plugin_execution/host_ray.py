@@ -20,9 +20,12 @@ from __future__ import annotations
 import hmac
 import itertools
 import json
+import os
 import secrets
 import signal
 import socket
+import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,11 +33,18 @@ from typing import Any
 import outcome
 import trio
 
-from .errors import WorkerCrashedError
+from .errors import InvalidRequestError, WorkerCrashedError
 from .process import WorkerProcess, serve_worker
 from .worker.ray_actor import PREAMBLE
 
-__all__ = ["ActorListener", "ActorRun", "open_ray_worker", "ray_cause", "wait_ref"]
+__all__ = [
+    "ActorListener",
+    "ActorRun",
+    "RayLauncher",
+    "open_ray_worker",
+    "ray_cause",
+    "wait_ref",
+]
 
 _GREET_TIMEOUT_S = 10.0  # a connection gets this long to say who it is
 _MAX_HELLO_BYTES = 4096
@@ -44,6 +54,10 @@ _starts = itertools.count(1)
 # memory monitor (the pool tells its own kills apart: WorkerProcess.killed).
 _KILLED_FROM_OUTSIDE = ("ray.kill", "its node", "low on memory", "memory monitor")
 _MAX_CAUSE = 400
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds 127.0.0.1
+_NODES_KEPT = 1024  # worker ids whose node is remembered, for results collected late
+# Launchers using the Ray connection this process made (see RayLauncher._ray_kept).
+_owners = 0
 
 
 async def wait_ref(ref: Any) -> Any:
@@ -308,3 +322,182 @@ async def open_ray_worker(
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+def _loopback_ray() -> Any:
+    """Import Ray so that a local instance it starts binds 127.0.0.1 only.
+
+    Ray decides this once, as it is imported, from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    (``"0"``: loopback). Set before the import it is enough; when the process imported Ray
+    earlier, the constant it computed then is set the same way.
+    """
+    os.environ[_LOOPBACK_ENV] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
+class RayLauncher:
+    """Starts workers as Ray actors (a ``WorkerLauncher`` of kind ``"ray"``).
+
+    :meth:`run` keeps what the actors share: the connection to Ray (a local instance on
+    loopback when ``address`` is None, started for the run and shut down after it; else the
+    cluster at ``address``, left running; or the process's own, when it called ``ray.init``)
+    and the listener the actors connect back to. :meth:`open` starts one actor with the
+    options given here and yields its worker. ``roots``: the plugin roots to ship with the
+    job's ``runtime_env`` (``py_modules``), read as Ray is connected to.
+    """
+
+    kind = "ray"
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        num_cpus: float = 1.0,
+        resources: dict[str, float] | None = None,
+        runtime_env: dict[str, Any] | None = None,
+        scheduling_strategy: str | None = None,
+        roots: Callable[[], list[str]] | None = None,
+        listen_host: str | None = None,
+        start_timeout: float = 60.0,
+        close_grace: float = 2.0,
+        ray_init: dict[str, Any] | None = None,
+        local_cpus: int = 1,
+    ) -> None:
+        self.address = address
+        self.num_cpus = num_cpus
+        self.resources = dict(resources or {})
+        self.runtime_env = dict(runtime_env or {})
+        self.scheduling_strategy = scheduling_strategy
+        self.listen_host = listen_host
+        self.start_timeout = start_timeout
+        self.close_grace = close_grace
+        self._roots = roots
+        self._shipped: list[str] = []
+        self._ray_init = dict(ray_init or {})
+        self._local_cpus = local_cpus
+        self._listener = ActorListener()
+        self._actor_class: Any = None
+        #: The node of each worker started, by worker id (the last ``_NODES_KEPT``).
+        self.nodes: OrderedDict[str, str | None] = OrderedDict()
+
+    @property
+    def connections_refused(self) -> int:
+        return self._listener.refused
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect to Ray and listen for actors until cancelled; started once both are up."""
+        async with self._ray_kept() as (ray, local):
+            from .worker.ray_actor import RayWorkerActor
+
+            self._actor_class = ray.remote(RayWorkerActor)
+            host = self.listen_host or ("127.0.0.1" if local else _node_address(ray))
+            await self._listener.serve(host, task_status=task_status)
+
+    @asynccontextmanager
+    async def _ray_kept(self) -> AsyncIterator[tuple[Any, bool]]:
+        """Use the process's Ray connection, or make one; yield Ray and whether its nodes
+        are all this machine's loopback (then the actors connect back to 127.0.0.1)."""
+        global _owners
+        if self.address is None and "ray" not in sys.modules:
+            ray = _loopback_ray()
+        else:
+            import ray
+        if ray.is_initialized() and not _owners:
+            if self._roots is not None:
+                raise InvalidRequestError(
+                    "ship_plugins needs the backend to connect to Ray itself (Ray ships local "
+                    "directories only for a whole job); this process called ray.init already: "
+                    "pass runtime_env={'py_modules': [plugin roots]} to that call instead"
+                )
+            yield ray, _is_local(ray)
+            return
+        if not ray.is_initialized():
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if self.address is None:
+                ray = _loopback_ray()
+                options["_node_ip_address"] = "127.0.0.1"
+                options["num_cpus"] = self._local_cpus
+            else:
+                options["address"] = self.address
+            options.update(self._ray_init)
+            if self._roots is not None:  # the job's runtime_env: Ray uploads local directories
+                job_env = dict(options.get("runtime_env") or {})
+                shipped = list(job_env.get("py_modules", []))
+                self._shipped = [root for root in self._roots() if root not in shipped]
+                options["runtime_env"] = {**job_env, "py_modules": shipped + self._shipped}
+            await trio.to_thread.run_sync(lambda: ray.init(**options))
+        _owners += 1
+        try:
+            yield ray, _is_local(ray) or self.address is None
+        finally:
+            _owners -= 1
+            if not _owners:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(ray.shutdown)
+
+    def _actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "max_restarts": 0,  # a lost actor is the pool's to replace, not Ray's to restart
+            "max_task_retries": 0,
+            "max_concurrency": 1,
+        }
+        if self.resources:
+            options["resources"] = self.resources
+        if self.scheduling_strategy is not None:
+            options["scheduling_strategy"] = self.scheduling_strategy
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        return options
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[WorkerProcess]:
+        """Start an actor; yield its worker once it connected and said ``Hello``; on exit
+        it is shut down and killed. Raises ``WorkerCrashedError`` when it fails to start."""
+        if self._actor_class is None:
+            raise WorkerCrashedError("the Ray launcher is not running")
+        import ray
+
+        async with open_ray_worker(
+            self._listener,
+            self._actor_class,
+            options=self._actor_options(),
+            roots=self._shipped,
+            kill=lambda actor: ray.kill(actor, no_restart=True),
+            start_timeout=self.start_timeout,
+            close_grace=self.close_grace,
+        ) as worker:
+            assert isinstance(worker.process, ActorRun)
+            self.nodes[worker.worker_id] = worker.process.node_id
+            while len(self.nodes) > _NODES_KEPT:
+                self.nodes.popitem(last=False)
+            worker.spin_ok = False  # its answer comes over TCP from another process
+            yield worker
+
+    def health_details(self) -> dict[str, Any]:
+        return {"address": self.address, "connections_refused": self._listener.refused}
+
+
+def _is_local(ray: Any) -> bool:
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception:
+        return False
+    return bool(nodes) and all(n.get("NodeManagerAddress") == "127.0.0.1" for n in nodes)
+
+
+def _node_address(ray: Any) -> str:
+    try:
+        import ray.util
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())

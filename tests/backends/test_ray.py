@@ -255,7 +255,7 @@ async def test_queue_full_and_acquire_timeout_as_configured(plugins, workspaces)
 async def test_a_connection_without_the_token_is_dropped_unread(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
     async with ray_backend(plugins, workspaces) as backend:
         await idle_workers(backend, 1)
-        listener = backend._listener
+        listener = backend._launcher._listener
         assert listener.host == "127.0.0.1"
         hello = {"start": "s1-0000", "node_id": "x", "pid": 1}
         for preamble in (pack_preamble(b"\0" * 32, hello), b"GET / HTTP/1.1\r\n\r\n" * 8):

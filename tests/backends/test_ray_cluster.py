@@ -109,7 +109,7 @@ async def test_the_default_is_a_local_loopback_instance_for_the_block(plugins, t
     options = {"min_workers": 1, "max_workers": 1, "ship_plugins": True}
     backend = create_execution_backend(type="ray", registry=plugins, **options)
     async with backend:
-        LISTENER_PORTS.add(backend._listener.port)
+        LISTENER_PORTS.add(backend._launcher._listener.port)
         result = await backend.execute(where())
         assert result.ok and result.metadata["node_id"]
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
@@ -195,7 +195,7 @@ async def test_two_nodes_run_executions_and_survive_losing_one(plugins, cluster)
     (other,) = [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
     options = {"min_workers": 2, "max_workers": 2, "scheduling_strategy": "SPREAD"}
     async with create_execution_backend(type="ray", registry=plugins, **options) as backend:
-        LISTENER_PORTS.add(backend._listener.port)
+        LISTENER_PORTS.add(backend._launcher._listener.port)
         with trio.fail_after(60):
             while (await backend.health()).details["workers_idle"] < 2:
                 await trio.sleep(0.05)
