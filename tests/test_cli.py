@@ -19,7 +19,9 @@ import pytest
 from tests.conftest import serve_process
 
 from plugin_execution import cli
+from plugin_execution.cli import _common
 from plugin_execution.factory import BACKEND_TYPES
+from plugin_execution.registry import PluginRegistry
 
 ROOT = Path(__file__).parents[1]
 PLUGINS = Path(__file__).parent / "plugins"
@@ -360,15 +362,15 @@ def test_demo_selected_backend_in_process(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_output_bytes_are_base64() -> None:
-    assert json.loads(cli._dumps({"b": b"\x00\xff"})) == {"b": {"$base64": "AP8="}}
+    assert json.loads(_common.dumps({"b": b"\x00\xff"})) == {"b": {"$base64": "AP8="}}
 
 
 def test_errors_are_unwrapped_from_groups_and_unknown_ones_wrapped() -> None:
     from plugin_execution import HandlerError
 
     inner = HandlerError("boom")
-    assert cli._as_execution_error(ExceptionGroup("g", [ExceptionGroup("h", [inner])])) is inner
-    unknown = cli._as_execution_error(ExceptionGroup("g", [inner, OSError("disk")]))
+    assert _common.as_execution_error(ExceptionGroup("g", [ExceptionGroup("h", [inner])])) is inner
+    unknown = _common.as_execution_error(ExceptionGroup("g", [inner, OSError("disk")]))
     assert unknown.code == "UNKNOWN_ERROR" and "internal error" in unknown.message
     assert "OSError: disk" in unknown.details["traceback"]
 
@@ -402,6 +404,6 @@ async def test_serve_lists_its_routes_and_serves_the_example_channels() -> None:
 def test_serve_without_channels_is_an_error(
     capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(cli.PluginRegistry, "from_entry_points", classmethod(lambda cls: cls()))
+    monkeypatch.setattr(PluginRegistry, "from_entry_points", classmethod(lambda cls: cls()))
     assert cli.main(["serve", "--port", "0"]) == cli.EXIT_FAILED
     assert "no discovered plugin declares a channel" in capsys.readouterr().err

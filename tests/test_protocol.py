@@ -734,7 +734,7 @@ def test_send_execute_refuses_a_frame_over_the_limit() -> None:
 
 
 def cattrs_structure(tag: str, fields: dict[str, Any]) -> Message:
-    codec = protocol._CODECS[tag]
+    codec = protocol._codec.CODECS[tag]
     return codec.structure(dict(fields), codec.cls)
 
 
@@ -749,7 +749,7 @@ def same_message(a: Message, b: Message) -> bool:
 def test_decoding_builds_what_cattrs_would(msg: Message, role: Role) -> None:
     sender, receiver = pair(role, greet=msg != HELLO)
     fields = fields_of(msg)
-    assert protocol._fast_structure(protocol._CODECS[msg.tag], dict(fields)) is not None
+    assert protocol._codec.fast_structure(protocol._codec.CODECS[msg.tag], dict(fields)) is not None
     (received,) = receive(receiver, sender.send(msg))
     assert same_message(received, cattrs_structure(msg.tag, fields))
 
@@ -787,7 +787,7 @@ def test_the_fast_path_agrees_with_cattrs_on_any_map(data: st.DataObject) -> Non
             },
         )
     )
-    fast = protocol._fast_structure(protocol._CODECS[tag], dict(fields))
+    fast = protocol._codec.fast_structure(protocol._codec.CODECS[tag], dict(fields))
     try:
         slow = cattrs_structure(tag, fields)
     except Exception:

@@ -104,7 +104,13 @@ async def test_the_traceback_starts_at_the_plugins_handler(
     ], text
     assert 'raise ValueError(f"nested failure: {value!r}")' in text
     assert text.endswith("ValueError: nested failure: 'x'\n")
-    for runtime_file in ("in_process.py", "runtime.py", "handlers.py", "in_thread.py"):
+    for runtime_file in (
+        "in_process.py",
+        "runtime.py",
+        "execution.py",
+        "handlers.py",
+        "in_thread.py",
+    ):
         assert runtime_file not in text, text
 
 

@@ -34,14 +34,16 @@ class Driver:
         self.decoder = FrameDecoder()
         self.ids = 0
 
-    def execute(self, handler: str, input: Any, *, linger: float = 0.0) -> dict[str, Any]:
+    def execute(
+        self, handler: str, input: Any, *, linger: float = 0.0, entry: str | None = None
+    ) -> dict[str, Any]:
         target = self.registry.resolve(P, handler)
         self.ids += 1
         fields = {
             "execution_id": f"e{self.ids}",
             "plugin_id": P,
             "handler_id": handler,
-            "entry": target.entry,
+            "entry": target.entry if entry is None else entry,
             "root": target.root,
             "input": input,
             "context": {},
@@ -121,6 +123,27 @@ def test_a_request_that_comes_while_the_worker_lingers_is_taken_at_once(
         # Each request was taken as it came, not when the 1 s linger ran out (50 s).
         assert time.monotonic() - started < 10
         assert worker._linger_backoff == 0
+
+
+def test_a_channel_session_whose_handler_cannot_be_loaded_leaves_no_channel_behind(
+    registry: PluginRegistry,
+) -> None:
+    """``ch_open`` then an ``execute`` whose entry cannot be imported: the session is answered
+    with an error and its channel leaves the worker's table (an open channel would keep the
+    socket read on the trio loop for good); the next execution runs as before."""
+    with reading_worker(registry) as (worker, driver):
+        try:
+            opened = {"execution_id": "e1", "path": "/ws", "headers": {}, "principal": None}
+            driver.sock.sendall(encode("ch_open", {"channel_id": "c1", "window": 8, **opened}))
+            answer = driver.execute("whoami", None, entry="tests.plugins.no_such_module:handler")
+            assert answer["tag"] == "error", answer
+            assert answer["execution_id"] == "e1"
+            assert answer["error"]["code"] == "HANDLER_NOT_FOUND", answer
+            assert worker._channels == {}
+            assert worker._channel_of == {}
+            assert driver.execute("add", {"a": 1, "b": 2})["output"] == 3
+        finally:
+            worker._threads.stop()  # the trio loop the channel started
 
 
 async def test_an_abandoned_thread_handler_never_writes_to_a_reused_fd(

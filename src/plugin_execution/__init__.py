@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._version import __version__ as __version__
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs a fresh child ~5 ms
 if TYPE_CHECKING:
     from typing import Any
@@ -83,8 +85,6 @@ if TYPE_CHECKING:
     from .types import LatencySummary as LatencySummary
     from .workspace import WorkspaceLease as WorkspaceLease
     from .workspace import WorkspaceManager as WorkspaceManager
-
-__version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "ExecutionBackend": "backends.base",

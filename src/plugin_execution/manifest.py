@@ -17,7 +17,7 @@ import attrs
 import cattrs
 
 from .errors import ManifestError
-from .permissions import parse_connect_pattern, parse_service_grant, parse_url_pattern
+from .grant_patterns import parse_connect_pattern, parse_service_grant, parse_url_pattern
 
 __all__ = [
     "ChannelSpec",

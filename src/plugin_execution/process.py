@@ -55,7 +55,7 @@ from .worker._leftovers import kill_tree
 from .worker._wire import unsent
 
 if TYPE_CHECKING:
-    from .backends.base import Job
+    from .backends.job import Job
     from .channels.bridge import ChannelBridge
     from .sandbox.policy import ChildSandbox
     from .zygote import Zygote

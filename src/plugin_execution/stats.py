@@ -1,11 +1,12 @@
-"""Counting outcomes and latencies cheaply on the hot path; summarising them on demand."""
+"""Counting outcomes and latencies cheaply on the hot path; summarising them on demand, and
+in a backend's health report."""
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from typing import Any
 
-from .types import ExecutionStats, LatencySummary
+from .types import ExecutionStats, HealthStatus, LatencySummary
 
 __all__ = ["StatsRecorder", "summarize"]
 
@@ -54,6 +55,23 @@ class StatsRecorder:
         self.last_error: str | None = None
         self._latency: deque[float] = deque(maxlen=_WINDOW)
         self._queue_wait: deque[float] = deque(maxlen=_WINDOW)
+
+    def health(self, state: str, uptime_s: float, details: dict[str, Any]) -> HealthStatus:
+        """The backend's health: healthy while ``state`` is ``"running"``; the details say its
+        state, uptime, executions in flight and last error, then the backend's ``details``."""
+        healthy = state == "running"
+        return HealthStatus(
+            healthy=healthy,
+            backend=self.backend,
+            status="healthy" if healthy else "unhealthy",
+            details={
+                "state": state,
+                "uptime_s": uptime_s,
+                "in_flight": self.in_flight,
+                "last_error": self.last_error,
+                **details,
+            },
+        )
 
     def record_ok(self, duration_s: float) -> None:
         self.total += 1

@@ -2,19 +2,31 @@
 
 :class:`Execution` is what ``backend.open_execution(request)`` yields. :class:`ChannelSink`
 is the event sink that feeds it from a handler, whichever thread the handler runs in.
+:func:`open_stream` puts the two around one run of an execution.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
-from .errors import ExecutionError
-from .types import ExecutionEvent, ExecutionResult
+from ._groups import unwrap_single
+from .errors import AbortedError, ExecutionError
+from .types import ExecutionEvent, ExecutionRequest, ExecutionResult
 
-__all__ = ["ByteBudget", "ChannelSink", "Execution", "ExecutionEvents", "event_size"]
+__all__ = [
+    "ByteBudget",
+    "ChannelSink",
+    "Execution",
+    "ExecutionEvents",
+    "event_size",
+    "open_stream",
+]
 
 _ITEM = 16  # bytes counted per value besides its characters or bytes
 
@@ -240,3 +252,58 @@ class Execution:
 
     def _fail(self, error: ExecutionError) -> None:
         self._finish(None, error)
+
+
+@asynccontextmanager
+async def open_stream(
+    request: ExecutionRequest,
+    run: Callable[[ChannelSink], Awaitable[ExecutionResult]],
+    *,
+    buffer: int,
+    buffer_bytes: int,
+    total: ByteBudget,
+) -> AsyncIterator[Execution]:
+    """Run ``run(sink)`` in a task of its own and yield the :class:`Execution` it feeds.
+
+    ``run`` executes ``request`` with its events going to ``sink`` (at most ``buffer`` events
+    and ``buffer_bytes`` bytes unread, within ``total``) and returns its result, failures
+    included. Leaving the block cancels it if it is still running: its caller's
+    :meth:`Execution.result` then raises :class:`AbortedError`. Events still unread on the
+    way out are discarded and their bytes given back.
+    """
+    send, receive = trio.open_memory_channel[tuple[ExecutionEvent, int]](buffer)
+    sink = ChannelSink(request.execution_id, send, max_bytes=buffer_bytes, total=total)
+    execution = Execution(request.execution_id, ExecutionEvents(receive, sink))
+
+    async def run_it() -> None:
+        async with send:
+            try:
+                result = await run(sink)
+            except trio.Cancelled:
+                execution._fail(_aborted(request))
+                raise
+            if sink.dropped:
+                result = attrs.evolve(
+                    result, metadata={**result.metadata, "events_dropped": sink.dropped}
+                )
+            execution._finish(result, None)
+
+    try:
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_it)
+                try:
+                    yield execution
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        execution.events.close()  # what was not read gives its bytes back
+
+
+def _aborted(request: ExecutionRequest) -> ExecutionError:
+    return AbortedError(
+        "the execution was cancelled by its caller",
+        execution_id=request.execution_id,
+        plugin_id=request.plugin_id,
+        handler_id=request.handler_id,
+    )

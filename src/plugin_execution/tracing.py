@@ -21,6 +21,8 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ._version import __version__
+
 try:
     from opentelemetry import trace as _trace
 except ImportError:  # the API is optional: no tracing without it
@@ -40,8 +42,6 @@ def _tracer() -> Any:
     if isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider):
         return None
     if _cached is None or _cached[0] is not provider:
-        from . import __version__
-
         _cached = (provider, provider.get_tracer("plugin_execution", __version__))
     return _cached[1]
 

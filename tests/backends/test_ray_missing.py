@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from plugin_execution import InvalidRequestError, PluginRegistry, create_execution_backend
-from plugin_execution.cli import _demo
+from plugin_execution.cli._demo import _demo
 
 
 @pytest.fixture

@@ -51,11 +51,11 @@ async def emit_blobs_nowait(ctx: Any, input: dict[str, int]) -> int:
 
 
 def _protocol_socket() -> tuple[int, threading.Lock]:
-    """The fd the worker runtime serves the host on, and the lock it writes frames under
+    """The fd the worker runtime serves the host on, and the lock its writer sends frames under
     (so that the forged frames go out whole, between the runtime's own)."""
     for obj in gc.get_objects():
-        if type(obj).__name__ == "Worker" and hasattr(obj, "_send_lock"):
-            return obj._fd, obj._send_lock
+        if type(obj).__name__ == "FrameWriter" and hasattr(obj, "_lock"):
+            return obj._fd, obj._lock
     raise RuntimeError("no worker runtime in this process")
 
 

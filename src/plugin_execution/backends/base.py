@@ -4,126 +4,45 @@ The base class owns what every backend shares: the lifecycle (an async context m
 supervisor nursery), request resolution, the effective timeout, result/error shaping,
 ``raise_errors``, stats, and the streaming form. A backend implements :meth:`_run` (place and
 run one job) and, if it owns resources, :meth:`_start` / :meth:`_stop`.
+
+The parts live beside it, each one concept: :mod:`.job` (a request admitted as a job),
+:mod:`._executing` (running one: in-flight bookkeeping, outcomes, stats, observers, tracing),
+:mod:`._shutdown` (what shutdown waits for: executions in flight, attachments) and
+:func:`plugin_execution.streaming.open_stream` (the streaming form).
 """
 
 from __future__ import annotations
 
 import abc
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
-import attrs
 import trio
 
-from .. import tracing
-from .._groups import unwrap_single
 from ..context import NULL_SINK
-from ..errors import (
-    BackendClosedError,
-    ExecutionError,
-    ExecutionTimeoutError,
-    format_traceback,
-    safe_text,
-)
+from ..errors import BackendClosedError
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..run_many import MapResults, Requests, run_many
 from ..stats import StatsRecorder
-from ..streaming import ByteBudget, ChannelSink, Execution, ExecutionEvents
-from ..types import (
-    DEFAULT_TIMEOUT_S,
-    ExecutionEvent,
-    ExecutionRequest,
-    ExecutionResult,
-    ExecutionStats,
-    HealthStatus,
-    check_timeout,
-)
+from ..streaming import ByteBudget, Execution, open_stream
+from ..types import ExecutionRequest, ExecutionResult, ExecutionStats, HealthStatus
 from ..workspace import WorkspaceManager
+from ._executing import ExecutionObserver, Executor
+from ._shutdown import Attachment, Attachments, InFlight, stop_in_order
+from .job import Job
 
 if TYPE_CHECKING:
     from ..channels.channel import Channel
     from ..context import EventSink
 
-
-class Attachment(Protocol):
-    """Something that lives as long as the backend runs, such as a WebSocket connection
-    served by it: :meth:`ExecutionBackend.shutdown` asks it to end, then waits for it to
-    :meth:`~ExecutionBackend.detach`."""
-
-    def backend_closing(self) -> None: ...
-
-
 __all__ = ["Attachment", "ExecutionBackend", "Job"]
 
 _State = Literal["new", "running", "closing", "closed"]
 
-log = logging.getLogger("plugin_execution")
-
-#: ``observer(plugin_id, handler_id, outcome, duration_s)``: see ``add_observer``.
-ExecutionObserver = Callable[[str, str, str, float], None]
 _MiB = 1024 * 1024
-
-
-@attrs.define(slots=True, eq=False)
-class Job:
-    """One execution as a backend sees it: the request, resolved, with its limits."""
-
-    request: ExecutionRequest
-    target: ResolvedHandler
-    timeout: float
-    deadline: float  # trio clock
-    sink: EventSink
-    started: float  # time.perf_counter()
-    #: The channel of a session-style channel handler (``handler(ctx, channel)``), else None.
-    channel: Channel | None = None
-    #: The backend running it, and the executions that led to it through ``ctx.invoke``.
-    backend: ExecutionBackend | None = None
-    chain: tuple[tuple[str, str], ...] = ()
-    #: The execution whose ``ctx.invoke`` started this one (None: the caller's own).
-    parent: Job | None = None
-    #: The capacity the job holds while it runs (a backend's slot or worker), once placed;
-    #: nested invocations may borrow it (see :meth:`lent_slot`).
-    slot: Any = None
-    _session: PlatformSession | None = None
-    _lent: trio.Lock | None = None
-
-    def lent_slot(self) -> trio.Lock:
-        """Held by the nested invocation running on this job's :attr:`slot`: the job waits
-        for it while invoking, so its capacity is lent to one of its invocations at a time
-        (an invocation that finds free capacity of its own needs no loan)."""
-        if self._lent is None:
-            self._lent = trio.Lock()
-        return self._lent
-
-    @property
-    def session(self) -> PlatformSession:
-        """The execution's standing with the platform (permissions, workspace): what its
-        ``ctx`` services are checked against, on the host. Made on first use: a handler
-        that calls no service costs none."""
-        session = self._session
-        if session is None:
-            assert self.backend is not None, "a job made by a backend has one"
-            session = self._session = self.backend._session(self)
-        return session
-
-    @property
-    def session_unused(self) -> bool:
-        """No platform service was called for this execution (no session was made)."""
-        return self._session is None
-
-    def close_session(self) -> None:
-        if self._session is not None:
-            self._session.close()
-
-    def timeout_error(self, what: str = "") -> ExecutionTimeoutError:
-        return ExecutionTimeoutError(
-            f"execution exceeded its {self.timeout:g} s timeout{what} and was stopped",
-            details={"timeout_s": self.timeout},
-        )
 
 
 class ExecutionBackend(abc.ABC):
@@ -154,23 +73,16 @@ class ExecutionBackend(abc.ABC):
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._stats = StatsRecorder(self.name)
-        self._observers: list[ExecutionObserver] = []
         self._started_at = 0.0
-        self._attached: set[Attachment] = set()
-        self._detached = trio.Event()
+        self._attachments = Attachments()
         #: How long shutdown waits for attachments (connections) to close.
         self.attachment_grace = 5.0
         #: How long leaving the block lets in-flight executions finish (see :meth:`shutdown`).
         self.shutdown_timeout = shutdown_timeout
-        # Every execution in flight (a token of its own) and the task it runs in. No cancel
-        # scope per execution: one costs a pool call 10-20% of its throughput. At the
-        # shutdown deadline each backend stops its own work (_abort_in_flight: processes
-        # killed), and the scopes backends registered in _abort_scopes (the in-process
-        # deadline scope) are cancelled.
-        self._executions: dict[object, trio.lowlevel.Task] = {}
-        self._abort_scopes: set[trio.CancelScope] = set()
-        self._aborted = False
-        self._executions_done = trio.Event()
+        self._in_flight = InFlight()
+        #: Cancel scopes a backend registers to be cancelled at the shutdown deadline.
+        self._abort_scopes = self._in_flight.abort_scopes
+        self._executor = Executor(self, self.name, self._stats, self._in_flight)
         self._shut_down = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -229,51 +141,23 @@ class ExecutionBackend(abc.ABC):
         limit = self.shutdown_timeout if timeout is None else timeout
         with trio.CancelScope(shield=True):
             try:
-                await self._close_attachments()
-                deadline = trio.current_time() + (limit if drain else 0.0)
-                await self._stop(drain=drain, timeout=timeout)
-                with trio.move_on_at(deadline):
-                    await self._no_executions()
-                if self._executions:
-                    self._aborted = True
-                    self._abort_in_flight()
-                    for scope in self._abort_scopes:
-                        scope.cancel()
-                    await self._no_executions()
-                await self._stopped(drain=drain, timeout=timeout)
+                await self._attachments.close(self.attachment_grace)
+                await stop_in_order(
+                    self, self._in_flight, drain=drain, limit=limit, timeout=timeout
+                )
             finally:
                 self._shut_down.set()
-
-    async def _no_executions(self) -> None:
-        """Wait until no execution is in flight (each one's caller has its outcome), but
-        for those of this very task: a handler that shuts its own backend down (in-process)
-        must not wait for itself."""
-        me = trio.lowlevel.current_task()
-        while any(task is not me for task in self._executions.values()):
-            self._executions_done = trio.Event()
-            await self._executions_done.wait()
 
     def attach(self, attachment: Attachment) -> None:
         """Tie ``attachment`` to this running backend (raises BackendClosedError if it is
         not running). Shutdown calls its ``backend_closing()`` and waits (at most
         :attr:`attachment_grace` seconds) until it is :meth:`detach`-ed."""
         self._check_running()
-        self._attached.add(attachment)
+        self._attachments.add(attachment)
 
     def detach(self, attachment: Attachment) -> None:
         """Undo :meth:`attach`; idempotent."""
-        self._attached.discard(attachment)
-        if not self._attached:
-            self._detached.set()
-
-    async def _close_attachments(self) -> None:
-        if not self._attached:
-            return
-        self._detached = trio.Event()
-        for attachment in list(self._attached):
-            attachment.backend_closing()
-        with trio.move_on_after(self.attachment_grace):
-            await self._detached.wait()
+        self._attachments.discard(attachment)
 
     async def _open(self, stack: AsyncExitStack) -> None:  # noqa: B027
         """Enter into ``stack`` what must outlive the background tasks: leaving the block
@@ -319,40 +203,6 @@ class ExecutionBackend(abc.ABC):
         Must stop the work and raise ``job.timeout_error()`` once ``job.deadline`` passes,
         and stop the work when cancelled by the caller.
         """
-
-    def _job(
-        self,
-        request: ExecutionRequest,
-        timeout: float | None,
-        sink: EventSink,
-        target: ResolvedHandler | None = None,
-        channel: Channel | None = None,
-        chain: tuple[tuple[str, str], ...] = (),
-        parent: Job | None = None,
-    ) -> Job:
-        if target is None:
-            target = self.registry.resolve(request.plugin_id, request.handler_id)
-        if timeout is not None:
-            check_timeout(None, None, timeout)
-        limit = timeout if timeout is not None else request.timeout
-        if limit is None:
-            limit = getattr(target.spec, "timeout", None) or DEFAULT_TIMEOUT_S
-        quota = target.permissions.quotas.timeout
-        if quota is not None and quota < limit:
-            limit = quota
-        deadline = trio.current_time() + limit
-        return Job(
-            request,
-            target,
-            limit,
-            deadline,
-            sink,
-            time.perf_counter(),
-            channel,
-            self,
-            chain,
-            parent,
-        )
 
     async def execute(
         self,
@@ -405,97 +255,9 @@ class ExecutionBackend(abc.ABC):
         chain: tuple[tuple[str, str], ...] = (),
         parent: Job | None = None,
     ) -> ExecutionResult:
-        """Every way of running something comes here: with a span around it when the host
-        uses OpenTelemetry (:mod:`plugin_execution.tracing`)."""
-        if not tracing.enabled():
-            return await self._execute_untraced(
-                request, timeout, sink, raise_errors, target, channel, chain, parent
-            )
-        with tracing.span(
-            f"execute {request.plugin_id}/{request.handler_id}",
-            {
-                "plugin_id": request.plugin_id,
-                "handler_id": request.handler_id,
-                "execution_id": request.execution_id,
-                "backend": self.name,
-            },
-        ) as span:
-            result = await self._execute_untraced(
-                request, timeout, sink, raise_errors, target, channel, chain, parent
-            )
-            if span is not None:
-                span.set("worker_id", result.worker_id)
-                if result.error is not None:
-                    span.outcome(result.error.code, result.error.message)
-            return result
-
-    async def _execute_untraced(
-        self,
-        request: ExecutionRequest,
-        timeout: float | None,
-        sink: EventSink,
-        raise_errors: bool,
-        target: ResolvedHandler | None,
-        channel: Channel | None,
-        chain: tuple[tuple[str, str], ...],
-        parent: Job | None,
-    ) -> ExecutionResult:
-        started = time.perf_counter()
-        stats = self._stats
-        stats.in_flight += 1
-        token = object()
-        try:
-            self._check_running()
-            job = self._job(request, timeout, sink, target, channel, chain, parent)
-            executions = self._executions
-            executions[token] = trio.lowlevel.current_task()
-            try:
-                result = await self._run(job)
-            finally:
-                job.close_session()
-                del executions[token]
-                if self._state != "running":
-                    self._executions_done.set()  # shutdown is waiting for them
-        except ExecutionError as exc:
-            error = exc
-            if self._aborted and not isinstance(exc, BackendClosedError):
-                # Stopped by the shutdown's abort (a killed worker, a cancelled scope).
-                error = BackendClosedError(
-                    f"the {self.name} backend shut down before this execution finished; "
-                    "it was stopped"
-                )
-        except trio.Cancelled:
-            stats.record_failure("ABORTED", time.perf_counter() - started)
-            self._observe(request, "ABORTED", time.perf_counter() - started)
-            raise
-        except Exception as exc:
-            error = ExecutionError(
-                f"internal error in the {self.name} backend: {type(exc).__name__}: "
-                f"{safe_text(exc)}",
-                details={"traceback": format_traceback(exc)},
-            )
-        else:
-            stats.record_ok(result.duration_s)
-            self._observe(request, "ok", result.duration_s)
-            return result
-        finally:
-            stats.in_flight -= 1
-        duration = time.perf_counter() - started
-        error.with_ids(
-            execution_id=request.execution_id,
-            plugin_id=request.plugin_id,
-            handler_id=request.handler_id,
-        )
-        stats.record_failure(error.code, duration, error.message)
-        self._observe(request, error.code, duration)
-        if raise_errors:
-            raise error
-        return ExecutionResult(
-            execution_id=request.execution_id,
-            ok=False,
-            error=error,
-            duration_s=duration,
-            backend=self.name,
+        """Every way of running something comes here (see :class:`._executing.Executor`)."""
+        return await self._executor.execute(
+            request, timeout, sink, raise_errors, target, channel, chain, parent
         )
 
     def _session(self, job: Job) -> PlatformSession:
@@ -594,37 +356,14 @@ class ExecutionBackend(abc.ABC):
         """:meth:`open_execution` of a ``target`` given directly (not looked up in the
         registry), e.g. the events-style adapter of a WebSocket channel."""
         self._check_running()
-        send, receive = trio.open_memory_channel[tuple[ExecutionEvent, int]](buffer)
-        sink = ChannelSink(
-            request.execution_id, send, max_bytes=buffer_bytes, total=self.event_bytes
-        )
-        execution = Execution(request.execution_id, ExecutionEvents(receive, sink))
 
-        async def run() -> None:
-            async with send:
-                try:
-                    result = await self._execute(
-                        request, timeout, sink, raise_errors=False, target=target
-                    )
-                except trio.Cancelled:
-                    execution._fail(_aborted(request))
-                    raise
-                if sink.dropped:
-                    result = attrs.evolve(
-                        result, metadata={**result.metadata, "events_dropped": sink.dropped}
-                    )
-                execution._finish(result, None)
+        def run(sink: EventSink) -> Awaitable[ExecutionResult]:
+            return self._execute(request, timeout, sink, raise_errors=False, target=target)
 
-        try:
-            with unwrap_single():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run)
-                    try:
-                        yield execution
-                    finally:
-                        nursery.cancel_scope.cancel()
-        finally:
-            execution.events.close()  # what was not read gives its bytes back
+        async with open_stream(
+            request, run, buffer=buffer, buffer_bytes=buffer_bytes, total=self.event_bytes
+        ) as execution:
+            yield execution
 
     # -- observing ------------------------------------------------------------------------
 
@@ -642,44 +381,13 @@ class ExecutionBackend(abc.ABC):
         For per-plugin metrics (:mod:`plugin_execution.metrics`): called synchronously on
         the hot path, so it must be cheap; an exception it raises is logged and ignored.
         """
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer)
-
-    def _observe(self, request: ExecutionRequest, outcome: str, duration_s: float) -> None:
-        for observer in self._observers:
-            try:
-                observer(request.plugin_id, request.handler_id, outcome, duration_s)
-            except Exception:
-                log.exception("an execution observer failed")
+        return self._executor.add_observer(observer)
 
     async def health(self) -> HealthStatus:
         """Whether the backend can take work, with details. A checkpoint."""
         await trio.lowlevel.checkpoint()
-        details = {
-            "state": self._state,
-            "uptime_s": time.monotonic() - self._started_at if self._started_at else 0.0,
-            "in_flight": self._stats.in_flight,
-            "last_error": self._stats.last_error,
-            **self._health_details(),
-        }
-        healthy = self._state == "running"
-        return HealthStatus(
-            healthy=healthy,
-            backend=self.name,
-            status="healthy" if healthy else "unhealthy",
-            details=details,
-        )
+        uptime = time.monotonic() - self._started_at if self._started_at else 0.0
+        return self._stats.health(self._state, uptime, self._health_details())
 
     def _health_details(self) -> dict[str, Any]:
         return {}
-
-
-def _aborted(request: ExecutionRequest) -> ExecutionError:
-    from ..errors import AbortedError
-
-    return AbortedError(
-        "the execution was cancelled by its caller",
-        execution_id=request.execution_id,
-        plugin_id=request.plugin_id,
-        handler_id=request.handler_id,
-    )

@@ -32,7 +32,7 @@ from ..protocol import ChannelClose, ChannelCredit, ChannelData, ChannelOpen
 from .channel import ChannelClosed
 
 if TYPE_CHECKING:
-    from ..backends.base import Job
+    from ..backends.job import Job
     from ..process import WorkerProcess
     from ..types import ExecutionResult
     from .channel import Channel

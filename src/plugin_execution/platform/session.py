@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import trio
 
@@ -21,14 +21,50 @@ from ..errors import AbortedError, ExecutionTimeoutError, PermissionDeniedError
 from ..permissions import Grants, grants_for
 
 if TYPE_CHECKING:
-    from ..backends.base import ExecutionBackend, Job
     from ..manifest import Permissions
-    from .events import TopicSubscription
-    from .platform import Platform
+    from ..types import ExecutionRequest, ExecutionResult
 
-__all__ = ["PlatformSession"]
+__all__ = ["Dispatcher", "Invoker", "PlatformSession", "Subscription"]
 
 log = logging.getLogger("plugin_execution.permissions")
+
+# What a session needs of the objects around it, as interfaces: the platform, its event
+# subscriptions and the backend depend on sessions, so a session names none of them.
+
+
+class Dispatcher(Protocol):
+    """Where a session's calls go: the :class:`~plugin_execution.platform.Platform`."""
+
+    async def dispatch(
+        self,
+        session: PlatformSession,
+        service: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> Any: ...
+
+
+class Subscription(Protocol):
+    """An event subscription a session holds (a ``TopicSubscription``)."""
+
+    async def receive(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Invoker(Protocol):
+    """What ``ctx.invoke`` needs of the backend running the execution (an
+    ``ExecutionBackend``); ``parent`` is the session's :attr:`PlatformSession.job`."""
+
+    async def _invoke(
+        self,
+        request: ExecutionRequest,
+        *,
+        timeout: float | None,
+        chain: tuple[tuple[str, str], ...],
+        parent: Any = None,
+    ) -> ExecutionResult: ...
 
 
 class PlatformSession:
@@ -61,7 +97,7 @@ class PlatformSession:
 
     def __init__(
         self,
-        platform: Platform,
+        platform: Dispatcher,
         *,
         execution_id: str,
         plugin_id: str,
@@ -71,9 +107,9 @@ class PlatformSession:
         workspace: str | None = None,
         deadline: float = float("inf"),
         context: dict[str, Any] | None = None,
-        backend: ExecutionBackend | None = None,
+        backend: Invoker | None = None,
         chain: tuple[tuple[str, str], ...] = (),
-        job: Job | None = None,
+        job: object | None = None,
         on_denied: Callable[[], None] | None = None,
     ) -> None:
         self.platform = platform
@@ -92,7 +128,7 @@ class PlatformSession:
         #: The backend's job of this execution: ``ctx.invoke`` runs on its capacity.
         self.job = job
         self.on_denied = on_denied
-        self.subscriptions: dict[int, TopicSubscription] = {}
+        self.subscriptions: dict[int, Subscription] = {}
         self._grants: Grants | None = None
         self._ensure: Callable[[], Path] | None = None
         self._token: trio.lowlevel.TrioToken | None = None

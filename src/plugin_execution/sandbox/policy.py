@@ -22,8 +22,9 @@ from . import bubblewrap, capabilities
 from .support import OPTIONAL_LAYERS, SandboxSupport
 
 if TYPE_CHECKING:
+    import trio
+
     from ..manifest import Permissions
-    from ..process import ChildProcess
 
 __all__ = ["ChildSandbox", "SandboxPolicy", "check_layers"]
 
@@ -78,7 +79,7 @@ class ChildSandbox:
         """The command line that starts ``argv`` (a spawned child) inside the sandbox."""
         return [*self._wrapper, *argv]
 
-    def adopt(self, process: Any) -> ChildProcess:
+    def adopt(self, process: trio.Process) -> trio.Process | bubblewrap.WrappedProcess:
         """The child as the host should see it (bwrap's status turned into the child's)."""
         return bubblewrap.WrappedProcess(process) if self._wrapper else process
 

@@ -7,6 +7,8 @@ execution ends (when no other is running) and before it exits; the host kills th
 whole tree when it stops a worker by force (see ``WorkerProcess.kill``).
 
 Standard library only, no ``typing`` at run time: worker children import it at start-up.
+The signal numbers come from the C module ``_signal``: ``signal.py`` imports ``enum``, which
+costs a fresh child ~3 ms, more than the rest of this module.
 Descendants are found by scanning ``/proc`` (``/proc/PID/task/TID/children`` is not built
 into every kernel); that costs milliseconds, so a worker does it only when something is
 left, and the host only when it kills a worker.
@@ -15,8 +17,13 @@ left, and the host only when it kills a worker.
 from __future__ import annotations
 
 import os
-import signal
 import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from signal import SIGKILL, SIGSTOP
+else:  # the same numbers, from the C module (no stub for mypy)
+    from _signal import SIGKILL, SIGSTOP
 
 _PR_SET_CHILD_SUBREAPER = 36
 _REAP_LIMIT_S = 5.0  # how long a worker waits for what it killed to die
@@ -86,7 +93,7 @@ def kill_all(pids: list[int]) -> None:
     """SIGKILL each of ``pids`` that still exists."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -127,7 +134,7 @@ def kill_tree(leader: int) -> None:
     still fork until it is killed: scan again until a scan finds nothing new (a killed
     process forks no more). One scan of ``/proc`` when the worker left nothing behind."""
     try:
-        os.killpg(leader, signal.SIGSTOP)
+        os.killpg(leader, SIGSTOP)
     except (ProcessLookupError, PermissionError):
         return  # already gone, with its whole group
     killed: set[int] = set()
@@ -141,6 +148,6 @@ def kill_tree(leader: int) -> None:
             killed.update(fresh)
     finally:  # never leave the group stopped
         try:
-            os.killpg(leader, signal.SIGKILL)
+            os.killpg(leader, SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass

@@ -3,8 +3,9 @@
 The WebSocket lives on the host; this proxy speaks ``ch_data`` / ``ch_credit`` / ``ch_close``
 frames with the host's bridge (``plugin_execution.channels.bridge``, which documents the flow
 control). It lives on the worker's trio loop thread: the reader thread hands it the frames
-of each read in one batch (:meth:`Worker._deliver_channels`), so a burst of messages costs
-one wake-up of the loop, not one per message.
+of each read in one batch (``Worker._deliver_channels``), so a burst of messages costs
+one wake-up of the loop, not one per message. It writes its frames with the ``send`` it is
+given (``FrameWriter.send``) and knows nothing else of the worker.
 
 Imported only when a host opens a channel, by a worker that then also runs trio.
 """
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .runtime import Worker
-
 __all__ = ["WorkerChannel"]
 
 
@@ -36,8 +35,8 @@ class WorkerChannel(Channel):
     cancels the handler, as in-process.
     """
 
-    def __init__(self, worker: Worker, msg: dict[str, Any]) -> None:
-        self._worker = worker
+    def __init__(self, send: Callable[[str, dict[str, Any]], None], msg: dict[str, Any]) -> None:
+        self._send = send
         self.connection_id: str = msg["channel_id"]
         self.execution_id: str = msg["execution_id"]
         self.request_path: str = msg["path"]
@@ -66,9 +65,7 @@ class WorkerChannel(Channel):
         message = self._inbox.popleft()
         self._consumed += 1
         if self._consumed >= self._ack_every:
-            self._worker.send(
-                "ch_credit", {"channel_id": self.connection_id, "messages": self._consumed}
-            )
+            self._send("ch_credit", {"channel_id": self.connection_id, "messages": self._consumed})
             self._consumed = 0
         return message
 
@@ -82,14 +79,14 @@ class WorkerChannel(Channel):
             await trio.lowlevel.checkpoint()
             raise ChannelClosed(*self._closed)
         self._credit -= 1
-        self._worker.send("ch_data", {"channel_id": self.connection_id, "data": message})
+        self._send("ch_data", {"channel_id": self.connection_id, "data": message})
         await trio.lowlevel.checkpoint()
 
     async def close(self, code: int = NORMAL_CLOSURE, reason: str = "") -> None:
         """Ask the host to close the WebSocket with ``code``. Idempotent."""
         if self._closed is None:
             self._closed = (code, reason)
-            self._worker.send(
+            self._send(
                 "ch_close", {"channel_id": self.connection_id, "code": code, "reason": reason}
             )
             self._wake_all()

@@ -47,7 +47,7 @@ class _Call:
 
 class PlatformCalls:
     """The worker's calls in flight, by call id. ``send(tag, fields)`` writes one frame;
-    ``loop()`` gives the worker's trio loop (``_TrioLoop``) for async callers;
+    ``loop()`` gives the worker's trio loop (``threads.TrioLoop``) for async callers;
     ``before_blocking()`` runs before a sync caller blocks for its reply (the worker makes
     sure some other thread reads the socket, where the reply comes)."""
 
@@ -125,7 +125,7 @@ class PlatformCalls:
     ) -> Any:
         """Awaitable form, for an async handler on the worker's trio loop."""
         loop = self._loop()
-        event = loop._trio.Event()
+        event = loop.trio.Event()
         token = loop.token
         call = _Call(execution_id, lambda: token.run_sync_soon(event.set))
         call_id = self._start(call, service, method, args, kwargs)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any
 
+from .execution import Executions
 from .runtime import Worker
 
 __all__ = ["PREAMBLE", "RayWorkerActor", "pack_preamble"]
@@ -41,21 +42,38 @@ def pack_preamble(token: bytes, hello: dict[str, Any]) -> bytes:
     return PREAMBLE.pack(token, len(body)) + body
 
 
+class _ActorExecutions(Executions):
+    """An actor's executions: a workspace made on this node (see ``_ActorWorker``) is
+    removed before the caller hears of the outcome: the host cannot remove it."""
+
+    local_workspaces: dict[str, str]
+
+    def _finish(self, execution_id: str, **kwargs: Any) -> None:
+        local = self.local_workspaces.pop(execution_id, None)
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+        super()._finish(execution_id, **kwargs)
+
+
 class _ActorWorker(Worker):
     """The worker runtime inside an actor: prints become ``log`` events (the process is the
     actor's own), host paths are mapped onto this node (see the module docstring)."""
 
     def __init__(self, sock: socket.socket, shipped: list[str]) -> None:
         super().__init__(sock.fileno(), in_thread=True, close=sock.close)
+        self._executions = executions = _ActorExecutions(
+            self.send, self._threads, self._platform, self._channels, self._exit, in_thread=True
+        )
+        self._local_workspaces: dict[str, str] = {}  # by execution id: made on this node
+        executions.local_workspaces = self._local_workspaces
         self._shipped = set(shipped)
         self._roots: dict[str, str] = {}
-        self._local_workspaces: dict[str, str] = {}
         self._node_tmp: str | None = None
 
     def serve(self) -> None:
         saved = sys.stdout, sys.stderr
-        sys.stdout = self._stdout
-        sys.stderr = self._stderr
+        sys.stdout = self._executions.stdout
+        sys.stderr = self._executions.stderr
         try:
             super().serve()
         finally:
@@ -92,12 +110,6 @@ class _ActorWorker(Worker):
                         break
             self._roots[root] = local
         return local
-
-    def _finish(self, execution_id: str, **kwargs: Any) -> None:
-        local = self._local_workspaces.pop(execution_id, None)
-        if local is not None:  # made on this node: the host cannot remove it; gone before
-            shutil.rmtree(local, ignore_errors=True)  # the caller hears of the outcome
-        super()._finish(execution_id, **kwargs)
 
 
 class RayWorkerActor:

@@ -1,14 +1,15 @@
-"""The worker runtime: read frames, run handlers, answer.
+"""The worker runtime: the reading thread of a worker, and what it dispatches where.
 
-Threads, not an event loop, so a child that runs a sync handler never imports trio:
+A :class:`Worker` serves one host over a stream socket until EOF or ``shutdown``. It is the
+child side of the protocol put together:
 
-- the main thread reads the socket and dispatches; it answers ``Ping`` at once even while
-  handlers run, and exits the process when the host goes away (EOF) or says ``Shutdown``;
-- a sync handler runs on an executor thread (one per concurrent execution, reused);
-- async handlers share one trio loop on a thread of its own, started on first need;
-- a channel session (``ch_open`` then ``execute``) runs its handler on that loop with a
-  :class:`~plugin_execution.worker.channel.WorkerChannel`; the channel frames of each read
-  reach the loop in one batch.
+- this module reads the socket (one reader at a time, leader/followers: see
+  :meth:`Worker._lead`) and dispatches each frame: ``execute`` and ``cancel`` to the
+  execution runner (``execution.Executions``), ``preply`` to the platform calls in flight
+  (``platform_calls``), channel frames to the open channels (``channel``, on the trio
+  loop), and answers ``ping`` at once even while handlers run;
+- ``outbox`` writes every frame the worker sends, from whichever thread;
+- ``threads`` holds the executor threads and the trio loop handlers run on.
 
 Whatever a handler prints is captured per execution and sent as ``log`` events; fd 1 is
 pointed at fd 2, so even raw writes never reach the protocol socket.
@@ -16,45 +17,28 @@ pointed at fd 2, so even raw writes never reach the protocol socket.
 
 from __future__ import annotations
 
-import contextvars
-import errno
 import os
 import select
 import sys
 import threading
 import time
-from _queue import Empty, SimpleQueue  # the C module: queue.py costs a fresh child ~2 ms
+from _queue import SimpleQueue  # the C module: queue.py costs a fresh child ~2 ms
 
-from ..context import ExecutionContext
-from ..errors import (
-    AbortedError,
-    ExecutionError,
-    ExecutionTimeoutError,
-    HandlerContractError,
-    PermissionDeniedError,
-    WorkerCrashedError,
-    handler_error,
-    plain_error,
-    safe_text,
-)
-from ..errors import InvalidRequestError as _InvalidRequest
-from ..handlers import Handler, load_handler
-from ._leftovers import has_children, kill_leftovers
-from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode, encode_parts, unsent
+from ._leftovers import kill_leftovers
+from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError
+from .execution import Executions
+from .outbox import FrameWriter
 from .platform_calls import PlatformCalls
+from .threads import Executor, HandlerThreads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
     from typing import Any
 
-    from ..types import ExecutionEvent
     from .channel import WorkerChannel
 
 _CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
-_OOM_EXIT = 137
-_DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # the kernel said no: permissions
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _WATCH_S = 0.01  # how long a handler runs on the reading thread before another takes over
 # How often the watcher looks. Each look wakes a thread; at 100 a second (a look every
@@ -66,7 +50,6 @@ _SPIN_BACKOFF = 16  # lingers skipped after one that found no request (see _ling
 # mmap'ed and unmapped on every call, ~9 us each, more than the rest of a small read. A frame
 # bigger than this is read straight into a buffer of its own (see FrameDecoder.big_view).
 _READ_SIZE = 65536
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("execution", default=None)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -78,180 +61,8 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _handler_error(exc: BaseException) -> ExecutionError:
-    """What the caller sees of a handler's exception: ``HANDLER_ERROR``, except an OSError by
-    which the kernel refused an access (EACCES, EPERM, EROFS): the sandbox (or plain file
-    permissions) stopped the handler, which is ``PERMISSION_DENIED``, naming the path when
-    the error has one. Never raises, whatever the exception (see ``errors.handler_error``)."""
-    error = handler_error(exc)
-    try:
-        if isinstance(exc, OSError) and exc.errno in _DENIED_ERRNOS:
-            details = dict(error.details, errno=errno.errorcode[exc.errno])
-            if exc.filename is not None:
-                details["resource"] = safe_text(
-                    os.fsdecode(exc.filename)
-                    if isinstance(exc.filename, str | bytes)
-                    else exc.filename
-                )
-            return PermissionDeniedError(
-                f"the system refused the handler: {type(exc).__name__}: {safe_text(exc)}",
-                details=details,
-            )
-    except BaseException:  # a hostile OSError subclass: report it as what it raised
-        pass
-    return error
-
-
 class _Stop(Exception):
     """Ends an in-thread worker's serve loop."""
-
-
-class _FrameSink:
-    """Sends a context's events to the host as ``event`` frames."""
-
-    __slots__ = ("_execution_id", "_worker")
-
-    def __init__(self, worker: Worker, execution_id: str) -> None:
-        self._worker = worker
-        self._execution_id = execution_id
-
-    def emit(self, kind: str, data: Any) -> None:
-        self._worker.send(
-            "event",
-            {
-                "execution_id": self._execution_id,
-                "kind": kind,
-                "data": data,
-                "timestamp": time.time(),
-            },
-        )
-
-    def deliver_nowait(self, event: ExecutionEvent) -> None:
-        self._worker.send(
-            "event",
-            {
-                "execution_id": self._execution_id,
-                "kind": event.kind,
-                "data": event.data,
-                "timestamp": event.timestamp,
-            },
-        )
-
-    async def aemit(self, kind: str, data: Any) -> None:
-        self.emit(kind, data)
-
-
-class _CapturedStream:
-    """A text stream that turns a handler's prints into ``log`` events, line by line."""
-
-    def __init__(self, worker: Worker, name: str) -> None:
-        self._worker = worker
-        self._name = name
-        self._partial: dict[str, str] = {}
-        self.encoding = "utf-8"
-
-    def write(self, text: str) -> int:
-        execution_id = _current.get()
-        if execution_id is None:
-            os.write(2, text.encode("utf-8", "replace"))
-            return len(text)
-        buffered = self._partial.pop(execution_id, "") + text
-        *lines, rest = buffered.split("\n")
-        for line in lines:
-            self._emit(execution_id, line)
-        if rest:
-            self._partial[execution_id] = rest
-        return len(text)
-
-    def finish(self, execution_id: str) -> None:
-        rest = self._partial.pop(execution_id, None)
-        if rest:
-            self._emit(execution_id, rest)
-
-    def _emit(self, execution_id: str, line: str) -> None:
-        self._worker.send(
-            "event",
-            {
-                "execution_id": execution_id,
-                "kind": "log",
-                "data": {"stream": self._name, "message": line},
-                "timestamp": time.time(),
-            },
-        )
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return 2
-
-
-class _Executor(threading.Thread):
-    """A reusable thread for sync handlers; returns itself to the idle queue after each job."""
-
-    def __init__(
-        self, idle: SimpleQueue[_Executor], stopped: threading.Event, *, start: bool = True
-    ) -> None:
-        super().__init__(name="worker-executor", daemon=True)
-        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
-        self._idle = idle
-        self._stopped = stopped
-        if start:
-            self.start()
-
-    def submit(self, job: Callable[[], None] | None) -> None:
-        """Run ``job`` on this thread; ``None`` ends the thread."""
-        self._jobs.put(job)
-
-    def run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-            if self._stopped.is_set():
-                return
-            self._idle.put(self)
-
-
-class _TrioLoop:
-    """One trio loop on its own thread, for async handlers; started on first need."""
-
-    def __init__(self) -> None:
-        import trio
-
-        self._trio = trio
-        ready = threading.Event()
-
-        async def main() -> None:
-            self.token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                ready.set()
-                await trio.sleep_forever()
-
-        threading.Thread(target=trio.run, args=(main,), name="worker-trio", daemon=True).start()
-        ready.wait()
-
-    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.token.run_sync_soon(self.nursery.start_soon, fn, *args)
-
-    def stop(self) -> None:
-        """Cancel what runs on the loop and end its thread (releasing its fds)."""
-        try:
-            self.token.run_sync_soon(self.nursery.cancel_scope.cancel)
-        except self._trio.RunFinishedError:
-            pass
-
-
-class _Running:
-    """What the worker knows about an execution in flight."""
-
-    __slots__ = ("cancel", "ctx")
-
-    def __init__(self, ctx: ExecutionContext) -> None:
-        self.ctx = ctx
-        self.cancel: Callable[[], None] = ctx.cancel
 
 
 class Worker:
@@ -259,22 +70,19 @@ class Worker:
 
     Plain ``os.read`` / ``os.write`` on the fd: the ``socket`` module costs a fresh child
     ~6 ms of imports. ``close`` releases the fd when serving ends (default ``os.close``).
+    ``in_thread``: a thread of the host process (the pool's ``thread`` kind), not a child;
+    it runs no handler on its reading thread and ends by returning, not by exiting.
     """
 
     def __init__(
         self, fd: int, *, in_thread: bool = False, close: Callable[[], None] | None = None
     ) -> None:
         self._fd = fd
-        self._release_fd = close if close is not None else lambda: os.close(fd)
-        self._fd_closed = False
         self._in_thread = in_thread
-        self._send_lock = threading.Lock()
+        self._writer = FrameWriter(fd, close if close is not None else lambda: os.close(fd))
+        self.send = self._writer.send  # how every part of the worker writes a frame
         self._started = time.monotonic()
-        self._pid = os.getpid()
-        self._handlers: dict[tuple[str, str | None], Handler] = {}
-        self._running: dict[str, _Running] = {}
-        self._idle: SimpleQueue[_Executor] = SimpleQueue()
-        self._stopped = threading.Event()
+        self._threads = HandlerThreads()
         self._decoder = FrameDecoder()
         self._leader: int | None = None  # the thread reading the socket (see _lead)
         self._inline: Callable[[], None] | None = None
@@ -287,54 +95,18 @@ class Worker:
         # Wait for requests in poll(), not in a blocking read: see _lead.
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
-        self._trio: _TrioLoop | None = None
-        self._loop_lock = threading.Lock()
-        self._stdout = _CapturedStream(self, "stdout")
-        self._stderr = _CapturedStream(self, "stderr")
-        self._platform = PlatformCalls(self.send, self._loop, self._stop_leading)
+        self._platform = PlatformCalls(self.send, self._threads.start_loop, self._stop_leading)
         self._channels: dict[str, WorkerChannel] = {}  # by channel id, until the handler ends
         self._channel_of: dict[str, WorkerChannel] = {}  # by execution id, until it starts
         self._channel_batch: list[tuple[str, dict[str, Any]]] = []
-
-    # -- I/O ------------------------------------------------------------------------------
-
-    def send(self, tag: str, fields: dict[str, Any], big: str | None = None) -> None:
-        """Write one frame, whole. ``big``: a field that may hold a big ``bytes`` value,
-        then written from where it lies (see ``encode_parts``). After :meth:`_close` it
-        writes nothing: a handler a thread worker abandoned may finish long after, and the
-        fd number may belong to another socket or file by then."""
-        frame = encode(tag, fields) if big is None else encode_parts(tag, fields, big)
-        with self._send_lock:
-            if self._fd_closed:
-                return
-            try:
-                if isinstance(frame, bytes):  # the usual case: one write takes it all
-                    try:
-                        sent = os.write(self._fd, frame)
-                    except BlockingIOError:
-                        sent = 0
-                    if sent == len(frame):
-                        return
-                    parts = unsent([frame], sent)
-                else:
-                    parts = unsent(frame, 0)
-                while parts:
-                    try:
-                        sent = os.writev(self._fd, parts)
-                    except BlockingIOError:  # the loop reads: the fd is non-blocking
-                        _wait_writable(self._fd)
-                        continue
-                    parts = unsent(parts, sent)
-            except OSError:
-                pass  # the host is gone; the reader sees EOF and stops the worker
-
-    def _close(self) -> None:
-        """Release the fd, once no frame can be written to it any more."""
-        with self._send_lock:
-            if self._fd_closed:
-                return
-            self._fd_closed = True
-            self._release_fd()
+        self._executions = Executions(
+            self.send,
+            self._threads,
+            self._platform,
+            self._channels,
+            self._exit,
+            in_thread=in_thread,
+        )
 
     def serve(self) -> None:
         """Serve until the host goes away or says ``Shutdown``.
@@ -344,19 +116,19 @@ class Worker:
         """
         if not self._in_thread:
             os.dup2(2, 1)
-            sys.stdout, sys.stderr = self._stdout, self._stderr
+            sys.stdout, sys.stderr = self._executions.stdout, self._executions.stderr
         self.send("hello", {"version": PROTOCOL_VERSION, "pid": os.getpid()})
         if self._in_thread:
             try:
                 self._lead()
             except _Stop:
                 pass
-            self._close()
-            self._stop_threads()
+            self._writer.close()
+            self._threads.stop()
             return
         # A child process: the main thread is one of the executor threads that take turns
         # at reading (see _lead); the process ends by os._exit, from whichever thread.
-        main = _Executor(self._idle, self._stopped, start=False)
+        main = Executor(self._threads.idle, self._threads.stopped, start=False)
         main.submit(self._lead)
         main.run()
 
@@ -462,7 +234,7 @@ class Worker:
             if self._inline_thread != thread or self._leader != thread:
                 return
             self._leader = None
-        self._executor().submit(self._lead)
+        self._threads.executor().submit(self._lead)
 
     def _watch_inline(self) -> None:
         """Give the socket a reader while a handler runs long on the reading thread."""
@@ -472,15 +244,9 @@ class Worker:
             if thread is not None and time.monotonic() - self._inline_since >= _WATCH_S:
                 self._stop_leading(thread)
 
-    def _stop_threads(self) -> None:
-        """In a thread worker, end its helper threads; busy ones end after their handler."""
-        self._stopped.set()
-        while not self._idle.empty():
-            self._idle.get_nowait().submit(None)
-        if self._trio is not None:
-            self._trio.stop()
-
     def _exit(self, code: int) -> None:
+        """Stop serving: a child kills what its handlers left and exits with ``code``; a
+        thread worker's reader raises ``_Stop`` (``serve`` then returns)."""
         if self._in_thread:
             raise _Stop
         kill_leftovers()  # nothing a handler started outlives its worker
@@ -490,17 +256,15 @@ class Worker:
         if tag in _CHANNEL_FRAMES:
             self._channel_batch.append((tag, msg))
         elif tag == "execute":
-            self._start(msg)
+            job = self._executions.start(msg, self._channel_of.pop(msg["execution_id"], None))
+            if job is not None:
+                self._on_executor(job)
+                if self._inline is not None:  # runs on this reading thread: then may linger
+                    self._linger = msg["linger"]
         elif tag == "preply":
             self._platform.on_reply(msg)
         elif tag == "cancel":
-            running = self._running.get(msg["execution_id"])
-            if running is not None:
-                cancel = running.cancel
-                cancel()
-                if running.cancel is not cancel:  # _run_async swapped it in meanwhile
-                    running.cancel()
-            self._platform.abort(msg["execution_id"])
+            self._executions.cancel(msg["execution_id"])
             self._channel_of.pop(msg["execution_id"], None)
         elif tag == "ch_open":
             self._open_channel(msg)
@@ -511,11 +275,11 @@ class Worker:
                     "seq": msg["seq"],
                     "rss_bytes": _rss_bytes(),
                     "uptime_s": time.monotonic() - self._started,
-                    "in_flight": len(self._running),
+                    "in_flight": len(self._executions.running),
                 },
             )
         elif tag == "warmup":
-            self._on_executor(lambda: self._warmup(msg))
+            self._on_executor(lambda: self._executions.warmup(msg))
         elif tag == "shutdown":
             self._exit(0)
 
@@ -524,8 +288,8 @@ class Worker:
     def _open_channel(self, msg: dict[str, Any]) -> None:
         from .channel import WorkerChannel
 
-        self._loop()  # the channel's handler runs there; its primitives belong to it
-        channel = WorkerChannel(self, msg)
+        self._threads.start_loop()  # the channel's handler runs there; its primitives too
+        channel = WorkerChannel(self.send, msg)
         self._channels[channel.connection_id] = channel
         self._channel_of[channel.execution_id] = channel
 
@@ -538,9 +302,10 @@ class Worker:
         what ended the loop's reading (``_Stop``, ``WireError``). The price: while a channel
         is open, an async handler that blocks the loop also delays ``Ping`` and ``Cancel``.
         """
-        assert self._trio is not None
+        loop = self._threads.loop
+        assert loop is not None  # started when the first channel opened
         handback: SimpleQueue[BaseException | None] = SimpleQueue()
-        self._trio.start_soon(self._loop_reader, decoder, handback)
+        loop.start_soon(self._loop_reader, decoder, handback)
         outcome = handback.get()
         if outcome is not None:
             raise outcome
@@ -548,7 +313,9 @@ class Worker:
     async def _loop_reader(
         self, decoder: FrameDecoder, handback: SimpleQueue[BaseException | None]
     ) -> None:
-        trio = self._trio._trio  # type: ignore[union-attr]
+        loop = self._threads.loop
+        assert loop is not None
+        trio = loop.trio
         fd = self._fd
         outcome: BaseException | None = None
         os.set_blocking(fd, False)
@@ -578,8 +345,8 @@ class Worker:
     def _flush_channels(self) -> None:
         """Hand this read's channel frames to the trio loop in one wake-up, in order."""
         batch, self._channel_batch = self._channel_batch, []
-        if self._trio is not None:
-            self._trio.token.run_sync_soon(self._deliver_channels, batch)
+        if self._threads.loop is not None:
+            self._threads.loop.token.run_sync_soon(self._deliver_channels, batch)
 
     def _deliver_channels(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         for tag, msg in batch:
@@ -587,56 +354,7 @@ class Worker:
             if channel is not None:
                 channel.deliver(tag, msg)
 
-    # -- running handlers -----------------------------------------------------------------
-
-    def _handler(self, entry: str, root: str | None) -> tuple[Handler, bool]:
-        key = (entry, root)
-        handler = self._handlers.get(key)
-        if handler is not None:
-            return handler, True
-        handler = self._handlers[key] = load_handler(entry, root)
-        return handler, False
-
-    def _start(self, msg: dict[str, Any]) -> None:
-        execution_id = msg["execution_id"]
-        workspace = msg.get("workspace")
-        ctx = ExecutionContext(
-            execution_id=execution_id,
-            plugin_id=msg["plugin_id"],
-            handler_id=msg["handler_id"],
-            context=msg.get("context") or {},
-            sink=_FrameSink(self, execution_id),
-            workspace=_workspace_provider(workspace) if workspace else None,
-            platform=self._platform.caller(execution_id),
-        )
-        self._running[execution_id] = running = _Running(ctx)
-        try:
-            handler, warm = self._handler(msg["entry"], msg.get("root"))
-        except BaseException as exc:  # what importing plugin code raised, whatever it is
-            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
-            self._finish(execution_id, error=error)
-            return
-        ctx.blocking = not handler.is_async
-        channel = self._channel_of.pop(execution_id, None)
-        if channel is not None:
-            if not handler.is_async:
-                self._channels.pop(channel.connection_id, None)
-                self._finish(
-                    execution_id,
-                    error=HandlerContractError(
-                        f"channel entry {msg['entry']!r} is not an async function: a "
-                        "session-style channel handler is 'async def handler(ctx, channel)'",
-                        details={"entry": msg["entry"]},
-                    ),
-                )
-                return
-            self._loop().start_soon(self._run_async, handler, warm, msg, running, channel)
-        elif handler.is_async:
-            self._loop().start_soon(self._run_async, handler, warm, msg, running)
-        else:
-            self._on_executor(lambda: self._run_sync(handler, warm, msg, running))
-            if self._inline is not None:  # runs on this reading thread: then may linger
-                self._linger = msg["linger"]
+    # -- where sync jobs run ----------------------------------------------------------------
 
     def _on_executor(self, job: Callable[[], None]) -> None:
         """Run a sync handler's job off the reading path: on the reader itself when it is a
@@ -644,192 +362,4 @@ class Worker:
         if not self._in_thread and self._leader == threading.get_ident():
             self._inline = job
         else:
-            self._executor().submit(job)
-
-    def _executor(self) -> _Executor:
-        try:
-            return self._idle.get_nowait()
-        except Empty:
-            return _Executor(self._idle, self._stopped)
-
-    def _run_sync(self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running) -> None:
-        started = time.perf_counter()
-        token = _current.set(msg["execution_id"])
-        try:
-            output = handler.plain_output(handler.call(run.ctx, msg["input"]))
-        except ExecutionError as exc:
-            self._finish(msg["execution_id"], error=exc)
-        except MemoryError:
-            self._out_of_memory(msg["execution_id"])
-        except BaseException as exc:
-            self._finish(msg["execution_id"], error=_handler_error(exc))
-        else:
-            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
-        finally:
-            _current.reset(token)
-
-    async def _run_async(
-        self,
-        handler: Handler,
-        warm: bool,
-        msg: dict[str, Any],
-        run: _Running,
-        channel: WorkerChannel | None = None,
-    ) -> None:
-        trio = self._trio._trio  # type: ignore[union-attr]
-        token = self._trio.token  # type: ignore[union-attr]
-        started = time.perf_counter()
-        _current.set(msg["execution_id"])
-        timeout = msg.get("timeout")
-        with trio.CancelScope() as scope:
-            if timeout:
-                scope.deadline = trio.current_time() + timeout
-            cancel_ctx = run.cancel
-
-            def cancel() -> None:  # called from the reader thread
-                cancel_ctx()
-                token.run_sync_soon(scope.cancel)
-
-            run.cancel = cancel
-            if channel is not None:
-                channel.cancel = cancel
-            if run.ctx.cancelled:  # the Cancel came before this task started
-                scope.cancel()
-            try:
-                argument = msg["input"] if channel is None else channel
-                output = handler.plain_output(await handler.call(run.ctx, argument))
-            except ExecutionError as exc:
-                self._finish(msg["execution_id"], error=exc)
-                return
-            except MemoryError:
-                self._out_of_memory(msg["execution_id"])
-                return
-            except BaseException as exc:
-                if _is_cancellation(exc, trio.Cancelled):
-                    raise  # the scope's: a timeout or the host's Cancel, reported below
-                # SystemExit, KeyboardInterrupt, GeneratorExit...: the handler's, like any
-                # other exception; they must not end the loop other handlers run on.
-                self._finish(msg["execution_id"], error=_handler_error(exc))
-                return
-            finally:
-                if channel is not None:
-                    channel.end()
-                    self._channels.pop(channel.connection_id, None)
-        if not scope.cancelled_caught:
-            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
-        elif run.ctx.cancelled:
-            self._finish(msg["execution_id"], error=AbortedError("cancelled by the host"))
-        else:
-            self._finish(
-                msg["execution_id"],
-                error=ExecutionTimeoutError(
-                    f"execution exceeded its {timeout:g} s timeout and was stopped",
-                    details={"timeout_s": timeout},
-                ),
-            )
-
-    def _out_of_memory(self, execution_id: str) -> None:
-        """A handler hit the memory limit: report it, then exit, since this process's
-        state can no longer be trusted (the pool replaces the worker)."""
-        error = WorkerCrashedError(
-            "the worker ran out of memory (its address-space limit was reached) and exited",
-            details={"reason": "memory_limit", "exit_code": _OOM_EXIT, "pid": os.getpid()},
-        )
-        try:
-            self._finish(execution_id, error=error)
-        finally:
-            self._exit(_OOM_EXIT)
-
-    def _finish(
-        self,
-        execution_id: str,
-        *,
-        output: Any = None,
-        error: ExecutionError | None = None,
-        started: float = 0.0,
-        warm: bool = False,
-    ) -> None:
-        self._stdout.finish(execution_id)
-        self._stderr.finish(execution_id)
-        running = self._running.pop(execution_id, None)
-        if not self._running and not self._in_thread and has_children():
-            # What the handler started and left running ends with its execution, before
-            # the caller hears of the outcome (with several in flight: once none is).
-            kill_leftovers()
-        if error is None:
-            used = running is not None and running.ctx.workspace_used
-            fields = {
-                "execution_id": execution_id,
-                "output": output,
-                "duration_s": time.perf_counter() - started,
-                "metadata": {
-                    "warm": warm,
-                    "pid": self._pid,
-                    # The host removes the workspace only when it was made (see WorkerPool).
-                    "workspace_id": execution_id if used else None,
-                },
-            }
-            try:
-                self.send("result", fields, big="output")
-                return
-            except BaseException as exc:  # msgpack's errors, or what a hostile value raised
-                error = _InvalidRequest(
-                    f"the handler's output is not serializable (plain data only): "
-                    f"{type(exc).__name__}: {safe_text(exc)}"
-                )
-        # Bounded plain data, whatever the error holds: sending it cannot fail.
-        self.send("error", {"execution_id": execution_id, "error": plain_error(error)})
-
-    def _await_on_loop(self, awaitable: Any) -> Any:
-        """Run an awaitable on the trio loop and wait for it (from an executor thread)."""
-        loop = self._loop()
-
-        async def wait() -> Any:
-            return await awaitable
-
-        return loop._trio.from_thread.run(wait, trio_token=loop.token)
-
-    def _loop(self) -> _TrioLoop:
-        with self._loop_lock:
-            if self._trio is None:
-                self._trio = _TrioLoop()
-            return self._trio
-
-    def _warmup(self, msg: dict[str, Any]) -> None:
-        fields = {"plugin_id": msg["plugin_id"], "handler_id": msg["handler_id"]}
-        try:
-            handler, _ = self._handler(msg["entry"], msg.get("root"))
-            pending = handler.warmup()
-            if hasattr(pending, "__await__"):
-                self._await_on_loop(pending)
-        except BaseException as exc:  # a warm-up hook is plugin code: anything goes
-            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
-            self.send("warmed", {**fields, "ok": False, "error": plain_error(error)})
-        else:
-            self.send("warmed", {**fields, "ok": True, "error": None})
-
-
-def _is_cancellation(exc: BaseException, cancelled: type[BaseException]) -> bool:
-    """``exc`` is trio's ``Cancelled``, or a group of nothing else (a handler's nursery)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(cancelled)[1] is None
-    return isinstance(exc, cancelled)
-
-
-def _wait_writable(fd: int) -> None:
-    import select
-
-    select.select((), (fd,), ())
-
-
-def _workspace_provider(path: str) -> Callable[[], Path]:
-    def provide() -> Path:
-        from pathlib import Path
-
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        return Path(path)
-
-    return provide
+            self._threads.executor().submit(job)

@@ -1,0 +1,361 @@
+"""Running executions in a worker: from an ``execute`` frame to its ``result`` or ``error``.
+
+:class:`Executions` is the worker's execution runner. For each ``execute`` it builds the
+handler's ``ctx`` (its events as ``event`` frames, its workspace made on first use, its
+platform calls as ``pcall`` frames), loads the handler (once per worker: the handler cache,
+also filled by ``warmup``), calls it, and encodes what came of it:
+
+- a return value: ``result`` (an output that is not plain data: ``INVALID_REQUEST``);
+- an exception: ``error``, ``HANDLER_ERROR`` (``PERMISSION_DENIED`` when the kernel refused
+  an access), or the ``ExecutionError`` the handler raised itself;
+- a ``MemoryError`` (the address-space limit): ``WORKER_CRASHED``, then the worker exits,
+  since its state can no longer be trusted;
+- a ``cancel`` from the host: the context is marked cancelled, platform calls still waiting
+  fail, and an async handler's cancel scope is cancelled (``ABORTED``);
+- an async handler past its ``timeout``: its cancel scope's deadline (``TIMEOUT``). A sync
+  handler cannot be stopped from inside: the host enforces its deadline by killing the
+  worker.
+
+What a handler started and left running is killed when its execution ends (with several in
+flight: when none is). Sync handlers run where the reader decides (:meth:`start` returns
+their job); async ones on the trio loop.
+
+Standard library only at import time: worker children load this module at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from ..context import ExecutionContext
+from ..errors import (
+    AbortedError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    HandlerContractError,
+    PermissionDeniedError,
+    WorkerCrashedError,
+    handler_error,
+    plain_error,
+    safe_text,
+)
+from ..errors import InvalidRequestError as _InvalidRequest
+from ..handlers import Handler, load_handler
+from ._leftovers import has_children, kill_leftovers
+from .outbox import CapturedStream, FrameSink, current_execution
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
+
+    from .channel import WorkerChannel
+    from .outbox import Send
+    from .platform_calls import PlatformCalls
+    from .threads import HandlerThreads
+
+__all__ = ["Executions"]
+
+_OOM_EXIT = 137
+_DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # the kernel said no: permissions
+
+
+class _Running:
+    """What the worker knows about an execution in flight."""
+
+    __slots__ = ("cancel", "ctx")
+
+    def __init__(self, ctx: ExecutionContext) -> None:
+        self.ctx = ctx
+        self.cancel: Callable[[], None] = ctx.cancel
+
+
+class Executions:
+    """The executions in flight in one worker, and the handlers it has loaded.
+
+    ``send`` writes a frame (see ``FrameWriter.send``); ``exit(code)`` ends the worker;
+    ``channels`` is the reader's table of open channels by id, from which a session's
+    channel is dropped when its handler ends. ``in_thread``: a thread worker, which leaves
+    processes alone (they are the host's).
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        threads: HandlerThreads,
+        platform: PlatformCalls,
+        channels: dict[str, WorkerChannel],
+        exit: Callable[[int], None],
+        *,
+        in_thread: bool,
+    ) -> None:
+        self._send = send
+        self._threads = threads
+        self._platform = platform
+        self._channels = channels
+        self._exit = exit
+        self._in_thread = in_thread
+        self._pid = os.getpid()
+        self._handlers: dict[tuple[str, str | None], Handler] = {}
+        self.running: dict[str, _Running] = {}
+        self.stdout = CapturedStream(send, "stdout")
+        self.stderr = CapturedStream(send, "stderr")
+
+    def _handler(self, entry: str, root: str | None) -> tuple[Handler, bool]:
+        key = (entry, root)
+        handler = self._handlers.get(key)
+        if handler is not None:
+            return handler, True
+        handler = self._handlers[key] = load_handler(entry, root)
+        return handler, False
+
+    def start(
+        self, msg: dict[str, Any], channel: WorkerChannel | None
+    ) -> Callable[[], None] | None:
+        """Start the execution ``msg`` (an ``execute`` frame's fields), a channel session
+        when ``channel`` is given. Returns the job that runs a sync handler, for the caller
+        to run on a thread of its choice; starts anything else itself (or answers at once:
+        a handler that cannot be loaded, a session handler that is not async)."""
+        execution_id = msg["execution_id"]
+        workspace = msg.get("workspace")
+        ctx = ExecutionContext(
+            execution_id=execution_id,
+            plugin_id=msg["plugin_id"],
+            handler_id=msg["handler_id"],
+            context=msg.get("context") or {},
+            sink=FrameSink(self._send, execution_id),
+            workspace=_workspace_provider(workspace) if workspace else None,
+            platform=self._platform.caller(execution_id),
+        )
+        self.running[execution_id] = running = _Running(ctx)
+        try:
+            handler, warm = self._handler(msg["entry"], msg.get("root"))
+        except BaseException as exc:  # what importing plugin code raised, whatever it is
+            if channel is not None:
+                self._channels.pop(channel.connection_id, None)
+            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
+            self._finish(execution_id, error=error)
+            return None
+        ctx.blocking = not handler.is_async
+        if channel is not None:
+            if not handler.is_async:
+                self._channels.pop(channel.connection_id, None)
+                self._finish(
+                    execution_id,
+                    error=HandlerContractError(
+                        f"channel entry {msg['entry']!r} is not an async function: a "
+                        "session-style channel handler is 'async def handler(ctx, channel)'",
+                        details={"entry": msg["entry"]},
+                    ),
+                )
+                return None
+            self._threads.start_loop().start_soon(
+                self._run_async, handler, warm, msg, running, channel
+            )
+        elif handler.is_async:
+            self._threads.start_loop().start_soon(self._run_async, handler, warm, msg, running)
+        else:
+            return lambda: self._run_sync(handler, warm, msg, running)
+        return None
+
+    def cancel(self, execution_id: str) -> None:
+        """The host's ``cancel``: mark the context cancelled, cancel an async handler's
+        scope, and fail the execution's platform calls still waiting (reader thread)."""
+        running = self.running.get(execution_id)
+        if running is not None:
+            cancel = running.cancel
+            cancel()
+            if running.cancel is not cancel:  # _run_async swapped it in meanwhile
+                running.cancel()
+        self._platform.abort(execution_id)
+
+    def _run_sync(self, handler: Handler, warm: bool, msg: dict[str, Any], run: _Running) -> None:
+        started = time.perf_counter()
+        token = current_execution.set(msg["execution_id"])
+        try:
+            output = handler.plain_output(handler.call(run.ctx, msg["input"]))
+        except ExecutionError as exc:
+            self._finish(msg["execution_id"], error=exc)
+        except MemoryError:
+            self._out_of_memory(msg["execution_id"])
+        except BaseException as exc:
+            self._finish(msg["execution_id"], error=_handler_error(exc))
+        else:
+            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
+        finally:
+            current_execution.reset(token)
+
+    async def _run_async(
+        self,
+        handler: Handler,
+        warm: bool,
+        msg: dict[str, Any],
+        run: _Running,
+        channel: WorkerChannel | None = None,
+    ) -> None:
+        loop = self._threads.loop
+        assert loop is not None  # this runs on it
+        trio, token = loop.trio, loop.token
+        started = time.perf_counter()
+        current_execution.set(msg["execution_id"])
+        timeout = msg.get("timeout")
+        with trio.CancelScope() as scope:
+            if timeout:
+                scope.deadline = trio.current_time() + timeout
+            cancel_ctx = run.cancel
+
+            def cancel() -> None:  # called from the reader thread
+                cancel_ctx()
+                token.run_sync_soon(scope.cancel)
+
+            run.cancel = cancel
+            if channel is not None:
+                channel.cancel = cancel
+            if run.ctx.cancelled:  # the Cancel came before this task started
+                scope.cancel()
+            try:
+                argument = msg["input"] if channel is None else channel
+                output = handler.plain_output(await handler.call(run.ctx, argument))
+            except ExecutionError as exc:
+                self._finish(msg["execution_id"], error=exc)
+                return
+            except MemoryError:
+                self._out_of_memory(msg["execution_id"])
+                return
+            except BaseException as exc:
+                if _is_cancellation(exc, trio.Cancelled):
+                    raise  # the scope's: a timeout or the host's Cancel, reported below
+                # SystemExit, KeyboardInterrupt, GeneratorExit...: the handler's, like any
+                # other exception; they must not end the loop other handlers run on.
+                self._finish(msg["execution_id"], error=_handler_error(exc))
+                return
+            finally:
+                if channel is not None:
+                    channel.end()
+                    self._channels.pop(channel.connection_id, None)
+        if not scope.cancelled_caught:
+            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
+        elif run.ctx.cancelled:
+            self._finish(msg["execution_id"], error=AbortedError("cancelled by the host"))
+        else:
+            self._finish(
+                msg["execution_id"],
+                error=ExecutionTimeoutError(
+                    f"execution exceeded its {timeout:g} s timeout and was stopped",
+                    details={"timeout_s": timeout},
+                ),
+            )
+
+    def _out_of_memory(self, execution_id: str) -> None:
+        """A handler hit the memory limit: report it, then exit, since this process's
+        state can no longer be trusted (the pool replaces the worker)."""
+        error = WorkerCrashedError(
+            "the worker ran out of memory (its address-space limit was reached) and exited",
+            details={"reason": "memory_limit", "exit_code": _OOM_EXIT, "pid": os.getpid()},
+        )
+        try:
+            self._finish(execution_id, error=error)
+        finally:
+            self._exit(_OOM_EXIT)
+
+    def _finish(
+        self,
+        execution_id: str,
+        *,
+        output: Any = None,
+        error: ExecutionError | None = None,
+        started: float = 0.0,
+        warm: bool = False,
+    ) -> None:
+        self.stdout.finish(execution_id)
+        self.stderr.finish(execution_id)
+        running = self.running.pop(execution_id, None)
+        if not self.running and not self._in_thread and has_children():
+            # What the handler started and left running ends with its execution, before
+            # the caller hears of the outcome (with several in flight: once none is).
+            kill_leftovers()
+        if error is None:
+            used = running is not None and running.ctx.workspace_used
+            fields = {
+                "execution_id": execution_id,
+                "output": output,
+                "duration_s": time.perf_counter() - started,
+                "metadata": {
+                    "warm": warm,
+                    "pid": self._pid,
+                    # The host removes the workspace only when it was made (see WorkerPool).
+                    "workspace_id": execution_id if used else None,
+                },
+            }
+            try:
+                self._send("result", fields, big="output")
+                return
+            except BaseException as exc:  # msgpack's errors, or what a hostile value raised
+                error = _InvalidRequest(
+                    f"the handler's output is not serializable (plain data only): "
+                    f"{type(exc).__name__}: {safe_text(exc)}"
+                )
+        # Bounded plain data, whatever the error holds: sending it cannot fail.
+        self._send("error", {"execution_id": execution_id, "error": plain_error(error)})
+
+    def warmup(self, msg: dict[str, Any]) -> None:
+        """Load a handler into the cache and run its warm-up hook; answer ``warmed``. Runs
+        on an executor thread (an async hook on the trio loop, waited for)."""
+        fields = {"plugin_id": msg["plugin_id"], "handler_id": msg["handler_id"]}
+        try:
+            handler, _ = self._handler(msg["entry"], msg.get("root"))
+            pending = handler.warmup()
+            if hasattr(pending, "__await__"):
+                self._threads.start_loop().run(pending)
+        except BaseException as exc:  # a warm-up hook is plugin code: anything goes
+            error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
+            self._send("warmed", {**fields, "ok": False, "error": plain_error(error)})
+        else:
+            self._send("warmed", {**fields, "ok": True, "error": None})
+
+
+def _handler_error(exc: BaseException) -> ExecutionError:
+    """What the caller sees of a handler's exception: ``HANDLER_ERROR``, except an OSError by
+    which the kernel refused an access (EACCES, EPERM, EROFS): the sandbox (or plain file
+    permissions) stopped the handler, which is ``PERMISSION_DENIED``, naming the path when
+    the error has one. Never raises, whatever the exception (see ``errors.handler_error``)."""
+    error = handler_error(exc)
+    try:
+        if isinstance(exc, OSError) and exc.errno in _DENIED_ERRNOS:
+            details = dict(error.details, errno=errno.errorcode[exc.errno])
+            if exc.filename is not None:
+                details["resource"] = safe_text(
+                    os.fsdecode(exc.filename)
+                    if isinstance(exc.filename, str | bytes)
+                    else exc.filename
+                )
+            return PermissionDeniedError(
+                f"the system refused the handler: {type(exc).__name__}: {safe_text(exc)}",
+                details=details,
+            )
+    except BaseException:  # a hostile OSError subclass: report it as what it raised
+        pass
+    return error
+
+
+def _is_cancellation(exc: BaseException, cancelled: type[BaseException]) -> bool:
+    """``exc`` is trio's ``Cancelled``, or a group of nothing else (a handler's nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(cancelled)[1] is None
+    return isinstance(exc, cancelled)
+
+
+def _workspace_provider(path: str) -> Callable[[], Path]:
+    def provide() -> Path:
+        from pathlib import Path
+
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        return Path(path)
+
+    return provide

@@ -1,0 +1,123 @@
+"""The threads a worker runs handlers on: reusable executor threads and one trio loop.
+
+Threads, not an event loop, so a child that runs only sync handlers never imports trio:
+
+- a sync handler runs on an executor thread (one per concurrent execution, reused), or on
+  the reading thread itself (see ``Worker._lead``), which is an executor thread too;
+- async handlers, channel sessions and async warm-up hooks share one trio loop on a thread
+  of its own, started on first need.
+
+Standard library only at import time: worker children load this module at start-up.
+"""
+
+from __future__ import annotations
+
+import threading
+from _queue import Empty, SimpleQueue  # the C module: queue.py costs a fresh child ~2 ms
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+__all__ = ["Executor", "HandlerThreads", "TrioLoop"]
+
+
+class Executor(threading.Thread):
+    """A reusable thread for sync handlers; returns itself to the idle queue after each job."""
+
+    def __init__(
+        self, idle: SimpleQueue[Executor], stopped: threading.Event, *, start: bool = True
+    ) -> None:
+        super().__init__(name="worker-executor", daemon=True)
+        self._jobs: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._idle = idle
+        self._stopped = stopped
+        if start:
+            self.start()
+
+    def submit(self, job: Callable[[], None] | None) -> None:
+        """Run ``job`` on this thread; ``None`` ends the thread."""
+        self._jobs.put(job)
+
+    def run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+            if self._stopped.is_set():
+                return
+            self._idle.put(self)
+
+
+class TrioLoop:
+    """One trio loop on its own thread, for async handlers; started on first need."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self.trio = trio
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                ready.set()
+                await trio.sleep_forever()
+
+        threading.Thread(target=trio.run, args=(main,), name="worker-trio", daemon=True).start()
+        ready.wait()
+
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start ``fn(*args)`` as a task of the loop (from any thread)."""
+        self.token.run_sync_soon(self.nursery.start_soon, fn, *args)
+
+    def run(self, awaitable: Any) -> Any:
+        """Run an awaitable on the loop and wait for its outcome (from another thread)."""
+
+        async def wait() -> Any:
+            return await awaitable
+
+        return self.trio.from_thread.run(wait, trio_token=self.token)
+
+    def stop(self) -> None:
+        """Cancel what runs on the loop and end its thread (releasing its fds)."""
+        try:
+            self.token.run_sync_soon(self.nursery.cancel_scope.cancel)
+        except self.trio.RunFinishedError:
+            pass
+
+
+class HandlerThreads:
+    """A worker's executor threads (idle ones wait in a queue) and its trio loop.
+
+    ``loop`` is None until :meth:`start_loop` first runs: a worker that never runs async
+    code never imports trio.
+    """
+
+    def __init__(self) -> None:
+        self.idle: SimpleQueue[Executor] = SimpleQueue()
+        self.stopped = threading.Event()
+        self.loop: TrioLoop | None = None
+        self._loop_lock = threading.Lock()
+
+    def executor(self) -> Executor:
+        """An idle executor thread, or a new one."""
+        try:
+            return self.idle.get_nowait()
+        except Empty:
+            return Executor(self.idle, self.stopped)
+
+    def start_loop(self) -> TrioLoop:
+        """The trio loop, started on the first call (from any thread)."""
+        with self._loop_lock:
+            if self.loop is None:
+                self.loop = TrioLoop()
+            return self.loop
+
+    def stop(self) -> None:
+        """End the idle threads and the loop; busy threads end after their handler."""
+        self.stopped.set()
+        while not self.idle.empty():
+            self.idle.get_nowait().submit(None)
+        if self.loop is not None:
+            self.loop.stop()
