@@ -381,6 +381,7 @@ class RayLauncher:
         self._local_cpus = local_cpus
         self._listener = ActorListener()
         self._actor_class: Any = None
+        self._up = trio.Event()
         #: The node of each worker started, by worker id (the last ``_NODES_KEPT``).
         self.nodes: OrderedDict[str, str | None] = OrderedDict()
 
@@ -389,13 +390,21 @@ class RayLauncher:
         return self._listener.refused
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect to Ray and listen for actors until cancelled; started once both are up."""
-        async with self._ray_kept() as (ray, local):
-            from .worker.ray_actor import RayWorkerActor
+        """Connect to Ray and listen for actors until cancelled; started once both are up
+        (:meth:`open` waits for that too)."""
+        try:
+            async with self._ray_kept() as (ray, local):
+                from .worker.ray_actor import RayWorkerActor
 
-            self._actor_class = ray.remote(RayWorkerActor)
-            host = self.listen_host or ("127.0.0.1" if local else _node_address(ray))
-            await self._listener.serve(host, task_status=task_status)
+                host = self.listen_host or ("127.0.0.1" if local else _node_address(ray))
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._listener.serve, host)
+                    self._actor_class = ray.remote(RayWorkerActor)
+                    self._up.set()
+                    task_status.started()
+        finally:
+            self._actor_class = None
+            self._up.set()  # (open() then says the launcher is not running)
 
     @asynccontextmanager
     async def _ray_kept(self) -> AsyncIterator[tuple[Any, bool]]:
@@ -462,8 +471,10 @@ class RayLauncher:
     async def open(self) -> AsyncIterator[WorkerProcess]:
         """Start an actor; yield its worker once it connected and said ``Hello``; on exit
         it is shut down and killed. Raises ``WorkerCrashedError`` when it fails to start."""
+        with trio.move_on_after(self.start_timeout):
+            await self._up.wait()  # connected to Ray, listening
         if self._actor_class is None:
-            raise WorkerCrashedError("the Ray launcher is not running")
+            raise WorkerCrashedError("no Ray actor can be started: the Ray launcher is not running")
         import ray
 
         async with open_ray_worker(
