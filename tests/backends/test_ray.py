@@ -310,3 +310,37 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_workers_are_recycled_by_executions(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
+    async with ray_backend(plugins, workspaces, max_executions_per_worker=2) as backend:
+        await idle_workers(backend, 1)
+        results = [await backend.execute(req("where", plugin=R)) for _ in range(5)]
+        assert len({r.worker_id for r in results}) == 3  # 2 + 2 + 1
+        assert len({r.output["pid"] for r in results}) == 3  # each a process of its own
+        assert backend.stats().workers_recycled >= 2
+
+
+async def test_an_actor_no_node_can_place_fails_the_start_clearly(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
+    options = {"resources": {"no-such-resource": 1}, "start_timeout": 1.0, "max_restarts": 0}
+    with pytest.raises(ExceptionGroup) as info:  # (the pool's start-up nursery wraps it)
+        async with ray_backend(plugins, workspaces, **options):
+            pass
+    why = "could not be started: no connection within 1 s"
+    assert info.group_contains(WorkerCrashedError, match=why, depth=None)
+    # The pending actor was killed, not left waiting for a node.
+    with trio.fail_after(30):
+        while _pending_actors():
+            await trio.sleep(0.1)
+
+
+def _pending_actors() -> list[Any]:
+    """The backend's actors not dead, from the GCS's table (the state API needs the
+    dashboard, which the tests do not start)."""
+    from ray._private import state
+
+    return [
+        actor
+        for actor in state.actors().values()
+        if actor["State"] != "DEAD" and "RayWorkerActor" in str(actor.get("ActorClassName"))
+    ]
