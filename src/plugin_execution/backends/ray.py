@@ -18,6 +18,7 @@ that already called ``ray.init`` is used as it is.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -79,12 +80,10 @@ class RayBackend(WorkerPoolBackend):
         for option in ("kind", "memory_mb", "open_files", "env"):
             if option in kwargs:
                 raise ValueError(f"{option!r} is not an option of the ray backend")
-        super().__init__(kind="thread", **kwargs)  # (no zygote; quotas are not sampled)
         if num_cpus < 0:
             raise ValueError(f"num_cpus must be >= 0, not {num_cpus}")
-        self.address = address
-        self.ship_plugins = ship_plugins
-        self._launcher = RayLauncher(
+        max_workers = kwargs.get("max_workers") or os.cpu_count() or 2
+        launcher = RayLauncher(
             address=address,
             num_cpus=num_cpus,
             resources=resources,
@@ -95,8 +94,12 @@ class RayBackend(WorkerPoolBackend):
             start_timeout=start_timeout,
             ray_init=ray_init,
             # A local instance: room for max_workers actors, or the machine's CPUs.
-            local_cpus=max(os.cpu_count() or 1, self.max_workers) * max(int(num_cpus + 0.999), 1),
+            local_cpus=max(os.cpu_count() or 1, max_workers) * max(math.ceil(num_cpus), 1),
         )
+        super().__init__(kind="thread", **kwargs)  # (no zygote; quotas are not sampled)
+        self._launcher = launcher
+        self.address = address
+        self.ship_plugins = ship_plugins
 
     # -- lifecycle ------------------------------------------------------------------------
 
