@@ -44,8 +44,8 @@ from plugin_execution import (
     PluginRegistry,
     create_execution_backend,
 )
+from plugin_execution.host.process import WorkerProcess, open_worker_process
 from plugin_execution.platform import Platform
-from plugin_execution.process import WorkerProcess, open_worker_process
 
 HERE = Path(__file__).resolve().parent
 PLUGIN_ID = "bench.platform"

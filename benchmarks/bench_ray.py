@@ -8,7 +8,7 @@ of workers (``--workers``, default 2) and the same trivial work, a 16 B echo:
   ``_handlers.echo`` registered by path (the request is built inside the timed call);
 - ``bare actor``: N plain Ray actors with an ``echo`` method, called round-robin from trio
   through the same kind of bridge the backend uses for Ray futures
-  (``host_ray.wait_ref``: ``ObjectRef.future()`` plus a done-callback that wakes the task
+  (``host.ray.wait_ref``: ``ObjectRef.future()`` plus a done-callback that wakes the task
   through ``TrioToken.run_sync_soon``, no thread per call);
 - ``worker pool`` (reference row): the local process pool, ``type="worker-pool"``.
 
@@ -41,7 +41,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported:
 
 from _common import PLUGIN_ID, bench_registry, percentile
 from plugin_execution import ExecutionRequest, create_execution_backend
-from plugin_execution.host_ray import wait_ref
+from plugin_execution.host.ray import wait_ref
 
 PAYLOAD = b"x" * 16
 CONCURRENCY = (2, 8, 64)

@@ -114,7 +114,8 @@ def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> d
 
 def zygote_pids(backend: Any, table: dict[int, tuple[int, str]]) -> set[int]:
     """The zygote's pid, and under bubblewrap the zygote's own Python process too."""
-    zygote = getattr(backend, "_zygote", None)
+    keeper = getattr(getattr(backend, "_launcher", None), "zygote", None)
+    zygote = keeper.current if keeper is not None else None
     if zygote is None:
         return set()
     pids = {zygote.pid}

@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from plugin_execution import ExecutionRequest, ExecutionResult, PluginRegistry
-from plugin_execution import process as process_module
-from plugin_execution.backends import worker_pool
 from plugin_execution.backends.base import Job
 from plugin_execution.errors import ExecutionError, WorkerCrashedError
-from plugin_execution.process import open_worker_process
+from plugin_execution.host import launchers
+from plugin_execution.host import process as process_module
+from plugin_execution.host.process import open_worker_process
 from plugin_execution.protocol import MESSAGE_TYPES, PROTOCOL_VERSION
 from plugin_execution.types import ExecutionEvent
 
@@ -467,7 +467,7 @@ async def test_the_pool_replaces_a_worker_that_breaks_the_protocol(
     rest, linger = POOL_SCRIPTS[name]
     script = Script(first=HELLO, frames=[], tail=rest, chunk=1 << 20, linger=linger)
     hostile: list[int] = []  # the fd the hostile child got: the pool's first worker
-    real_argv, real_open = process_module.worker_argv, worker_pool.open_worker_process
+    real_argv, real_open = process_module.worker_argv, launchers.open_worker_process
 
     def argv(limits: Any, fd: int, sandbox: Any = None) -> list[str]:
         if hostile:
@@ -481,7 +481,7 @@ async def test_the_pool_replaces_a_worker_that_breaks_the_protocol(
         return real_open(**options)
 
     monkeypatch.setattr(process_module, "worker_argv", argv)
-    monkeypatch.setattr(worker_pool, "open_worker_process", open_worker)
+    monkeypatch.setattr(launchers, "open_worker_process", open_worker)
     async with create_execution_backend(
         type="worker-pool",
         registry=sample_registry,

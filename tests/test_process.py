@@ -14,7 +14,7 @@ import trio
 from plugin_execution import ExecutionRequest, PluginRegistry
 from plugin_execution.backends.base import Job
 from plugin_execution.errors import ExecutionTimeoutError, WorkerCrashedError
-from plugin_execution.process import open_worker_process
+from plugin_execution.host.process import open_worker_process
 from plugin_execution.types import ExecutionEvent
 
 
@@ -29,7 +29,9 @@ async def test_handshake_and_ping_report_real_figures() -> None:
 
 async def test_a_bad_frame_kills_the_worker_with_a_clear_reason() -> None:
     async with open_worker_process() as worker:
-        await worker._stream.send_all(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # msgpack's unused byte
+        await worker.connection.stream.send_all(
+            b"\x00\x00\x00\x03\xc1\xc1\xc1"
+        )  # msgpack's unused byte
         with trio.fail_after(30):
             await worker.lost.wait()
         crash = worker.crash_error()
@@ -50,7 +52,7 @@ async def test_killed_from_outside_is_a_crash_with_the_signal() -> None:
 
 async def test_the_worker_exits_when_the_host_goes_away() -> None:
     async with open_worker_process() as worker:
-        await worker._stream.send_eof()  # the worker reads EOF, as when its host has died
+        await worker.connection.stream.send_eof()  # the worker reads EOF, as when its host has died
         with trio.fail_after(30):
             await worker.process.wait()
     assert worker.process.returncode == 0
@@ -130,7 +132,7 @@ async def test_a_later_short_deadline_fires_before_an_earlier_long_one(
             assert elapsed < 10  # long before the first execution's deadline (60 s)
             # The long one is untouched: still running, not expired, its worker alive.
             assert outcome == [] and worker.in_flight == 1
-            assert not worker._pending[long.request.execution_id].expired
+            assert not worker.calls._pending[long.request.execution_id].expired
             assert worker.alive
             nursery.cancel_scope.cancel()
         assert outcome == ["cancelled"]
@@ -145,19 +147,19 @@ async def test_deadlines_of_finished_executions_do_not_pile_up(registry: PluginR
         for i in range(200):
             result = await worker.execute(job(registry, "echo", i), backend="test")
             assert result.output == i
-            assert len(worker._deadlines) <= 2 * 1 + 33  # one in flight at a time
+            assert len(worker.calls.deadlines) <= 2 * 1 + 33  # one in flight at a time
 
         lanes = 4
 
         async def lane(n: int) -> None:
             for i in range(50):
                 assert (await worker.execute(job(registry, "echo", [n, i]), backend="t")).ok
-                assert len(worker._deadlines) <= 2 * lanes + 33
+                assert len(worker.calls.deadlines) <= 2 * lanes + 33
 
         async with trio.open_nursery() as nursery:
             for n in range(lanes):
                 nursery.start_soon(lane, n)
-        assert len(worker._deadlines) <= 2 * lanes + 33
+        assert len(worker.calls.deadlines) <= 2 * lanes + 33
         assert worker.executions == 400 and worker.in_flight == 0
         # The heap survived all that compaction: the host's timer still fires (a sync
         # handler: the worker does not time those out itself).
@@ -248,20 +250,20 @@ async def test_spinning_for_a_reply_gets_it_and_backs_off_after_a_miss(
             assert result.output == n
         # A slow handler outlasts the poll: the caller parks as usual and gets its result,
         # and the next polls are skipped (no CPU burnt waiting on a slow handler).
-        worker._spin_backoff = 0
+        worker.connection._spin_backoff = 0
         result = await worker.execute(
             job(registry, "sleep_sync", {"seconds": 0.2}), backend="test", spin=0.001
         )
         assert result.output is not None
-        assert worker._spin_backoff == 16
+        assert worker.connection._spin_backoff == 16
         await worker.execute(job(registry, "echo", 1), backend="test", spin=0.001)
-        assert worker._spin_backoff == 15
+        assert worker.connection._spin_backoff == 15
         # Nothing is polled while another task of the run is ready to run.
-        worker._spin_backoff = 0
+        worker.connection._spin_backoff = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.sleep, 0)
-            assert worker._poll(time.perf_counter() + 0.001) is False  # the sleeper runs
-            assert worker._spin_backoff == 0  # and that is no miss
+            assert worker.connection._poll(time.perf_counter() + 0.001) is False  # the sleeper runs
+            assert worker.connection._spin_backoff == 0  # and that is no miss
 
 
 class OwnSocketReady:
@@ -283,28 +285,28 @@ async def test_polling_gives_way_when_a_peer_worker_answered(registry: PluginReg
         busy.spin_with(peers)
         pending = busy.submit(job(registry, "echo", 1))
         with trio.fail_after(30):
-            while not select.select([busy._fd], [], [], 0)[0]:
+            while not select.select([busy.connection.fd], [], [], 0)[0]:
                 await trio.sleep(0.001)  # the answer is in busy's socket, unread
         started = time.perf_counter()
-        assert quiet._poll(started + 10) is True  # not ten seconds: at once
+        assert quiet.connection._poll(started + 10) is True  # not ten seconds: at once
         assert time.perf_counter() - started < 5
-        assert quiet._spin_backoff == 0
+        assert quiet.connection._spin_backoff == 0
         result = await busy.collect(pending, backend="test", sent_now=False)
         assert result.output == 1
         # Its own socket found ready by the peers' poll is no reason to give way (its answer
         # came between the read and the poll): it reads on, here until the time is up.
         quiet.spin_alone()
-        quiet._spin_peers = OwnSocketReady(quiet._fd)  # type: ignore[assignment]
-        assert quiet._poll(time.perf_counter() + 0.01) is False
-        assert quiet._spin_backoff == 16
-        quiet._spin_peers = None
+        quiet.connection._spin_peers = OwnSocketReady(quiet.connection.fd)  # type: ignore[assignment]
+        assert quiet.connection._poll(time.perf_counter() + 0.01) is False
+        assert quiet.connection._spin_backoff == 16
+        quiet.connection._spin_peers = None
         quiet.spin_with(peers)
-        quiet_fd = quiet._fd
+        quiet_fd = quiet.connection.fd
     # Leaving the poll set is part of closing: it never keeps an fd that may be reused.
     with pytest.raises(KeyError):
         peers.unregister(quiet_fd)
     with pytest.raises(KeyError):
-        peers.unregister(busy._fd)
+        peers.unregister(busy.connection.fd)
 
 
 async def test_an_answer_got_by_polling_yields_to_the_run_now_and_then(
@@ -325,12 +327,12 @@ async def test_an_answer_got_by_polling_yields_to_the_run_now_and_then(
         await worker.execute(job(registry, "echo", 0), backend="test")  # handler imported
         trio.lowlevel.add_instrument(counter)
         try:
-            worker._spin_backoff = 0
-            worker._yielded_at = time.perf_counter() + 3600  # yielded "just now"
+            worker.connection._spin_backoff = 0
+            worker.connection._yielded_at = time.perf_counter() + 3600  # yielded "just now"
             result = await worker.execute(job(registry, "echo", 1), backend="test", spin=5)
             assert result.output == 1
             assert steps == 0  # polled, answered, returned: not once through the scheduler
-            worker._yielded_at = 0.0  # long ago
+            worker.connection._yielded_at = 0.0  # long ago
             result = await worker.execute(job(registry, "echo", 2), backend="test", spin=5)
             assert result.output == 2
             assert steps == 1  # the same, then one trip through the scheduler
@@ -402,11 +404,11 @@ async def test_an_answer_read_for_the_parked_reader_wakes_it(registry: PluginReg
             with trio.fail_after(30):  # a reader left parked would hang here
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(collect)
-                    while worker._parked is None:
+                    while worker.connection._parked is None:
                         await trio.sleep(0.01)
                     # Read the answer here, in this task, the moment it comes.
                     while not pending.done:
-                        worker._spin_backoff = 0
+                        worker.connection._spin_backoff = 0
                         worker.read_for_reader(0.05)
                         await trio.lowlevel.checkpoint()
             assert len(outcome) == 1 and outcome[0].output is not None  # type: ignore[attr-defined]
@@ -415,11 +417,11 @@ async def test_an_answer_read_for_the_parked_reader_wakes_it(registry: PluginReg
             with trio.fail_after(30):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(collect)
-                    while worker._parked is None:
+                    while worker.connection._parked is None:
                         await trio.sleep(0.01)
                     os.kill(worker.pid, signal.SIGKILL)
                     while worker.alive:
-                        worker._spin_backoff = 0
+                        worker.connection._spin_backoff = 0
                         worker.read_for_reader(0.05)
                         await trio.sleep(0.01)
                     await worker.lost.wait()
@@ -430,9 +432,9 @@ async def test_an_answer_read_for_the_parked_reader_wakes_it(registry: PluginReg
 
 def test_a_channel_is_alone_when_no_other_sent_lately() -> None:
     """The test ChannelBridge.pump_in makes before polling for an answer."""
-    from plugin_execution.process import WorkerProcess
+    from plugin_execution.host.connection import WorkerConnection
 
-    proc = WorkerProcess.__new__(WorkerProcess)
+    proc = WorkerConnection.__new__(WorkerConnection)
     proc._channel_sends = [(float("-inf"), None)] * 2
     a, b = object(), object()
     assert proc.channel_sent(a, 0.0, 0.005)  # type: ignore[arg-type]
@@ -444,8 +446,8 @@ def test_a_channel_is_alone_when_no_other_sent_lately() -> None:
 
 async def test_only_a_worker_of_its_own_process_is_polled_for_answers() -> None:
     """Polling for an answer holds the GIL a thread worker needs to produce it, and needs a
-    second CPU for a process worker: neither polls otherwise (see WorkerProcess.spin_ok)."""
-    from plugin_execution.worker.in_thread import open_worker_thread
+    second CPU for a process worker: neither polls otherwise (see WorkerConnection.spin_ok)."""
+    from plugin_execution.host.thread import open_worker_thread
 
     async with open_worker_thread() as thread_worker:
         assert thread_worker.spin_ok is False

@@ -14,7 +14,7 @@ import trio
 from tests.test_process import job
 
 from plugin_execution import PluginRegistry
-from plugin_execution.process import serve_worker, worker_socketpair
+from plugin_execution.host.process import serve_worker, worker_socketpair
 from plugin_execution.worker.ray_actor import _ActorWorker
 
 

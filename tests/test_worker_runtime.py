@@ -156,8 +156,8 @@ async def test_an_abandoned_thread_handler_never_writes_to_a_reused_fd(
 
     from plugin_execution.backends.base import Job
     from plugin_execution.errors import ExecutionTimeoutError
+    from plugin_execution.host.thread import open_worker_thread
     from plugin_execution.types import ExecutionRequest
-    from plugin_execution.worker.in_thread import open_worker_thread
 
     request = ExecutionRequest(plugin_id=P, handler_id="sleep_sync", input={"seconds": 0.5})
     job = Job(

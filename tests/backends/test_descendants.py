@@ -153,9 +153,9 @@ async def test_what_a_crashed_worker_left_dies_too(
 async def forked_from_zygote(backend: Any) -> None:
     """Wait for the pool's zygote, then make the pool's one worker a fork of it."""
     with trio.fail_after(30):
-        while backend._zygote is None:
+        while backend._launcher.zygote.current is None:
             await trio.sleep(0.05)
-    ours = {backend._zygote.pid}
+    ours = {backend._launcher.zygote.current.pid}
     for _ in range(20):
         result = await backend.execute(
             ExecutionRequest(plugin_id=P, handler_id="nap_sync", input={"seconds": 0})

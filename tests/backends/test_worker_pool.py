@@ -602,7 +602,9 @@ async def test_workers_never_see_the_hosts_environment(registry, workspaces, mon
     ) as backend:
         await full_strength(backend, 1)
         with trio.fail_after(30):
-            while backend._zygote is None:  # let the zygote come up: later workers are forked
+            while (
+                backend._launcher.zygote.current is None
+            ):  # let the zygote come up: later workers are forked
                 await trio.sleep(0.02)
         pids = set()
         for _ in range(8):
@@ -621,7 +623,7 @@ async def test_leaving_with_forked_workers_is_clean(registry, workspaces) -> Non
             registry, workspaces, min_workers=2, max_workers=2, max_executions_per_worker=2
         ) as backend:
             with trio.fail_after(30):
-                while backend._zygote is None:
+                while backend._launcher.zygote.current is None:
                     await trio.sleep(0.02)
             async with trio.open_nursery() as nursery:
                 for _ in range(4):

@@ -96,7 +96,7 @@ class Sampler:
 
     async def run(self) -> None:
         with trio.fail_after(30):
-            while self.backend._zygote is None:
+            while self.backend._launcher.zygote.current is None:
                 await trio.sleep(0.01)
         while True:
             seen = live_workers()
@@ -264,7 +264,9 @@ async def test_workers_killed_with_their_zygote_are_restarts_not_the_works_fault
         with trio.fail_after(30):
             while True:  # the first worker may predate the zygote: replace it until forked
                 pid = (await backend.execute(req("whoami"))).output["pid"]
-                if backend._zygote is not None and pid in child_pids(backend._zygote.pid):
+                if backend._launcher.zygote.current is not None and pid in child_pids(
+                    backend._launcher.zygote.current.pid
+                ):
                     break
                 restarts = backend.stats().details["restarts"]
                 os.kill(pid, signal.SIGKILL)
@@ -272,7 +274,7 @@ async def test_workers_killed_with_their_zygote_are_restarts_not_the_works_fault
                     await trio.sleep(0.02)
                 await full_strength(backend, 1)
         restarts = backend.stats().details["restarts"]
-        zygote = backend._zygote.pid
+        zygote = backend._launcher.zygote.current.pid
         async with trio.open_nursery() as nursery:
 
             async def kill_zygote() -> None:

@@ -30,8 +30,8 @@ from plugin_execution import (
     WorkspaceManager,
     create_execution_backend,
 )
+from plugin_execution.host.process import WorkerProcess
 from plugin_execution.platform import EventBus, MemoryCache, Platform
-from plugin_execution.process import WorkerProcess
 from plugin_execution.protocol import MAX_ID_LENGTH
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
@@ -278,7 +278,7 @@ async def test_platform_calls_for_unknown_executions_leave_nothing(
             assert result.output == 3000
             await trio.testing.wait_all_tasks_blocked(0.05)
         (proc,) = _procs(backend)
-        assert proc.alive and proc._calls == {} and list(proc._jobs) == []
+        assert proc.alive and proc.calls._calls == {} and list(proc.calls._jobs) == []
         within(growth, 0, slack=8 * MiB)
 
 
@@ -299,7 +299,7 @@ async def test_huge_execution_ids_are_a_protocol_error(
             with trio.fail_after(30):
                 while not _procs(backend):
                     await trio.sleep(0.05)
-            assert all(proc._calls == {} for proc in _procs(backend))
+            assert all(proc.calls._calls == {} for proc in _procs(backend))
 
 
 @pytest.mark.parametrize("kind", ["worker-pool", "subprocess"])

@@ -14,14 +14,20 @@ time is the whole worker's (with ``max_concurrency_per_worker=1`` that is this e
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
+from .._groups import unwrap_single
 from ..errors import WorkerCrashedError
+from ..host.handle import WorkerHandle
 from ..manifest import Quotas
-from ..process import WorkerProcess
 
-__all__ = ["SAMPLE_INTERVAL_S", "watch_quotas"]
+if TYPE_CHECKING:
+    from ..types import ExecutionResult
+    from .job import Job
+
+__all__ = ["SAMPLE_INTERVAL_S", "execute_watched", "watch_quotas"]
 
 SAMPLE_INTERVAL_S = 0.05
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -39,22 +45,25 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-async def watch_quotas(proc: WorkerProcess, quotas: Quotas) -> None:
+async def watch_quotas(proc: WorkerHandle, quotas: Quotas) -> None:
     """Sample ``proc`` until cancelled; kill it when it goes over ``quotas``.
 
     Run it next to the execution and cancel it when the execution ends. Returns early if
-    the worker is gone.
+    the worker is gone, or is no process of its own (a thread: nothing to sample).
     """
+    pid = proc.pid
+    if pid is None:
+        return
     try:
-        cpu_start = _cpu_seconds(proc.pid)
+        cpu_start = _cpu_seconds(pid)
     except (OSError, IndexError, ValueError):
         return
     memory = quotas.memory_mb * 1024 * 1024 if quotas.memory_mb is not None else None
     while proc.alive:
         await trio.sleep(SAMPLE_INTERVAL_S)
         try:
-            rss = _rss_bytes(proc.pid)
-            cpu = _cpu_seconds(proc.pid) - cpu_start
+            rss = _rss_bytes(pid)
+            cpu = _cpu_seconds(pid) - cpu_start
         except (OSError, IndexError, ValueError):
             return  # the process is gone; its reader reports how
         if memory is not None and rss > memory:
@@ -76,3 +85,25 @@ async def watch_quotas(proc: WorkerProcess, quotas: Quotas) -> None:
                 )
             )
             return
+
+
+async def execute_watched(
+    proc: WorkerHandle,
+    job: Job,
+    quotas: Quotas,
+    *,
+    backend: str,
+    workspace: str,
+    cancel_grace: float,
+) -> ExecutionResult:
+    """Execute ``job`` on ``proc`` with its plugin's memory / CPU ``quotas`` sampled from the
+    host meanwhile (:func:`watch_quotas`): a shared worker cannot take per-execution rlimits."""
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_quotas, proc, quotas)
+            try:
+                return await proc.execute(
+                    job, backend=backend, workspace=workspace, cancel_grace=cancel_grace
+                )
+            finally:
+                nursery.cancel_scope.cancel()

@@ -2,8 +2,9 @@
 
 Everything of the pool stays: the supervisor, the queue (``QueueFullError``,
 ``AcquireTimeoutError``), growth and shrinking, recycling, health checks, the restart
-strategy and the crash breaker. Only where a worker runs changes: each is a Ray actor (see
-``host_ray`` and ``worker/ray_actor``) that connects back to this host over TCP and speaks
+strategy and the crash breaker. Only where a worker runs changes: the pool's launcher is a
+:class:`~plugin_execution.host.ray.RayLauncher`, whose workers are Ray actors (see
+``host/ray.py`` and ``worker/ray_actor.py``) that connect back to this host over TCP and speak
 the worker protocol there, so platform calls and their permission checks run here, on the
 driver, never on the remote side. Results carry ``metadata["node_id"]``; a worker lost with
 its node (or killed, or crashed) fails its in-flight executions with ``WorkerCrashedError``
@@ -20,17 +21,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import trio
-
 from ..errors import InvalidRequestError
-from ..host_ray import RayLauncher
-from ..process import WorkerProcess
+from ..host.ray import RayLauncher
 from ..types import ExecutionResult
-from .base import Job
+from .job import Job
 from .worker_pool import WorkerPoolBackend
 
 __all__ = ["RayBackend", "ray_available"]
@@ -39,7 +35,7 @@ _MISSING = "the ray backend needs Ray: pip install 'plugin-execution[ray]'"
 
 
 def ray_available() -> bool:
-    """Whether Ray can be imported (without importing it: see ``host_ray._loopback_ray``)."""
+    """Whether Ray can be imported (without importing it: see ``host.ray._loopback_ray``)."""
     return importlib.util.find_spec("ray") is not None
 
 
@@ -96,49 +92,22 @@ class RayBackend(WorkerPoolBackend):
             # A local instance: room for max_workers actors, or the machine's CPUs.
             local_cpus=max(os.cpu_count() or 1, max_workers) * max(math.ceil(num_cpus), 1),
         )
-        super().__init__(kind="thread", **kwargs)  # (no zygote; quotas are not sampled)
-        self._launcher = launcher
+        super().__init__(launcher=launcher, **kwargs)
+        self._ray = launcher
         self.address = address
         self.ship_plugins = ship_plugins
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def _open(self, stack: AsyncExitStack) -> None:
-        # The launcher (Ray, the listener) outlives the supervisor, entered after it and so
-        # left before: the workers stop while Ray is still there.
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await nursery.start(self._launcher.run)
-        stack.callback(nursery.cancel_scope.cancel)  # (runs before the nursery exits)
-        await super()._open(stack)
 
     def _roots(self) -> list[str]:
         roots = {m.root for m in self.registry if getattr(m, "root", None)}
         return sorted(os.fspath(root) for root in roots if root)
 
-    # -- workers --------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _open_worker(self, *, slot_held: bool = False) -> AsyncIterator[WorkerProcess]:
-        """Start an actor worker once a slot is free (as the pool's own ``_open_worker``)."""
-        if not slot_held:
-            await self._take_process_slot()
-        try:
-            async with self._launcher.open() as worker:
-                yield worker
-        finally:
-            self._process_slots.release()
-
     async def _run(self, job: Job) -> ExecutionResult:
         result = await super()._run(job)
         if result.worker_id is not None:
-            result.metadata["node_id"] = self._launcher.nodes.get(result.worker_id)
+            result.metadata["node_id"] = self._ray.nodes.get(result.worker_id)
         return result
 
     # -- observing ------------------------------------------------------------------------
 
     def _stats_details(self) -> dict[str, Any]:
-        refused = self._launcher.connections_refused
-        return {**super()._stats_details(), "connections_refused": refused}
-
-    def _health_details(self) -> dict[str, Any]:
-        return {**super()._health_details(), "kind": "ray", "address": self.address}
+        return {**super()._stats_details(), **self._ray.health_details()}

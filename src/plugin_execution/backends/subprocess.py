@@ -30,12 +30,14 @@ import trio
 
 from ..channels.bridge import run_session
 from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
+from ..host.handle import WorkerHandle
+from ..host.launchers import ProcessLauncher
+from ..host.limits import WorkerLimits
+from ..host.zygote import BASE_ENV, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..process import WorkerLimits, WorkerProcess, open_worker_process
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
-from ..zygote import BASE_ENV, Zygote, open_zygote
 from ._breaker import CrashBreaker
 from .base import ExecutionBackend, Job
 
@@ -119,12 +121,19 @@ class SubprocessBackend(ExecutionBackend):
         self._start_timeout = start_timeout
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
-        self._live: set[WorkerProcess] = set()  # children running an execution
+        self._live: set[WorkerHandle] = set()  # children running an execution
         self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
         self._children = 0
-        self._zygote: Zygote | None = None
-        self._zygote_ready = trio.Event()
-        self.zygote_restarts = 0
+        keeper = None
+        if start_method == "zygote":
+            keeper = ZygoteKeeper(
+                wrapper=self._zygote_wrapper,
+                start_timeout=start_timeout,
+                first_delay=0.05,
+                max_delay=5.0,
+            )
+        # One fresh worker per execution: spawned, or forked by the zygote it keeps.
+        self._launcher = ProcessLauncher(zygote=keeper, close_grace=cancel_grace, sweep_group=True)
         self.spawned_instead_of_zygote = 0
 
     async def _start(self, nursery: trio.Nursery) -> None:
@@ -136,36 +145,28 @@ class SubprocessBackend(ExecutionBackend):
                 "; ".join(f"{name} ({why})" for name, why in self._sandbox.missing.items()),
             )
         if self.start_method == "zygote":
-            await nursery.start(self._keep_zygote)
+            await nursery.start(self._launcher.run)
 
-    async def _keep_zygote(self, task_status: trio.TaskStatus[None]) -> None:
-        """Own the zygote: start it, and replace it (with backoff) whenever it dies."""
-        delay = 0.05
-        while True:
-            wrapper = await trio.to_thread.run_sync(self._zygote_wrapper)  # globs, stats
-            async with open_zygote(start_timeout=self._start_timeout, wrapper=wrapper) as zygote:
-                self._zygote = zygote
-                self._zygote_ready.set()
-                if delay == 0.05:
-                    task_status.started()
-                await zygote.lost.wait()
-            self._zygote_ready = trio.Event()
-            self.zygote_restarts += 1
-            await trio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    @property
+    def zygote_restarts(self) -> int:
+        keeper = self._launcher.zygote
+        return keeper.restarts if keeper is not None else 0
 
-    async def _zygote_for_spawn(self, job: Job) -> Zygote | None:
-        if self.start_method != "zygote":
-            return None
+    async def _forked(self, job: Job) -> bool:
+        """Whether ``job``'s child is forked by the zygote (once it is up, within the job's
+        deadline) rather than spawned."""
+        keeper = self._launcher.zygote
+        if keeper is None:
+            return False
         assert self._sandbox is not None
         if not self._sandbox.fits_zygote(job.target.permissions, job.target.root):
             # Under bubblewrap the zygote's view of the file system was fixed when it started;
             # a plugin whose files it does not show gets a spawned child of its own.
             self.spawned_instead_of_zygote += 1
-            return None
+            return False
         with trio.CancelScope(deadline=job.deadline):
-            await self._zygote_ready.wait()
-            return self._zygote
+            await keeper.ready.wait()
+            return True
         raise job.timeout_error(" while the zygote was being restarted")
 
     def _limits(self, job: Job) -> WorkerLimits:
@@ -219,9 +220,9 @@ class SubprocessBackend(ExecutionBackend):
             self._abort_scopes.add(scope)
             try:
                 async with self._slot(job):
-                    zygote = await self._zygote_for_spawn(job)
+                    forked = await self._forked(job)
                     async with self.workspaces.lease(job.request.execution_id) as lease:
-                        return await self._run_in_child(job, str(lease.dir), zygote)
+                        return await self._run_in_child(job, str(lease.dir), forked)
             finally:
                 self._abort_scopes.discard(scope)
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
@@ -267,28 +268,23 @@ class SubprocessBackend(ExecutionBackend):
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def _run_in_child(
-        self, job: Job, workspace: str, zygote: Zygote | None
-    ) -> ExecutionResult:
+    async def _run_in_child(self, job: Job, workspace: str, forked: bool) -> ExecutionResult:
         self._children += 1
         started = False
-        group: int | None = None
         env = child_environment(job.target.permissions, workspace)
-        sandbox = self._child_sandbox(job, workspace, env, zygote is not None)
+        sandbox = self._child_sandbox(job, workspace, env, forked)
         try:
-            async with open_worker_process(
+            async with self._launcher.open(
                 cwd=workspace,
                 env=env,
                 limits=self._limits(job),
-                zygote=zygote,
+                sandbox=sandbox,
+                forked=forked,
                 start_timeout=max(
                     0.0, min(self._start_timeout, job.deadline - trio.current_time())
                 ),
-                close_grace=self.cancel_grace,
-                sandbox=sandbox,
             ) as worker:
                 started = True
-                group = worker.pid  # the leader of the child's process group
                 run = worker.execute if job.channel is None else partial(run_session, worker)
                 self._live.add(worker)
                 try:
@@ -304,8 +300,6 @@ class SubprocessBackend(ExecutionBackend):
             raise
         finally:
             self._children -= 1
-            if group is not None:
-                _end_group(group)
         return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
@@ -355,8 +349,7 @@ class SubprocessBackend(ExecutionBackend):
             "crash_breaker": self._breaker.details(),
         }
         if self.start_method == "zygote":
-            details["zygote_pid"] = self._zygote.pid if self._zygote else None
-            details["zygote_restarts"] = self.zygote_restarts
+            details.update(self._launcher.health_details())
             details["spawned_instead_of_zygote"] = self.spawned_instead_of_zygote
         if self._sandbox is not None:
             details["sandbox"] = self._sandbox.report(self.start_method)
@@ -387,15 +380,3 @@ def _took(limiter: trio.CapacityLimiter) -> bool:
     except trio.WouldBlock:
         return False
     return True
-
-
-def _end_group(leader: int) -> None:
-    """Kill what is left of an ended child's process group: processes a plugin started (with
-    ``shell.allow``) and left running. The sandbox's seccomp filter keeps them from leaving the
-    group. The leader is reaped by now; its id stays reserved while the group has members, and
-    with none left this finds nobody (a fresh process could only get that id as its group id
-    after the kernel's pid counter wrapped around)."""
-    try:
-        os.killpg(leader, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

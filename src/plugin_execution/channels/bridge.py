@@ -33,7 +33,7 @@ from .channel import ChannelClosed
 
 if TYPE_CHECKING:
     from ..backends.job import Job
-    from ..process import WorkerProcess
+    from ..host.handle import WorkerHandle
     from ..types import ExecutionResult
     from .channel import Channel
 
@@ -54,7 +54,7 @@ class ChannelBridge:
     of ``pump_out`` per round trip.
     """
 
-    def __init__(self, proc: WorkerProcess, channel: Channel, channel_id: str, window: int):
+    def __init__(self, proc: WorkerHandle, channel: Channel, channel_id: str, window: int):
         self._proc = proc
         self._channel = channel
         self.channel_id = channel_id
@@ -111,7 +111,7 @@ class ChannelBridge:
                 if self._consumed >= self._ack_every:
                     messages, self._consumed = self._consumed, 0
                     try:
-                        await proc._send(
+                        await proc.send(
                             ChannelCredit(channel_id=self.channel_id, messages=messages)
                         )
                     except ExecutionError:
@@ -135,7 +135,7 @@ class ChannelBridge:
                     await self._credit_wake.wait()
                 self._credit -= 1
                 try:
-                    await proc._send_frame(proc._conn.send_channel_data(self.channel_id, message))
+                    await proc.send_channel_data(self.channel_id, message)
                 except ExecutionError:
                     return  # the worker is gone: the execution reports it
                 # Alone on the worker, its answer (if any) is usually tens of microseconds
@@ -181,7 +181,7 @@ class ChannelBridge:
 
 
 async def run_session(
-    proc: WorkerProcess,
+    proc: WorkerHandle,
     job: Job,
     *,
     backend: str,
@@ -190,7 +190,7 @@ async def run_session(
 ) -> ExecutionResult:
     """Run ``job``'s session handler on ``proc``, bridging ``job.channel`` to it.
 
-    Returns or raises like :meth:`WorkerProcess.execute`. Messages the worker sent before
+    Returns or raises like :meth:`WorkerHandle.execute`. Messages the worker sent before
     its handler ended are delivered first (also when the handler failed). Cancelling the call
     stops the execution (``Cancel``, then the worker is killed after ``cancel_grace``).
     """
@@ -200,7 +200,7 @@ async def run_session(
     bridge = ChannelBridge(proc, channel, channel.connection_id, window)
     proc.channels[bridge.channel_id] = bridge
     try:
-        await proc._send(
+        await proc.send(
             ChannelOpen(
                 channel_id=bridge.channel_id,
                 execution_id=job.request.execution_id,

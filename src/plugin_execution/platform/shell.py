@@ -37,8 +37,8 @@ import attrs
 import trio
 
 from ..errors import ExecutionTimeoutError, InvalidRequestError
+from ..host.limits import WorkerLimits
 from ..manifest import Permissions
-from ..process import WorkerLimits
 from ..sandbox import launcher
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect

@@ -1,10 +1,10 @@
-"""The host's side of Ray actor workers: start one, take its connection back, serve it.
+"""Ray actor workers, host side: the launcher of the Ray backend (``kind="ray"``).
 
 A worker on Ray is a :class:`~plugin_execution.worker.ray_actor.RayWorkerActor` whose
 ``serve`` call connects back to the host over TCP. The host listens (:class:`ActorListener`)
 and admits a connection only once it sent the backend's secret token: anything else is
 dropped before a single frame of it is read. The admitted socket is then served by
-:func:`~plugin_execution.process.serve_worker` like any worker's, with a child-like
+:func:`~plugin_execution.host.process.serve_worker` like any worker's, with a child-like
 :class:`ActorRun` standing in for the process: its ``wait()`` ends when the actor's
 ``serve`` call ends (returned, or failed: the actor died, its node was lost...), and killing
 it is ``ray.kill``. Executions, events, platform calls (served and checked here, on the
@@ -33,9 +33,9 @@ from typing import Any
 import outcome
 import trio
 
-from .errors import InvalidRequestError, WorkerCrashedError
+from ..errors import InvalidRequestError, WorkerCrashedError
+from ..worker.ray_actor import PREAMBLE
 from .process import WorkerProcess, serve_worker
-from .worker.ray_actor import PREAMBLE
 
 __all__ = [
     "ActorListener",
@@ -306,7 +306,13 @@ async def open_ray_worker(
         run.pid = int(start.hello.get("pid") or 0)
         run.node_id = str(start.hello.get("node_id") or "") or None
         async with serve_worker(  # it owns the socket from here on
-            run, sock, None, kill=run.kill, start_timeout=start_timeout, close_grace=close_grace
+            run,
+            sock,
+            None,
+            kill=run.kill,
+            spin_ok=False,  # its answers come over TCP from another process, often a node
+            start_timeout=start_timeout,
+            close_grace=close_grace,
         ) as worker:
             yield worker
     finally:
@@ -340,7 +346,8 @@ def _loopback_ray() -> Any:
 
 
 class RayLauncher:
-    """Starts workers as Ray actors (a ``WorkerLauncher`` of kind ``"ray"``).
+    """Starts workers as Ray actors: a :class:`~plugin_execution.host.handle.WorkerLauncher`
+    of kind ``"ray"``, for ``WorkerPoolBackend(launcher=...)``.
 
     :meth:`run` keeps what the actors share: the connection to Ray (a local instance on
     loopback when ``address`` is None, started for the run and shut down after it; else the
@@ -394,7 +401,7 @@ class RayLauncher:
         (:meth:`open` waits for that too)."""
         try:
             async with self._ray_kept() as (ray, local):
-                from .worker.ray_actor import RayWorkerActor
+                from ..worker.ray_actor import RayWorkerActor
 
                 host = self.listen_host or ("127.0.0.1" if local else _node_address(ray))
                 async with trio.open_nursery() as nursery:
@@ -490,7 +497,6 @@ class RayLauncher:
             self.nodes[worker.worker_id] = worker.process.node_id
             while len(self.nodes) > _NODES_KEPT:
                 self.nodes.popitem(last=False)
-            worker.spin_ok = False  # its answer comes over TCP from another process
             yield worker
 
     def health_details(self) -> dict[str, Any]:

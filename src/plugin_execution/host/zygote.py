@@ -5,8 +5,9 @@
 process, forked from the warm zygote, that the zygote reaps and reports back. The wire format
 of the control channel is documented in ``worker/zygote.py``.
 
-A ``ZygoteChild`` looks like a ``trio.Process`` to :class:`~plugin_execution.process.WorkerProcess`
-(``pid``, ``returncode``, ``await wait()``), so every start method shares one code path.
+A ``ZygoteChild`` looks like a ``trio.Process`` to the worker handle
+(:class:`~plugin_execution.host.process.WorkerProcess`: ``pid``, ``returncode``, ``await
+wait()``), so every start method shares one code path.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import msgpack
 import trio
 
-from ._groups import unwrap_single
-from .errors import WorkerCrashedError
+from .._groups import unwrap_single
+from ..errors import WorkerCrashedError
 
-__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "open_zygote"]
+__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "ZygoteKeeper", "open_zygote"]
 
 _MAX_MESSAGE = 1 << 20
 #: The host variables every worker child (and the zygote) gets: nothing else of the host's.
@@ -272,3 +273,74 @@ async def open_zygote(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+class ZygoteKeeper:
+    """Keeps one zygote up for a backend: starts it, and replaces it (with backoff) whenever
+    it dies. ``current`` is the live zygote, or None while there is none; ``ready`` is set
+    while there is one.
+
+    ``wrapper`` (run in a thread before each start: it may glob and stat) gives the command
+    prefix the zygote runs under (see :func:`open_zygote`). ``on_error``: called with the
+    error when a zygote fails to start, which is then retried; None: the error propagates.
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        wrapper: Callable[[], Sequence[str]] | None = None,
+        start_timeout: float = 30.0,
+        first_delay: float = 0.1,
+        max_delay: float = 30.0,
+        on_error: Callable[[WorkerCrashedError], None] | None = None,
+    ) -> None:
+        self.current: Zygote | None = None
+        self.ready = trio.Event()
+        #: Zygotes started after the first one.
+        self.restarts = 0
+        self._env = env
+        self._wrapper = wrapper
+        self._start_timeout = start_timeout
+        self._first_delay = first_delay
+        self._max_delay = max_delay
+        self._on_error = on_error
+
+    def live(self) -> Zygote | None:
+        """The zygote to fork from now: None while it is down (start workers another way)."""
+        zygote = self.current
+        return None if zygote is None or zygote.lost.is_set() else zygote
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a zygote until cancelled; ``task_status.started()`` once the first is up (or
+        failed, with ``on_error``). Its children still running when this ends are killed."""
+        delay = self._first_delay
+        started = False
+        while True:
+            wrapper: Sequence[str] = ()
+            if self._wrapper is not None:
+                wrapper = await trio.to_thread.run_sync(self._wrapper)
+            try:
+                async with open_zygote(
+                    start_timeout=self._start_timeout, wrapper=wrapper, env=self._env
+                ) as zygote:
+                    self.current = zygote
+                    self.ready.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await zygote.lost.wait()
+            except WorkerCrashedError as exc:
+                if self._on_error is None:
+                    raise
+                self._on_error(exc)
+            finally:
+                self.current = None
+                if self.ready.is_set():
+                    self.ready = trio.Event()
+            if not started:
+                started = True
+                task_status.started()
+            self.restarts += 1
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._max_delay)

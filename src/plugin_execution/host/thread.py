@@ -9,7 +9,6 @@ on its own daemon thread, its result discarded) while the pool starts a replacem
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -17,8 +16,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..process import WorkerProcess, serve_worker, worker_socketpair
-from .runtime import Worker
+from ..worker.runtime import Worker
+from .process import WorkerProcess, serve_worker, worker_socketpair
 
 __all__ = ["open_worker_thread"]
 
@@ -27,7 +26,7 @@ class _WorkerThread:
     """A ``ChildProcess`` look-alike for a thread: ``returncode`` is 0 once it ended."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.pid = os.getpid()
+        self.pid = None  # no process of its own
         self.returncode: int | None = None
         self._sock = sock
         self._ended = trio.Event()
@@ -73,8 +72,8 @@ async def open_worker_thread(
         host_sock,
         None,
         kill=thread.kill,
+        spin_ok=False,  # it needs the GIL a polling host thread would hold
         start_timeout=start_timeout,
         close_grace=close_grace,
     ) as worker:
-        worker.spin_ok = False  # it needs the GIL a polling host thread would hold
         yield worker

@@ -1,0 +1,101 @@
+"""The pool's records of its worker slots, and the settings its parts read.
+
+A leaf of the pool's package: :mod:`.queue` and :mod:`.actors` both work on these records,
+and read the pool's options through :class:`PoolOptions` (the backend is one), so neither
+imports the other or the backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from ...host.handle import WorkerHandle
+
+__all__ = ["PoolOptions", "Spare", "Worker", "WorkerState"]
+
+WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
+
+
+class PoolOptions(Protocol):
+    """The options of a pool (see ``WorkerPoolBackend``), read live by its parts."""
+
+    min_workers: int
+    max_workers: int
+    idle_timeout: float
+    max_concurrency_per_worker: int
+    max_concurrent_per_plugin: int | None
+    warmup_policy: Literal["none", "marked", "top_n"]
+    warmup_top_n: int
+    max_warm_handlers: int
+    max_queue: int
+    acquire_timeout: float
+    max_executions_per_worker: int
+    max_worker_uptime: float
+    max_worker_memory_mb: float | None
+    health_check_interval: float
+    health_check_timeout: float
+    cancel_grace: float
+    shutdown_timeout: float
+
+
+class Worker:
+    """The pool's record of one worker slot: the handle it serves on now (``proc``), what
+    runs there, and its recycling (``retire``, set by :meth:`drain`; a spare successor)."""
+
+    __slots__ = (
+        "executions",
+        "idle",
+        "last_used",
+        "name",
+        "permanent",
+        "proc",
+        "retire",
+        "retire_reason",
+        "running",
+        "sessions",
+        "spare",
+        "spare_wanted",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, name: str, permanent: bool) -> None:
+        self.name = name
+        self.permanent = permanent
+        self.state: WorkerState = "starting"
+        self.proc: WorkerHandle | None = None
+        self.running = 0
+        self.sessions = 0  # channel sessions: they share the worker, taking no slot
+        self.executions = 0
+        self.started_at = time.monotonic()
+        self.last_used = time.monotonic()
+        self.retire = trio.Event()
+        self.retire_reason = ""
+        self.idle = trio.Event()
+        self.spare: Spare | None = None  # its successor, started ahead of its recycling
+        self.spare_wanted = trio.Event()
+
+    def drain(self, reason: str) -> None:
+        """Take no more work to this worker; its actor replaces it once it is idle."""
+        if not self.retire.is_set():
+            self.retire_reason = reason
+            self.state = "draining"
+            self.retire.set()
+
+
+class Spare:
+    """A worker started ahead for a slot: ``ready`` once it is up (``proc``) or failed
+    (``proc`` None); ``done`` ends its life (the slot served on it and retired it);
+    cancelling ``scope`` gives its process slot back to a worker that needs one."""
+
+    __slots__ = ("done", "proc", "ready", "scope")
+
+    def __init__(self) -> None:
+        self.proc: WorkerHandle | None = None
+        self.ready = trio.Event()
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
