@@ -344,3 +344,32 @@ def _pending_actors() -> list[Any]:
         for actor in state.actors().values()
         if actor["State"] != "DEAD" and "RayWorkerActor" in str(actor.get("ActorClassName"))
     ]
+
+
+async def test_wait_ref_brings_ray_futures_into_trio() -> None:
+    from plugin_execution.host.ray import wait_ref
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, value: int) -> int:
+            return value
+
+        def fail(self) -> None:
+            raise ValueError("no")
+
+        def slow(self) -> None:
+            import time
+
+            time.sleep(3)
+
+    actor = Echo.remote()  # type: ignore[attr-defined]
+    try:
+        assert await wait_ref(actor.echo.remote(7)) == 7
+        with pytest.raises(ValueError, match="no"):  # Ray's task error is also a ValueError
+            await wait_ref(actor.fail.remote())
+        with trio.move_on_after(0.2) as scope:  # cancellable; the late answer is dropped
+            await wait_ref(actor.slow.remote())
+        assert scope.cancelled_caught
+        assert await wait_ref(actor.echo.remote(8)) == 8  # after the slow call, in order
+    finally:
+        ray.kill(actor)
