@@ -2,9 +2,10 @@
 
 First the embedded default (no ``address``): the backend starts Ray on loopback for its block
 and nothing of it is left afterwards (the autouse leak check sees every child process).
-Then ``ray.cluster_utils.Cluster`` with two nodes: executions land on both, and removing a
-node mid-run fails its in-flight caller with ``WORKER_CRASHED`` naming the node while the
-backend carries on with a replacement on the other node.
+Then ``ray.cluster_utils.Cluster`` with two nodes, which the backend joins by its address
+(and leaves running): executions land on both, and removing a node mid-run fails its in-flight
+caller with ``WORKER_CRASHED`` naming the node while the backend carries on with a
+replacement on the other node.
 """
 
 from __future__ import annotations
@@ -175,10 +176,10 @@ def _descendants(root: int) -> set[int]:
 
 @pytest.fixture
 def cluster() -> Iterator[Any]:
-    """Two nodes of 2 CPUs on loopback; the driver connected to the head."""
+    """Two nodes of 2 CPUs on loopback; no driver connected (the backend connects)."""
     cluster = Cluster(
         initialize_head=True,
-        connect=True,
+        connect=False,
         head_node_args={"num_cpus": 2, "include_dashboard": False},
     )
     try:
@@ -194,6 +195,7 @@ async def test_two_nodes_run_executions_and_survive_losing_one(plugins, cluster)
     head = cluster.head_node.node_id
     (other,) = [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
     options = {"min_workers": 2, "max_workers": 2, "scheduling_strategy": "SPREAD"}
+    options["address"] = cluster.address  # a cluster's address: connect, leave it running
     async with create_execution_backend(type="ray", registry=plugins, **options) as backend:
         LISTENER_PORTS.add(backend._launcher._listener.port)
         with trio.fail_after(60):
@@ -236,6 +238,9 @@ async def test_two_nodes_run_executions_and_survive_losing_one(plugins, cluster)
                 nursery.start_soon(lambda: _append(again, backend.execute(where(0.2))))
         assert {r.metadata["node_id"] for r in again} == {head}
         assert len({r.worker_id for r in again}) == 2
+    # The driver disconnected; the cluster (what is left of it) runs on.
+    assert not ray.is_initialized()
+    assert set(cluster.global_state._live_node_ids()) == {head}
 
 
 async def _append(results: list[Any], call: Any) -> None:
