@@ -6,6 +6,7 @@ their handler's ``os._exit``. The autouse leak check runs after each test as eve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -271,7 +272,7 @@ async def test_a_connection_without_the_token_is_dropped_unread(plugins, workspa
         assert (await backend.execute(req("echo", "still here"))).output == "still here"
 
 
-async def test_a_websocket_session_talks_to_a_handler_in_an_actor() -> None:
+async def test_websocket_channels_talk_to_handlers_in_actors() -> None:
     from tests.channels.conftest import MANIFEST, PLUGIN_ID
     from trio_websocket import open_websocket_url
 
@@ -294,13 +295,24 @@ async def test_a_websocket_session_talks_to_a_handler_in_an_actor() -> None:
             limits=ChannelLimits(),
         )
         server = await nursery.start(router.serve, "127.0.0.1", 0)
-        url = f"ws://127.0.0.1:{server.port}/v1/ws/plugins/{PLUGIN_ID}/info"
-        async with open_websocket_url(url) as ws:
+        base = f"ws://127.0.0.1:{server.port}/v1/ws/plugins/{PLUGIN_ID}"
+        async with open_websocket_url(f"{base}/info") as ws:  # session style
             info = await ws.get_message()
             assert f"'pid': {os.getpid()}" not in info  # the handler runs in the actor
             for text in ("one", "two"):
                 await ws.send_message(text)
                 assert await ws.get_message() == text
+        async with (  # events style: each event an execution on an actor
+            open_websocket_url(f"{base}/room") as alice,
+            open_websocket_url(f"{base}/room") as bob,
+        ):
+            for ws in (alice, bob):
+                assert json.loads(await ws.get_message())["type"] == "welcome"
+            await alice.send_message(json.dumps({"type": "say", "payload": "hi all"}))
+            for ws in (alice, bob):
+                assert json.loads(await ws.get_message()) == {"type": "said", "payload": "hi all"}
+            await bob.send_message('{"type": "ping", "payload": 7}')
+            assert json.loads(await bob.get_message()) == {"type": "pong", "payload": 7}
         nursery.cancel_scope.cancel()
 
 
