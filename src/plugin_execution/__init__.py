@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from .backends.base import ExecutionBackend as ExecutionBackend
     from .backends.in_process import InProcessBackend as InProcessBackend
+    from .backends.ray import RayBackend as RayBackend
     from .backends.subprocess import SubprocessBackend as SubprocessBackend
     from .backends.worker_pool import WorkerPoolBackend as WorkerPoolBackend
     from .channels.channel import Channel as Channel
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     "ExecutionBackend": "backends.base",
     "InProcessBackend": "backends.in_process",
+    "RayBackend": "backends.ray",
     "SubprocessBackend": "backends.subprocess",
     "WorkerPoolBackend": "backends.worker_pool",
     "Channel": "channels.channel",

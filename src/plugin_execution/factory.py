@@ -12,7 +12,7 @@ from .workspace import WorkspaceManager
 
 __all__ = ["BACKEND_TYPES", "create_execution_backend"]
 
-BACKEND_TYPES = ("auto", "in-process", "worker-pool", "subprocess")
+BACKEND_TYPES = ("auto", "in-process", "worker-pool", "subprocess", "ray")
 
 
 def _backend_class(type: str) -> type[ExecutionBackend]:
@@ -28,6 +28,10 @@ def _backend_class(type: str) -> type[ExecutionBackend]:
         from .backends.subprocess import SubprocessBackend
 
         return SubprocessBackend
+    if type == "ray":
+        from .backends.ray import RayBackend
+
+        return RayBackend
     raise InvalidRequestError(
         f"unknown backend type {type!r}; choose one of: {', '.join(BACKEND_TYPES)}"
     )

@@ -93,7 +93,7 @@ async def _demo(
         try:
             backend = create_execution_backend(type=kind, registry=registry)
         except InvalidRequestError as exc:
-            if "unknown backend" in exc.message:
+            if "unknown backend" in exc.message or "missing_extra" in exc.details:
                 unavailable.append((kind, exc.message))
             else:
                 rows.append(DemoRow(kind, "-", False, str(exc)))

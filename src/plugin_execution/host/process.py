@@ -359,6 +359,10 @@ class WorkerProcess:
         else:
             details["exit_code"] = code
             how = f"exited with status {code}"
+        describe = getattr(self.process, "describe_exit", None)
+        if describe is not None:  # a worker that is no child of ours says how it ended
+            how, more = describe()
+            details.update(more)
         if self._kill_error is not None:
             self._kill_error.details.update(details)
             return self._kill_error
