@@ -1,0 +1,256 @@
+"""Per-plugin placement: the sandboxed pool's queue and worker slots.
+
+On a sandboxed pool every worker belongs to one :class:`~.slots.PluginKey` (a plugin, with
+one set of permissions) from its start: its kernel sandbox is made from that plugin's grants,
+and only that plugin's executions are handed to it. :class:`PluginQueue` and
+:class:`PluginActors` are the pool's :class:`~.queue.WaitQueue` and
+:class:`~.actors.WorkerActors` with that rule; the unsandboxed pool never runs this code.
+
+- Workers are started on demand, for the plugin that waits (``min_workers`` are not started
+  ahead: a worker belongs to no plugin before its first call), and retired after
+  ``idle_timeout`` idle.
+- At most ``max_workers`` are alive in total, whatever the number of plugins. A plugin that
+  waits and has no worker gets a slot: a free one, or an idle worker of a plugin nobody waits
+  for is retired for it; when every worker is busy, the plugin with the most workers gives
+  one up (retired once its execution ends) as soon as the waiting one has queued for
+  :data:`SWITCH_AFTER_S`: a plugin waits a bounded time, and workers are not traded on every
+  call when more plugins than workers are busy.
+- Executions of one plugin are handed to its workers oldest first, as on any pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ...errors import AcquireTimeoutError, BackendClosedError, QueueFullError
+from .actors import WorkerActors
+from .queue import Waiter, WaitQueue
+from .slots import PluginKey, Worker
+
+if TYPE_CHECKING:
+    from ...host.handle import WorkerHandle
+    from ..job import Job
+
+__all__ = ["SWITCH_AFTER_S", "PluginActors", "PluginQueue", "key_of"]
+
+#: How long the oldest caller of a plugin without a worker waits, every worker being busy
+#: with other plugins, before one of them is retired for it: about what starting a sandboxed
+#: worker costs, so that at most about half the time goes to starting workers.
+SWITCH_AFTER_S = 0.05
+
+_keys: dict[int, tuple[object, PluginKey]] = {}
+
+
+def key_of(job: Job) -> PluginKey:
+    """The placement key of ``job``: its plugin, root and permissions (cached per resolved
+    handler, which the registry keeps until the plugin is registered again)."""
+    target = job.target
+    cached = _keys.get(id(target))
+    if cached is not None and cached[0] is target:
+        return cached[1]
+    key = PluginKey(job.request.plugin_id, target.root, target.permissions)
+    if len(_keys) > 4096:
+        _keys.clear()
+    _keys[id(target)] = (target, key)
+    return key
+
+
+class PluginWaiter(Waiter):
+    """A queued execution that only a worker of ``key`` may take."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, job: Job, key: PluginKey) -> None:
+        super().__init__(job, None)  # the caller submits its request itself
+        self.key = key
+
+
+class PluginQueue(WaitQueue):
+    """The wait queue of a sandboxed pool: an execution goes to a worker of its plugin.
+    ``actors`` start and retire workers for the plugins that wait (see the module)."""
+
+    def __init__(self, *args: Any, actors: PluginActors, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._actors = actors
+
+    def free_worker_for(self, key: PluginKey) -> Worker | None:
+        for worker in self._workers.values():
+            if worker.plugin == key and self.has_room(worker):
+                return worker
+        return None
+
+    def dispatch(self) -> None:
+        """Hand free workers to the oldest waiters of their plugin; then see to the plugins
+        still waiting (start, or make room for, their workers)."""
+        if not self.waiters:
+            return
+        for waiter in list(self.waiters):
+            assert isinstance(waiter, PluginWaiter)
+            if not self.plugin_has_room(waiter.plugin_id):
+                continue
+            worker = self.free_worker_for(waiter.key)
+            if worker is not None:
+                self.hand_over(worker, waiter)
+        if self.waiters:
+            self._place()
+
+    def give_back(self, worker: Worker, plugin_id: str) -> None:
+        worker.running -= 1
+        worker.last_used = time.monotonic()
+        self.per_plugin[plugin_id] -= 1
+        if not worker.running:
+            worker.idle.set()
+            if worker.state == "busy":
+                proc = worker.proc
+                worker.state = "idle" if proc is not None and proc.alive else "draining"
+        if worker.executions >= self.spare_at:
+            worker.spare_wanted.set()
+        if worker.executions >= self._options.max_executions_per_worker:
+            worker.drain("executions")
+        elif time.monotonic() - worker.started_at > self._options.max_worker_uptime:
+            worker.drain("uptime")
+        self.in_use -= 1
+        if not self.in_use:
+            self.idle.set()
+        self.dispatch()
+
+    async def acquire(
+        self, job: Job, workspace: str | None, lender: Worker | None = None
+    ) -> Waiter | Worker:
+        """A worker of ``job``'s plugin: at once, or after waiting in the queue. The request
+        is never submitted at the hand-over: its workspace lies under the worker's own
+        directory, known once the worker is. ``lender``: as on any pool (same plugin only)."""
+        plugin_id = job.request.plugin_id
+        key = key_of(job)
+        if lender is not None and lender.plugin == key:
+            draining = lender.state == "draining"
+            self.take(lender, plugin_id)
+            if draining:
+                lender.state = "draining"
+            self._stats.record_queue_wait(0.0)
+            return lender
+        if self.plugin_has_room(plugin_id) and not any(
+            isinstance(w, PluginWaiter) and w.key == key for w in self.waiters
+        ):
+            worker = self.free_worker_for(key)
+            if worker is not None:
+                self.take(worker, plugin_id)
+                self._stats.record_queue_wait(0.0)
+                return worker
+        if len(self.waiters) >= self._options.max_queue:
+            self._stats.queue_full_rejections += 1
+            raise QueueFullError(
+                f"the pool's queue is full ({len(self.waiters)} waiting, capacity "
+                f"{self._options.max_queue}); retry later or raise max_queue",
+                details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
+            )
+        waiter = PluginWaiter(job, key)
+        self.waiters.append(waiter)
+        self._place()
+        self.deadlines.add(
+            min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
+        )
+        await waiter.wait(self.waiters)
+        self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
+        if waiter.worker is not None:
+            return waiter
+        if not self._running():
+            raise BackendClosedError("the worker-pool backend is shutting down")
+        if trio.current_time() >= job.deadline:
+            raise job.timeout_error(" while waiting for a worker")
+        self._stats.acquire_timeouts += 1
+        raise AcquireTimeoutError(
+            f"no worker of plugin {plugin_id!r} became free within "
+            f"{self._options.acquire_timeout:g} s ({len(self.waiters)} queued, "
+            f"{len(self._workers)} workers)"
+        )
+
+    def _place(self) -> None:
+        """Workers for the plugins that wait: one more for each whose waiters outnumber its
+        workers starting, while there is room; else room is made (see the module)."""
+        if not self._running():
+            return
+        waiting: Counter[PluginKey | None] = Counter()
+        oldest: dict[PluginKey, PluginWaiter] = {}
+        for waiter in self.waiters:
+            assert isinstance(waiter, PluginWaiter)
+            waiting[waiter.key] += 1
+            oldest.setdefault(waiter.key, waiter)
+        workers = [w for w in self._workers.values() if w.state != "stopped"]
+        serving = Counter(w.plugin for w in workers if w.state != "draining")
+        starting = Counter(w.plugin for w in workers if w.state == "starting")
+        room = self._options.max_workers - len(workers)
+        for key, count in waiting.items():
+            if key is None:
+                continue
+            if room > 0 and starting[key] < count and serving[key] < count:
+                self._actors.start_for(key)
+                room -= 1
+                serving[key] += 1
+        starved = [k for k in oldest if not serving[k]]
+        if not starved:
+            return
+        key = min(starved, key=lambda k: oldest[k].enqueued)
+        victim = self._victim(workers, waiting, serving, oldest[key].enqueued)
+        if victim is not None:
+            victim.drain("shrink")  # its slot is freed once it is idle, then started for key
+
+    def _victim(
+        self,
+        workers: list[Worker],
+        waiting: Counter[PluginKey | None],
+        serving: Counter[PluginKey | None],
+        since: float,
+    ) -> Worker | None:
+        """The worker to retire for a plugin that waits with none of its own: an idle one
+        nobody of its plugin waits for; else, once ``since`` is :data:`SWITCH_AFTER_S` ago,
+        one of the plugin with the most workers. None while a slot is already being freed."""
+        if any(w.state == "draining" and w.retire_reason == "shrink" for w in workers):
+            return None
+        candidates = [w for w in workers if w.state in ("idle", "busy")]
+        for worker in candidates:
+            if not worker.running and not worker.sessions and not waiting[worker.plugin]:
+                return worker
+        if time.perf_counter() - since < SWITCH_AFTER_S or not candidates:
+            return None
+        return max(candidates, key=lambda w: (serving[w.plugin], -w.running, w.last_used))
+
+
+class PluginActors(WorkerActors):
+    """The worker slots of a sandboxed pool: each is started for one plugin (``launch``
+    starts its worker, sandboxed for that plugin), and serves only it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        launch: Callable[[Worker], AsyncIterator[WorkerHandle]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._launch = asynccontextmanager(launch)
+
+    def launch(self, worker: Worker) -> Any:
+        return self._launch(worker)
+
+    def serves(self, worker: Worker, job: Job) -> bool:
+        return worker.plugin == key_of(job)
+
+    def start_for(self, key: PluginKey) -> None:
+        """Start a (transient) worker for ``key``'s plugin, counted from now on."""
+        if self.nursery is not None:
+            worker = self.new_worker(False)
+            worker.plugin = key
+            self.nursery.start_soon(self._grown, worker)
+
+    def start_extra(self, job: Job) -> None:
+        if len(self.workers) < self._options.max_workers:
+            self.start_for(key_of(job))
+
+    def grow(self, queued: int) -> None:
+        """Growth is per plugin here (:meth:`PluginQueue._place`)."""
