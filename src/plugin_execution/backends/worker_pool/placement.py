@@ -78,6 +78,7 @@ class PluginQueue(WaitQueue):
     def __init__(self, *args: Any, actors: PluginActors, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._actors = actors
+        self._started: dict[PluginKey, float] = {}  # when each plugin last got a worker
 
     def free_worker_for(self, key: PluginKey) -> Worker | None:
         for worker in self._workers.values():
@@ -186,17 +187,25 @@ class PluginQueue(WaitQueue):
         serving = Counter(w.plugin for w in workers if w.state != "draining")
         starting = Counter(w.plugin for w in workers if w.state == "starting")
         room = self._options.max_workers - len(workers)
-        for key, count in waiting.items():
-            if key is None:
-                continue
+        # Plugins with no worker first, the one given a worker longest ago (or never) first:
+        # the oldest waiter alone would hand a retired worker's slot straight back.
+        started = self._started
+        order = sorted(
+            oldest, key=lambda k: (serving[k] > 0, started.get(k, 0.0), oldest[k].enqueued)
+        )
+        for key in order:
+            count = waiting[key]
             if room > 0 and starting[key] < count and serving[key] < count:
                 self._actors.start_for(key)
+                if len(started) > 4096:
+                    started.clear()
+                started[key] = time.perf_counter()
                 room -= 1
                 serving[key] += 1
-        starved = [k for k in oldest if not serving[k]]
+        starved = [k for k in order if not serving[k]]
         if not starved:
             return
-        key = min(starved, key=lambda k: oldest[k].enqueued)
+        key = starved[0]
         victim = self._victim(workers, waiting, serving, oldest[key].enqueued)
         if victim is not None:
             victim.drain("shrink")  # its slot is freed once it is idle, then started for key
@@ -219,7 +228,7 @@ class PluginQueue(WaitQueue):
                 return worker
         if time.perf_counter() - since < SWITCH_AFTER_S or not candidates:
             return None
-        return max(candidates, key=lambda w: (serving[w.plugin], -w.running, w.last_used))
+        return max(candidates, key=lambda w: (serving[w.plugin], -w.running, -w.started_at))
 
 
 class PluginActors(WorkerActors):
