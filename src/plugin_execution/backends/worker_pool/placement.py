@@ -20,29 +20,34 @@ and only that plugin's executions are handed to it. :class:`PluginQueue` and
 
 from __future__ import annotations
 
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ...errors import AcquireTimeoutError, BackendClosedError, QueueFullError
+from ...errors import AcquireTimeoutError, BackendClosedError, ExecutionError, QueueFullError
 from .actors import WorkerActors
 from .queue import Waiter, WaitQueue
 from .slots import PluginKey, Worker
 
 if TYPE_CHECKING:
     from ...host.handle import WorkerHandle
+    from ...workspace import WorkspaceLease
     from ..job import Job
 
-__all__ = ["SWITCH_AFTER_S", "PluginActors", "PluginQueue", "key_of"]
+__all__ = ["SERVE_AT_LEAST_S", "SWITCH_AFTER_S", "PluginActors", "PluginQueue", "key_of"]
 
 #: How long the oldest caller of a plugin without a worker waits, every worker being busy
 #: with other plugins, before one of them is retired for it: about what starting a sandboxed
 #: worker costs, so that at most about half the time goes to starting workers.
 SWITCH_AFTER_S = 0.05
+#: How long a worker serves its plugin before it may be retired for another that waits: a
+#: worker's start (tens of ms, under bubblewrap) then costs a fraction of what it serves.
+SERVE_AT_LEAST_S = 0.25
 
 _keys: dict[int, tuple[object, PluginKey]] = {}
 
@@ -62,22 +67,37 @@ def key_of(job: Job) -> PluginKey:
 
 
 class PluginWaiter(Waiter):
-    """A queued execution that only a worker of ``key`` may take."""
+    """A queued execution that only a worker of ``key`` may take. The hand-over may reserve
+    its workspace (``lease``, under the worker's directory) and submit it, as on any pool."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "lease", "submit")
 
-    def __init__(self, job: Job, key: PluginKey) -> None:
-        super().__init__(job, None)  # the caller submits its request itself
+    def __init__(self, job: Job, key: PluginKey, *, submit: bool) -> None:
+        super().__init__(job, None)
         self.key = key
+        self.submit = submit
+        self.lease: WorkspaceLease | None = None
 
 
 class PluginQueue(WaitQueue):
     """The wait queue of a sandboxed pool: an execution goes to a worker of its plugin.
-    ``actors`` start and retire workers for the plugins that wait (see the module)."""
+    ``actors`` start and retire workers for the plugins that wait (see the module);
+    ``workspace_for(worker, job)``: the lease of ``job``'s workspace under ``worker``'s
+    directory, for the hand-over to submit (None: the caller does it)."""
 
-    def __init__(self, *args: Any, actors: PluginActors, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        actors: PluginActors,
+        workspace_for: Callable[[Worker, Job], WorkspaceLease | None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._actors = actors
+        self._workspace_for = workspace_for
+        #: The waiters of each plugin, oldest first (as in ``waiters``; woken ones are
+        #: dropped when met).
+        self._by_key: dict[PluginKey, deque[PluginWaiter]] = {}
         self._started: dict[PluginKey, float] = {}  # when each plugin last got a worker
 
     def free_worker_for(self, key: PluginKey) -> Worker | None:
@@ -86,20 +106,54 @@ class PluginQueue(WaitQueue):
                 return worker
         return None
 
+    def _head(self, key: PluginKey) -> PluginWaiter | None:
+        """The oldest waiter of ``key`` still queued."""
+        queue = self._by_key.get(key)
+        while queue:
+            if not queue[0].woken:
+                return queue[0]
+            queue.popleft()
+        self._by_key.pop(key, None)
+        return None
+
+    def hand_over(self, worker: Worker, waiter: Waiter) -> None:
+        assert isinstance(waiter, PluginWaiter)
+        if waiter.submit:
+            try:
+                waiter.lease = self._workspace_for(worker, waiter.job)
+            except ExecutionError:
+                waiter.lease = None  # the caller reserves it again and gets the error itself
+            if waiter.lease is not None:
+                waiter.workspace = os.fspath(waiter.lease)
+        super().hand_over(worker, waiter)
+
+    def close(self) -> None:
+        self._by_key.clear()
+        super().close()
+
     def dispatch(self) -> None:
-        """Hand free workers to the oldest waiters of their plugin; then see to the plugins
-        still waiting (start, or make room for, their workers)."""
+        """Hand each free worker to the oldest waiters of its plugin; then see to the
+        plugins still waiting (start, or make room for, their workers)."""
         if not self.waiters:
             return
-        for waiter in list(self.waiters):
-            assert isinstance(waiter, PluginWaiter)
-            if not self.plugin_has_room(waiter.plugin_id):
-                continue
-            worker = self.free_worker_for(waiter.key)
-            if worker is not None:
-                self.hand_over(worker, waiter)
+        for worker in list(self._workers.values()):
+            if worker.plugin is not None:
+                self._feed(worker)
         if self.waiters:
             self._place()
+
+    def _feed(self, worker: Worker) -> None:
+        """Hand ``worker`` to its plugin's oldest waiters while it has room."""
+        key = worker.plugin
+        assert key is not None
+        while self.has_room(worker):
+            waiter = self._head(key)
+            if waiter is None:
+                return
+            if not self.plugin_has_room(waiter.plugin_id):
+                return
+            self._by_key[key].popleft()
+            self.hand_over(worker, waiter)
 
     def give_back(self, worker: Worker, plugin_id: str) -> None:
         worker.running -= 1
@@ -119,14 +173,21 @@ class PluginQueue(WaitQueue):
         self.in_use -= 1
         if not self.in_use:
             self.idle.set()
-        self.dispatch()
+        if not self.waiters:
+            return
+        if self._options.max_concurrent_per_plugin is not None:
+            self.dispatch()
+            return
+        self._feed(worker)  # its own plugin's callers first: no scan when only they wait
+        if self._by_key and (len(self._by_key) > 1 or worker.plugin not in self._by_key):
+            self._place()  # other plugins wait
 
     async def acquire(
         self, job: Job, workspace: str | None, lender: Worker | None = None
     ) -> Waiter | Worker:
-        """A worker of ``job``'s plugin: at once, or after waiting in the queue. The request
-        is never submitted at the hand-over: its workspace lies under the worker's own
-        directory, known once the worker is. ``lender``: as on any pool (same plugin only)."""
+        """A worker of ``job``'s plugin: at once, or after waiting in the queue (see
+        :meth:`WaitQueue.acquire`). ``workspace``: anything but None lets the hand-over
+        reserve and submit (see :class:`PluginWaiter`). ``lender``: of the same plugin only."""
         plugin_id = job.request.plugin_id
         key = key_of(job)
         if lender is not None and lender.plugin == key:
@@ -136,9 +197,7 @@ class PluginQueue(WaitQueue):
                 lender.state = "draining"
             self._stats.record_queue_wait(0.0)
             return lender
-        if self.plugin_has_room(plugin_id) and not any(
-            isinstance(w, PluginWaiter) and w.key == key for w in self.waiters
-        ):
+        if self._head(key) is None and self.plugin_has_room(plugin_id):
             worker = self.free_worker_for(key)
             if worker is not None:
                 self.take(worker, plugin_id)
@@ -151,8 +210,9 @@ class PluginQueue(WaitQueue):
                 f"{self._options.max_queue}); retry later or raise max_queue",
                 details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
             )
-        waiter = PluginWaiter(job, key)
+        waiter = PluginWaiter(job, key, submit=workspace is not None)
         self.waiters.append(waiter)
+        self._by_key.setdefault(key, deque()).append(waiter)
         self._place()
         self.deadlines.add(
             min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
@@ -174,27 +234,24 @@ class PluginQueue(WaitQueue):
 
     def _place(self) -> None:
         """Workers for the plugins that wait: one more for each whose waiters outnumber its
-        workers starting, while there is room; else room is made (see the module)."""
+        workers, while there is room; else room is made (see the module)."""
         if not self._running():
             return
-        waiting: Counter[PluginKey | None] = Counter()
-        oldest: dict[PluginKey, PluginWaiter] = {}
-        for waiter in self.waiters:
-            assert isinstance(waiter, PluginWaiter)
-            waiting[waiter.key] += 1
-            oldest.setdefault(waiter.key, waiter)
         workers = [w for w in self._workers.values() if w.state != "stopped"]
         serving = Counter(w.plugin for w in workers if w.state != "draining")
-        starting = Counter(w.plugin for w in workers if w.state == "starting")
         room = self._options.max_workers - len(workers)
-        # Plugins with no worker first, the one given a worker longest ago (or never) first:
-        # the oldest waiter alone would hand a retired worker's slot straight back.
+        heads = {key: head for key in list(self._by_key) if (head := self._head(key))}
+        if room <= 0 and all(serving[key] for key in heads):
+            return  # the common case under load: every waiting plugin has its workers
+        starting = Counter(w.plugin for w in workers if w.state == "starting")
         started = self._started
+        # Plugins with no worker first, the one given a worker longest ago (or never) first:
+        # by oldest waiter alone, a retired worker's slot would go straight back.
         order = sorted(
-            oldest, key=lambda k: (serving[k] > 0, started.get(k, 0.0), oldest[k].enqueued)
+            heads, key=lambda k: (serving[k] > 0, started.get(k, 0.0), heads[k].enqueued)
         )
         for key in order:
-            count = waiting[key]
+            count = len(self._by_key[key])
             if room > 0 and starting[key] < count and serving[key] < count:
                 self._actors.start_for(key)
                 if len(started) > 4096:
@@ -203,30 +260,29 @@ class PluginQueue(WaitQueue):
                 room -= 1
                 serving[key] += 1
         starved = [k for k in order if not serving[k]]
-        if not starved:
-            return
-        key = starved[0]
-        victim = self._victim(workers, waiting, serving, oldest[key].enqueued)
-        if victim is not None:
-            victim.drain("shrink")  # its slot is freed once it is idle, then started for key
+        if starved:
+            victim = self._victim(workers, serving, heads[starved[0]].enqueued)
+            if victim is not None:
+                victim.drain("shrink")  # its slot is freed once it is idle
 
     def _victim(
-        self,
-        workers: list[Worker],
-        waiting: Counter[PluginKey | None],
-        serving: Counter[PluginKey | None],
-        since: float,
+        self, workers: list[Worker], serving: Counter[PluginKey | None], since: float
     ) -> Worker | None:
         """The worker to retire for a plugin that waits with none of its own: an idle one
         nobody of its plugin waits for; else, once ``since`` is :data:`SWITCH_AFTER_S` ago,
-        one of the plugin with the most workers. None while a slot is already being freed."""
+        the longest-serving of the plugin with the most workers among those that served
+        :data:`SERVE_AT_LEAST_S`. None while a slot is already being freed."""
         if any(w.state == "draining" and w.retire_reason == "shrink" for w in workers):
             return None
         candidates = [w for w in workers if w.state in ("idle", "busy")]
         for worker in candidates:
-            if not worker.running and not worker.sessions and not waiting[worker.plugin]:
+            if not worker.running and not worker.sessions and worker.plugin not in self._by_key:
                 return worker
-        if time.perf_counter() - since < SWITCH_AFTER_S or not candidates:
+        if time.perf_counter() - since < SWITCH_AFTER_S:
+            return None
+        now = time.monotonic()
+        candidates = [w for w in candidates if now - w.started_at >= SERVE_AT_LEAST_S]
+        if not candidates:
             return None
         return max(candidates, key=lambda w: (serving[w.plugin], -w.running, -w.started_at))
 

@@ -24,7 +24,6 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import attrs
 import trio
 
 from ...channels.bridge import run_session
@@ -36,8 +35,7 @@ from ...sandbox.support import detect
 from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
-from .placement import PluginActors, PluginQueue, key_of
-from .queue import Waiter
+from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
 from .slots import Worker
 
 if TYPE_CHECKING:
@@ -47,7 +45,7 @@ if TYPE_CHECKING:
     from ...registry import PluginRegistry
     from ...stats import StatsRecorder
     from ...types import ExecutionResult
-    from ...workspace import WorkspaceManager
+    from ...workspace import WorkspaceLease, WorkspaceManager
     from .._breaker import CrashBreaker
     from ..job import Job
 
@@ -110,6 +108,7 @@ class SandboxedRuns:
             grow=self._actors.grow,
             running=self._is_running,
             actors=self._actors,
+            workspace_for=self._workspace_for,
         )
 
     async def _start_sandbox(self) -> None:
@@ -186,51 +185,75 @@ class SandboxedRuns:
         finally:
             lent.release()
 
+    def _workspace_for(self, worker: Worker, job: Job) -> WorkspaceLease | None:
+        """The lease of ``job``'s workspace under ``worker``'s directory (None: no worker
+        process serves there now)."""
+        home = self._homes.get(worker.proc) if worker.proc is not None else None
+        if home is None:
+            return None
+        return self.workspaces._reserve_in(job.request.execution_id, home[0])
+
     async def _run_on_plugin_worker(
         self, job: Job, lender: Worker | None = None
     ) -> ExecutionResult:
+        """As the pool's ``_run_job``, on a worker of the job's plugin; the workspace lies
+        under the worker's directory, so it is reserved once the worker is known."""
         await trio.lowlevel.checkpoint_if_cancelled()
         request = job.request
         trial = self._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
+        quotas = job.target.permissions.quotas
+        watched = bool(quotas.memory_mb or quotas.cpu_s)
         try:
-            got = await self._queue.acquire(job, None, lender)
+            got = await self._queue.acquire(job, None if watched else "", lender)
         except BaseException:
             self._breaker.record(request.plugin_id, None, trial=trial)
             raise
-        worker = got.worker if isinstance(got, Waiter) else got
-        assert worker is not None
-        job.slot = worker
+        if isinstance(got, PluginWaiter):
+            worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
+            assert worker is not None
+        else:
+            worker, proc, pending, lease = got, None, None, None
+        job.slot = worker  # what its own invocations may borrow
         self._usage[(request.plugin_id, request.handler_id)] += 1
-        proc = worker.proc
         result = None
-        lease = None
         try:
             worker.executions += 1
-            if proc is None or proc not in self._homes:
-                raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
-            home, layers = self._homes[proc]
-            lease = self.workspaces._reserve_in(request.execution_id, home)
-            workspace = os.fspath(lease)
-            quotas = job.target.permissions.quotas
-            if quotas.memory_mb or quotas.cpu_s:
-                result = await execute_watched(
-                    proc,
-                    job,
-                    quotas,
-                    backend=self.name,
-                    workspace=workspace,
-                    cancel_grace=self.cancel_grace,
-                )
+            if pending is not None and proc is not None:  # submitted at the hand-over
+                layers = self._homes[proc][1]
+                result = await proc.collect(pending, backend=self.name, sent_now=False)
             else:
-                pending = self._queue.submit(proc, job, workspace)
-                result = await proc.collect(pending, backend=self.name)
-            result = attrs.evolve(result, metadata={**result.metadata, "sandbox": list(layers)})
+                proc = worker.proc
+                if lease is None and proc is not None:
+                    lease = self._workspace_for(worker, job)
+                if proc is None or lease is None:
+                    raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
+                layers = self._homes[proc][1]
+                if watched:
+                    result = await execute_watched(
+                        proc,
+                        job,
+                        quotas,
+                        backend=self.name,
+                        workspace=os.fspath(lease),
+                        cancel_grace=self.cancel_grace,
+                    )
+                else:
+                    pending = self._queue.submit(proc, job, os.fspath(lease))
+                    result = await proc.collect(pending, backend=self.name)
+            result.metadata["sandbox"] = list(layers)  # a dict of its own: no copy
             return result
         finally:
             self._settle(worker, proc, request.plugin_id, result, trial)
             self._queue.give_back(worker, request.plugin_id)
             if lease is not None:
-                await lease.release()  # not cancellable; see WorkspaceLease.release
+                if (
+                    result is not None
+                    and result.metadata.get("workspace_id") is None
+                    and job.session_unused
+                ):
+                    lease.release_unused()  # never made (see the pool's _run_job)
+                else:
+                    await lease.release()  # not cancellable; see WorkspaceLease.release
 
     async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
         """A channel session on a live worker of its plugin (see ``_run_session``)."""
