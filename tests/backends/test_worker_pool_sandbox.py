@@ -6,6 +6,7 @@ which worker an execution may go to. Real worker processes throughout.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -177,3 +178,32 @@ async def test_a_workers_directory_is_its_home_and_holds_its_workspaces(
             assert await env("USER") is None and await env("PYTHONPATH") is None
     finally:
         del os.environ["SANDBOX_TEST_GRANTED"], os.environ["SANDBOX_TEST_SECRET"]
+
+
+async def test_a_worker_that_fails_to_start_is_retried_after_a_pause(
+    plugins: PluginRegistry, workspaces: WorkspaceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugin_execution.backends.worker_pool.placement import RETRY_START_S, PluginActors
+    from plugin_execution.sandbox.policy import ChildSandbox
+
+    starts: list[float] = []
+    start_for = PluginActors.start_for
+
+    def counted(self: PluginActors, key: Any) -> bool:
+        started = start_for(self, key)
+        if started:
+            starts.append(trio.current_time())
+        return started
+
+    monkeypatch.setattr(PluginActors, "start_for", counted)
+    async with open_pool(plugins, workspaces, acquire_timeout=2.5) as pool:
+        # Its sandbox cannot start: the worker exits before its handshake.
+        failing = ChildSandbox(("process", "rlimits"), {}, ["/bin/false"])
+        monkeypatch.setattr(pool._sandbox, "for_child", lambda *args, **kwargs: failing)
+        result = await pool.execute(
+            ExecutionRequest(plugin_id="p0", handler_id="echo", input=1), raise_errors=False
+        )
+        assert result.error is not None and result.error.code == "ACQUIRE_TIMEOUT"
+        assert [key.plugin_id for key in pool._actors.failed] == ["p0"]
+        assert 1 <= len(starts) <= 2.5 / RETRY_START_S + 1  # not a start per dispatch
+        assert all(b - a >= RETRY_START_S * 0.9 for a, b in itertools.pairwise(starts))

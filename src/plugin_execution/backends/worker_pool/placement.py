@@ -48,6 +48,8 @@ SWITCH_AFTER_S = 0.05
 #: How long a worker serves its plugin before it may be retired for another that waits: a
 #: worker's start (tens of ms, under bubblewrap) then costs a fraction of what it serves.
 SERVE_AT_LEAST_S = 0.25
+#: After a worker of a plugin failed to start, how long until another is tried for it.
+RETRY_START_S = 1.0
 
 _keys: dict[int, tuple[object, PluginKey]] = {}
 
@@ -253,13 +255,17 @@ class PluginQueue(WaitQueue):
         for key in order:
             count = len(self._by_key[key])
             if room > 0 and starting[key] < count and serving[key] < count:
-                self._actors.start_for(key)
+                if not self._actors.start_for(key):
+                    continue
                 if len(started) > 4096:
                     started.clear()
                 started[key] = time.perf_counter()
                 room -= 1
                 serving[key] += 1
-        starved = [k for k in order if not serving[k]]
+        failed, now = self._actors.failed, time.monotonic()
+        starved = [
+            k for k in order if not serving[k] and now - failed.get(k, -1e9) >= RETRY_START_S
+        ]
         if starved:
             victim = self._victim(workers, serving, heads[starved[0]].enqueued)
             if victim is not None:
@@ -299,6 +305,8 @@ class PluginActors(WorkerActors):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._launch = asynccontextmanager(launch)
+        #: When a worker of each plugin last failed to start (cleared by one that starts).
+        self.failed: dict[PluginKey, float] = {}
 
     def launch(self, worker: Worker) -> Any:
         return self._launch(worker)
@@ -306,12 +314,28 @@ class PluginActors(WorkerActors):
     def serves(self, worker: Worker, job: Job) -> bool:
         return worker.plugin == key_of(job)
 
-    def start_for(self, key: PluginKey) -> None:
-        """Start a (transient) worker for ``key``'s plugin, counted from now on."""
+    def start_for(self, key: PluginKey) -> bool:
+        """Start a (transient) worker for ``key``'s plugin, counted from now on; not within
+        :data:`RETRY_START_S` of one that failed to start (its sandbox, say): False."""
+        failed = self.failed.get(key)
+        if failed is not None and time.monotonic() - failed < RETRY_START_S:
+            return False
         if self.nursery is not None:
             worker = self.new_worker(False)
             worker.plugin = key
-            self.nursery.start_soon(self._grown, worker)
+            self.nursery.start_soon(self._started_for, worker, key)
+        return True
+
+    async def _started_for(self, worker: Worker, key: PluginKey) -> None:
+        try:
+            await self.add_worker(False, worker)
+        except Exception as exc:  # its waiters' acquire timeout reports the consequence
+            self._stats.last_error = f"could not start a worker for {key.plugin_id!r}: {exc}"
+            if len(self.failed) > 4096:
+                self.failed.clear()
+            self.failed[key] = time.monotonic()
+        else:
+            self.failed.pop(key, None)
 
     def start_extra(self, job: Job) -> None:
         if len(self.workers) < self._options.max_workers:
