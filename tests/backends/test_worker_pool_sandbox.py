@@ -207,3 +207,43 @@ async def test_a_worker_that_fails_to_start_is_retried_after_a_pause(
         assert [key.plugin_id for key in pool._actors.failed] == ["p0"]
         assert 1 <= len(starts) <= 2.5 / RETRY_START_S + 1  # not a start per dispatch
         assert all(b - a >= RETRY_START_S * 0.9 for a, b in itertools.pairwise(starts))
+
+
+async def test_recycled_workers_are_replaced_by_workers_of_the_same_plugin(
+    plugins: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    async with open_pool(plugins, workspaces, max_executions_per_worker=3) as pool:
+        seen: dict[str, set[str]] = defaultdict(set)
+        for n in range(10):
+            plugin_id = PLUGIN_IDS[n % 2]
+            result = await call(pool, plugin_id, "echo", n)
+            assert result.output == n
+            seen[result.worker_id].add(plugin_id)
+        assert pool.stats().workers_recycled >= 2
+        assert len(seen) >= 4 and all(len(p) == 1 for p in seen.values()), seen
+        assert pool.stats().details["workers_peak"] <= 2
+
+
+async def test_async_handlers_share_a_worker_of_their_plugin(
+    plugins: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    plugins.register(
+        {
+            "id": "slow",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "sleep", "entry": "sample:sleep"}],
+        }
+    )
+    async with open_pool(plugins, workspaces, max_workers=1, max_concurrency_per_worker=4) as pool:
+        workers = set()
+        started = trio.current_time()
+
+        async def sleep() -> None:
+            result = await call(pool, "slow", "sleep", {"seconds": 0.5})
+            workers.add(result.worker_id)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(sleep)
+        assert len(workers) == 1
+        assert trio.current_time() - started < 1.9  # together, not one after another
