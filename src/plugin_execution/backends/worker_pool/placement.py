@@ -104,7 +104,7 @@ class PluginQueue(WaitQueue):
 
     def free_worker_for(self, key: PluginKey) -> Worker | None:
         for worker in self._workers.values():
-            if worker.plugin == key and self.has_room(worker):
+            if (worker.plugin is key or worker.plugin == key) and self.has_room(worker):
                 return worker
         return None
 
@@ -192,7 +192,7 @@ class PluginQueue(WaitQueue):
         reserve and submit (see :class:`PluginWaiter`). ``lender``: of the same plugin only."""
         plugin_id = job.request.plugin_id
         key = key_of(job)
-        if lender is not None and lender.plugin == key:
+        if lender is not None and (lender.plugin is key or lender.plugin == key):
             draining = lender.state == "draining"
             self.take(lender, plugin_id)
             if draining:
@@ -312,7 +312,8 @@ class PluginActors(WorkerActors):
         return self._launch(worker)
 
     def serves(self, worker: Worker, job: Job) -> bool:
-        return worker.plugin == key_of(job)
+        key = key_of(job)
+        return worker.plugin is key or worker.plugin == key
 
     def start_for(self, key: PluginKey) -> bool:
         """Start a (transient) worker for ``key``'s plugin, counted from now on; not within

@@ -44,10 +44,11 @@ class PoolOptions(Protocol):
     shutdown_timeout: float
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class PluginKey:
     """What a sandboxed worker is restricted to: one plugin (its id and files) with one set
-    of permissions. Its handlers run only on workers of their key."""
+    of permissions. Its handlers run only on workers of their key. (Its hash, of the whole
+    permissions, is computed once: the queue looks keys up on every call.)"""
 
     plugin_id: str
     root: str | None
