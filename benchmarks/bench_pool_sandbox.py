@@ -228,13 +228,13 @@ def report(data: dict[str, Any]) -> str:
         f"layers: {', '.join(data['layers_available'])}",
         f"{'contender':34} {'p50 us':>8} {'p99 us':>8} "
         + " ".join(f"{f'{c} callers/s':>14}" for c in CONCURRENCY)
-        + f" {'1st call ms':>12} {'peak':>5}",
+        + f" {'1st call ms':>12} {'peak':>5} {'recycled':>8}",
     ]
     for name, r in data["results"].items():
         lines.append(
             f"{name:34} {r['p50_us']:8.1f} {r['p99_us']:8.1f} "
             + " ".join(f"{r['calls_per_s'][c]:14.0f}" for c in CONCURRENCY)
-            + f" {r['first_call_ms']:12.1f} {r['workers_peak']:5d}"
+            + f" {r['first_call_ms']:12.1f} {r['workers_peak']:5d} {r['workers_recycled']:8d}"
         )
     ratios = data["ratios"]
     within = 1 + TARGET_WITHIN
