@@ -1,4 +1,5 @@
-"""Handlers that try to break out of the subprocess backend's sandbox (tests/sandbox).
+"""Handlers that try to break out of the kernel sandbox (tests/sandbox), the subprocess
+backend's and the sandboxed pool's.
 
 Each does one thing a hostile plugin would, directly through the standard library (never
 through ``ctx``), and returns what it got: a sandbox that works makes each one fail. Every
