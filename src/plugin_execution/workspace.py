@@ -333,6 +333,13 @@ class WorkspaceManager:
         self._leases[execution_id] = lease
         return lease
 
+    def _reserve_in(self, execution_id: str, parent: str) -> WorkspaceLease:
+        """:meth:`_reserve` of a workspace under ``parent`` (a directory of a lease of this
+        manager's, e.g. a sandboxed pool worker's own, which it may write)."""
+        lease = self._reserve(execution_id)
+        lease._fspath = f"{parent}/{execution_id}"
+        return lease
+
     async def acquire(self, execution_id: str) -> WorkspaceLease:
         """Open a lease and create its directory (mode 0700): :meth:`reserve` + ``ensure()``.
 

@@ -1,4 +1,5 @@
-"""Handlers that try to break out of the subprocess backend's sandbox (tests/sandbox).
+"""Handlers that try to break out of the kernel sandbox (tests/sandbox), the subprocess
+backend's and the sandboxed pool's.
 
 Each does one thing a hostile plugin would, directly through the standard library (never
 through ``ctx``), and returns what it got: a sandbox that works makes each one fail. Every
@@ -131,3 +132,54 @@ def workspace_roundtrip(ctx: Any, input: Any) -> str:
     path = ctx.workspace / "data.json"
     path.write_text(json.dumps({"ok": True}))
     return str(json.loads(path.read_text())["ok"])
+
+
+# -- attempts on a warm worker (the sandboxed pool) ---------------------------------------------
+
+
+def hold_secret(ctx: Any, input: dict[str, Any]) -> str:
+    """Write ``secret`` into the workspace and keep the execution open ``seconds``: another
+    plugin's execution tries to read it meanwhile."""
+    path = ctx.workspace / "secret.txt"
+    path.write_text(input["secret"])
+    time.sleep(input.get("seconds", 1.0))
+    return str(path)
+
+
+def linger(ctx: Any, input: dict[str, Any]) -> str:
+    """Leave a thread behind that acts after the execution ended: for ``seconds`` it reads
+    the paths listed in ``$HOME/targets.txt`` (written later, by the test) and logs what it
+    got to ``$HOME/linger.log``. Returns ``$HOME``."""
+    import threading
+
+    home = os.environ["HOME"]
+
+    def act() -> None:
+        deadline = time.monotonic() + input.get("seconds", 5.0)
+        while time.monotonic() < deadline:
+            try:
+                with open(os.path.join(home, "targets.txt")) as f:
+                    targets = f.read().split()
+            except OSError:
+                targets = []
+            for target in targets:
+                try:
+                    with open(target) as f:
+                        got = "read:" + f.read()
+                except OSError as exc:
+                    got = f"{type(exc).__name__}:{exc.errno}"
+                with open(os.path.join(home, "linger.log"), "a") as log:
+                    log.write(f"{target} {got}\n")
+            time.sleep(0.02)
+
+    threading.Thread(target=act, daemon=True).start()
+    return home
+
+
+_remembered: list[str] = []
+
+
+def remember(ctx: Any, input: str) -> list[str]:
+    """Keep ``input`` in the worker's memory; return all it kept (state across executions)."""
+    _remembered.append(input)
+    return list(_remembered)

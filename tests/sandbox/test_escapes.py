@@ -1,8 +1,11 @@
 """The escape suite: real plugin handlers (tests/plugins/escape.py) that try to get out of the
-subprocess backend's sandbox, each of which must fail with a clear error, the host unharmed.
+kernel sandbox, each of which must fail with a clear error, the host unharmed.
 
-Run against the default sandbox (every layer this machine has) with both start methods, then
-layer by layer, to show what each layer stops on its own. A test that needs a layer skips only
+Run against the default sandbox (every layer this machine has) on the subprocess backend with
+both start methods and on the sandboxed worker pool (``"pool"``: warm workers, one plugin
+each), then layer by layer, to show what each layer stops on its own; then the attempts that
+only a warm worker invites (another plugin's workspace, a sibling worker, a thread left
+behind). A test that needs a layer skips only
 when the machine lacks it, with the reason. The control test first shows that the attempts do
 succeed with the sandbox off: the suite tests the sandbox, not the attempts.
 """
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +51,12 @@ HANDLERS = (
     "raise_limit",
     "make_device",
     "workspace_roundtrip",
+    "hold_secret",
+    "linger",
+    "remember",
 )
+#: Where the attempts run: the subprocess backend's two start methods, and the sandboxed pool.
+BACKENDS = ("spawn", "zygote", "pool")
 ALL_LAYERS = ("capabilities", "landlock", "bubblewrap", "seccomp")
 SECRET = "correct horse battery staple"
 
@@ -78,6 +87,18 @@ async def open_backend(
     start_method: str,
     sandbox: bool | Sequence[str] = True,
 ) -> Any:
+    """A subprocess backend of ``start_method``, or (``"pool"``) a worker pool of 2 workers
+    at most: the suite's plugins then share them, workers retired and started per plugin."""
+    if start_method == "pool":
+        return create_execution_backend(
+            type="worker-pool",
+            registry=registry,
+            workspace=workspaces,
+            sandbox=sandbox,
+            max_workers=2,
+            cancel_grace=0.3,
+            acquire_timeout=20,
+        )
     return create_execution_backend(
         type="subprocess",
         registry=registry,
@@ -88,7 +109,7 @@ async def open_backend(
     )
 
 
-@pytest.fixture(params=["spawn", "zygote"])
+@pytest.fixture(params=BACKENDS)
 async def sandboxed(
     request: pytest.FixtureRequest, escapes: PluginRegistry, workspaces: WorkspaceManager
 ) -> AsyncIterator[ExecutionBackend]:
@@ -153,7 +174,7 @@ async def stop_victim(victim: trio.Process) -> None:
 # -- control: without the sandbox, the attempts work ----------------------------------------
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+@pytest.mark.parametrize("start_method", BACKENDS)
 async def test_control_without_the_sandbox_the_attempts_succeed(
     escapes: PluginRegistry, workspaces: WorkspaceManager, secret: Path, start_method: str
 ) -> None:
@@ -164,6 +185,9 @@ async def test_control_without_the_sandbox_the_attempts_succeed(
             )
         )
         assert result.output == SECRET
+        if start_method == "pool":  # the unsandboxed pool: any worker, no sandbox to report
+            assert "sandbox" not in result.metadata
+            return
         assert result.metadata["sandbox"] == ["process", "rlimits"]
         health = await backend.health()
         assert health.details["sandbox"]["enabled"] is False
@@ -279,7 +303,11 @@ async def test_memory_bomb_past_the_quota(sandboxed: ExecutionBackend) -> None:
 async def test_cpu_loop_past_the_quota(sandboxed: ExecutionBackend) -> None:
     error = await attempt(sandboxed, "burn_cpu", {"seconds": 30}, plugin="escape.quotas")
     assert error.code == "WORKER_CRASHED", error
-    assert error.details["reason"] == "cpu_limit" and error.details["signal"] == signal.SIGXCPU
+    assert error.details["reason"] == "cpu_limit"
+    if sandboxed.name == "worker-pool":  # a warm worker: watched from the host, no rlimit
+        assert "CPU time quota" in error.message
+        return
+    assert error.details["signal"] == signal.SIGXCPU
     assert "CPU time limit" in error.message
 
 
@@ -331,14 +359,14 @@ async def test_what_a_shell_plugin_starts_ends_with_its_execution(
         )
     )
     assert result.output == 5
-    await assert_no_process_in(workspace_root)
+    await assert_no_process_in(workspace_root, but=worker_processes(result.worker_id))
 
 
 # -- each layer on its own ---------------------------------------------------------------------
 
 
 @needs("landlock")
-@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+@pytest.mark.parametrize("start_method", BACKENDS)
 async def test_landlock_alone(
     escapes: PluginRegistry,
     workspaces: WorkspaceManager,
@@ -365,13 +393,14 @@ async def test_landlock_alone(
 
 
 @needs("landlock")
+@pytest.mark.parametrize("start_method", ["spawn", "pool"])
 async def test_landlock_fs_write_grant_with_a_glob(
-    escapes: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+    escapes: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path, start_method: str
 ) -> None:
     (tmp_path / "out-a").mkdir()
     (tmp_path / "other").mkdir()
     escapes.register(escape_plugin("escape.fs", fs={"write": [str(tmp_path / "out-*")]}))
-    async with await open_backend(escapes, workspaces, "spawn", ("landlock",)) as backend:
+    async with await open_backend(escapes, workspaces, start_method, ("landlock",)) as backend:
 
         async def write(path: Path) -> Any:
             return await backend.execute(
@@ -389,12 +418,13 @@ async def test_landlock_fs_write_grant_with_a_glob(
 
 
 @needs("landlock", abi=6)
+@pytest.mark.parametrize("start_method", ["spawn", "pool"])
 async def test_landlock_alone_scopes_signals(
-    escapes: PluginRegistry, workspaces: WorkspaceManager
+    escapes: PluginRegistry, workspaces: WorkspaceManager, start_method: str
 ) -> None:
     victim = await start_victim()
     try:
-        async with await open_backend(escapes, workspaces, "spawn", ("landlock",)) as backend:
+        async with await open_backend(escapes, workspaces, start_method, ("landlock",)) as backend:
             denied(await attempt(backend, "kill_pid", {"pid": victim.pid}))
         assert victim.returncode is None
     finally:
@@ -402,11 +432,16 @@ async def test_landlock_alone_scopes_signals(
 
 
 @needs("bubblewrap")
+@pytest.mark.parametrize("start_method", ["spawn", "pool"])
 async def test_bubblewrap_alone(
-    escapes: PluginRegistry, workspaces: WorkspaceManager, secret: Path, outside: Path
+    escapes: PluginRegistry,
+    workspaces: WorkspaceManager,
+    secret: Path,
+    outside: Path,
+    start_method: str,
 ) -> None:
     async with (
-        await open_backend(escapes, workspaces, "spawn", ("bubblewrap",)) as backend,
+        await open_backend(escapes, workspaces, start_method, ("bubblewrap",)) as backend,
         serve_greeting() as port,
     ):
         denied(await attempt(backend, "read_file", {"path": str(secret)}), hidden=True)
@@ -423,23 +458,25 @@ async def test_bubblewrap_alone(
 
 
 @needs("bubblewrap")
+@pytest.mark.parametrize("start_method", ["spawn", "pool"])
 async def test_bubblewrap_pid_namespace_ends_what_left_the_process_group(
-    escapes: PluginRegistry, workspaces: WorkspaceManager, workspace_root: Path
+    escapes: PluginRegistry, workspaces: WorkspaceManager, workspace_root: Path, start_method: str
 ) -> None:
     # shell.allow: no seccomp for this plugin, so it may fork; its children leave the worker's
-    # process group (setsid) and sleep. Ending the pid namespace must end them all.
-    async with await open_backend(escapes, workspaces, "spawn", ("bubblewrap",)) as backend:
+    # process group (setsid) and sleep. None may outlive the execution (on the subprocess
+    # backend: the pid namespace ends with it; on the pool: the worker reaps its leftovers).
+    async with await open_backend(escapes, workspaces, start_method, ("bubblewrap",)) as backend:
         result = await backend.execute(
             ExecutionRequest(
                 plugin_id="escape.shell", handler_id="fork_bomb", input={"limit": 5, "seconds": 60}
             )
         )
         assert result.output == 5
-        await assert_no_process_in(workspace_root)
+        await assert_no_process_in(workspace_root, but=worker_processes(result.worker_id))
 
 
 @needs("seccomp")
-@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+@pytest.mark.parametrize("start_method", BACKENDS)
 async def test_seccomp_alone(
     escapes: PluginRegistry, workspaces: WorkspaceManager, start_method: str
 ) -> None:
@@ -458,10 +495,13 @@ async def test_seccomp_alone(
 
 
 @needs("capabilities")
-async def test_capabilities_alone(escapes: PluginRegistry, workspaces: WorkspaceManager) -> None:
+@pytest.mark.parametrize("start_method", ["spawn", "pool"])
+async def test_capabilities_alone(
+    escapes: PluginRegistry, workspaces: WorkspaceManager, start_method: str
+) -> None:
     if not has_capabilities():
         pytest.skip("the host holds no capabilities: nothing to drop")
-    async with await open_backend(escapes, workspaces, "spawn", ("capabilities",)) as backend:
+    async with await open_backend(escapes, workspaces, start_method, ("capabilities",)) as backend:
         error = await attempt(backend, "raise_limit", plugin="escape.quotas")
         assert "not allowed to raise maximum limit" in error.message
         denied(await attempt(backend, "make_device"))  # mknod needs CAP_MKNOD
@@ -476,11 +516,33 @@ def has_capabilities() -> bool:
     return has_any()
 
 
-async def assert_no_process_in(root: Path) -> None:
+async def assert_no_process_in(root: Path, but: Iterable[int] = ()) -> None:
+    """No process runs under ``root`` (soon) but those in ``but`` (a pool's live worker)."""
+    spared = set(but)
+
+    def left() -> list[int]:
+        return [pid for pid in processes_in(root) if pid not in spared]
+
     with trio.move_on_after(5):  # SIGKILL is delivered at once, but dying takes a moment
-        while processes_in(root):
+        while left():
             await trio.sleep(0.02)
-    assert processes_in(root) == [], "processes a plugin started outlived its execution"
+    assert left() == [], "processes a plugin started outlived its execution"
+
+
+def worker_processes(worker_id: str | None) -> list[int]:
+    """The processes of a pool's worker that ran an execution (``w<n>-<pid>``): its pid and,
+    when that is bubblewrap's, bwrap's descendants down to the worker (each bwrap has one
+    child). A subprocess backend's child is gone once its execution returns: none."""
+    assert worker_id is not None
+    pid = int(worker_id.rpartition("-")[2])
+    chain = [pid]
+    while Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text() == "bwrap\n":
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) != 1:
+            break
+        pid = int(children[0])
+        chain.append(pid)
+    return chain
 
 
 def processes_in(root: Path) -> list[int]:
@@ -556,7 +618,7 @@ async def test_zygote_shows_what_plugins_registered_before_it_started_may_touch(
         assert (await backend.health()).details["spawned_instead_of_zygote"] == 1
 
 
-@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+@pytest.mark.parametrize("start_method", BACKENDS)
 async def test_read_the_hosts_environment_from_the_childs_own_proc(
     escapes: PluginRegistry,
     workspaces: WorkspaceManager,
@@ -575,3 +637,110 @@ async def test_read_the_hosts_environment_from_the_childs_own_proc(
         )
     assert result.ok, result.error  # no sandbox layer hides it: the environment itself is clean
     assert SECRET not in result.output and "HOST_SECRET_TOKEN" not in result.output
+
+
+# -- the sandboxed pool's own: what a warm worker invites ----------------------------------
+
+
+@pytest.fixture
+async def pool(escapes: PluginRegistry, workspaces: WorkspaceManager) -> AsyncIterator[Any]:
+    escapes.register(escape_plugin("escape.victim"))
+    async with await open_backend(escapes, workspaces, "pool") as backend:
+        yield backend
+
+
+async def secret_held(backend: ExecutionBackend, root: Path, nursery: trio.Nursery) -> Path:
+    """Start an execution of ``escape.victim`` that holds a secret in its workspace for a
+    few seconds; return the file once it is there (found from the host)."""
+    execution_id = f"victim-{os.urandom(4).hex()}"
+    request = ExecutionRequest(
+        plugin_id="escape.victim",
+        handler_id="hold_secret",
+        input={"secret": SECRET, "seconds": 3.0},
+        execution_id=execution_id,
+    )
+    nursery.start_soon(partial(backend.execute, request, timeout=20))
+    with trio.fail_after(15):
+        while not (found := list(root.glob(f"**/{execution_id}/secret.txt"))):
+            await trio.sleep(0.02)
+    return found[0]
+
+
+@needs("landlock")
+async def test_read_the_workspace_of_another_plugins_execution(
+    pool: ExecutionBackend, workspace_root: Path
+) -> None:
+    async with trio.open_nursery() as nursery:
+        held = await secret_held(pool, workspace_root, nursery)
+        denied(await attempt(pool, "read_file", {"path": str(held)}), hidden=True)
+        listed = await attempt(pool, "read_file", {"path": str(held.parents[1])})
+        assert listed.code in ("PERMISSION_DENIED", "HANDLER_ERROR"), listed  # no listing
+
+
+@needs("landlock", abi=6)
+async def test_signal_a_sibling_worker_or_the_host(pool: ExecutionBackend) -> None:
+    sibling = await pool.execute(
+        ExecutionRequest(plugin_id="escape.victim", handler_id="workspace_roundtrip")
+    )
+    for pid in worker_processes(sibling.worker_id):
+        denied(await attempt(pool, "kill_pid", {"pid": pid}), hidden=True)
+    denied(await attempt(pool, "kill_pid", {"pid": os.getpid(), "signal": 0}), hidden=True)
+    again = await pool.execute(
+        ExecutionRequest(plugin_id="escape.victim", handler_id="workspace_roundtrip")
+    )
+    assert again.worker_id == sibling.worker_id  # unharmed, still serving
+
+
+@needs("landlock")
+async def test_a_thread_left_behind_acts_only_inside_its_plugin(
+    pool: ExecutionBackend, workspace_root: Path
+) -> None:
+    lingered = await pool.execute(
+        ExecutionRequest(plugin_id="escape", handler_id="linger", input={"seconds": 10})
+    )
+    home = Path(lingered.output)
+    log = home / "linger.log"
+    async with trio.open_nursery() as nursery:
+        held = await secret_held(pool, workspace_root, nursery)
+        (home / "targets.txt").write_text(f"{held}\n")  # after its execution ended
+        with trio.fail_after(10):
+            while not (log.exists() and str(held) in log.read_text()):
+                await trio.sleep(0.02)
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith(f"{held} ") for line in lines)
+    assert SECRET not in log.read_text()
+    assert all(line.split(" ", 1)[1].split(":")[0] in _REFUSED for line in lines), lines
+
+
+_REFUSED = ("PermissionError", "FileNotFoundError")
+
+
+async def test_a_worker_serves_one_plugin_its_state_never_crosses(
+    escapes: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    escapes.register(escape_plugin("escape.victim"))
+    async with create_execution_backend(
+        type="worker-pool",
+        registry=escapes,
+        workspace=workspaces,
+        sandbox=True,
+        max_workers=1,
+        min_workers=0,
+    ) as backend:
+
+        async def remember(plugin: str, value: str) -> Any:
+            return await backend.execute(
+                ExecutionRequest(plugin_id=plugin, handler_id="remember", input=value)
+            )
+
+        first = await remember("escape", "a1")
+        second = await remember("escape", "a2")
+        assert second.output == ["a1", "a2"]  # one plugin's state persists on its worker
+        assert second.worker_id == first.worker_id
+        other = await remember("escape.victim", "b1")
+        assert other.output == ["b1"]  # never another plugin's
+        assert other.worker_id != first.worker_id
+        back = await remember("escape", "a3")
+        assert back.output == ["a3"]  # its worker was retired for the other: a fresh one
+        assert back.worker_id not in (first.worker_id, other.worker_id)
+        assert backend.stats().details["workers_peak"] == 1

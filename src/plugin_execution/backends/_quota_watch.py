@@ -45,6 +45,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
+def _worker_pid(pid: int) -> int:
+    """The worker's own pid: ``pid`` itself, or, when ``pid`` is bubblewrap's (a sandboxed
+    pool worker), the process bwrap runs (through its pid namespace's init, if any)."""
+    for _ in range(3):
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as comm:
+                if comm.read().strip() != b"bwrap":
+                    return pid
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
+                pids = children.read().split()
+        except OSError:
+            return pid
+        if len(pids) != 1:
+            return pid
+        pid = int(pids[0])
+    return pid
+
+
 async def watch_quotas(proc: WorkerHandle, quotas: Quotas) -> None:
     """Sample ``proc`` until cancelled; kill it when it goes over ``quotas``.
 
@@ -54,6 +72,7 @@ async def watch_quotas(proc: WorkerHandle, quotas: Quotas) -> None:
     pid = proc.pid
     if pid is None:
         return
+    pid = _worker_pid(pid)
     try:
         cpu_start = _cpu_seconds(pid)
     except (OSError, IndexError, ValueError):

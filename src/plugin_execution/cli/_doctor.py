@@ -1,4 +1,5 @@
-"""``plugin-execution doctor``: which sandbox layers the subprocess backend can use here."""
+"""``plugin-execution doctor``: which sandbox layers the sandboxed backends can use here
+(the subprocess backend, the worker pool with ``sandbox=True``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ __all__ = ["add_parser"]
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     doctor = commands.add_parser(
         "doctor",
-        help="report which sandbox layers the subprocess backend can use on this machine",
-        description="Detect each sandbox layer of the subprocess backend on this machine and "
+        help="report which sandbox layers the sandboxed backends can use on this machine",
+        description="Detect each sandbox layer of the sandboxed backends on this machine and "
         "say what it does, or why it is not available; exit 1 if any is not.",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -41,7 +42,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(dumps({"machine": machine, "layers": layers}, indent=2))
     else:
         where = ", ".join(f"{key} {value}" for key, value in machine.items())
-        print(f"sandbox layers of the subprocess backend on this machine ({where}):")
+        print(f"sandbox layers of the sandboxed backends on this machine ({where}):")
         width = max(len(name) for name in support.layers)
         for name, status in support.layers.items():
             state = "yes" if status.available else "NO"

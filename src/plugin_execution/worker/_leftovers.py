@@ -89,6 +89,20 @@ def descendants(root: int, *, skip: frozenset[int] | set[int] = frozenset()) -> 
     return found
 
 
+def own_children() -> list[int] | None:
+    """This process's children (of every thread of it), from ``/proc/self``: readable where
+    the rest of ``/proc`` is not (a worker under Landlock, which keeps only its own). A
+    subreaper that kills them gets their children next. None if it cannot be read."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                found += [int(pid) for pid in f.read().split()]
+    except OSError:
+        return None
+    return found
+
+
 def kill_all(pids: list[int]) -> None:
     """SIGKILL each of ``pids`` that still exists."""
     for pid in pids:
@@ -110,8 +124,9 @@ def _reap_children() -> None:
 
 def kill_leftovers() -> bool:
     """In a worker (a subreaper): SIGKILL every descendant and reap them all. Returns
-    whether none is left; gives up after a few seconds, or at once if ``/proc`` cannot be
-    read (the host kills the worker's process group when it ends)."""
+    whether none is left; gives up after a few seconds, or at once if neither ``/proc`` nor
+    its own children there can be read (the host kills the worker's process group when it
+    ends)."""
     me = os.getpid()
     deadline = time.monotonic() + _REAP_LIMIT_S
     while True:
@@ -119,6 +134,8 @@ def kill_leftovers() -> bool:
         if not has_children():
             return True
         pids = descendants(me)
+        if pids is None:
+            pids = own_children()  # a level at a time: what they started comes to us
         if pids is None or time.monotonic() > deadline:
             return False
         kill_all(pids)

@@ -18,6 +18,9 @@ slot replaces it at once and the supervisor's restart intensity is not charged; 
 crash breaker (``_breaker``) refuses a plugin that keeps doing it. Workers failing on their
 own (start-up, handshake, dying idle) are restarted by the supervisor, which gives up past
 ``max_restarts`` within ``restart_window``.
+
+With ``sandbox`` on, every worker serves one plugin, in that plugin's kernel sandbox
+(:mod:`.sandboxed`), and workers are placed per plugin (:mod:`.placement`).
 """
 
 from .backend import WorkerPoolBackend

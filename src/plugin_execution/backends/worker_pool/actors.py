@@ -20,7 +20,7 @@ import select
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -88,7 +88,10 @@ class WorkerActors:
             ready = [
                 w
                 for w in self.workers.values()
-                if w.state in ("idle", "busy") and w.proc is not None and w.proc.alive
+                if w.state in ("idle", "busy")
+                and w.proc is not None
+                and w.proc.alive
+                and self.serves(w, job)
             ]
             if ready:
                 return min(ready, key=lambda w: w.sessions)
@@ -100,8 +103,8 @@ class WorkerActors:
                     f"no worker was ready for a channel session within "
                     f"{self._options.acquire_timeout:g} s ({len(self.workers)} workers)"
                 )
-            if not self.workers:
-                self.start_extra()  # min_workers=0
+            if not any(self.serves(w, job) for w in self.workers.values()):
+                self.start_extra(job)  # min_workers=0, or none for its plugin yet
             await trio.sleep(0.02)  # workers are being (re)started; bounded by give_up
 
     def kill_busy(self, error: ExecutionError) -> None:
@@ -110,7 +113,11 @@ class WorkerActors:
             if worker.running and worker.proc is not None:
                 worker.proc.kill(error)
 
-    def start_extra(self) -> None:
+    def serves(self, worker: Worker, job: Job) -> bool:
+        """Whether ``worker`` may run ``job`` (any worker any job; see the sandboxed pool)."""
+        return True
+
+    def start_extra(self, job: Job) -> None:
         """Start one more (transient) worker now, e.g. for a channel session with none."""
         if self.nursery is not None:
             self.nursery.start_soon(self._grown, self.new_worker(False))
@@ -204,8 +211,8 @@ class WorkerActors:
                     return await self._serve_on(worker, spare.proc, task_status, spares)
             finally:
                 spare.done.set()  # served on and retired, or failed: start afresh
-        async with self._open_worker() as proc:
-            await self._warm(proc)
+        async with self._open_worker(worker) as proc:
+            await self._warm(proc, worker)
             return await self._serve_on(worker, proc, task_status, spares)
 
     async def _serve_on(
@@ -256,8 +263,8 @@ class WorkerActors:
         spare = worker.spare = Spare()
         try:
             with spare.scope:
-                async with self._open_worker(slot_held=True) as proc:
-                    await self._warm(proc)
+                async with self._open_worker(worker, slot_held=True) as proc:
+                    await self._warm(proc, worker)
                     if self._process_slots.statistics().tasks_waiting:
                         return  # a slot waits to start its worker: it needs this more
                     spare.proc = proc
@@ -271,13 +278,15 @@ class WorkerActors:
                 worker.spare = None
 
     @asynccontextmanager
-    async def _open_worker(self, *, slot_held: bool = False) -> AsyncIterator[WorkerHandle]:
-        """Start a worker, once a process slot is free (``slot_held``: the caller took
-        one); the slot is given back once the worker is reaped."""
+    async def _open_worker(
+        self, worker: Worker, *, slot_held: bool = False
+    ) -> AsyncIterator[WorkerHandle]:
+        """Start a worker for ``worker``'s slot, once a process slot is free (``slot_held``:
+        the caller took one); the slot is given back once the worker is reaped."""
         if not slot_held:
             await self._take_process_slot()
         try:
-            async with self._launcher.open() as proc:
+            async with self.launch(worker) as proc:
                 yield proc
         finally:
             self._process_slots.release()
@@ -299,8 +308,14 @@ class WorkerActors:
         alive = self._options.max_workers - self._process_slots.value
         self.peak = max(self.peak, alive)
 
-    async def _warm(self, proc: WorkerHandle) -> None:
+    def launch(self, worker: Worker) -> AbstractAsyncContextManager[WorkerHandle]:
+        """Start the worker of ``worker``'s slot (the launcher's; see the sandboxed pool)."""
+        return self._launcher.open()
+
+    async def _warm(self, proc: WorkerHandle, worker: Worker) -> None:
         for plugin_id, handler_id in self._warm_set():
+            if worker.plugin is not None and worker.plugin.plugin_id != plugin_id:
+                continue
             try:
                 target = self._registry.resolve(plugin_id, handler_id)
                 await proc.warmup(plugin_id, handler_id, target.entry, target.root)

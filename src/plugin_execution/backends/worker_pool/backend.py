@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from ...host.handle import WorkerHandle, WorkerLauncher
 from ...host.launchers import ProcessLauncher, ThreadLauncher
 from ...host.limits import WorkerLimits
 from ...host.zygote import BASE_ENV, ZygoteKeeper
+from ...sandbox.policy import check_layers
 from ...supervisor import open_supervisor
 from ...types import ExecutionResult, HealthStatus
 from .._breaker import CrashBreaker
@@ -33,12 +35,13 @@ from .._quota_watch import execute_watched
 from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
 from .queue import Waiter, WaitQueue
+from .sandboxed import SandboxedRuns
 from .slots import Worker
 
 __all__ = ["WorkerPoolBackend"]
 
 
-class WorkerPoolBackend(ExecutionBackend):
+class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
     """Runs executions on a pool of warm, supervised workers. See the module docstring.
 
     Options (defaults in brackets): ``kind`` [``"process"``] or ``"thread"``;
@@ -57,7 +60,8 @@ class WorkerPoolBackend(ExecutionBackend):
     for the workers (they get a minimal base environment, never the host's secrets);
     ``launcher``: a :class:`~plugin_execution.host.handle.WorkerLauncher` starting the
     workers instead (another kind of worker; ``kind``, ``env`` and the limits then do not
-    apply).
+    apply). ``sandbox`` [False]: as the subprocess backend's (``True``, the layers required);
+    on, each process worker serves one plugin, in its kernel sandbox (docs/sandbox.md).
     """
 
     name = "worker-pool"
@@ -91,6 +95,7 @@ class WorkerPoolBackend(ExecutionBackend):
         open_files: int | None = None,
         env: dict[str, str] | None = None,
         launcher: WorkerLauncher | None = None,
+        sandbox: bool | Iterable[str] = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,6 +111,8 @@ class WorkerPoolBackend(ExecutionBackend):
             raise ValueError(f"warmup must be 'none', 'marked' or 'top_n', not {warmup!r}")
         if max_concurrency_per_worker < 1 or max_queue < 0:
             raise ValueError("max_concurrency_per_worker must be >= 1 and max_queue >= 0")
+        sandbox = check_layers(sandbox)
+        self._sandboxed = _check_sandbox(sandbox, kind, launcher)
         self.kind: str = kind if launcher is None else launcher.kind
         self.min_workers = min_workers
         self.max_workers = max_workers
@@ -131,7 +138,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._env.update(env or {})
         # What starts the workers: the pool knows them only as handles from here on.
         self._launcher: WorkerLauncher = launcher or ThreadLauncher()
-        if launcher is None and kind == "process":
+        if launcher is None and kind == "process" and not self._sandboxed:
             self._launcher = ProcessLauncher(
                 env=self._env,
                 limits=WorkerLimits(address_space_mb=memory_mb, open_files=open_files),
@@ -141,6 +148,9 @@ class WorkerPoolBackend(ExecutionBackend):
                 zygote=ZygoteKeeper(env=self._env, on_error=self._zygote_failed),
             )
         self._usage: Counter[tuple[str, str]] = Counter()
+        if self._sandboxed:  # its own launcher, actors and queue: workers per plugin
+            self._sandboxed_parts(sandbox, memory_mb, open_files, env or {})
+            return
         self._actors = WorkerActors(
             self,
             self._launcher,
@@ -170,8 +180,10 @@ class WorkerPoolBackend(ExecutionBackend):
 
     async def _start(self, nursery: trio.Nursery) -> None:
         self._actors.nursery = nursery
+        if self._sandboxed:
+            await self._start_sandbox()  # workers start with their plugin's first call
         async with trio.open_nursery() as starting:
-            for _ in range(self.min_workers):
+            for _ in range(0 if self._sandboxed else self.min_workers):
                 starting.start_soon(self._actors.add_worker, True)
         nursery.start_soon(self._actors.maintain)
         nursery.start_soon(self._queue.deadlines.run)
@@ -197,6 +209,8 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue.dispatch()
 
     async def _run(self, job: Job) -> ExecutionResult:
+        if self._sandboxed:
+            return await self._run_sandboxed(job)
         if job.channel is not None:
             return await self._run_session(job)
         lender = self._lender(job)
@@ -356,6 +370,7 @@ class WorkerPoolBackend(ExecutionBackend):
             "workers_idle": states["idle"],
             "workers_busy": states["busy"],
             **self._stats_details(),
+            **({"sandbox": self._sandbox_report()} if self._sandboxed else {}),
         }
 
     async def health(self) -> HealthStatus:
@@ -376,3 +391,11 @@ class WorkerPoolBackend(ExecutionBackend):
                 details={**status.details, "restarts_last_minute": recent},
             )
         return status
+
+
+def _check_sandbox(sandbox: bool | tuple[str, ...], kind: str, launcher: object) -> bool:
+    """Whether the pool is sandboxed (its workers per plugin); only process workers of its
+    own launcher can be."""
+    if sandbox is not False and (kind != "process" or launcher is not None):
+        raise ValueError("sandbox applies to process workers started by the pool only")
+    return sandbox is not False

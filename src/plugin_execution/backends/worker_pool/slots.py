@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Literal, Protocol
 
+import attrs
 import trio
 
 if TYPE_CHECKING:
     from ...host.handle import WorkerHandle
+    from ...manifest import Permissions
 
-__all__ = ["PoolOptions", "Spare", "Worker", "WorkerState"]
+__all__ = ["PluginKey", "PoolOptions", "Spare", "Worker", "WorkerState"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
 
@@ -42,9 +44,21 @@ class PoolOptions(Protocol):
     shutdown_timeout: float
 
 
+@attrs.frozen(cache_hash=True)
+class PluginKey:
+    """What a sandboxed worker is restricted to: one plugin (its id and files) with one set
+    of permissions. Its handlers run only on workers of their key. (Its hash, of the whole
+    permissions, is computed once: the queue looks keys up on every call.)"""
+
+    plugin_id: str
+    root: str | None
+    permissions: Permissions
+
+
 class Worker:
     """The pool's record of one worker slot: the handle it serves on now (``proc``), what
-    runs there, and its recycling (``retire``, set by :meth:`drain`; a spare successor)."""
+    runs there, and its recycling (``retire``, set by :meth:`drain`; a spare successor).
+    ``plugin``: the one plugin it serves, on a sandboxed pool (None: any)."""
 
     __slots__ = (
         "executions",
@@ -52,6 +66,7 @@ class Worker:
         "last_used",
         "name",
         "permanent",
+        "plugin",
         "proc",
         "retire",
         "retire_reason",
@@ -63,9 +78,10 @@ class Worker:
         "state",
     )
 
-    def __init__(self, name: str, permanent: bool) -> None:
+    def __init__(self, name: str, permanent: bool, plugin: PluginKey | None = None) -> None:
         self.name = name
         self.permanent = permanent
+        self.plugin = plugin
         self.state: WorkerState = "starting"
         self.proc: WorkerHandle | None = None
         self.running = 0

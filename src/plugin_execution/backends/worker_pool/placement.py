@@ -1,0 +1,346 @@
+"""Per-plugin placement: the sandboxed pool's queue and worker slots.
+
+On a sandboxed pool every worker belongs to one :class:`~.slots.PluginKey` (a plugin, with
+one set of permissions) from its start: its kernel sandbox is made from that plugin's grants,
+and only that plugin's executions are handed to it. :class:`PluginQueue` and
+:class:`PluginActors` are the pool's :class:`~.queue.WaitQueue` and
+:class:`~.actors.WorkerActors` with that rule; the unsandboxed pool never runs this code.
+
+- Workers are started on demand, for the plugin that waits (``min_workers`` are not started
+  ahead: a worker belongs to no plugin before its first call), and retired after
+  ``idle_timeout`` idle.
+- At most ``max_workers`` are alive in total, whatever the number of plugins. A plugin that
+  waits and has no worker gets a slot: a free one, or an idle worker of a plugin nobody waits
+  for is retired for it; when every worker is busy, the plugin with the most workers gives
+  one up (retired once its execution ends) as soon as the waiting one has queued for
+  :data:`SWITCH_AFTER_S`: a plugin waits a bounded time, and workers are not traded on every
+  call when more plugins than workers are busy.
+- Executions of one plugin are handed to its workers oldest first, as on any pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ...errors import AcquireTimeoutError, BackendClosedError, ExecutionError, QueueFullError
+from .actors import WorkerActors
+from .queue import Waiter, WaitQueue
+from .slots import PluginKey, Worker
+
+if TYPE_CHECKING:
+    from ...host.handle import WorkerHandle
+    from ...workspace import WorkspaceLease
+    from ..job import Job
+
+__all__ = ["SERVE_AT_LEAST_S", "SWITCH_AFTER_S", "PluginActors", "PluginQueue", "key_of"]
+
+#: How long the oldest caller of a plugin without a worker waits, every worker being busy
+#: with other plugins, before one of them is retired for it: about what starting a sandboxed
+#: worker costs, so that at most about half the time goes to starting workers.
+SWITCH_AFTER_S = 0.05
+#: How long a worker serves its plugin before it may be retired for another that waits: a
+#: worker's start (tens of ms, under bubblewrap) then costs a fraction of what it serves.
+SERVE_AT_LEAST_S = 0.25
+#: After a worker of a plugin failed to start, how long until another is tried for it.
+RETRY_START_S = 1.0
+
+_keys: dict[int, tuple[object, PluginKey]] = {}
+
+
+def key_of(job: Job) -> PluginKey:
+    """The placement key of ``job``: its plugin, root and permissions (cached per resolved
+    handler, which the registry keeps until the plugin is registered again)."""
+    target = job.target
+    cached = _keys.get(id(target))
+    if cached is not None and cached[0] is target:
+        return cached[1]
+    key = PluginKey(job.request.plugin_id, target.root, target.permissions)
+    if len(_keys) > 4096:
+        _keys.clear()
+    _keys[id(target)] = (target, key)
+    return key
+
+
+class PluginWaiter(Waiter):
+    """A queued execution that only a worker of ``key`` may take. The hand-over may reserve
+    its workspace (``lease``, under the worker's directory) and submit it, as on any pool."""
+
+    __slots__ = ("key", "lease", "submit")
+
+    def __init__(self, job: Job, key: PluginKey, *, submit: bool) -> None:
+        super().__init__(job, None)
+        self.key = key
+        self.submit = submit
+        self.lease: WorkspaceLease | None = None
+
+
+class PluginQueue(WaitQueue):
+    """The wait queue of a sandboxed pool: an execution goes to a worker of its plugin.
+    ``actors`` start and retire workers for the plugins that wait (see the module);
+    ``workspace_for(worker, job)``: the lease of ``job``'s workspace under ``worker``'s
+    directory, for the hand-over to submit (None: the caller does it)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        actors: PluginActors,
+        workspace_for: Callable[[Worker, Job], WorkspaceLease | None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._actors = actors
+        self._workspace_for = workspace_for
+        #: The waiters of each plugin, oldest first (as in ``waiters``; woken ones are
+        #: dropped when met).
+        self._by_key: dict[PluginKey, deque[PluginWaiter]] = {}
+        self._started: dict[PluginKey, float] = {}  # when each plugin last got a worker
+
+    def free_worker_for(self, key: PluginKey) -> Worker | None:
+        for worker in self._workers.values():
+            if (worker.plugin is key or worker.plugin == key) and self.has_room(worker):
+                return worker
+        return None
+
+    def _head(self, key: PluginKey) -> PluginWaiter | None:
+        """The oldest waiter of ``key`` still queued."""
+        queue = self._by_key.get(key)
+        while queue:
+            if not queue[0].woken:
+                return queue[0]
+            queue.popleft()
+        self._by_key.pop(key, None)
+        return None
+
+    def hand_over(self, worker: Worker, waiter: Waiter) -> None:
+        assert isinstance(waiter, PluginWaiter)
+        if waiter.submit:
+            try:
+                waiter.lease = self._workspace_for(worker, waiter.job)
+            except ExecutionError:
+                waiter.lease = None  # the caller reserves it again and gets the error itself
+            if waiter.lease is not None:
+                waiter.workspace = os.fspath(waiter.lease)
+        super().hand_over(worker, waiter)
+
+    def close(self) -> None:
+        self._by_key.clear()
+        super().close()
+
+    def dispatch(self) -> None:
+        """Hand each free worker to the oldest waiters of its plugin; then see to the
+        plugins still waiting (start, or make room for, their workers)."""
+        if not self.waiters:
+            return
+        for worker in list(self._workers.values()):
+            if worker.plugin is not None:
+                self._feed(worker)
+        if self.waiters:
+            self._place()
+
+    def _feed(self, worker: Worker) -> None:
+        """Hand ``worker`` to its plugin's oldest waiters while it has room."""
+        key = worker.plugin
+        assert key is not None
+        while self.has_room(worker):
+            waiter = self._head(key)
+            if waiter is None:
+                return
+            if not self.plugin_has_room(waiter.plugin_id):
+                return
+            self._by_key[key].popleft()
+            self.hand_over(worker, waiter)
+
+    def give_back(self, worker: Worker, plugin_id: str) -> None:
+        worker.running -= 1
+        worker.last_used = time.monotonic()
+        self.per_plugin[plugin_id] -= 1
+        if not worker.running:
+            worker.idle.set()
+            if worker.state == "busy":
+                proc = worker.proc
+                worker.state = "idle" if proc is not None and proc.alive else "draining"
+        if worker.executions >= self.spare_at:
+            worker.spare_wanted.set()
+        if worker.executions >= self._options.max_executions_per_worker:
+            worker.drain("executions")
+        elif time.monotonic() - worker.started_at > self._options.max_worker_uptime:
+            worker.drain("uptime")
+        self.in_use -= 1
+        if not self.in_use:
+            self.idle.set()
+        if not self.waiters:
+            return
+        if self._options.max_concurrent_per_plugin is not None:
+            self.dispatch()
+            return
+        self._feed(worker)  # its own plugin's callers first: no scan when only they wait
+        if self._by_key and (len(self._by_key) > 1 or worker.plugin not in self._by_key):
+            self._place()  # other plugins wait
+
+    async def acquire(
+        self, job: Job, workspace: str | None, lender: Worker | None = None
+    ) -> Waiter | Worker:
+        """A worker of ``job``'s plugin: at once, or after waiting in the queue (see
+        :meth:`WaitQueue.acquire`). ``workspace``: anything but None lets the hand-over
+        reserve and submit (see :class:`PluginWaiter`). ``lender``: of the same plugin only."""
+        plugin_id = job.request.plugin_id
+        key = key_of(job)
+        if lender is not None and (lender.plugin is key or lender.plugin == key):
+            draining = lender.state == "draining"
+            self.take(lender, plugin_id)
+            if draining:
+                lender.state = "draining"
+            self._stats.record_queue_wait(0.0)
+            return lender
+        if self._head(key) is None and self.plugin_has_room(plugin_id):
+            worker = self.free_worker_for(key)
+            if worker is not None:
+                self.take(worker, plugin_id)
+                self._stats.record_queue_wait(0.0)
+                return worker
+        if len(self.waiters) >= self._options.max_queue:
+            self._stats.queue_full_rejections += 1
+            raise QueueFullError(
+                f"the pool's queue is full ({len(self.waiters)} waiting, capacity "
+                f"{self._options.max_queue}); retry later or raise max_queue",
+                details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
+            )
+        waiter = PluginWaiter(job, key, submit=workspace is not None)
+        self.waiters.append(waiter)
+        self._by_key.setdefault(key, deque()).append(waiter)
+        self._place()
+        self.deadlines.add(
+            min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
+        )
+        await waiter.wait(self.waiters)
+        self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
+        if waiter.worker is not None:
+            return waiter
+        if not self._running():
+            raise BackendClosedError("the worker-pool backend is shutting down")
+        if trio.current_time() >= job.deadline:
+            raise job.timeout_error(" while waiting for a worker")
+        self._stats.acquire_timeouts += 1
+        raise AcquireTimeoutError(
+            f"no worker of plugin {plugin_id!r} became free within "
+            f"{self._options.acquire_timeout:g} s ({len(self.waiters)} queued, "
+            f"{len(self._workers)} workers)"
+        )
+
+    def _place(self) -> None:
+        """Workers for the plugins that wait: one more for each whose waiters outnumber its
+        workers, while there is room; else room is made (see the module)."""
+        if not self._running():
+            return
+        workers = [w for w in self._workers.values() if w.state != "stopped"]
+        serving = Counter(w.plugin for w in workers if w.state != "draining")
+        room = self._options.max_workers - len(workers)
+        heads = {key: head for key in list(self._by_key) if (head := self._head(key))}
+        if room <= 0 and all(serving[key] for key in heads):
+            return  # the common case under load: every waiting plugin has its workers
+        starting = Counter(w.plugin for w in workers if w.state == "starting")
+        started = self._started
+        # Plugins with no worker first, the one given a worker longest ago (or never) first:
+        # by oldest waiter alone, a retired worker's slot would go straight back.
+        order = sorted(
+            heads, key=lambda k: (serving[k] > 0, started.get(k, 0.0), heads[k].enqueued)
+        )
+        for key in order:
+            count = len(self._by_key[key])
+            if room > 0 and starting[key] < count and serving[key] < count:
+                if not self._actors.start_for(key):
+                    continue
+                if len(started) > 4096:
+                    started.clear()
+                started[key] = time.perf_counter()
+                room -= 1
+                serving[key] += 1
+        failed, now = self._actors.failed, time.monotonic()
+        starved = [
+            k for k in order if not serving[k] and now - failed.get(k, -1e9) >= RETRY_START_S
+        ]
+        if starved:
+            victim = self._victim(workers, serving, heads[starved[0]].enqueued)
+            if victim is not None:
+                victim.drain("shrink")  # its slot is freed once it is idle
+
+    def _victim(
+        self, workers: list[Worker], serving: Counter[PluginKey | None], since: float
+    ) -> Worker | None:
+        """The worker to retire for a plugin that waits with none of its own: an idle one
+        nobody of its plugin waits for; else, once ``since`` is :data:`SWITCH_AFTER_S` ago,
+        the longest-serving of the plugin with the most workers among those that served
+        :data:`SERVE_AT_LEAST_S`. None while a slot is already being freed."""
+        if any(w.state == "draining" and w.retire_reason == "shrink" for w in workers):
+            return None
+        candidates = [w for w in workers if w.state in ("idle", "busy")]
+        for worker in candidates:
+            if not worker.running and not worker.sessions and worker.plugin not in self._by_key:
+                return worker
+        if time.perf_counter() - since < SWITCH_AFTER_S:
+            return None
+        now = time.monotonic()
+        candidates = [w for w in candidates if now - w.started_at >= SERVE_AT_LEAST_S]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda w: (serving[w.plugin], -w.running, -w.started_at))
+
+
+class PluginActors(WorkerActors):
+    """The worker slots of a sandboxed pool: each is started for one plugin (``launch``
+    starts its worker, sandboxed for that plugin), and serves only it."""
+
+    def __init__(
+        self,
+        *args: Any,
+        launch: Callable[[Worker], AsyncIterator[WorkerHandle]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._launch = asynccontextmanager(launch)
+        #: When a worker of each plugin last failed to start (cleared by one that starts).
+        self.failed: dict[PluginKey, float] = {}
+
+    def launch(self, worker: Worker) -> Any:
+        return self._launch(worker)
+
+    def serves(self, worker: Worker, job: Job) -> bool:
+        key = key_of(job)
+        return worker.plugin is key or worker.plugin == key
+
+    def start_for(self, key: PluginKey) -> bool:
+        """Start a (transient) worker for ``key``'s plugin, counted from now on; not within
+        :data:`RETRY_START_S` of one that failed to start (its sandbox, say): False."""
+        failed = self.failed.get(key)
+        if failed is not None and time.monotonic() - failed < RETRY_START_S:
+            return False
+        if self.nursery is not None:
+            worker = self.new_worker(False)
+            worker.plugin = key
+            self.nursery.start_soon(self._started_for, worker, key)
+        return True
+
+    async def _started_for(self, worker: Worker, key: PluginKey) -> None:
+        try:
+            await self.add_worker(False, worker)
+        except Exception as exc:  # its waiters' acquire timeout reports the consequence
+            self._stats.last_error = f"could not start a worker for {key.plugin_id!r}: {exc}"
+            if len(self.failed) > 4096:
+                self.failed.clear()
+            self.failed[key] = time.monotonic()
+        else:
+            self.failed.pop(key, None)
+
+    def start_extra(self, job: Job) -> None:
+        if len(self.workers) < self._options.max_workers:
+            self.start_for(key_of(job))
+
+    def grow(self, queued: int) -> None:
+        """Growth is per plugin here (:meth:`PluginQueue._place`)."""

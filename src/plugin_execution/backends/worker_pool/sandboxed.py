@@ -1,0 +1,296 @@
+"""The sandboxed pool: warm workers, each in the kernel sandbox of the one plugin it serves.
+
+With ``sandbox`` on, :class:`~.backend.WorkerPoolBackend` keeps its workers per plugin (see
+:mod:`.placement`) and starts each the way the subprocess backend starts a child, restricted
+to its plugin's grants before any plugin code is imported: capabilities dropped, Landlock
+(read: the interpreter, the plugin's root, ``fs.read``; write: the worker's own directory and
+``fs.write``; execute: ``shell.allow``; TCP: ``network.connect``), seccomp (no leaving the
+process group; no fork or exec without ``shell.allow``), bubblewrap's namespaces, an
+environment of the base variables, the granted ``env.read`` ones and the pool's ``env``
+option, and rlimits (the plugin's ``quotas.memory_mb`` as its address space).
+
+Each worker gets a directory of its own (a lease of the pool's workspace manager, its cwd,
+``HOME`` and ``TMPDIR``); its executions' workspaces are made under it, the only place it may
+write besides ``fs.write``. What persists between executions on one worker (memory, threads,
+files in that directory) is therefore only ever its own plugin's; the directory is removed
+when the worker is retired. :class:`SandboxedRuns` is the backend's part: the path of an
+execution and of a channel session, and how a worker is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+
+from ...channels.bridge import run_session
+from ...errors import WorkerCrashedError
+from ...host.launchers import ProcessLauncher
+from ...host.limits import WorkerLimits
+from ...sandbox.policy import SandboxPolicy
+from ...sandbox.support import detect
+from ...workspace import validate_execution_id
+from .._quota_watch import execute_watched
+from ..subprocess import child_environment
+from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
+from .slots import Worker
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from ...host.handle import WorkerHandle, WorkerLauncher
+    from ...registry import PluginRegistry
+    from ...stats import StatsRecorder
+    from ...types import ExecutionResult
+    from ...workspace import WorkspaceLease, WorkspaceManager
+    from .._breaker import CrashBreaker
+    from ..job import Job
+
+__all__ = ["SandboxedRuns"]
+
+_log = logging.getLogger(__name__)
+
+
+class SandboxedRuns:
+    """The sandboxed pool's share of :class:`~.backend.WorkerPoolBackend` (a mixin): set up
+    by :meth:`_sandboxed_parts` when ``sandbox`` is on; the unsandboxed pool uses none of it.
+    """
+
+    # The backend's, used here.
+    name: ClassVar[str]
+    cancel_grace: float
+    workspaces: WorkspaceManager
+    _stats: StatsRecorder
+    _breaker: CrashBreaker
+    _usage: Counter[tuple[str, str]]
+    registry: PluginRegistry
+    _launcher: WorkerLauncher
+    _actors: Any  # PluginActors
+    _queue: Any  # PluginQueue
+    _workers: dict[str, Worker]
+
+    def _sandboxed_parts(
+        self,
+        sandbox: bool | tuple[str, ...],
+        memory_mb: int | None,
+        open_files: int | None,
+        env: dict[str, str],
+    ) -> None:
+        """The sandboxed pool's launcher (spawned workers, each in the sandbox of its plugin:
+        no zygote, whose children share its view), actors and queue."""
+        self._sandbox_option = sandbox
+        self._sandbox: SandboxPolicy | None = None
+        self._memory_mb = memory_mb
+        self._open_files = open_files
+        self._pool_env = env
+        #: Each live worker's own directory and the layers it runs under.
+        self._homes: dict[WorkerHandle, tuple[str, tuple[str, ...]]] = {}
+        self._process_launcher = ProcessLauncher(close_grace=self.cancel_grace, sweep_group=True)
+        self._launcher = self._process_launcher
+        self._actors = PluginActors(
+            self,
+            self._launcher,
+            self._stats,
+            self.registry,
+            self._usage,
+            dispatch=self._dispatch,
+            running=self._is_running,
+            launch=self._launch_sandboxed,
+        )
+        self._workers = self._actors.workers
+        self._queue = PluginQueue(
+            self,
+            self._workers,
+            self._stats,
+            grow=self._actors.grow,
+            running=self._is_running,
+            actors=self._actors,
+            workspace_for=self._workspace_for,
+        )
+
+    async def _start_sandbox(self) -> None:
+        support = await trio.to_thread.run_sync(detect)  # once per process, then cached
+        self._sandbox = SandboxPolicy(self._sandbox_option, support)  # a missing layer raises
+        if self._sandbox.missing:
+            _log.warning(
+                "worker pool: sandbox layers not available on this machine: %s",
+                "; ".join(f"{name} ({why})" for name, why in self._sandbox.missing.items()),
+            )
+
+    def _sandbox_report(self) -> dict[str, Any]:
+        if self._sandbox is None:
+            return {}
+        report = self._sandbox.report("spawn")
+        report["placement"] = "per plugin: each worker serves one plugin, sandboxed for it"
+        return report
+
+    # -- a worker ---------------------------------------------------------------------------
+
+    async def _launch_sandboxed(self, worker: Worker) -> AsyncIterator[WorkerHandle]:
+        """Start ``worker``'s process in the sandbox of its plugin, with a directory of its
+        own (removed once it is reaped)."""
+        key = worker.plugin
+        assert key is not None and self._sandbox is not None
+        lease = await self.workspaces.acquire(f".worker-{worker.name}-{os.urandom(4).hex()}")
+        home = os.fspath(lease)
+        try:
+            env = child_environment(key.permissions, home)
+            env.update(self._pool_env)
+            sandbox = self._sandbox.for_child(
+                key.permissions, workspace=home, root=key.root, env=env, zygote=False
+            )
+            memory = [m for m in (self._memory_mb, key.permissions.quotas.memory_mb) if m]
+            limits = WorkerLimits(
+                address_space_mb=min(memory) if memory else None, open_files=self._open_files
+            )
+            async with self._process_launcher.open(
+                cwd=home, env=env, limits=limits, sandbox=sandbox, forked=False
+            ) as proc:
+                self._homes[proc] = (home, sandbox.layers)
+                try:
+                    yield proc
+                finally:
+                    del self._homes[proc]
+        finally:
+            await lease.release()
+
+    # -- an execution -----------------------------------------------------------------------
+
+    async def _run_sandboxed(self, job: Job) -> ExecutionResult:
+        """One execution (or channel session) on a worker of its plugin, its workspace
+        under that worker's directory; ``metadata["sandbox"]``: the worker's layers."""
+        if job.channel is not None:
+            return await self._run_sandboxed_session(job)
+        parent = job.parent
+        lender = None
+        if parent is not None and isinstance(parent.slot, Worker):
+            slot = parent.slot
+            if slot.plugin == key_of(job) and self._queue.free_worker_for(slot.plugin) is None:
+                lender = slot  # as on any pool: never wait for what its callers hold
+        if lender is None:
+            return await self._run_on_plugin_worker(job)
+        assert parent is not None
+        lent = parent.lent_slot()
+        with trio.CancelScope(deadline=job.deadline) as waiting:
+            await lent.acquire()
+        if waiting.cancelled_caught:
+            raise job.timeout_error(
+                " while its caller's worker was lent to another of its invocations"
+            )
+        try:
+            return await self._run_on_plugin_worker(job, lender)
+        finally:
+            lent.release()
+
+    def _workspace_for(self, worker: Worker, job: Job) -> WorkspaceLease | None:
+        """The lease of ``job``'s workspace under ``worker``'s directory (None: no worker
+        process serves there now)."""
+        home = self._homes.get(worker.proc) if worker.proc is not None else None
+        if home is None:
+            return None
+        return self.workspaces._reserve_in(job.request.execution_id, home[0])
+
+    async def _run_on_plugin_worker(
+        self, job: Job, lender: Worker | None = None
+    ) -> ExecutionResult:
+        """As the pool's ``_run_job``, on a worker of the job's plugin; the workspace lies
+        under the worker's directory, so it is reserved once the worker is known."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        request = job.request
+        trial = self._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
+        quotas = job.target.permissions.quotas
+        watched = bool(quotas.memory_mb or quotas.cpu_s)
+        try:
+            got = await self._queue.acquire(job, None if watched else "", lender)
+        except BaseException:
+            self._breaker.record(request.plugin_id, None, trial=trial)
+            raise
+        if isinstance(got, PluginWaiter):
+            worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
+            assert worker is not None
+        else:
+            worker, proc, pending, lease = got, None, None, None
+        job.slot = worker  # what its own invocations may borrow
+        self._usage[(request.plugin_id, request.handler_id)] += 1
+        result = None
+        try:
+            worker.executions += 1
+            if pending is not None and proc is not None:  # submitted at the hand-over
+                layers = self._homes[proc][1]
+                result = await proc.collect(pending, backend=self.name, sent_now=False)
+            else:
+                proc = worker.proc
+                if lease is None and proc is not None:
+                    lease = self._workspace_for(worker, job)
+                if proc is None or lease is None:
+                    raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
+                layers = self._homes[proc][1]
+                if watched:
+                    result = await execute_watched(
+                        proc,
+                        job,
+                        quotas,
+                        backend=self.name,
+                        workspace=os.fspath(lease),
+                        cancel_grace=self.cancel_grace,
+                    )
+                else:
+                    pending = self._queue.submit(proc, job, os.fspath(lease))
+                    result = await proc.collect(pending, backend=self.name)
+            result.metadata["sandbox"] = list(layers)  # a dict of its own: no copy
+            return result
+        finally:
+            self._settle(worker, proc, request.plugin_id, result, trial)
+            self._queue.give_back(worker, request.plugin_id)
+            if lease is not None:
+                if (
+                    result is not None
+                    and result.metadata.get("workspace_id") is None
+                    and job.session_unused
+                ):
+                    lease.release_unused()  # never made (see the pool's _run_job)
+                else:
+                    await lease.release()  # not cancellable; see WorkspaceLease.release
+
+    async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
+        """A channel session on a live worker of its plugin (see ``_run_session``)."""
+        actors: PluginActors = self._actors
+        worker = await actors.session_worker(job)
+        proc = worker.proc
+        if proc is None or proc not in self._homes:
+            raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
+        worker.sessions += 1
+        home, _ = self._homes[proc]
+        lease = self.workspaces._reserve_in(validate_execution_id(job.request.execution_id), home)
+        try:
+            return await run_session(
+                proc,
+                job,
+                backend=self.name,
+                workspace=os.fspath(lease),
+                cancel_grace=self.cancel_grace,
+            )
+        finally:
+            worker.sessions -= 1
+            if not worker.running and not worker.sessions:
+                worker.idle.set()
+            await lease.release()
+
+    def _dispatch(self) -> None:
+        raise NotImplementedError  # the backend's
+
+    def _is_running(self) -> bool:
+        raise NotImplementedError  # the backend's
+
+    def _settle(
+        self,
+        worker: Worker,
+        proc: WorkerHandle | None,
+        plugin_id: str,
+        result: ExecutionResult | None,
+        trial: bool,
+    ) -> None:
+        raise NotImplementedError  # the backend's
