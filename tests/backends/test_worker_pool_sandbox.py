@@ -199,7 +199,9 @@ async def test_a_worker_that_fails_to_start_is_retried_after_a_pause(
     async with open_pool(plugins, workspaces, acquire_timeout=2.5) as pool:
         # Its sandbox cannot start: the worker exits before its handshake.
         failing = ChildSandbox(("process", "rlimits"), {}, ["/bin/false"])
-        monkeypatch.setattr(pool._sandbox, "for_child", lambda *args, **kwargs: failing)
+        monkeypatch.setattr(
+            pool._sandboxed_pool._sandbox, "for_child", lambda *args, **kwargs: failing
+        )
         result = await pool.execute(
             ExecutionRequest(plugin_id="p0", handler_id="echo", input=1), raise_errors=False
         )

@@ -35,13 +35,13 @@ from .._quota_watch import execute_watched
 from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
 from .queue import Waiter, WaitQueue
-from .sandboxed import SandboxedRuns
+from .sandboxed import SandboxedPool
 from .slots import Worker
 
 __all__ = ["WorkerPoolBackend"]
 
 
-class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
+class WorkerPoolBackend(ExecutionBackend):
     """Runs executions on a pool of warm, supervised workers. See the module docstring.
 
     Options (defaults in brackets): ``kind`` [``"process"``] or ``"thread"``;
@@ -100,17 +100,9 @@ class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
     ) -> None:
         super().__init__(**kwargs)
         max_workers = max_workers if max_workers is not None else (os.cpu_count() or 2)
-        if kind not in ("process", "thread"):
-            raise ValueError(f"kind must be 'process' or 'thread', not {kind!r}")
-        if not 0 <= min_workers <= max_workers or max_workers < 1:
-            raise ValueError(
-                f"need 0 <= min_workers <= max_workers and max_workers >= 1; "
-                f"got min_workers={min_workers}, max_workers={max_workers}"
-            )
-        if warmup not in ("none", "marked", "top_n"):
-            raise ValueError(f"warmup must be 'none', 'marked' or 'top_n', not {warmup!r}")
-        if max_concurrency_per_worker < 1 or max_queue < 0:
-            raise ValueError("max_concurrency_per_worker must be >= 1 and max_queue >= 0")
+        _check_options(
+            kind, min_workers, max_workers, warmup, max_concurrency_per_worker, max_queue
+        )
         sandbox = check_layers(sandbox)
         self._sandboxed = _check_sandbox(sandbox, kind, launcher)
         self.kind: str = kind if launcher is None else launcher.kind
@@ -149,7 +141,13 @@ class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
             )
         self._usage: Counter[tuple[str, str]] = Counter()
         if self._sandboxed:  # its own launcher, actors and queue: workers per plugin
-            self._sandboxed_parts(sandbox, memory_mb, open_files, env or {})
+            parts = self._sandboxed_pool = SandboxedPool(
+                self, sandbox, memory_mb, open_files, env or {}
+            )
+            self._launcher = parts.launcher
+            self._actors: WorkerActors = parts.actors
+            self._queue: WaitQueue = parts.queue
+            self._workers = self._actors.workers
             return
         self._actors = WorkerActors(
             self,
@@ -181,7 +179,7 @@ class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
     async def _start(self, nursery: trio.Nursery) -> None:
         self._actors.nursery = nursery
         if self._sandboxed:
-            await self._start_sandbox()  # workers start with their plugin's first call
+            await self._sandboxed_pool.start()  # workers start with their plugin's first call
         async with trio.open_nursery() as starting:
             for _ in range(0 if self._sandboxed else self.min_workers):
                 starting.start_soon(self._actors.add_worker, True)
@@ -210,7 +208,7 @@ class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
 
     async def _run(self, job: Job) -> ExecutionResult:
         if self._sandboxed:
-            return await self._run_sandboxed(job)
+            return await self._sandboxed_pool.run(job)
         if job.channel is not None:
             return await self._run_session(job)
         lender = self._lender(job)
@@ -370,7 +368,7 @@ class WorkerPoolBackend(SandboxedRuns, ExecutionBackend):
             "workers_idle": states["idle"],
             "workers_busy": states["busy"],
             **self._stats_details(),
-            **({"sandbox": self._sandbox_report()} if self._sandboxed else {}),
+            **({"sandbox": self._sandboxed_pool.report()} if self._sandboxed else {}),
         }
 
     async def health(self) -> HealthStatus:
@@ -399,3 +397,25 @@ def _check_sandbox(sandbox: bool | tuple[str, ...], kind: str, launcher: object)
     if sandbox is not False and (kind != "process" or launcher is not None):
         raise ValueError("sandbox applies to process workers started by the pool only")
     return sandbox is not False
+
+
+def _check_options(
+    kind: str,
+    min_workers: int,
+    max_workers: int,
+    warmup: str,
+    max_concurrency_per_worker: int,
+    max_queue: int,
+) -> None:
+    """Refuse options that make no pool, saying why (``ValueError``)."""
+    if kind not in ("process", "thread"):
+        raise ValueError(f"kind must be 'process' or 'thread', not {kind!r}")
+    if not 0 <= min_workers <= max_workers or max_workers < 1:
+        raise ValueError(
+            f"need 0 <= min_workers <= max_workers and max_workers >= 1; "
+            f"got min_workers={min_workers}, max_workers={max_workers}"
+        )
+    if warmup not in ("none", "marked", "top_n"):
+        raise ValueError(f"warmup must be 'none', 'marked' or 'top_n', not {warmup!r}")
+    if max_concurrency_per_worker < 1 or max_queue < 0:
+        raise ValueError("max_concurrency_per_worker must be >= 1 and max_queue >= 0")

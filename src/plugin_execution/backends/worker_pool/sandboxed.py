@@ -13,8 +13,7 @@ Each worker gets a directory of its own (a lease of the pool's workspace manager
 ``HOME`` and ``TMPDIR``); its executions' workspaces are made under it, the only place it may
 write besides ``fs.write``. What persists between executions on one worker (memory, threads,
 files in that directory) is therefore only ever its own plugin's; the directory is removed
-when the worker is retired. :class:`SandboxedRuns` is the backend's part: the path of an
-execution and of a channel session, and how a worker is started.
+when the worker is retired. :class:`SandboxedPool` holds it all.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -36,12 +35,12 @@ from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
 from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
-from .slots import Worker
+from .slots import PoolOptions, Worker
 
 if TYPE_CHECKING:
     from collections import Counter
 
-    from ...host.handle import WorkerHandle, WorkerLauncher
+    from ...host.handle import WorkerHandle
     from ...registry import PluginRegistry
     from ...stats import StatsRecorder
     from ...types import ExecutionResult
@@ -49,38 +48,52 @@ if TYPE_CHECKING:
     from .._breaker import CrashBreaker
     from ..job import Job
 
-__all__ = ["SandboxedRuns"]
+__all__ = ["SandboxedPool", "SandboxedPoolHost"]
 
 _log = logging.getLogger(__name__)
 
 
-class SandboxedRuns:
-    """The sandboxed pool's share of :class:`~.backend.WorkerPoolBackend` (a mixin): set up
-    by :meth:`_sandboxed_parts` when ``sandbox`` is on; the unsandboxed pool uses none of it.
-    """
+class SandboxedPoolHost(PoolOptions, Protocol):
+    """What :class:`SandboxedPool` uses of its backend (a ``WorkerPoolBackend``)."""
 
-    # The backend's, used here.
-    name: ClassVar[str]
-    cancel_grace: float
     workspaces: WorkspaceManager
+    registry: PluginRegistry
     _stats: StatsRecorder
     _breaker: CrashBreaker
     _usage: Counter[tuple[str, str]]
-    registry: PluginRegistry
-    _launcher: WorkerLauncher
-    _actors: Any  # PluginActors
-    _queue: Any  # PluginQueue
-    _workers: dict[str, Worker]
 
-    def _sandboxed_parts(
+    @property
+    def name(self) -> str: ...
+
+    def _dispatch(self) -> None: ...
+
+    def _is_running(self) -> bool: ...
+
+    def _settle(
         self,
+        worker: Worker,
+        proc: WorkerHandle | None,
+        plugin_id: str,
+        result: ExecutionResult | None,
+        trial: bool,
+    ) -> None: ...
+
+
+class SandboxedPool:
+    """The sandboxed pool's own parts, made by :class:`~.backend.WorkerPoolBackend` when
+    ``sandbox`` is on (the unsandboxed pool has none of it): its launcher (spawned workers,
+    each in the sandbox of its plugin: no zygote, whose children share its view), actors and
+    queue, the path of an execution and of a channel session, and how a worker starts."""
+
+    def __init__(
+        self,
+        backend: SandboxedPoolHost,
         sandbox: bool | tuple[str, ...],
         memory_mb: int | None,
         open_files: int | None,
         env: dict[str, str],
     ) -> None:
-        """The sandboxed pool's launcher (spawned workers, each in the sandbox of its plugin:
-        no zygote, whose children share its view), actors and queue."""
+        self.backend = backend
         self._sandbox_option = sandbox
         self._sandbox: SandboxPolicy | None = None
         self._memory_mb = memory_mb
@@ -88,30 +101,28 @@ class SandboxedRuns:
         self._pool_env = env
         #: Each live worker's own directory and the layers it runs under.
         self._homes: dict[WorkerHandle, tuple[str, tuple[str, ...]]] = {}
-        self._process_launcher = ProcessLauncher(close_grace=self.cancel_grace, sweep_group=True)
-        self._launcher = self._process_launcher
-        self._actors = PluginActors(
-            self,
-            self._launcher,
-            self._stats,
-            self.registry,
-            self._usage,
-            dispatch=self._dispatch,
-            running=self._is_running,
+        self.launcher = ProcessLauncher(close_grace=backend.cancel_grace, sweep_group=True)
+        self.actors = PluginActors(
+            backend,
+            self.launcher,
+            backend._stats,
+            backend.registry,
+            backend._usage,
+            dispatch=backend._dispatch,
+            running=backend._is_running,
             launch=self._launch_sandboxed,
         )
-        self._workers = self._actors.workers
-        self._queue = PluginQueue(
-            self,
-            self._workers,
-            self._stats,
-            grow=self._actors.grow,
-            running=self._is_running,
-            actors=self._actors,
+        self.queue = PluginQueue(
+            backend,
+            self.actors.workers,
+            backend._stats,
+            grow=self.actors.grow,
+            running=backend._is_running,
+            actors=self.actors,
             workspace_for=self._workspace_for,
         )
 
-    async def _start_sandbox(self) -> None:
+    async def start(self) -> None:
         support = await trio.to_thread.run_sync(detect)  # once per process, then cached
         self._sandbox = SandboxPolicy(self._sandbox_option, support)  # a missing layer raises
         if self._sandbox.missing:
@@ -120,7 +131,7 @@ class SandboxedRuns:
                 "; ".join(f"{name} ({why})" for name, why in self._sandbox.missing.items()),
             )
 
-    def _sandbox_report(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         if self._sandbox is None:
             return {}
         report = self._sandbox.report("spawn")
@@ -134,7 +145,9 @@ class SandboxedRuns:
         own (removed once it is reaped)."""
         key = worker.plugin
         assert key is not None and self._sandbox is not None
-        lease = await self.workspaces.acquire(f".worker-{worker.name}-{os.urandom(4).hex()}")
+        lease = await self.backend.workspaces.acquire(
+            f".worker-{worker.name}-{os.urandom(4).hex()}"
+        )
         home = os.fspath(lease)
         try:
             env = child_environment(key.permissions, home)
@@ -146,7 +159,7 @@ class SandboxedRuns:
             limits = WorkerLimits(
                 address_space_mb=min(memory) if memory else None, open_files=self._open_files
             )
-            async with self._process_launcher.open(
+            async with self.launcher.open(
                 cwd=home, env=env, limits=limits, sandbox=sandbox, forked=False
             ) as proc:
                 self._homes[proc] = (home, sandbox.layers)
@@ -159,7 +172,7 @@ class SandboxedRuns:
 
     # -- an execution -----------------------------------------------------------------------
 
-    async def _run_sandboxed(self, job: Job) -> ExecutionResult:
+    async def run(self, job: Job) -> ExecutionResult:
         """One execution (or channel session) on a worker of its plugin, its workspace
         under that worker's directory; ``metadata["sandbox"]``: the worker's layers."""
         if job.channel is not None:
@@ -168,7 +181,7 @@ class SandboxedRuns:
         lender = None
         if parent is not None and isinstance(parent.slot, Worker):
             slot = parent.slot
-            if slot.plugin == key_of(job) and self._queue.free_worker_for(slot.plugin) is None:
+            if slot.plugin == key_of(job) and self.queue.free_worker_for(slot.plugin) is None:
                 lender = slot  # as on any pool: never wait for what its callers hold
         if lender is None:
             return await self._run_on_plugin_worker(job)
@@ -191,7 +204,7 @@ class SandboxedRuns:
         home = self._homes.get(worker.proc) if worker.proc is not None else None
         if home is None:
             return None
-        return self.workspaces._reserve_in(job.request.execution_id, home[0])
+        return self.backend.workspaces._reserve_in(job.request.execution_id, home[0])
 
     async def _run_on_plugin_worker(
         self, job: Job, lender: Worker | None = None
@@ -200,13 +213,15 @@ class SandboxedRuns:
         under the worker's directory, so it is reserved once the worker is known."""
         await trio.lowlevel.checkpoint_if_cancelled()
         request = job.request
-        trial = self._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
+        trial = self.backend._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
         quotas = job.target.permissions.quotas
         watched = bool(quotas.memory_mb or quotas.cpu_s)
         try:
-            got = await self._queue.acquire(job, None if watched else "", lender)
+            got: Any = await self.queue.acquire(  # a PluginWaiter or a Worker
+                job, None if watched else "", lender
+            )
         except BaseException:
-            self._breaker.record(request.plugin_id, None, trial=trial)
+            self.backend._breaker.record(request.plugin_id, None, trial=trial)
             raise
         if isinstance(got, PluginWaiter):
             worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
@@ -214,13 +229,13 @@ class SandboxedRuns:
         else:
             worker, proc, pending, lease = got, None, None, None
         job.slot = worker  # what its own invocations may borrow
-        self._usage[(request.plugin_id, request.handler_id)] += 1
+        self.backend._usage[(request.plugin_id, request.handler_id)] += 1
         result = None
         try:
             worker.executions += 1
             if pending is not None and proc is not None:  # submitted at the hand-over
                 layers = self._homes[proc][1]
-                result = await proc.collect(pending, backend=self.name, sent_now=False)
+                result = await proc.collect(pending, backend=self.backend.name, sent_now=False)
             else:
                 proc = worker.proc
                 if lease is None and proc is not None:
@@ -233,18 +248,18 @@ class SandboxedRuns:
                         proc,
                         job,
                         quotas,
-                        backend=self.name,
+                        backend=self.backend.name,
                         workspace=os.fspath(lease),
-                        cancel_grace=self.cancel_grace,
+                        cancel_grace=self.backend.cancel_grace,
                     )
                 else:
-                    pending = self._queue.submit(proc, job, os.fspath(lease))
-                    result = await proc.collect(pending, backend=self.name)
+                    pending = self.queue.submit(proc, job, os.fspath(lease))
+                    result = await proc.collect(pending, backend=self.backend.name)
             result.metadata["sandbox"] = list(layers)  # a dict of its own: no copy
             return result
         finally:
-            self._settle(worker, proc, request.plugin_id, result, trial)
-            self._queue.give_back(worker, request.plugin_id)
+            self.backend._settle(worker, proc, request.plugin_id, result, trial)
+            self.queue.give_back(worker, request.plugin_id)
             if lease is not None:
                 if (
                     result is not None
@@ -257,40 +272,26 @@ class SandboxedRuns:
 
     async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
         """A channel session on a live worker of its plugin (see ``_run_session``)."""
-        actors: PluginActors = self._actors
+        actors: PluginActors = self.actors
         worker = await actors.session_worker(job)
         proc = worker.proc
         if proc is None or proc not in self._homes:
             raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
         worker.sessions += 1
         home, _ = self._homes[proc]
-        lease = self.workspaces._reserve_in(validate_execution_id(job.request.execution_id), home)
+        lease = self.backend.workspaces._reserve_in(
+            validate_execution_id(job.request.execution_id), home
+        )
         try:
             return await run_session(
                 proc,
                 job,
-                backend=self.name,
+                backend=self.backend.name,
                 workspace=os.fspath(lease),
-                cancel_grace=self.cancel_grace,
+                cancel_grace=self.backend.cancel_grace,
             )
         finally:
             worker.sessions -= 1
             if not worker.running and not worker.sessions:
                 worker.idle.set()
             await lease.release()
-
-    def _dispatch(self) -> None:
-        raise NotImplementedError  # the backend's
-
-    def _is_running(self) -> bool:
-        raise NotImplementedError  # the backend's
-
-    def _settle(
-        self,
-        worker: Worker,
-        proc: WorkerHandle | None,
-        plugin_id: str,
-        result: ExecutionResult | None,
-        trial: bool,
-    ) -> None:
-        raise NotImplementedError  # the backend's
