@@ -18,6 +18,7 @@ connection; a Ray future is awaited only to learn that an actor's ``serve`` call
 from __future__ import annotations
 
 import hmac
+import importlib
 import itertools
 import json
 import os
@@ -330,6 +331,12 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+def _ray() -> Any:
+    """The ``ray`` module (an optional extra: typed loosely, so the project type-checks with
+    or without it installed)."""
+    return importlib.import_module("ray")
+
+
 def _loopback_ray() -> Any:
     """Import Ray so that a local instance it starts binds 127.0.0.1 only.
 
@@ -418,10 +425,7 @@ class RayLauncher:
         """Use the process's Ray connection, or make one; yield Ray and whether its nodes
         are all this machine's loopback (then the actors connect back to 127.0.0.1)."""
         global _owners
-        if self.address is None and "ray" not in sys.modules:
-            ray = _loopback_ray()
-        else:
-            import ray
+        ray = _loopback_ray() if self.address is None and "ray" not in sys.modules else _ray()
         if ray.is_initialized() and not _owners:
             if self._roots is not None:
                 raise InvalidRequestError(
@@ -513,8 +517,6 @@ def _is_local(ray: Any) -> bool:
 
 def _node_address(ray: Any) -> str:
     try:
-        import ray.util
-
-        return str(ray.util.get_node_ip_address())
+        return str(importlib.import_module("ray.util").get_node_ip_address())
     except Exception:
         return socket.gethostbyname(socket.gethostname())
