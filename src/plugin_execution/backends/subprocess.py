@@ -29,10 +29,16 @@ import attrs
 import trio
 
 from ..channels.bridge import run_session
-from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
+from ..errors import (
+    BackendClosedError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    WorkerCrashedError,
+)
 from ..host.handle import WorkerHandle
 from ..host.launchers import ProcessLauncher
 from ..host.limits import WorkerLimits
+from ..host.process import WorkerProcess
 from ..host.zygote import BASE_ENV, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
@@ -122,6 +128,9 @@ class SubprocessBackend(ExecutionBackend):
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
         self._live: set[WorkerHandle] = set()  # children running an execution
+        # Executions whose child is still being reaped, by id: a next one with the same id
+        # waits for its workspace to be removed.
+        self._reaping: dict[str, trio.Event] = {}
         self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
         self._children = 0
         keeper = None
@@ -210,22 +219,59 @@ class SubprocessBackend(ExecutionBackend):
             self._breaker.record(plugin_id, killed, trial=trial)
 
     async def _run_admitted(self, job: Job) -> ExecutionResult:
-        """Wait for a slot, start a child, run the job in it. Every wait counts toward the
-        job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
+        """Run the job in a child of its own, in a task of the backend's, and return its
+        result as soon as it comes: the child is shut down and reaped, its process group
+        swept and its workspace removed after, in that task (the backend's block waits for
+        it). Cancelled, the caller cancels that task and waits for it to end (the child
+        stopped, killed after the cancel grace, and reaped), as before.
         """
         check_serializable(job.request.input, "input")  # before any child is started
+        handoff = _Handoff()
         # A child costs milliseconds: a scope of its own for the shutdown to cancel is cheap
         # here (it also stops a child still starting, which _abort_in_flight cannot kill).
         with trio.CancelScope() as scope:
             self._abort_scopes.add(scope)
             try:
-                async with self._slot(job):
-                    forked = await self._forked(job)
-                    async with self.workspaces.lease(job.request.execution_id) as lease:
-                        return await self._run_in_child(job, str(lease.dir), forked)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._child_task, job, handoff)
+                try:
+                    await handoff.ready.wait()
+                finally:
+                    if not handoff.ready.is_set():
+                        handoff.scope.cancel()
+                        with trio.CancelScope(shield=True):
+                            await handoff.ready.wait()
+                return handoff.unwrap()
             finally:
                 self._abort_scopes.discard(scope)
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
+
+    async def _child_task(self, job: Job, handoff: _Handoff) -> None:
+        """Wait for a slot, start a child, run the job in it, hand the outcome over; then
+        shut the child down, reap it and remove its workspace. Every wait counts toward the
+        job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited
+        on."""
+        execution_id = job.request.execution_id
+        try:
+            with handoff.scope:
+                async with self._slot(job):
+                    forked = await self._forked(job)
+                    previous = self._reaping.get(execution_id)
+                    if previous is not None:  # the same id's last child is still reaped
+                        await previous.wait()
+                    self._reaping[execution_id] = reaped = trio.Event()
+                    try:
+                        async with self.workspaces.lease(execution_id) as lease:
+                            await self._run_in_child(job, str(lease.dir), forked, handoff)
+                    finally:
+                        del self._reaping[execution_id]
+                        reaped.set()
+        except Exception as exc:
+            if handoff.ready.is_set():  # shutting the child down failed: not the caller's
+                _log.exception("subprocess backend: a child's clean-up failed")
+            handoff.fail(exc)
+        finally:
+            handoff.fail(BackendClosedError("the execution was stopped before it ended"))
 
     @asynccontextmanager
     async def _slot(self, job: Job) -> AsyncIterator[None]:
@@ -268,9 +314,11 @@ class SubprocessBackend(ExecutionBackend):
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def _run_in_child(self, job: Job, workspace: str, forked: bool) -> ExecutionResult:
+    async def _run_in_child(
+        self, job: Job, workspace: str, forked: bool, handoff: _Handoff
+    ) -> None:
         self._children += 1
-        started = False
+        worker: WorkerProcess | None = None
         env = child_environment(job.target.permissions, workspace)
         sandbox = self._child_sandbox(job, workspace, env, forked)
         try:
@@ -283,8 +331,8 @@ class SubprocessBackend(ExecutionBackend):
                 start_timeout=max(
                     0.0, min(self._start_timeout, job.deadline - trio.current_time())
                 ),
+                handshake=False,
             ) as worker:
-                started = True
                 run = worker.execute if job.channel is None else partial(run_session, worker)
                 self._live.add(worker)
                 try:
@@ -293,14 +341,18 @@ class SubprocessBackend(ExecutionBackend):
                     )
                 finally:
                     self._live.discard(worker)
-        except WorkerCrashedError as exc:
+                metadata = {**result.metadata, "sandbox": list(sandbox.layers)}
+                handoff.succeed(attrs.evolve(result, metadata=metadata))
+        except (WorkerCrashedError, ExecutionTimeoutError) as exc:
+            started = worker is not None and worker.greeted
             if not started and trio.current_time() >= job.deadline:
-                raise job.timeout_error(" before its child process started") from None
-            _explain_crash(exc)
+                handoff.fail(job.timeout_error(" before its child process started"))
+                return
+            if isinstance(exc, WorkerCrashedError):
+                _explain_crash(exc)
             raise
         finally:
             self._children -= 1
-        return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Fail the executions still waiting for a child slot: they never started."""
@@ -371,6 +423,33 @@ def _explain_crash(exc: WorkerCrashedError) -> None:
         exc.details["reason"] = reason
         what = "CPU time" if reason == "cpu_limit" else "file size"
         exc.message += f": it exceeded its {what} limit"
+
+
+class _Handoff:
+    """The outcome of an execution, handed from the task that runs its child to the
+    caller; ``scope`` is that task's (the caller cancels it when it is cancelled)."""
+
+    def __init__(self) -> None:
+        self.ready = trio.Event()
+        self.scope = trio.CancelScope()
+        self._result: ExecutionResult | None = None
+        self._error: Exception | None = None
+
+    def succeed(self, result: ExecutionResult) -> None:
+        if not self.ready.is_set():
+            self._result = result
+            self.ready.set()
+
+    def fail(self, error: Exception) -> None:
+        if not self.ready.is_set():
+            self._error = error
+            self.ready.set()
+
+    def unwrap(self) -> ExecutionResult:
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _took(limiter: trio.CapacityLimiter) -> bool:
