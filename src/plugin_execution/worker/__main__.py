@@ -14,19 +14,18 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    if "--zygote" in argv:
-        argv = [a for a in argv if a != "--zygote"]
-        zygote = True
-    else:
-        zygote = False
+    zygote, spare = "--zygote" in argv, "--spare" in argv
+    argv = [a for a in argv if a not in ("--zygote", "--spare")]
     options = dict(zip(argv[::2], argv[1::2], strict=False))
     if "--fd" not in options:
-        sys.exit("usage: python -m plugin_execution.worker --fd N [--limits ...] [--zygote]")
+        sys.exit(
+            "usage: python -m plugin_execution.worker --fd N [--limits ...] [--zygote [--spare]]"
+        )
     fd = int(options["--fd"])
     if zygote:
         from .zygote import main as zygote_main
 
-        zygote_main(fd)
+        zygote_main(fd, spare=spare)
     else:
         from .bootstrap import serve
 
