@@ -140,6 +140,7 @@ class SubprocessBackend(ExecutionBackend):
                 start_timeout=start_timeout,
                 first_delay=0.05,
                 max_delay=5.0,
+                spare=True,  # a child per execution: the next fork is done ahead
             )
         # One fresh worker per execution: spawned, or forked by the zygote it keeps.
         self._launcher = ProcessLauncher(zygote=keeper, close_grace=cancel_grace, sweep_group=True)
@@ -226,14 +227,14 @@ class SubprocessBackend(ExecutionBackend):
         stopped, killed after the cancel grace, and reaped), as before.
         """
         check_serializable(job.request.input, "input")  # before any child is started
-        handoff = _Handoff()
+        handoff = _Handoff(job)
         # A child costs milliseconds: a scope of its own for the shutdown to cancel is cheap
         # here (it also stops a child still starting, which _abort_in_flight cannot kill).
         with trio.CancelScope() as scope:
             self._abort_scopes.add(scope)
             try:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._child_task, job, handoff)
+                self._nursery.start_soon(self._child_task, handoff)
                 try:
                     await handoff.ready.wait()
                 finally:
@@ -246,23 +247,27 @@ class SubprocessBackend(ExecutionBackend):
                 self._abort_scopes.discard(scope)
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
 
-    async def _child_task(self, job: Job, handoff: _Handoff) -> None:
+    async def _child_task(self, handoff: _Handoff) -> None:
         """Wait for a slot, start a child, run the job in it, hand the outcome over; then
         shut the child down, reap it and remove its workspace. Every wait counts toward the
         job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited
-        on."""
+        on. Once the result is handed over, nothing here holds the job (its input may be big:
+        the caller's is all the memory it takes)."""
+        job = handoff.job
+        assert job is not None
         execution_id = job.request.execution_id
         try:
             with handoff.scope:
                 async with self._slot(job):
                     forked = await self._forked(job)
+                    del job  # _run_in_child takes it from the handoff
                     previous = self._reaping.get(execution_id)
                     if previous is not None:  # the same id's last child is still reaped
                         await previous.wait()
                     self._reaping[execution_id] = reaped = trio.Event()
                     try:
                         async with self.workspaces.lease(execution_id) as lease:
-                            await self._run_in_child(job, str(lease.dir), forked, handoff)
+                            await self._run_in_child(str(lease.dir), forked, handoff)
                     finally:
                         del self._reaping[execution_id]
                         reaped.set()
@@ -288,6 +293,7 @@ class SubprocessBackend(ExecutionBackend):
             )
             try:
                 job.slot = parent.slot
+                del job  # not held while the child is reaped
                 yield
             finally:
                 lent.release()
@@ -296,6 +302,7 @@ class SubprocessBackend(ExecutionBackend):
             await self._wait(job, self._slots.acquire, " while waiting for a free child slot")
         try:
             job.slot = self._slots
+            del job  # not held while the child is reaped
             yield
         finally:
             self._slots.release()
@@ -314,9 +321,9 @@ class SubprocessBackend(ExecutionBackend):
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def _run_in_child(
-        self, job: Job, workspace: str, forked: bool, handoff: _Handoff
-    ) -> None:
+    async def _run_in_child(self, workspace: str, forked: bool, handoff: _Handoff) -> None:
+        job = handoff.job
+        assert job is not None
         self._children += 1
         worker: WorkerProcess | None = None
         env = child_environment(job.target.permissions, workspace)
@@ -343,7 +350,12 @@ class SubprocessBackend(ExecutionBackend):
                     self._live.discard(worker)
                 metadata = {**result.metadata, "sandbox": list(sandbox.layers)}
                 handoff.succeed(attrs.evolve(result, metadata=metadata))
+                del job, result, run
         except (WorkerCrashedError, ExecutionTimeoutError) as exc:
+            if handoff.ready.is_set():
+                raise
+            job = handoff.job  # not handed over yet: still there
+            assert job is not None
             started = worker is not None and worker.greeted
             if not started and trio.current_time() >= job.deadline:
                 handoff.fail(job.timeout_error(" before its child process started"))
@@ -429,18 +441,22 @@ class _Handoff:
     """The outcome of an execution, handed from the task that runs its child to the
     caller; ``scope`` is that task's (the caller cancels it when it is cancelled)."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: Job) -> None:
+        #: Until the outcome is handed over (then None: see ``SubprocessBackend._child_task``).
+        self.job: Job | None = job
         self.ready = trio.Event()
         self.scope = trio.CancelScope()
         self._result: ExecutionResult | None = None
         self._error: Exception | None = None
 
     def succeed(self, result: ExecutionResult) -> None:
+        self.job = None
         if not self.ready.is_set():
             self._result = result
             self.ready.set()
 
     def fail(self, error: Exception) -> None:
+        self.job = None
         if not self.ready.is_set():
             self._error = error
             self.ready.set()
