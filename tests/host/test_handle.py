@@ -195,33 +195,3 @@ async def test_the_pool_serves_recycles_and_replaces_over_any_launcher(
         assert (await backend.execute(req("echo", "z"))).output == "z"
     assert all(w.lost.is_set() for w in launcher.started)
     assert all(child.returncode is not None for child in launcher.children)
-
-
-def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(child) for child in f.read().split()}
-
-
-async def test_a_zygote_forks_on_request_only_unless_asked_for_a_spare() -> None:
-    async with open_zygote() as zygote:
-        await trio.sleep(0.2)
-        assert not _children(zygote.pid)  # the pool's: no process beyond its workers
-        async with open_worker_process(zygote=zygote) as worker:
-            assert _children(zygote.pid) == {worker.pid}
-
-
-async def test_the_zygote_hands_each_request_to_a_spare_forked_ahead() -> None:
-    async with open_zygote(spare=True) as zygote:
-        for _ in range(3):
-            with trio.fail_after(30):  # a spare waits below the zygote before each request
-                while not (spares := _children(zygote.pid)):
-                    await trio.sleep(0.005)
-            async with open_worker_process(zygote=zygote) as worker:
-                assert worker.pid in spares  # forked before it was asked for
-                assert (await worker.ping()).in_flight == 0  # and a worker like any other
-                assert os.getsid(worker.pid) == worker.pid  # in a session of its own
-            await lost(worker)
-    # The zygote is gone and so is its last spare (it held nothing that kept it alive).
-    with trio.fail_after(10):
-        while any(os.path.exists(f"/proc/{pid}") for pid in spares):
-            await trio.sleep(0.01)

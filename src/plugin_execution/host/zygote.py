@@ -212,7 +212,6 @@ async def open_zygote(
     start_timeout: float = 30.0,
     wrapper: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
-    spare: bool = False,
 ) -> AsyncIterator[Zygote]:
     """Start a zygote and yield it once warm. On exit it is stopped and reaped.
 
@@ -221,9 +220,8 @@ async def open_zygote(
     (default: ``PATH`` and the locale variables of the host's, nothing else). Its children
     get theirs from each spawn request, but the kernel shows every one of them the
     zygote's as ``/proc/self/environ``, so it must never hold the host's secrets. Children
-    still running when the block exits are killed. ``spare``: the zygote keeps one child
-    forked ahead of each request (one more process, idle; see ``worker/zygote.py``), for a
-    user that forks often. Raises ``WorkerCrashedError`` when the zygote fails to start.
+    still running when the block exits are killed. Raises ``WorkerCrashedError`` when the
+    zygote fails to start.
     """
     if env is None:
         env = {name: os.environ[name] for name in BASE_ENV if name in os.environ}
@@ -239,7 +237,6 @@ async def open_zygote(
                 "--zygote",
                 "--fd",
                 str(child.fileno()),
-                *(["--spare"] if spare else []),
             ],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
@@ -297,7 +294,6 @@ class ZygoteKeeper:
         first_delay: float = 0.1,
         max_delay: float = 30.0,
         on_error: Callable[[WorkerCrashedError], None] | None = None,
-        spare: bool = False,
     ) -> None:
         self.current: Zygote | None = None
         self.ready = trio.Event()
@@ -309,7 +305,6 @@ class ZygoteKeeper:
         self._first_delay = first_delay
         self._max_delay = max_delay
         self._on_error = on_error
-        self._spare = spare
 
     def live(self) -> Zygote | None:
         """The zygote to fork from now: None while it is down (start workers another way)."""
@@ -327,10 +322,7 @@ class ZygoteKeeper:
                 wrapper = await trio.to_thread.run_sync(self._wrapper)
             try:
                 async with open_zygote(
-                    start_timeout=self._start_timeout,
-                    wrapper=wrapper,
-                    env=self._env,
-                    spare=self._spare,
+                    start_timeout=self._start_timeout, wrapper=wrapper, env=self._env
                 ) as zygote:
                     self.current = zygote
                     self.ready.set()

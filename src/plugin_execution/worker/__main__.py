@@ -14,18 +14,19 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    zygote, spare = "--zygote" in argv, "--spare" in argv
-    argv = [a for a in argv if a not in ("--zygote", "--spare")]
+    if "--zygote" in argv:
+        argv = [a for a in argv if a != "--zygote"]
+        zygote = True
+    else:
+        zygote = False
     options = dict(zip(argv[::2], argv[1::2], strict=False))
     if "--fd" not in options:
-        sys.exit(
-            "usage: python -m plugin_execution.worker --fd N [--limits ...] [--zygote [--spare]]"
-        )
+        sys.exit("usage: python -m plugin_execution.worker --fd N [--limits ...] [--zygote]")
     fd = int(options["--fd"])
     if zygote:
         from .zygote import main as zygote_main
 
-        zygote_main(fd, spare=spare)
+        zygote_main(fd)
     else:
         from .bootstrap import serve
 

@@ -14,13 +14,6 @@ Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per messag
 
 The zygote exits when the host closes the channel, killing whatever it still has below it.
 
-Started with ``--spare``, it keeps one *spare* forked ahead: a child that has detached (its
-own session, none of the zygote's fds) and waits on a socket of its own for a request. A spawn
-request goes to the spare (with its two fds) and the zygote forks the next spare while that
-child starts: the fork, and the child faulting in the pages it touches, are off the request's
-path. A spare has run no plugin code; if it is gone when a request comes, the zygote forks one
-on request as before.
-
 It is a child subreaper, like its workers: what a worker's handler left running when the
 worker died (a ``setsid`` double fork, say) comes to the zygote, which kills and reaps it. It
 reports only its own workers' exits.
@@ -42,9 +35,6 @@ if TYPE_CHECKING:
 
 _MAX_MESSAGE = 1 << 20
 _workers: set[int] = set()  # the children this zygote forked and has not reaped yet
-_spares: set[int] = set()  # forked ahead, not handed a request yet (not reported to the host)
-_spare: tuple[int, socket.socket] | None = None  # the one waiting now, and our end of its socket
-_keep_spare = False  # --spare: fork the next child ahead of its request
 
 
 def _recv(ctl: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
@@ -94,11 +84,7 @@ def _reap(ctl: socket.socket) -> None:
             break
         if pid == 0:
             break
-        if pid in _spares:  # a spare that died waiting: the host never heard of it
-            _spares.discard(pid)
-            if _spare is not None and _spare[0] == pid:
-                _drop_spare()
-        elif pid in _workers:
+        if pid in _workers:
             _workers.discard(pid)
             status = _status(raw)
             # A worker that exits with 0 killed what its handlers left; one that died
@@ -107,26 +93,17 @@ def _reap(ctl: socket.socket) -> None:
             _send(ctl, {"t": "exited", "pid": pid, "status": status})
         # else: something a dead worker left, killed below, reaped now
     if worker_died:
-        orphans = descendants(os.getpid(), skip=_workers | _spares)
+        orphans = descendants(os.getpid(), skip=_workers)
         if orphans:
             kill_all(orphans)
 
 
-def _detach() -> None:
-    """In a forked child: leave the zygote's signal handling and session."""
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
-
-
-def _become_worker(
-    request: dict[str, object], sock_fd: int, out_fd: int, *, detach: bool = False
-) -> None:
-    """In a forked child (``detach``: not detached yet): set up for ``request``, and serve.
-    Never returns."""
+def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> None:
+    """In the forked child: detach from the zygote, set up, and serve. Never returns."""
     try:
-        if detach:
-            _detach()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.closerange(3, sock_fd)  # the control socket, the wake pipe, out_fd: all of them
@@ -152,72 +129,6 @@ def _become_worker(
         os._exit(70)
 
 
-def _wait_as_spare(own: socket.socket) -> None:
-    """In a spare: hold nothing of the zygote's (not its control socket: the host must see
-    the zygote's end), wait for a request, then become its worker. Never returns; exits
-    when the zygote goes away first."""
-    try:
-        _detach()
-        fd = own.fileno()
-        os.closerange(3, fd)
-        os.closerange(fd + 1, 1 << 16)
-        request, fds = _recv(own)
-        if request is None or len(fds) != 2:
-            os._exit(0)
-    except BaseException:
-        os._exit(70)
-    _become_worker(request, fds[0], fds[1])
-
-
-def _fork_spare() -> None:
-    """Fork the next child ahead of its request: the fork and the child's first steps
-    (~2-3 ms on a busy machine, most of it the child faulting in the pages it touches)
-    then happen while the host has no request waiting on them. A spare has run no plugin
-    code: it is as fresh as a child forked on request."""
-    global _spare
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        pid = os.fork()
-    except OSError:
-        ours.close()
-        theirs.close()
-        return
-    if pid == 0:
-        ours.close()
-        _wait_as_spare(theirs)
-    theirs.close()
-    _spares.add(pid)
-    _spare = (pid, ours)
-
-
-def _drop_spare() -> None:
-    global _spare
-    if _spare is not None:
-        _spare[1].close()
-        _spare = None
-
-
-def _hand_to_spare(request: dict[str, object], fds: list[int]) -> int | None:
-    """Give the request and its fds to the waiting spare; its pid, or None (no spare, or
-    it died meanwhile: fork one on request instead)."""
-    global _spare
-    if _spare is None:
-        return None
-    pid, ours = _spare
-    _spare = None
-    try:
-        ours.sendmsg(
-            [msgpack.packb(request, use_bin_type=True)],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-        )
-    except OSError:
-        return None
-    finally:
-        ours.close()
-    _spares.discard(pid)
-    return pid
-
-
 def _spawn(ctl: socket.socket, request: dict[str, object], fds: list[int]) -> None:
     if len(fds) != 2:
         for fd in fds:
@@ -225,29 +136,22 @@ def _spawn(ctl: socket.socket, request: dict[str, object], fds: list[int]) -> No
         _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": "expected 2 fds"})
         return
     sock_fd, out_fd = fds
-    pid = _hand_to_spare(request, fds)
-    if pid is None:
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": str(exc)})
-            pid = -1
-        if pid == 0:
-            _become_worker(request, sock_fd, out_fd, detach=True)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": str(exc)})
+        pid = -1
+    if pid == 0:
+        _become_worker(request, sock_fd, out_fd)
     os.close(sock_fd)
     os.close(out_fd)
     if pid > 0:
         _workers.add(pid)
         _send(ctl, {"t": "spawned", "id": request.get("id"), "pid": pid})
-        if _keep_spare:
-            _fork_spare()  # for the next request, while this child starts
 
 
-def main(fd: int, *, spare: bool = False) -> None:
-    """Serve spawn requests on control socket ``fd`` until the host goes away; ``spare``:
-    keep a child forked ahead."""
-    global _keep_spare
-    _keep_spare = spare
+def main(fd: int) -> None:
+    """Serve spawn requests on control socket ``fd`` until the host goes away."""
     ctl = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     import gc
@@ -277,8 +181,6 @@ def main(fd: int, *, spare: bool = False) -> None:
     os.set_blocking(wake[1], False)
     signal.set_wakeup_fd(wake[1])
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    if spare:
-        _fork_spare()
     _send(ctl, {"t": "ready", "pid": os.getpid()})
     while True:
         try:
