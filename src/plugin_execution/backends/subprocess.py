@@ -140,7 +140,6 @@ class SubprocessBackend(ExecutionBackend):
                 start_timeout=start_timeout,
                 first_delay=0.05,
                 max_delay=5.0,
-                spare=True,  # a child per execution: the next fork is done ahead
             )
         # One fresh worker per execution: spawned, or forked by the zygote it keeps.
         self._launcher = ProcessLauncher(zygote=keeper, close_grace=cancel_grace, sweep_group=True)
@@ -248,11 +247,9 @@ class SubprocessBackend(ExecutionBackend):
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
 
     async def _child_task(self, handoff: _Handoff) -> None:
-        """Wait for a slot, start a child, run the job in it, hand the outcome over; then
-        shut the child down, reap it and remove its workspace. Every wait counts toward the
-        job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited
-        on. Once the result is handed over, nothing here holds the job (its input may be big:
-        the caller's is all the memory it takes)."""
+        """Wait for a slot, start a child, run the job in it (every wait counts toward its
+        deadline), hand the outcome over; then reap the child and remove its workspace,
+        holding the job no more (its input may be big)."""
         job = handoff.job
         assert job is not None
         execution_id = job.request.execution_id
