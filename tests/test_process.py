@@ -453,3 +453,50 @@ async def test_only_a_worker_of_its_own_process_is_polled_for_answers() -> None:
         assert thread_worker.spin_ok is False
     async with open_worker_process() as process_worker:
         assert process_worker.spin_ok is (len(os.sched_getaffinity(0)) >= 2)
+
+
+# -- a first request sent before the worker's Hello -------------------------------------
+
+
+async def test_a_request_sent_before_hello_is_answered(registry: PluginRegistry) -> None:
+    async with open_worker_process(handshake=False) as worker:
+        assert not worker.greeted  # yielded at once: the child is still starting
+        result = await worker.execute(job(registry, "echo", "early"), backend="test")
+        assert result.output == "early"
+        assert worker.greeted  # its Hello was read with the answer
+
+
+async def test_a_worker_that_dies_before_hello_fails_the_request_sent_to_it(
+    registry: PluginRegistry, tmp_path: Path
+) -> None:
+    # A child that cannot start: with one fd allowed it cannot import its runtime.
+    from plugin_execution.host.limits import WorkerLimits
+
+    limits = WorkerLimits(open_files=1)  # too few fds to run at all
+    async with open_worker_process(handshake=False, limits=limits) as worker:
+        with trio.fail_after(30), pytest.raises(WorkerCrashedError):
+            await worker.execute(job(registry, "echo", 1), backend="test")
+        assert not worker.greeted
+
+
+async def test_a_worker_silent_past_its_start_timeout_is_killed(
+    registry: PluginRegistry,
+) -> None:
+    from plugin_execution.host.process import serve_worker, worker_socketpair
+
+    host, child = worker_socketpair()
+    try:  # a child that holds the socket and never says Hello
+        process = await trio.lowlevel.open_process(
+            ["python3", "-I", "-c", "import time; time.sleep(60)"],
+            pass_fds=(child.fileno(),),
+            start_new_session=True,  # a group leader, killed with its group (the default)
+        )
+    finally:
+        child.close()
+    async with serve_worker(process, host, None, start_timeout=0.5, handshake=False) as worker:
+        started = trio.current_time()
+        with trio.fail_after(30), pytest.raises(WorkerCrashedError, match="did not start"):
+            await worker.execute(job(registry, "echo", 1), backend="test")
+        assert trio.current_time() - started < 10  # killed at its start timeout, not later
+        assert worker.exit_cause == "killed"
+    assert process.returncode == -signal.SIGKILL

@@ -187,7 +187,29 @@ async def test_streaming_events_from_child(backend) -> None:  # type: ignore[no-
 async def test_workspace_is_cwd_and_removed(backend, workspace_root: Path) -> None:  # type: ignore[no-untyped-def]
     result = await backend.execute(req("use_workspace"))
     assert result.output["mode"] == "0o700"
-    assert not Path(result.output["dir"]).exists()
+    # The result comes back first; the workspace goes once the child is reaped, just after.
+    with trio.fail_after(10):
+        while Path(result.output["dir"]).exists():
+            await trio.sleep(0.005)
+
+
+async def test_the_result_comes_before_the_reap_and_the_block_waits_for_it(
+    registry: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    async with create_execution_backend(
+        type="subprocess", registry=registry, workspace=workspaces, start_method="zygote"
+    ) as backend:
+        first = await backend.execute(req("use_workspace", execution_id="same-id"))
+        # The same id at once, its first child maybe still being reaped: it waits for that
+        # workspace to be removed, then gets a fresh one (else: "already has a live
+        # workspace").
+        again = await backend.execute(req("use_workspace", execution_id="same-id"))
+        assert again.output["dir"] == first.output["dir"]
+        last = await backend.execute(req("use_workspace"))
+    # Leaving the block waited for the last reap: its workspace is gone, nothing is left.
+    assert not Path(last.output["dir"]).exists()
+    assert backend.stats().details["active_subprocesses"] == 0
+    assert workspaces.active() == 0
 
 
 async def test_concurrent_children(backend) -> None:  # type: ignore[no-untyped-def]

@@ -29,10 +29,16 @@ import attrs
 import trio
 
 from ..channels.bridge import run_session
-from ..errors import BackendClosedError, ExecutionError, WorkerCrashedError
+from ..errors import (
+    BackendClosedError,
+    ExecutionError,
+    ExecutionTimeoutError,
+    WorkerCrashedError,
+)
 from ..host.handle import WorkerHandle
 from ..host.launchers import ProcessLauncher
 from ..host.limits import WorkerLimits
+from ..host.process import WorkerProcess
 from ..host.zygote import BASE_ENV, Zygote, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
@@ -122,6 +128,9 @@ class SubprocessBackend(ExecutionBackend):
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
         self._live: set[WorkerHandle] = set()  # children running an execution
+        # Executions whose child is still being reaped, by id: a next one with the same id
+        # waits for its workspace to be removed.
+        self._reaping: dict[str, trio.Event] = {}
         self._breaker = CrashBreaker(crash_breaker_threshold, crash_breaker_cooldown)
         self._children = 0
         keeper = None
@@ -210,31 +219,70 @@ class SubprocessBackend(ExecutionBackend):
             self._breaker.record(plugin_id, killed, trial=trial)
 
     async def _run_admitted(self, job: Job) -> ExecutionResult:
-        """Wait for a slot, start a child, run the job in it. Every wait counts toward the
-        job's deadline: past it, the caller gets ``job.timeout_error()`` whatever it waited on.
+        """Run the job in a child of its own, in a task of the backend's, and return its
+        result as soon as it comes: the child is shut down and reaped, its process group
+        swept and its workspace removed after, in that task (the backend's block waits for
+        it). Cancelled, the caller cancels that task and waits for it to end (the child
+        stopped, killed after the cancel grace, and reaped), as before.
         """
         check_serializable(job.request.input, "input")  # before any child is started
+        handoff = _Handoff(job)
         # A child costs milliseconds: a scope of its own for the shutdown to cancel is cheap
         # here (it also stops a child still starting, which _abort_in_flight cannot kill).
         with trio.CancelScope() as scope:
             self._abort_scopes.add(scope)
             try:
-                async with (
-                    self._slot(job),
-                    self.workspaces.lease(job.request.execution_id) as lease,
-                ):
-                    while True:
-                        forked = await self._forked(job)
-                        try:
-                            return await self._run_in_child(job, str(lease.dir), forked)
-                        except _ZygoteLost:
-                            # The zygote died before the child could start: the backend's
-                            # failure, not the plugin's, and nothing ran yet. Wait for its
-                            # successor (within the deadline) and start the child again.
-                            continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self._child_task, handoff)
+                try:
+                    await handoff.ready.wait()
+                finally:
+                    if not handoff.ready.is_set():
+                        handoff.scope.cancel()
+                        with trio.CancelScope(shield=True):
+                            await handoff.ready.wait()
+                return handoff.unwrap()
             finally:
                 self._abort_scopes.discard(scope)
         raise BackendClosedError("the subprocess backend shut down before this execution ended")
+
+    async def _child_task(self, handoff: _Handoff) -> None:
+        """Wait for a slot, start a child, run the job in it (every wait counts toward its
+        deadline), hand the outcome over; then reap the child and remove its workspace,
+        holding the job no more (its input may be big)."""
+        job = handoff.job
+        assert job is not None
+        execution_id = job.request.execution_id
+        try:
+            with handoff.scope:
+                async with self._slot(job):
+                    forked = await self._forked(job)
+                    del job  # _run_in_child takes it from the handoff
+                    previous = self._reaping.get(execution_id)
+                    if previous is not None:  # the same id's last child is still reaped
+                        await previous.wait()
+                    self._reaping[execution_id] = reaped = trio.Event()
+                    try:
+                        async with self.workspaces.lease(execution_id) as lease:
+                            while True:
+                                try:
+                                    await self._run_in_child(str(lease.dir), forked, handoff)
+                                    break
+                                except _ZygoteLost:
+                                    # The zygote died before the child said Hello: the
+                                    # backend's failure, not the plugin's, and nothing of it
+                                    # ran. Wait for the next zygote (within the deadline).
+                                    assert handoff.job is not None  # not handed over yet
+                                    forked = await self._forked(handoff.job)
+                    finally:
+                        del self._reaping[execution_id]
+                        reaped.set()
+        except Exception as exc:
+            if handoff.ready.is_set():  # shutting the child down failed: not the caller's
+                _log.exception("subprocess backend: a child's clean-up failed")
+            handoff.fail(exc)
+        finally:
+            handoff.fail(BackendClosedError("the execution was stopped before it ended"))
 
     @asynccontextmanager
     async def _slot(self, job: Job) -> AsyncIterator[None]:
@@ -251,6 +299,7 @@ class SubprocessBackend(ExecutionBackend):
             )
             try:
                 job.slot = parent.slot
+                del job  # not held while the child is reaped
                 yield
             finally:
                 lent.release()
@@ -259,6 +308,7 @@ class SubprocessBackend(ExecutionBackend):
             await self._wait(job, self._slots.acquire, " while waiting for a free child slot")
         try:
             job.slot = self._slots
+            del job  # not held while the child is reaped
             yield
         finally:
             self._slots.release()
@@ -277,9 +327,11 @@ class SubprocessBackend(ExecutionBackend):
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def _run_in_child(self, job: Job, workspace: str, forked: bool) -> ExecutionResult:
+    async def _run_in_child(self, workspace: str, forked: bool, handoff: _Handoff) -> None:
+        job = handoff.job
+        assert job is not None
         self._children += 1
-        started = False
+        worker: WorkerProcess | None = None
         env = child_environment(job.target.permissions, workspace)
         sandbox = self._child_sandbox(job, workspace, env, forked)
         keeper = self._launcher.zygote
@@ -294,8 +346,8 @@ class SubprocessBackend(ExecutionBackend):
                 start_timeout=max(
                     0.0, min(self._start_timeout, job.deadline - trio.current_time())
                 ),
+                handshake=False,
             ) as worker:
-                started = True
                 run = worker.execute if job.channel is None else partial(run_session, worker)
                 self._live.add(worker)
                 try:
@@ -304,16 +356,26 @@ class SubprocessBackend(ExecutionBackend):
                     )
                 finally:
                     self._live.discard(worker)
-        except WorkerCrashedError as exc:
+                metadata = {**result.metadata, "sandbox": list(sandbox.layers)}
+                handoff.succeed(attrs.evolve(result, metadata=metadata))
+                del job, result, run
+        except (WorkerCrashedError, ExecutionTimeoutError) as exc:
+            if handoff.ready.is_set():
+                raise
+            job = handoff.job  # not handed over yet: still there
+            assert job is not None
+            started = worker is not None and worker.greeted
             if not started and trio.current_time() >= job.deadline:
-                raise job.timeout_error(" before its child process started") from None
-            if not started and forked and (zygote is None or zygote.lost.is_set()):
+                handoff.fail(job.timeout_error(" before its child process started"))
+                return
+            lost = zygote is None or zygote.lost.is_set()
+            if not started and forked and lost and isinstance(exc, WorkerCrashedError):
                 raise _ZygoteLost from exc
-            _explain_crash(exc)
+            if isinstance(exc, WorkerCrashedError):
+                _explain_crash(exc)
             raise
         finally:
             self._children -= 1
-        return attrs.evolve(result, metadata={**result.metadata, "sandbox": list(sandbox.layers)})
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Fail the executions still waiting for a child slot: they never started."""
@@ -373,7 +435,7 @@ class SubprocessBackend(ExecutionBackend):
 
 
 class _ZygoteLost(Exception):
-    """A child to be forked never started because the zygote died meanwhile."""
+    """A child to be forked never said Hello because the zygote died meanwhile."""
 
 
 #: Signals the kernel sends when a resource limit is hit, and the reason they stand for.
@@ -388,6 +450,37 @@ def _explain_crash(exc: WorkerCrashedError) -> None:
         exc.details["reason"] = reason
         what = "CPU time" if reason == "cpu_limit" else "file size"
         exc.message += f": it exceeded its {what} limit"
+
+
+class _Handoff:
+    """The outcome of an execution, handed from the task that runs its child to the
+    caller; ``scope`` is that task's (the caller cancels it when it is cancelled)."""
+
+    def __init__(self, job: Job) -> None:
+        #: Until the outcome is handed over (then None: see ``SubprocessBackend._child_task``).
+        self.job: Job | None = job
+        self.ready = trio.Event()
+        self.scope = trio.CancelScope()
+        self._result: ExecutionResult | None = None
+        self._error: Exception | None = None
+
+    def succeed(self, result: ExecutionResult) -> None:
+        self.job = None
+        if not self.ready.is_set():
+            self._result = result
+            self.ready.set()
+
+    def fail(self, error: Exception) -> None:
+        self.job = None
+        if not self.ready.is_set():
+            self._error = error
+            self.ready.set()
+
+    def unwrap(self) -> ExecutionResult:
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _took(limiter: trio.CapacityLimiter) -> bool:

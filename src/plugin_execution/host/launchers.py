@@ -65,8 +65,10 @@ class ProcessLauncher:
         sandbox: ChildSandbox | None = None,
         forked: bool | None = None,
         start_timeout: float | None = None,
+        handshake: bool = True,
     ) -> AsyncIterator[WorkerProcess]:
-        """Start a worker and yield it once it said ``Hello``; on exit it is shut down
+        """Start a worker and yield it once it said ``Hello`` (``handshake`` False: at once,
+        its first request overlapping its start; see ``serve_worker``); on exit it is shut down
         (killed after ``close_grace``) and reaped. ``forked``: None, by the zygote while it
         is up, else spawned; True, by the zygote only (a ``sandbox`` made for a forked
         child must not be spawned); False, spawned. Raises ``WorkerCrashedError`` when it
@@ -85,6 +87,7 @@ class ProcessLauncher:
             close_grace=self.close_grace,
             sandbox=sandbox,
             sweep_group=self.sweep_group,
+            handshake=handshake,
         ) as worker:
             yield worker
 

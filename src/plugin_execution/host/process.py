@@ -156,6 +156,12 @@ class WorkerProcess:
         return self.connection.spin_ok
 
     @property
+    def greeted(self) -> bool:
+        """True once the worker said ``Hello``: it started."""
+        hello = self.calls.hello
+        return hello.done and hello.error is None
+
+    @property
     def killed(self) -> bool:
         """True once the host killed the worker (a timeout, a failed health check)."""
         return self._killed
@@ -369,6 +375,22 @@ class WorkerProcess:
         return WorkerCrashedError(f"worker {self.worker_id} {how} ({reason})", details=details)
 
 
+def _silent(worker: WorkerProcess, start_timeout: float) -> WorkerCrashedError:
+    return WorkerCrashedError(
+        f"worker {worker.worker_id} did not start within {start_timeout:g} s",
+        details={"stderr_tail": worker.stderr_tail()},
+    )
+
+
+async def _watch_start(worker: WorkerProcess, start_timeout: float) -> None:
+    """Kill a worker served without waiting for its ``Hello`` that stays silent too long."""
+    hello = worker.calls.hello
+    with trio.move_on_after(start_timeout):
+        await hello.wake.wait()
+    if not hello.done and not worker.lost.is_set():
+        worker.kill(_silent(worker, start_timeout))
+
+
 def _end_group(leader: int) -> None:
     """Kill what is left of the process group of a worker that ended: processes its
     handlers started and left running (the sandbox's seccomp filter keeps them from leaving
@@ -413,8 +435,10 @@ async def open_worker_process(
     close_grace: float = 2.0,
     sandbox: ChildSandbox | None = None,
     sweep_group: bool = False,
+    handshake: bool = True,
 ) -> AsyncIterator[WorkerProcess]:
-    """Start a worker child and yield it once it said ``Hello``.
+    """Start a worker child and yield it once it said ``Hello`` (``handshake`` False: at
+    once, see :func:`serve_worker`).
 
     The child is a fresh ``python -I`` by default, or forked by ``zygote``. ``sandbox``: the
     kernel layers it applies to itself, and the command (bubblewrap) a spawned child is
@@ -471,6 +495,7 @@ async def open_worker_process(
             trio.lowlevel.FdStream(err_read),
             start_timeout=start_timeout,
             close_grace=close_grace,
+            handshake=handshake,
         ) as worker:
             yield worker
     finally:
@@ -488,6 +513,7 @@ async def serve_worker(
     spin_ok: bool = True,
     start_timeout: float = 30.0,
     close_grace: float = 2.0,
+    handshake: bool = True,
 ) -> AsyncIterator[WorkerProcess]:
     """Drive a started worker: handshake, serve, and always shut it down and reap it.
 
@@ -498,6 +524,12 @@ async def serve_worker(
     False: never poll for its answers (a worker sharing the host's GIL). Takes ownership of
     ``host_sock`` and ``stderr``. Raises ``WorkerCrashedError`` when the worker dies or
     stays silent for ``start_timeout`` seconds before its ``Hello``.
+
+    ``handshake`` False: yield the worker at once, without waiting for its ``Hello``, so a
+    first request overlaps its start (the worker reads it once it is up); the ``Hello``
+    is then read with the first answer. A worker that dies first fails what was sent to
+    it with ``WorkerCrashedError``, and one still silent after ``start_timeout`` seconds
+    is killed, failing it the same way.
     """
     worker = WorkerProcess(
         process,
@@ -515,15 +547,15 @@ async def serve_worker(
                 nursery.start_soon(calls.deadlines.run)
                 nursery.start_soon(worker._stderr.drain)
                 try:
-                    with trio.move_on_after(start_timeout):
-                        await connection.wait_for(calls.hello)
-                    if worker.lost.is_set():
-                        raise worker.crash_error()
-                    if not calls.hello.done:
-                        raise WorkerCrashedError(
-                            f"worker {worker.worker_id} did not start within {start_timeout:g} s",
-                            details={"stderr_tail": worker.stderr_tail()},
-                        )
+                    if handshake:
+                        with trio.move_on_after(start_timeout):
+                            await connection.wait_for(calls.hello)
+                        if worker.lost.is_set():
+                            raise worker.crash_error()
+                        if not calls.hello.done:
+                            raise _silent(worker, start_timeout)
+                    else:
+                        nursery.start_soon(_watch_start, worker, start_timeout)
                     yield worker
                 finally:
                     await worker.aclose(close_grace)

@@ -17,6 +17,7 @@ pointed at fd 2, so even raw writes never reach the protocol socket.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import sys
@@ -155,9 +156,10 @@ class Worker:
                         self._inline = None
                         if not self._watching:  # first handler run here: not at start-up
                             self._watching = True
-                            threading.Thread(
-                                target=self._watch_inline, name="worker-watch", daemon=True
-                            ).start()
+                            # Not threading.Thread().start(), which waits for the new
+                            # thread to run: a thread switch or two before the first
+                            # handler may (~1 ms in a fresh child on a busy machine).
+                            _thread.start_new_thread(self._watch_inline, ())
                         with self._lead_lock:
                             self._inline_since = time.monotonic()
                             self._inline_thread = me

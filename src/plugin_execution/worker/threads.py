@@ -12,6 +12,7 @@ Standard library only at import time: worker children load this module at start-
 
 from __future__ import annotations
 
+import _thread
 import threading
 from _queue import Empty, SimpleQueue  # the C module: queue.py costs a fresh child ~2 ms
 
@@ -49,27 +50,55 @@ class Executor(threading.Thread):
 
 
 class TrioLoop:
-    """One trio loop on its own thread, for async handlers; started on first need."""
+    """One trio loop on its own thread, for async handlers; started on first need.
+
+    Starting it does not wait for the loop to run: what :meth:`start_soon` is given
+    meanwhile is started by the loop itself once it runs (the first async handler of a
+    fresh child pays no thread hand-offs for the start). ``token`` and ``nursery`` wait for
+    the loop.
+    """
 
     def __init__(self) -> None:
         import trio
 
         self.trio = trio
-        ready = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._early: list[tuple[Callable[..., Any], tuple[Any, ...]]] | None = []
 
         async def main() -> None:
-            self.token = trio.lowlevel.current_trio_token()
+            self._token = trio.lowlevel.current_trio_token()
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                ready.set()
+                self._nursery = nursery
+                with self._lock:
+                    early, self._early = self._early, None
+                for fn, args in early or ():
+                    nursery.start_soon(fn, *args)
+                self._ready.set()
                 await trio.sleep_forever()
 
-        threading.Thread(target=trio.run, args=(main,), name="worker-trio", daemon=True).start()
-        ready.wait()
+        # Not threading.Thread().start(), which waits for the thread to run (see Worker._lead).
+        _thread.start_new_thread(trio.run, (main,))
+
+    @property
+    def token(self) -> Any:
+        """The loop's ``TrioToken`` (waits for the loop to run)."""
+        self._ready.wait()
+        return self._token
+
+    @property
+    def nursery(self) -> Any:
+        """The nursery tasks start in (waits for the loop to run)."""
+        self._ready.wait()
+        return self._nursery
 
     def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Start ``fn(*args)`` as a task of the loop (from any thread)."""
-        self.token.run_sync_soon(self.nursery.start_soon, fn, *args)
+        with self._lock:
+            if self._early is not None:  # the loop is not up yet: it starts these itself
+                self._early.append((fn, args))
+                return
+        self._token.run_sync_soon(self._nursery.start_soon, fn, *args)
 
     def run(self, awaitable: Any) -> Any:
         """Run an awaitable on the loop and wait for its outcome (from another thread)."""
