@@ -41,7 +41,7 @@ from ..host.limits import WorkerLimits
 from ..host.process import WorkerProcess
 from ..host.zygote import BASE_ENV, Zygote, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
-from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
+from ..sandbox.policy import SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
 from ._breaker import CrashBreaker
@@ -118,12 +118,15 @@ class SubprocessBackend(ExecutionBackend):
             raise ValueError(f"start_method must be 'spawn' or 'zygote', not {start_method!r}")
         self._sandbox_option = check_layers(sandbox)
         self._sandbox: SandboxPolicy | None = None
-        self._max_processes = max_processes
         self.start_method = start_method
         self.cancel_grace = cancel_grace
-        self._memory_mb = memory_mb
-        self._open_files = open_files
-        self._file_size_mb = file_size_mb
+        #: Every child's rlimits; a plugin's quotas may lower them (see child_limits).
+        self._limits = WorkerLimits(
+            address_space_mb=memory_mb,
+            open_files=open_files,
+            file_size_mb=file_size_mb,
+            processes=max_processes,
+        )
         self._start_timeout = start_timeout
         self._slots = trio.CapacityLimiter(max_concurrent)
         self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
@@ -177,22 +180,6 @@ class SubprocessBackend(ExecutionBackend):
             await keeper.ready.wait()
             return True
         raise job.timeout_error(" while the zygote was being restarted")
-
-    def _limits(self, job: Job) -> WorkerLimits:
-        quotas = job.target.permissions.quotas
-        memory = self._memory_mb
-        if quotas.memory_mb is not None:
-            memory = min(memory, quotas.memory_mb)
-        cpu = quotas.cpu_s
-        if cpu is None and math.isfinite(job.timeout):  # a channel session may be unlimited
-            cpu = math.ceil(job.timeout) + 1
-        return WorkerLimits(
-            address_space_mb=memory,
-            cpu_s=cpu,
-            open_files=self._open_files,
-            file_size_mb=self._file_size_mb,
-            processes=self._max_processes,
-        )
 
     async def _run(self, job: Job) -> ExecutionResult:
         """Run the job unless its plugin is quarantined; tell the crash breaker whether
@@ -333,14 +320,21 @@ class SubprocessBackend(ExecutionBackend):
         self._children += 1
         worker: WorkerProcess | None = None
         env = child_environment(job.target.permissions, workspace)
-        sandbox = self._child_sandbox(job, workspace, env, forked)
+        assert self._sandbox is not None
+        sandbox = self._sandbox.for_child(
+            job.target.permissions,
+            workspace=workspace,
+            root=job.target.root,
+            env=env,
+            zygote=forked,
+        )
         keeper = self._launcher.zygote
         zygote: Zygote | None = keeper.live() if keeper is not None and forked else None
         try:
             async with self._launcher.open(
                 cwd=workspace,
                 env=env,
-                limits=self._limits(job),
+                limits=child_limits(job, self._limits),
                 sandbox=sandbox,
                 forked=forked,
                 start_timeout=max(
@@ -405,18 +399,6 @@ class SubprocessBackend(ExecutionBackend):
             plugins += [(manifest.permissions_for(spec), manifest.root) for spec in specs]
         return self._sandbox.zygote_wrapper(str(self.workspaces.host_dir), plugins)
 
-    def _child_sandbox(
-        self, job: Job, workspace: str, env: dict[str, str], zygote: bool
-    ) -> ChildSandbox:
-        assert self._sandbox is not None
-        return self._sandbox.for_child(
-            job.target.permissions,
-            workspace=workspace,
-            root=job.target.root,
-            env=env,
-            zygote=zygote,
-        )
-
     def _health_details(self) -> dict[str, Any]:
         details: dict[str, Any] = {
             "active_subprocesses": self._children,
@@ -432,6 +414,26 @@ class SubprocessBackend(ExecutionBackend):
 
     def _stats_details(self) -> dict[str, Any]:
         return {"active_subprocesses": self._children, "crash_breaker": self._breaker.details()}
+
+
+def child_limits(job: Job, base: WorkerLimits) -> WorkerLimits:
+    """The rlimits of ``job``'s child: the backend's ``base``, the plugin's memory quota when
+    lower, and a CPU-time limit (its quota, else the timeout plus a second: the kernel then
+    stops a handler that spins past its deadline even if the host could not)."""
+    quotas = job.target.permissions.quotas
+    memory = base.address_space_mb
+    if quotas.memory_mb is not None:
+        memory = quotas.memory_mb if memory is None else min(memory, quotas.memory_mb)
+    cpu = quotas.cpu_s
+    if cpu is None and math.isfinite(job.timeout):  # a channel session may be unlimited
+        cpu = math.ceil(job.timeout) + 1
+    return WorkerLimits(
+        address_space_mb=memory,
+        cpu_s=cpu,
+        open_files=base.open_files,
+        file_size_mb=base.file_size_mb,
+        processes=base.processes,
+    )
 
 
 class _ZygoteLost(Exception):
