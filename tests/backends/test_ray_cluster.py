@@ -5,12 +5,15 @@ and nothing of it is left afterwards (the autouse leak check sees every child pr
 Then ``ray.cluster_utils.Cluster`` with two nodes, which the backend joins by its address
 (and leaves running): executions land on both, and removing a node mid-run fails its in-flight
 caller with ``WORKER_CRASHED`` naming the node while the backend carries on with a
-replacement on the other node.
+replacement on the other node. Last, a local instance whose memory monitor is set just above
+the machine's current use: it kills the actor of a handler that allocates, whose caller gets
+``WORKER_CRASHED`` saying so (``reason`` ``memory_limit``, Ray's words, the node).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,7 +86,10 @@ def plugins() -> PluginRegistry:
             {
                 "id": R,
                 "root": str(PLUGINS),
-                "handlers": [{"id": "where", "entry": "ray_handlers:where"}],
+                "handlers": [
+                    {"id": "where", "entry": "ray_handlers:where"},
+                    {"id": "allocate", "entry": "ray_handlers:allocate"},
+                ],
             }
         ]
     )
@@ -245,3 +251,50 @@ async def test_two_nodes_run_executions_and_survive_losing_one(plugins, cluster)
 
 async def _append(results: list[Any], call: Any) -> None:
     results.append(await call)
+
+
+def _memory_used_and_total() -> tuple[int, int]:
+    """This machine's memory in use and in all, in bytes, as Ray's memory monitor reads them
+    when no cgroup limits it: ``MemTotal - MemAvailable`` of ``/proc/meminfo``."""
+    info: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"], info["MemTotal"]
+
+
+async def test_rays_memory_monitor_kill_is_a_crash_for_memory(plugins) -> None:  # type: ignore[no-untyped-def]
+    # The monitor acts once the node's use passes the threshold: set it 1 GiB above what the
+    # machine uses now (other processes come and go, hence the margin), and let the handler
+    # take up to what would reach it even if everything else freed its memory.
+    used, total = _memory_used_and_total()
+    margin = 1 << 30
+    assert used + 2 * margin < total, "this machine has too little memory free for the test"
+    monitor = {"memory_usage_threshold": (used + margin) / total, "memory_monitor_refresh_ms": 50}
+    options = {"min_workers": 1, "max_workers": 1, "ray_init": {"_system_config": monitor}}
+    greedy = ExecutionRequest(
+        plugin_id=R,
+        handler_id="allocate",
+        input={"step_mb": 64, "limit_mb": (used + margin) // (1 << 20) + 512},
+    )
+    assert not ray.is_initialized()
+    async with create_execution_backend(type="ray", registry=plugins, **options) as backend:
+        LISTENER_PORTS.add(backend._launcher._listener.port)
+        first = await backend.execute(where())
+        assert first.ok
+        with pytest.raises(WorkerCrashedError) as caught:
+            await backend.execute(greedy)
+        crash = caught.value
+        assert crash.details["reason"] == "memory_limit"
+        assert crash.details["signal"] == signal.SIGKILL  # killed from outside: no breaker charge
+        assert crash.details["node_id"] == first.metadata["node_id"]
+        assert crash.details["cause"].startswith("OutOfMemoryError: ")
+        assert "running low on memory" in crash.details["cause"]
+        assert first.metadata["node_id"] in str(crash)
+
+        # The backend carries on: a replacement actor runs the next execution.
+        after = await backend.execute(where())
+        assert after.ok and after.worker_id != first.worker_id
+        assert after.metadata["node_id"] == first.metadata["node_id"]
+    assert not ray.is_initialized()  # shut down; the leak check sees its processes gone

@@ -26,3 +26,13 @@ def write_workspace(ctx: Any, input: Any) -> str:
     (ctx.workspace / "note.txt").write_text("hello")
     print("wrote the note")
     return str(ctx.workspace)
+
+
+def allocate(ctx: Any, input: dict[str, int]) -> int:
+    """Take memory (pages touched, so they count) ``step_mb`` at a time, up to ``limit_mb``,
+    pausing between steps so a memory monitor sees it grow; the MiB held if it lived."""
+    held = []
+    for _ in range(0, input["limit_mb"], input["step_mb"]):
+        held.append(b"\x01" * (input["step_mb"] << 20))
+        time.sleep(0.02)
+    return len(held) * input["step_mb"]

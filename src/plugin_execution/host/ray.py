@@ -54,6 +54,10 @@ _starts = itertools.count(1)
 # Ray's words for an actor killed, not dead by its own doing: ray.kill, its node lost, Ray's
 # memory monitor (the pool tells its own kills apart: WorkerProcess.killed).
 _KILLED_FROM_OUTSIDE = ("ray.kill", "its node", "low on memory", "memory monitor")
+# How Ray's memory monitor words its kills (the error is an OutOfMemoryError): "1 worker(s)
+# were killed due to the node running low on memory. Memory on the node (IP: ..., ID: ...)
+# was 1.84GB used / 23.54GB limit (0.078241)".
+_OUT_OF_MEMORY = ("low on memory", "memory monitor")
 _MAX_CAUSE = 400
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds 127.0.0.1
 _NODES_KEPT = 1024  # worker ids whose node is remembered, for results collected late
@@ -111,6 +115,8 @@ class ActorRun:
     Ray says the actor was killed (``ray.kill``, by the host or from elsewhere; its node lost;
     Ray's memory monitor) or the host killed it and Ray did not report its end in time, 1 when
     it died otherwise (its process exited: a crash, ``os._exit``, the kernel's OOM killer...).
+    ``reason``: ``"memory_limit"`` when Ray's memory monitor killed it, as the other backends
+    name their memory kills; else None.
     """
 
     def __init__(self, actor: Any, ref: Any, kill: Callable[[Any], None]) -> None:
@@ -118,6 +124,7 @@ class ActorRun:
         self.node_id: str | None = None
         self.returncode: int | None = None
         self.cause = ""
+        self.reason: str | None = None
         self._actor = actor
         self._ray_kill = kill
         self._killed_at: float | None = None
@@ -147,7 +154,10 @@ class ActorRun:
         name = type(error).__name__
         # By Ray's word, not by whether the host killed it too: a host that found the
         # connection closed kills the actor to be sure, and the crash must still read as one.
-        killed = any(marker in cause for marker in _KILLED_FROM_OUTSIDE)
+        oom = name == "OutOfMemoryError" or any(marker in cause for marker in _OUT_OF_MEMORY)
+        killed = oom or any(marker in cause for marker in _KILLED_FROM_OUTSIDE)
+        if oom and self.returncode is None:
+            self.reason = "memory_limit"
         self._end(-signal.SIGKILL if killed else 1, f"{name}: {cause}")
 
     def _end(self, code: int, cause: str) -> None:
@@ -182,7 +192,10 @@ class ActorRun:
         """How the actor ended, for ``WorkerProcess``'s crash error."""
         where = f" on node {self.node_id}" if self.node_id else ""
         how = f"(a Ray actor{where}) ended: {self.cause or 'unknown cause'}"
-        return how, {"node_id": self.node_id, "cause": self.cause}
+        details: dict[str, Any] = {"node_id": self.node_id, "cause": self.cause}
+        if self.reason is not None:
+            details["reason"] = self.reason
+        return how, details
 
 
 class _Start:
