@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any, Literal
 
 import attrs
@@ -36,7 +37,7 @@ from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
 from .queue import Waiter, WaitQueue
 from .sandboxed import SandboxedPool
-from .slots import Worker
+from .slots import Worker, on_lent_slot
 
 __all__ = ["WorkerPoolBackend"]
 
@@ -214,18 +215,7 @@ class WorkerPoolBackend(ExecutionBackend):
         lender = self._lender(job)
         if lender is None:
             return await self._run_job(job)
-        assert job.parent is not None
-        lent = job.parent.lent_slot()
-        with trio.CancelScope(deadline=job.deadline) as waiting:
-            await lent.acquire()
-        if waiting.cancelled_caught:
-            raise job.timeout_error(
-                " while its caller's worker was lent to another of its invocations"
-            )
-        try:
-            return await self._run_job(job, lender)
-        finally:
-            lent.release()
+        return await on_lent_slot(job, partial(self._run_job, job, lender))
 
     def _lender(self, job: Job) -> Worker | None:
         """The worker of the execution that invoked ``job`` (``ctx.invoke``) when ``job``

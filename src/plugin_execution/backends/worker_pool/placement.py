@@ -158,23 +158,7 @@ class PluginQueue(WaitQueue):
             self.hand_over(worker, waiter)
 
     def give_back(self, worker: Worker, plugin_id: str) -> None:
-        worker.running -= 1
-        worker.last_used = time.monotonic()
-        self.per_plugin[plugin_id] -= 1
-        if not worker.running:
-            worker.idle.set()
-            if worker.state == "busy":
-                proc = worker.proc
-                worker.state = "idle" if proc is not None and proc.alive else "draining"
-        if worker.executions >= self.spare_at:
-            worker.spare_wanted.set()
-        if worker.executions >= self._options.max_executions_per_worker:
-            worker.drain("executions")
-        elif time.monotonic() - worker.started_at > self._options.max_worker_uptime:
-            worker.drain("uptime")
-        self.in_use -= 1
-        if not self.in_use:
-            self.idle.set()
+        self.release(worker, plugin_id)
         if not self.waiters:
             return
         if self._options.max_concurrent_per_plugin is not None:

@@ -185,6 +185,18 @@ class WaitQueue:
         self.per_plugin[plugin_id] += 1
 
     def give_back(self, worker: Worker, plugin_id: str) -> None:
+        self.release(worker, plugin_id)
+        if self._options.max_concurrent_per_plugin is None:
+            # Any free capacity elsewhere went to the queue already: only this worker's is
+            # new. Under load this is every call, so no scan.
+            while self.waiters and self.has_room(worker):
+                self.hand_over(worker, self.waiters[0])
+        else:
+            self.dispatch()
+
+    def release(self, worker: Worker, plugin_id: str) -> None:
+        """The bookkeeping of an execution's slot on ``worker`` coming back: counts, idle
+        state, recycling by executions and uptime. Who gets the slot next is the caller's."""
         worker.running -= 1
         worker.last_used = time.monotonic()
         self.per_plugin[plugin_id] -= 1
@@ -202,13 +214,6 @@ class WaitQueue:
         self.in_use -= 1
         if not self.in_use:
             self.idle.set()
-        if self._options.max_concurrent_per_plugin is None:
-            # Any free capacity elsewhere went to the queue already: only this worker's is
-            # new. Under load this is every call, so no scan.
-            while self.waiters and self.has_room(worker):
-                self.hand_over(worker, self.waiters[0])
-        else:
-            self.dispatch()
 
     async def acquire(
         self, job: Job, workspace: str | None, lender: Worker | None = None

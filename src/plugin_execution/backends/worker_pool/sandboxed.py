@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -35,7 +36,7 @@ from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
 from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
-from .slots import PoolOptions, Worker
+from .slots import PoolOptions, Worker, on_lent_slot
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -185,18 +186,7 @@ class SandboxedPool:
                 lender = slot  # as on any pool: never wait for what its callers hold
         if lender is None:
             return await self._run_on_plugin_worker(job)
-        assert parent is not None
-        lent = parent.lent_slot()
-        with trio.CancelScope(deadline=job.deadline) as waiting:
-            await lent.acquire()
-        if waiting.cancelled_caught:
-            raise job.timeout_error(
-                " while its caller's worker was lent to another of its invocations"
-            )
-        try:
-            return await self._run_on_plugin_worker(job, lender)
-        finally:
-            lent.release()
+        return await on_lent_slot(job, partial(self._run_on_plugin_worker, job, lender))
 
     def _workspace_for(self, worker: Worker, job: Job) -> WorkspaceLease | None:
         """The lease of ``job``'s workspace under ``worker``'s directory (None: no worker

@@ -8,7 +8,8 @@ imports the other or the backend.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -16,8 +17,11 @@ import trio
 if TYPE_CHECKING:
     from ...host.handle import WorkerHandle
     from ...manifest import Permissions
+    from ..job import Job
 
-__all__ = ["PluginKey", "PoolOptions", "Spare", "Worker", "WorkerState"]
+__all__ = ["PluginKey", "PoolOptions", "Spare", "Worker", "WorkerState", "on_lent_slot"]
+
+T = TypeVar("T")
 
 WorkerState = Literal["starting", "idle", "busy", "draining", "stopped"]
 
@@ -115,3 +119,19 @@ class Spare:
         self.ready = trio.Event()
         self.done = trio.Event()
         self.scope = trio.CancelScope()
+
+
+async def on_lent_slot(job: Job, run: Callable[[], Awaitable[T]]) -> T:
+    """``await run()`` on the worker slot that ``job``'s caller (``ctx.invoke``) lends it,
+    one of the caller's invocations at a time; waiting for the loan counts toward the job's
+    deadline."""
+    assert job.parent is not None
+    lent = job.parent.lent_slot()
+    with trio.CancelScope(deadline=job.deadline) as waiting:
+        await lent.acquire()
+    if waiting.cancelled_caught:
+        raise job.timeout_error(" while its caller's worker was lent to another of its invocations")
+    try:
+        return await run()
+    finally:
+        lent.release()
