@@ -23,6 +23,7 @@ from plugin_execution.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    Batch,
     Cancel,
     ChannelClose,
     ChannelCredit,
@@ -50,6 +51,7 @@ from plugin_execution.worker import _wire
 HELLO = Hello(version=PROTOCOL_VERSION, pid=4242)
 FROM_HOST: set[type[Message]] = {
     Execute,
+    Batch,
     Cancel,
     Ping,
     Shutdown,
@@ -96,6 +98,13 @@ PONG = Pong(seq=7, rss_bytes=50_000_000, uptime_s=12.5, in_flight=2)
 SAMPLES: list[Message] = [
     HELLO,
     EXECUTE,
+    Batch(
+        executes=[
+            {**attrs.asdict(EXECUTE), "warmup": False},
+            {**attrs.asdict(EXECUTE), "execution_id": "e-2", "input": None, "timeout": 1.5},
+        ],
+        linger=0.0001,
+    ),
     Event(execution_id="e-1", kind="progress", data={"done": 1, "total": 3}, timestamp=1.7e9),
     RESULT,
     Error.from_exception("e-1", HandlerError("boom", details={"remote_type": "ValueError"})),
@@ -679,6 +688,31 @@ execute_fields = st.fixed_dictionaries(
         "timeout": st.none() | st.floats(allow_nan=False) | st.integers(0, 2**31),
     }
 )
+
+
+def _member(fields: dict[str, Any]) -> dict[str, Any]:
+    """A batch member: an execute's fields, in the order the host packs them."""
+    return {**fields, "warmup": False, "linger": 0.0}
+
+
+@given(st.lists(execute_fields, max_size=20), st.floats(0, 1))
+def test_send_batch_writes_the_bytes_send_would(
+    members: list[dict[str, Any]], linger: float
+) -> None:
+    conn = Connection("host")
+    executes = [_member(fields) for fields in members]
+    data = conn.send_batch([msgpack.packb(m, use_bin_type=True) for m in executes], linger)
+    assert data == conn.send(Batch(executes=executes, linger=linger))
+    assert receive(Connection("worker"), data) == [Batch(executes=executes, linger=linger)]
+    assert wire_decode(data) == [("batch", {"executes": executes, "linger": linger})]
+
+
+def test_send_batch_refuses_a_frame_over_the_limit() -> None:
+    member = msgpack.packb(_member({**EXECUTE_FIELDS, "input": b"x" * 600}), use_bin_type=True)
+    conn = Connection("host", max_frame_size=1000)
+    assert len(conn.send_batch([member])) < 1000
+    with pytest.raises(ProtocolError, match="over the 1000-byte limit"):
+        conn.send_batch([member, member])
 
 
 @given(execute_fields)

@@ -1,7 +1,9 @@
 """Run many: ``backend.map(requests)``, the harness primitive.
 
 A fixed number of caller tasks (``concurrency``) pull requests from the source one at a time,
-so the source is consumed lazily and memory stays flat however long it is. Every execution
+so the source is consumed lazily and memory stays flat however long it is. On a backend that
+runs batches (the worker pool: ``Batches``), fewer callers each pull several at a time and
+run them as one batch, ``concurrency`` requests in flight in all. Every execution
 ends as one :class:`ExecutionResult` (a failure is ``ok=False``, never an exception). Results
 come as they finish, or in the order of the source with ``ordered=True``. A window of
 permits bounds how far the callers may run ahead of the consumer: a result takes a permit
@@ -13,6 +15,7 @@ reorder buffer too). Leaving the block cancels what is in flight and pulls nothi
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -23,7 +26,7 @@ from ._groups import unwrap_single
 from .errors import InvalidRequestError
 from .types import ExecutionRequest, ExecutionResult
 
-__all__ = ["Executor", "MapResults", "Requests", "run_many"]
+__all__ = ["Batches", "Executor", "MapResults", "Requests", "run_many"]
 
 Requests = Iterable[ExecutionRequest] | AsyncIterable[ExecutionRequest]
 
@@ -34,6 +37,25 @@ class Executor(Protocol):
     async def execute(
         self, request: ExecutionRequest, *, timeout: float | None = ..., raise_errors: bool = ...
     ) -> ExecutionResult: ...
+
+
+class Batches(Protocol):
+    """How a backend runs ``map``'s requests several at a time (the worker pool's
+    ``PoolBatches``); a backend without one runs them one at a time."""
+
+    def size(self, concurrency: int) -> int:
+        """The most requests a caller takes at a time (1: no batches)."""
+        ...
+
+    def take(self, wanted: int) -> int:
+        """How many of ``wanted`` the next batch takes."""
+        ...
+
+    async def execute(
+        self, requests: list[ExecutionRequest], timeout: float | None
+    ) -> list[ExecutionResult]:
+        """A result per request, in order; a failure is ``ok=False``, never raised."""
+        ...
 
 
 class _Source:
@@ -55,26 +77,28 @@ class _Source:
         self._count = 0
         self.exhausted = False
 
-    async def next(self) -> tuple[int, ExecutionRequest] | None:
+    async def take(self, count: int) -> list[tuple[int, ExecutionRequest]]:
+        """Up to ``count`` requests, each with its index; fewer (or none) at the end."""
+        taken: list[tuple[int, ExecutionRequest]] = []
         async with self._lock:
-            if self.exhausted:
-                return None
-            try:
-                if self._sync is not None:
-                    request = next(self._sync)
-                else:
-                    assert self._async is not None
-                    request = await anext(self._async)
-            except (StopIteration, StopAsyncIteration):
-                self.exhausted = True
-                return None
-            if not isinstance(request, ExecutionRequest):
-                raise InvalidRequestError(
-                    f"map's requests must be ExecutionRequest objects; item {self._count} "
-                    f"is a {type(request).__name__}"
-                )
-            index, self._count = self._count, self._count + 1
-            return index, request
+            while len(taken) < count and not self.exhausted:
+                try:
+                    if self._sync is not None:
+                        request = next(self._sync)
+                    else:
+                        assert self._async is not None
+                        request = await anext(self._async)
+                except (StopIteration, StopAsyncIteration):
+                    self.exhausted = True
+                    break
+                if not isinstance(request, ExecutionRequest):
+                    raise InvalidRequestError(
+                        f"map's requests must be ExecutionRequest objects; item {self._count} "
+                        f"is a {type(request).__name__}"
+                    )
+                taken.append((self._count, request))
+                self._count += 1
+        return taken
 
 
 class MapResults:
@@ -82,11 +106,12 @@ class MapResults:
 
     def __init__(
         self,
-        receive: trio.MemoryReceiveChannel[tuple[int, ExecutionResult]],
+        receive: trio.MemoryReceiveChannel[list[tuple[int, ExecutionResult]]],
         window: trio.Semaphore,
         ordered: bool,
     ) -> None:
         self._receive = receive
+        self._received: deque[tuple[int, ExecutionResult]] = deque()
         self._window = window
         self._ordered = ordered
         self._waiting: dict[int, ExecutionResult] = {}  # in order: those that came early
@@ -109,10 +134,14 @@ class MapResults:
         return result
 
     async def _receive_one(self) -> tuple[int, ExecutionResult]:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
+        # Results come a batch at a time; those of a batch need no trip through the scheduler.
+        received = self._received
+        if not received:
+            try:
+                received.extend(await self._receive.receive())
+            except trio.EndOfChannel:
+                raise StopAsyncIteration from None
+        return received.popleft()
 
 
 @asynccontextmanager
@@ -123,8 +152,10 @@ async def run_many(
     concurrency: int = 64,
     ordered: bool = False,
     timeout: float | None = None,
+    batches: Batches | None = None,
 ) -> AsyncIterator[MapResults]:
-    """See :meth:`ExecutionBackend.map <plugin_execution.ExecutionBackend.map>`."""
+    """See :meth:`ExecutionBackend.map <plugin_execution.ExecutionBackend.map>`. With
+    ``batches``, each caller takes several requests at a time and runs them as a batch."""
     if type(concurrency) is not int or concurrency < 1:
         raise InvalidRequestError(f"concurrency must be a positive int, got {concurrency!r}")
     if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
@@ -133,19 +164,41 @@ async def run_many(
     # Ahead of the consumer: each caller's one in flight plus as many finished again, so
     # callers keep going while the consumer (or, in order, a slow head) catches up.
     window = trio.Semaphore(2 * concurrency)
-    send, receive = trio.open_memory_channel[tuple[int, ExecutionResult]](math.inf)
+    size = 1 if batches is None else batches.size(concurrency)
+    send, receive = trio.open_memory_channel[list[tuple[int, ExecutionResult]]](math.inf)
 
-    async def caller(results: trio.MemorySendChannel[tuple[int, ExecutionResult]]) -> None:
+    async def permits() -> int:
+        """Permits of the window for the next pull: at least one (waited for), then as
+        many more of the batch's as are free."""
+        await window.acquire()
+        wanted = 1 if batches is None or size == 1 else batches.take(size)
+        taken = 1
+        while taken < wanted:
+            try:
+                window.acquire_nowait()
+            except trio.WouldBlock:
+                break
+            taken += 1
+        return taken
+
+    async def caller(results: trio.MemorySendChannel[list[tuple[int, ExecutionResult]]]) -> None:
         with results:  # sync close: no checkpoint that a cancellation could turn into Cancelled
             while True:
-                await window.acquire()
-                pulled = await source.next()
-                if pulled is None:
+                count = await permits()
+                pulled = await source.take(count)
+                for _ in range(count - len(pulled)):
                     window.release()
+                if not pulled:
                     return
-                index, request = pulled
-                result = await backend.execute(request, timeout=timeout, raise_errors=False)
-                results.send_nowait((index, result))
+                if batches is None or size == 1:
+                    index, request = pulled[0]
+                    result = await backend.execute(request, timeout=timeout, raise_errors=False)
+                    results.send_nowait([(index, result)])
+                    continue
+                done = await batches.execute([request for _, request in pulled], timeout)
+                results.send_nowait(
+                    [(index, r) for (index, _), r in zip(pulled, done, strict=True)]
+                )
 
     with unwrap_single():  # the body's own exception, or the source's, comes out bare
         # Channels close synchronously here: an async close is a checkpoint, and in the
@@ -153,7 +206,7 @@ async def run_many(
         async with trio.open_nursery() as nursery:
             with receive:
                 with send:  # the callers hold clones: the results end when the last one does
-                    for _ in range(concurrency):
+                    for _ in range(-(-concurrency // size)):
                         nursery.start_soon(caller, send.clone())
                 try:
                     yield MapResults(receive, window, ordered)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .. import tracing
+from ..context import NULL_SINK
 from ..errors import BackendClosedError, ExecutionError, format_traceback, safe_text
 from ..types import ExecutionRequest, ExecutionResult
 from ._shutdown import InFlight
@@ -138,21 +139,13 @@ class Executor:
         except ExecutionError as exc:
             error = exc
             if in_flight.aborted and not isinstance(exc, BackendClosedError):
-                # Stopped by the shutdown's abort (a killed worker, a cancelled scope).
-                error = BackendClosedError(
-                    f"the {self._name} backend shut down before this execution finished; "
-                    "it was stopped"
-                )
+                error = self._closed_error()
         except trio.Cancelled:
             stats.record_failure("ABORTED", time.perf_counter() - started)
             self._observe(request, "ABORTED", time.perf_counter() - started)
             raise
         except Exception as exc:
-            error = ExecutionError(
-                f"internal error in the {self._name} backend: {type(exc).__name__}: "
-                f"{safe_text(exc)}",
-                details={"traceback": format_traceback(exc)},
-            )
+            error = self._internal_error(exc)
         else:
             stats.record_ok(result.duration_s)
             self._observe(request, "ok", result.duration_s)
@@ -160,6 +153,85 @@ class Executor:
         finally:
             stats.in_flight -= 1
         return self._failed(request, error, time.perf_counter() - started, raise_errors)
+
+    async def execute_batch(
+        self,
+        requests: list[ExecutionRequest],
+        timeout: float | None,
+        run: Callable[[list[Job]], Awaitable[list[ExecutionResult | ExecutionError]]],
+    ) -> list[ExecutionResult]:
+        """Run ``requests`` together (``backend.map``'s batches): each admitted as
+        :meth:`execute` admits one, ``run`` runs the jobs and says what came of each, and
+        each ending is recorded and observed as one execution's. Returns a result per
+        request, in order (a failure is ``ok=False``); cancelled, every member counts as
+        ``ABORTED`` (its caller got nothing)."""
+        backend = self._backend
+        results: list[ExecutionResult | None] = [None] * len(requests)
+        jobs: list[Job] = []
+        places: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                backend._check_running()
+                jobs.append(admit(backend.registry, backend, request, timeout, NULL_SINK))
+            except ExecutionError as exc:
+                results[index] = self._failed(request, exc, 0.0, False)
+                continue
+            places.append(index)
+        if jobs:
+            for index, outcome in zip(places, await self._run_batch(jobs, run), strict=True):
+                results[index] = outcome
+        return [result for result in results if result is not None]
+
+    async def _run_batch(
+        self,
+        jobs: list[Job],
+        run: Callable[[list[Job]], Awaitable[list[ExecutionResult | ExecutionError]]],
+    ) -> list[ExecutionResult]:
+        stats = self._stats
+        backend = self._backend
+        stats.in_flight += len(jobs)
+        token = object()
+        self._in_flight.tasks[token] = trio.lowlevel.current_task()
+        try:
+            outcomes = await run(jobs)
+        except trio.Cancelled:
+            for job in jobs:
+                duration = time.perf_counter() - job.started
+                stats.record_failure("ABORTED", duration)
+                self._observe(job.request, "ABORTED", duration)
+            raise
+        except Exception as exc:
+            outcomes = [self._internal_error(exc)] * len(jobs)
+        finally:
+            for job in jobs:
+                job.close_session()
+            self._in_flight.ended(token, closing=not backend.running)
+            stats.in_flight -= len(jobs)
+        results = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, ExecutionResult):
+                stats.record_ok(outcome.duration_s)
+                self._observe(job.request, "ok", outcome.duration_s)
+                results.append(outcome)
+                continue
+            error = outcome
+            if self._in_flight.aborted and not isinstance(outcome, BackendClosedError):
+                error = self._closed_error()
+            duration = time.perf_counter() - job.started
+            results.append(self._failed(job.request, error, duration, False))
+        return results
+
+    def _internal_error(self, exc: Exception) -> ExecutionError:
+        return ExecutionError(
+            f"internal error in the {self._name} backend: {type(exc).__name__}: {safe_text(exc)}",
+            details={"traceback": format_traceback(exc)},
+        )
+
+    def _closed_error(self) -> BackendClosedError:
+        """Work stopped by the shutdown's abort (a killed worker, a cancelled scope)."""
+        return BackendClosedError(
+            f"the {self._name} backend shut down before this execution finished; it was stopped"
+        )
 
     def _failed(
         self, request: ExecutionRequest, error: ExecutionError, duration: float, raise_: bool

@@ -25,7 +25,7 @@ from ..context import NULL_SINK
 from ..errors import BackendClosedError
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
-from ..run_many import MapResults, Requests, run_many
+from ..run_many import Batches, MapResults, Requests, run_many
 from ..stats import StatsRecorder
 from ..streaming import ByteBudget, Execution, open_stream
 from ..types import ExecutionRequest, ExecutionResult, ExecutionStats, HealthStatus
@@ -83,6 +83,7 @@ class ExecutionBackend(abc.ABC):
         #: Cancel scopes a backend registers to be cancelled at the shutdown deadline.
         self._abort_scopes = self._in_flight.abort_scopes
         self._executor = Executor(self, self.name, self._stats, self._in_flight)
+        self._batches: Batches | None = None  # how map runs batches here (None: one at a time)
         self._shut_down = trio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -262,23 +263,7 @@ class ExecutionBackend(abc.ABC):
 
     def _session(self, job: Job) -> PlatformSession:
         """The job's platform session: its permissions as resolved here, on the host."""
-        request = job.request
-        host = self.workspaces.host_dir
-        return PlatformSession(
-            self.platform,
-            execution_id=request.execution_id,
-            plugin_id=request.plugin_id,
-            handler_id=request.handler_id,
-            permissions=job.target.permissions,
-            root=job.target.root,
-            workspace=f"{host}/{request.execution_id}" if host is not None else None,
-            deadline=job.deadline,
-            context=request.context,
-            backend=self,
-            chain=job.chain,
-            job=job,
-            on_denied=self._stats.record_permission_denial,
-        )
+        return platform_session(self, job)
 
     async def _invoke(
         self,
@@ -319,7 +304,14 @@ class ExecutionBackend(abc.ABC):
         :class:`InvalidRequestError`) propagates out of the block. Bad options raise
         :class:`InvalidRequestError` at entry.
         """
-        return run_many(self, requests, concurrency=concurrency, ordered=ordered, timeout=timeout)
+        return run_many(
+            self,
+            requests,
+            concurrency=concurrency,
+            ordered=ordered,
+            timeout=timeout,
+            batches=self._batches,
+        )
 
     def open_execution(
         self,
@@ -391,3 +383,25 @@ class ExecutionBackend(abc.ABC):
 
     def _health_details(self) -> dict[str, Any]:
         return {}
+
+
+def platform_session(backend: ExecutionBackend, job: Job) -> PlatformSession:
+    """A job's platform session on ``backend``: what its ``ctx`` services are checked
+    against (its permissions as resolved on the host, its workspace, its deadline)."""
+    request = job.request
+    host = backend.workspaces.host_dir
+    return PlatformSession(
+        backend.platform,
+        execution_id=request.execution_id,
+        plugin_id=request.plugin_id,
+        handler_id=request.handler_id,
+        permissions=job.target.permissions,
+        root=job.target.root,
+        workspace=f"{host}/{request.execution_id}" if host is not None else None,
+        deadline=job.deadline,
+        context=request.context,
+        backend=backend,
+        chain=job.chain,
+        job=job,
+        on_denied=backend._stats.record_permission_denial,
+    )

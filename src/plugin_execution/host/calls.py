@@ -91,6 +91,7 @@ class Calls:
         self.nursery: trio.Nursery | None = None  # where deadlines' cancels and calls run
         self._kill = kill
         self._crash_error = crash_error
+        self.connection = connection
         # The connection's methods, bound once: the round trip's path has no extra hop.
         self._protocol = connection.protocol
         self._write_now = connection.write_now
@@ -176,12 +177,59 @@ class Calls:
                 frame = self._protocol.send(Execute(**fields))
             except ProtocolError as exc:
                 raise InvalidRequestError(f"the request cannot be sent: {exc}") from None
-        pending = self._pending[execution_id] = Pending(job, cancel_grace, linger)
-        self._jobs[execution_id] = job
-        self.deadlines.add(deadline, (execution_id, cancel_grace, pending))
-        self.executions += 1
+        pending = Pending(job, cancel_grace, linger)
+        self.track(pending)
         pending.unsent = self._write_now(frame)
         return pending
+
+    def track(self, pending: Pending) -> None:
+        """Count ``pending`` as in flight here: its answer is routed to it, its deadline
+        watched, its platform calls served. Undone by :meth:`untrack`."""
+        job = pending.job
+        assert job is not None
+        execution_id = job.request.execution_id
+        self._pending[execution_id] = pending
+        self._jobs[execution_id] = job
+        self.deadlines.add(job.deadline, (execution_id, pending.cancel_grace, pending))
+        self.executions += 1
+
+    def untrack(self, pending: Pending) -> tuple[Any, ExecutionError | None]:
+        """``pending`` is no longer in flight: forget it, end its platform calls still
+        running, and let go of what it holds; returns its answer (value, error)."""
+        job = pending.job
+        assert job is not None, "collected twice"
+        execution_id = job.request.execution_id
+        del self._pending[execution_id]
+        del self._jobs[execution_id]
+        if self._calls:
+            for scope in self._calls.pop(execution_id, ()):
+                scope.cancel()
+        # The deadline heap keeps ``pending`` until its deadline or a compaction: let go
+        # of what may be big (the request's input, the output, an error's traceback).
+        value, error, pending.error, pending.value = pending.value, pending.error, None, None
+        pending.job = pending.sink = pending.unsent = None
+        return value, error
+
+    def outcome(
+        self, pending: Pending, job: Job, value: Any, error: ExecutionError | None, backend: str
+    ) -> ExecutionResult | ExecutionError:
+        """What came of an untracked ``pending`` (see :meth:`untrack`): its result, or the
+        error to raise (``TIMEOUT`` past its deadline; the crash when no answer came)."""
+        if pending.expired:
+            return job.timeout_error()
+        if error is not None:
+            return error
+        if not pending.done:
+            return self._crash_error()
+        return ExecutionResult(
+            execution_id=job.request.execution_id,
+            ok=True,
+            output=value.output,
+            duration_s=time.perf_counter() - job.started,
+            backend=backend,
+            worker_id=self.worker_id,
+            metadata=value.metadata,
+        )
 
     async def collect(
         self, pending: Pending, *, backend: str, sent_now: bool = True
@@ -197,7 +245,6 @@ class Calls:
         """
         job = pending.job
         assert job is not None, "collected twice"
-        execution_id = job.request.execution_id
         try:
             if pending.unsent is not None:
                 unsent, pending.unsent = pending.unsent, None
@@ -206,33 +253,14 @@ class Calls:
             await self._wait_for(pending, sent=sent_now, spin=pending.linger)
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                await self._stop_execution(execution_id, pending, pending.cancel_grace)
+                await self.stop_execution(job.request.execution_id, pending, pending.cancel_grace)
             raise
         finally:
-            del self._pending[execution_id]
-            del self._jobs[execution_id]
-            if self._calls:
-                for scope in self._calls.pop(execution_id, ()):
-                    scope.cancel()
-            # The deadline heap keeps ``pending`` until its deadline or a compaction: let go
-            # of what may be big (the request's input, the output, an error's traceback).
-            error, result, pending.error, pending.value = pending.error, pending.value, None, None
-            pending.job = pending.sink = pending.unsent = None
-        if pending.expired:
-            raise job.timeout_error()
-        if error is not None:
-            raise error
-        if not pending.done:
-            raise self._crash_error()
-        return ExecutionResult(
-            execution_id=execution_id,
-            ok=True,
-            output=result.output,
-            duration_s=time.perf_counter() - job.started,
-            backend=backend,
-            worker_id=self.worker_id,
-            metadata=result.metadata,
-        )
+            value, error = self.untrack(pending)
+        outcome = self.outcome(pending, job, value, error, backend)
+        if isinstance(outcome, ExecutionError):
+            raise outcome
+        return outcome
 
     async def execute(
         self,
@@ -251,7 +279,9 @@ class Calls:
         pending = self.submit(job, workspace=workspace, cancel_grace=cancel_grace, linger=spin)
         return await self.collect(pending, backend=backend)
 
-    async def _stop_execution(self, execution_id: str, pending: Reply, grace: float) -> None:
+    async def stop_execution(self, execution_id: str, pending: Reply, grace: float) -> None:
+        """Ask the worker to stop an execution; kill it when it has not answered within
+        ``grace`` seconds."""
         if pending.done or self.lost.is_set():
             return
         try:

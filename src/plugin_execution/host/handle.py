@@ -124,6 +124,15 @@ class WorkerHandle(Protocol):
         """Wait for a submission's result. Cancellation stops the execution (``Cancel``,
         then a kill after the cancel grace) and re-raises."""
 
+    def submit_batch(
+        self, jobs: list[tuple[Job, str | None]], *, cancel_grace: float = 1.0, linger: float = 0.0
+    ) -> Any:
+        """Send ``jobs`` (with their workspaces) in one frame, run one after another; pair
+        with :meth:`collect_batch`. No checkpoint (see ``host/batch.py``)."""
+
+    def collect_batch(self, batch: Any, *, backend: str) -> Awaitable[list[Any]]:
+        """Wait for a batch's outcomes, in order: a result, an error, or ``NOT_STARTED``."""
+
     def execute(
         self,
         job: Job,

@@ -36,6 +36,7 @@ from .._groups import unwrap_single
 from ..errors import ExecutionError, WorkerCrashedError
 from ..protocol import Pong, Shutdown
 from ..worker._leftovers import kill_tree
+from .batch import Outcome, SubmittedBatch, collect_batch, submit_batch
 from .calls import Calls, Pending
 from .connection import WorkerConnection
 
@@ -222,6 +223,16 @@ class WorkerProcess:
     ) -> Awaitable[ExecutionResult]:
         """Wait for a :meth:`submit`'s result: see :meth:`Calls.collect`."""
         return self.calls.collect(pending, backend=backend, sent_now=sent_now)
+
+    def submit_batch(
+        self, jobs: list[tuple[Job, str | None]], *, cancel_grace: float = 1.0, linger: float = 0.0
+    ) -> SubmittedBatch:
+        """Start ``jobs`` in one frame without waiting: see :func:`.batch.submit_batch`."""
+        return submit_batch(self.calls, jobs, cancel_grace=cancel_grace, linger=linger)
+
+    def collect_batch(self, batch: SubmittedBatch, *, backend: str) -> Awaitable[list[Outcome]]:
+        """Wait for a :meth:`submit_batch`'s outcomes: see :func:`.batch.collect_batch`."""
+        return collect_batch(self.calls, batch, backend=backend)
 
     def execute(
         self,

@@ -28,6 +28,7 @@ from ._messages import DEFAULT_MAX_FRAME_SIZE as DEFAULT_MAX_FRAME_SIZE
 from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._messages import MESSAGE_TYPES as MESSAGE_TYPES
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._messages import Batch as Batch
 from ._messages import Cancel as Cancel
 from ._messages import ChannelClose as ChannelClose
 from ._messages import ChannelCredit as ChannelCredit
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
+    "Batch",
     "Cancel",
     "ChannelClose",
     "ChannelCredit",

@@ -22,6 +22,7 @@ from ._messages import (
     PEER,
     PROTOCOL_VERSION,
     SENT_BY,
+    Batch,
     ChannelData,
     Execute,
     Hello,
@@ -30,6 +31,9 @@ from ._messages import (
 )
 
 _HEADER_SIZE = 4
+# A Batch frame's map up to its members' array, and its last key (see send_batch).
+_BATCH_HEAD: Final = b"\x83" + b"".join(map(pack_plain, ("t", Batch.tag, "executes")))
+_LINGER_KEY: Final = pack_plain("linger")
 
 
 class ProtocolError(Exception):
@@ -221,6 +225,27 @@ class Connection(FrameBuffer):
             )
         if parts is not None:
             return parts
+        return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+
+    def send_batch(self, members: list[bytes], linger: float = 0.0) -> bytes:
+        """The frame of a ``Batch`` whose members are already packed: each of ``members``
+        is the msgpack map of one execution's fields (``execute_fields``, packed with
+        ``pack_plain``). The same bytes :meth:`send` makes of ``Batch(...)``, without
+        packing the members again. Raises :class:`ProtocolError` for a frame over the
+        size limit."""
+        count = len(members)
+        if count < 16:
+            header = bytes((0x90 | count,))
+        elif count < 1 << 16:
+            header = b"\xdc" + count.to_bytes(2, "big")
+        else:
+            header = b"\xdd" + count.to_bytes(4, "big")
+        payload = b"".join((_BATCH_HEAD, header, *members, _LINGER_KEY, pack_plain(float(linger))))
+        if len(payload) > self.max_frame_size:
+            raise ProtocolError(
+                f"cannot send 'batch': its frame of {len(payload)} bytes is over the "
+                f"{self.max_frame_size}-byte limit"
+            )
         return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
 
     def send_channel_data(self, channel_id: str, data: str | bytes) -> bytes:

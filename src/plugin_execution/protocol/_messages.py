@@ -61,6 +61,24 @@ class Execute:
 
 
 @attrs.frozen(kw_only=True)
+class Batch:
+    """Several executions in one frame, run one after another in the order given.
+
+    Each of ``executes`` is the field map of an :class:`Execute` (without its tag) and is
+    answered as if it had come alone: its own ``Result`` or ``Error``, events, deadline
+    (``timeout``, counted from when the batch arrived) and ``Cancel``. A member cancelled
+    before its turn is answered ``ABORTED`` at once and never started. One after another,
+    even for async handlers: a batch takes one of the worker's slots, as one execution does
+    (``backend.map`` sends them; see ``host/batch.py``). ``linger`` as ``Execute.linger``,
+    after the last member.
+    """
+
+    tag: ClassVar[str] = "batch"
+    executes: list[Any]
+    linger: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
 class Event:
     """Something a running handler emitted (``kind``: progress, log, custom...)."""
 
@@ -232,6 +250,7 @@ class PlatformReply:
 Message: TypeAlias = (
     Hello
     | Execute
+    | Batch
     | Event
     | Result
     | Error
@@ -257,6 +276,7 @@ SENT_BY: Final[dict[Role, frozenset[str]]] = {
         cls.tag
         for cls in (
             Execute,
+            Batch,
             Cancel,
             Ping,
             Shutdown,

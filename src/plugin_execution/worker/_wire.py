@@ -53,6 +53,7 @@ FIELDS: dict[str, frozenset[str]] = {
         "hello": "version pid",
         "execute": "execution_id plugin_id handler_id entry root input context workspace "
         "timeout warmup linger",
+        "batch": "executes linger",
         "event": "execution_id kind data timestamp",
         "result": "execution_id output duration_s metadata",
         "error": "execution_id error",

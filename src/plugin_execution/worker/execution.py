@@ -25,6 +25,7 @@ Standard library only at import time: worker children load this module at start-
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import time
@@ -101,6 +102,10 @@ class Executions:
         self._pid = os.getpid()
         self._handlers: dict[tuple[str, str | None], Handler] = {}
         self.running: dict[str, _Running] = {}
+        #: Members of batches not started yet, by id (see :meth:`batch`), and a lock each
+        #: member's runner waits on while its async handler runs (released by _finish).
+        self._queued: dict[str, dict[str, Any]] = {}
+        self._ended: dict[str, Any] = {}
         self.stdout = CapturedStream(send, "stdout")
         self.stderr = CapturedStream(send, "stderr")
 
@@ -161,9 +166,44 @@ class Executions:
             return lambda: self._run_sync(handler, warm, msg, running)
         return None
 
+    def batch(self, members: list[dict[str, Any]]) -> Callable[[], None]:
+        """The job that runs a ``batch`` frame's executions one after another, each to its
+        end (an async one too: a batch holds one slot of the worker), skipping those
+        cancelled before their turn (see :meth:`cancel`). Each member's ``timeout`` counts
+        from now. A member's result is written before the next one starts, so the host
+        knows that members after an unanswered one never ran."""
+        received = time.monotonic()
+        queued = self._queued
+        for member in members:
+            queued[member["execution_id"]] = member
+
+        def run() -> None:
+            for member in members:
+                execution_id = member["execution_id"]
+                if queued.pop(execution_id, None) is None:
+                    continue  # cancelled before its turn, and answered then
+                timeout = member["timeout"]
+                if timeout:
+                    member["timeout"] = max(0.001, timeout - (time.monotonic() - received))
+                ended = self._ended[execution_id] = _thread.allocate_lock()
+                ended.acquire()
+                job = self.start(member, None)
+                if job is not None:
+                    job()
+                ended.acquire()  # released by _finish, once its answer went out
+                self._ended.pop(execution_id, None)
+
+        return run
+
     def cancel(self, execution_id: str) -> None:
         """The host's ``cancel``: mark the context cancelled, cancel an async handler's
-        scope, and fail the execution's platform calls still waiting (reader thread)."""
+        scope, and fail the execution's platform calls still waiting (reader thread). A
+        batch member not started yet is answered ``ABORTED`` and never starts."""
+        if self._queued.pop(execution_id, None) is not None:
+            self._finish(
+                execution_id, error=AbortedError("cancelled by the host before it started")
+            )
+            return
         running = self.running.get(execution_id)
         if running is not None:
             cancel = running.cancel
@@ -269,6 +309,23 @@ class Executions:
         error: ExecutionError | None = None,
         started: float = 0.0,
         warm: bool = False,
+    ) -> None:
+        """Send the execution's answer (its result, else its error); then let the batch it
+        belongs to, if any, go on to its next member."""
+        try:
+            self._answer(execution_id, output, error, started, warm)
+        finally:
+            ended = self._ended.pop(execution_id, None)
+            if ended is not None:
+                ended.release()
+
+    def _answer(
+        self,
+        execution_id: str,
+        output: Any,
+        error: ExecutionError | None,
+        started: float,
+        warm: bool,
     ) -> None:
         self.stdout.finish(execution_id)
         self.stderr.finish(execution_id)

@@ -26,7 +26,7 @@ import time
 from _queue import SimpleQueue  # the C module: queue.py costs a fresh child ~2 ms
 
 from ._leftovers import kill_leftovers
-from ._wire import PROTOCOL_VERSION, FrameDecoder, WireError
+from ._wire import FIELDS, PROTOCOL_VERSION, FrameDecoder, WireError
 from .execution import Executions
 from .outbox import FrameWriter
 from .platform_calls import PlatformCalls
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .channel import WorkerChannel
 
 _CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
+_EXECUTE_FIELDS = FIELDS["execute"]
 _PROTOCOL_EXIT = 76  # EX_PROTOCOL
 _WATCH_S = 0.01  # how long a handler runs on the reading thread before another takes over
 # How often the watcher looks. Each look wakes a thread; at 100 a second (a look every
@@ -263,6 +264,14 @@ class Worker:
                 self._on_executor(job)
                 if self._inline is not None:  # runs on this reading thread: then may linger
                     self._linger = msg["linger"]
+        elif tag == "batch":
+            members = msg["executes"]
+            for member in members:
+                if type(member) is not dict or member.keys() != _EXECUTE_FIELDS:
+                    raise WireError("'batch' message: a member is not an execute's fields")
+            self._on_executor(self._executions.batch(members))
+            if self._inline is not None:  # runs on this reading thread: then may linger
+                self._linger = msg["linger"]
         elif tag == "preply":
             self._platform.on_reply(msg)
         elif tag == "cancel":

@@ -35,6 +35,7 @@ from .._breaker import CrashBreaker
 from .._quota_watch import execute_watched
 from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
+from .batches import PoolBatches
 from .queue import Waiter, WaitQueue
 from .sandboxed import SandboxedPool
 from .slots import Worker, on_lent_slot
@@ -163,6 +164,7 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue = WaitQueue(
             self, self._workers, self._stats, grow=self._actors.grow, running=self._is_running
         )
+        self._batches = PoolBatches(self)
 
     async def _open(self, stack: AsyncExitStack) -> None:
         # Outside the backend's nursery, whose cancellation on exit would otherwise hit

@@ -169,11 +169,17 @@ class PluginQueue(WaitQueue):
             self._place()  # other plugins wait
 
     async def acquire(
-        self, job: Job, workspace: str | None, lender: Worker | None = None
+        self,
+        job: Job,
+        workspace: str | None,
+        lender: Worker | None = None,
+        batch: list[tuple[Job, str | None]] | None = None,
     ) -> Waiter | Worker:
         """A worker of ``job``'s plugin: at once, or after waiting in the queue (see
         :meth:`WaitQueue.acquire`). ``workspace``: anything but None lets the hand-over
-        reserve and submit (see :class:`PluginWaiter`). ``lender``: of the same plugin only."""
+        reserve and submit (see :class:`PluginWaiter`). ``lender``: of the same plugin only.
+        ``batch``: not here (a sandboxed pool runs ``map`` one execution at a time)."""
+        assert batch is None, "a sandboxed pool takes no batches"
         plugin_id = job.request.plugin_id
         key = key_of(job)
         if lender is not None and (lender.plugin is key or lender.plugin == key):

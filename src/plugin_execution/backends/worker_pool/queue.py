@@ -40,10 +40,13 @@ class Waiter:
 
     The hand-over also submits the request (``job`` to ``workspace``; ``pending``, on
     ``proc``), in the step that freed the worker: the worker starts on it while this task
-    waits to be scheduled. ``workspace`` None: the caller submits it itself.
+    waits to be scheduled. ``workspace`` None: the caller submits it itself. ``batch``: the
+    jobs (with their workspaces) of a batch holding this one slot, submitted in one frame
+    (see ``host/batch.py``).
     """
 
     __slots__ = (
+        "batch",
         "enqueued",
         "job",
         "pending",
@@ -55,9 +58,12 @@ class Waiter:
         "workspace",
     )
 
-    def __init__(self, job: Job, workspace: str | None) -> None:
+    def __init__(
+        self, job: Job, workspace: str | None, batch: list[tuple[Job, str | None]] | None = None
+    ) -> None:
         self.job = job
         self.workspace = workspace
+        self.batch = batch
         self.plugin_id = job.request.plugin_id
         self.task = trio.lowlevel.current_task()
         self.woken = False
@@ -159,7 +165,10 @@ class WaitQueue:
         self.take(worker, waiter.plugin_id)
         waiter.worker = worker
         proc = worker.proc
-        if waiter.workspace is not None and proc is not None:
+        if waiter.batch is not None and proc is not None:
+            waiter.pending = self.submit_batch(proc, waiter.batch)
+            waiter.proc = proc
+        elif waiter.workspace is not None and proc is not None:
             try:
                 waiter.pending = self.submit(proc, waiter.job, waiter.workspace)
                 waiter.proc = proc
@@ -177,6 +186,10 @@ class WaitQueue:
             cancel_grace=self._options.cancel_grace,
             linger=_SPIN_S if proc.spin_ok else 0.0,
         )
+
+    def submit_batch(self, proc: WorkerHandle, jobs: list[tuple[Job, str | None]]) -> Any:
+        """Submit a batch in one frame (no polling for its answers: they take a while)."""
+        return proc.submit_batch(jobs, cancel_grace=self._options.cancel_grace)
 
     def take(self, worker: Worker, plugin_id: str) -> None:
         self.in_use += 1
@@ -216,11 +229,16 @@ class WaitQueue:
             self.idle.set()
 
     async def acquire(
-        self, job: Job, workspace: str | None, lender: Worker | None = None
+        self,
+        job: Job,
+        workspace: str | None,
+        lender: Worker | None = None,
+        batch: list[tuple[Job, str | None]] | None = None,
     ) -> Waiter | Worker:
         """A worker for ``job``: at once, or after waiting in the queue; then, the waiter,
         whose request the hand-over may have submitted already (see :class:`Waiter`).
-        ``lender``: the worker of the invoking execution, whose slot ``job`` borrows."""
+        ``lender``: the worker of the invoking execution, whose slot ``job`` borrows.
+        ``batch``: ``job`` stands for a batch of these, which takes one slot."""
         plugin_id = job.request.plugin_id
         if lender is not None:
             draining = lender.state == "draining"  # retired, finishing its caller's work
@@ -242,7 +260,7 @@ class WaitQueue:
                 f"{self._options.max_queue}); retry later or raise max_queue",
                 details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
             )
-        waiter = Waiter(job, workspace)
+        waiter = Waiter(job, workspace, batch)
         self.waiters.append(waiter)
         self._grow(len(self.waiters))
         self.deadlines.add(

@@ -1,0 +1,195 @@
+"""Batched dispatch: several executions to one worker in one frame (``protocol.Batch``).
+
+``backend.map`` sends a worker its executions a batch at a time. The batch costs the host
+one write and one frame instead of one per execution, and the worker one read; the worker
+runs the members one after another and writes each answer before it starts the next, so
+the host reads many answers per wake-up and, should the worker be lost, knows that the
+members after the first unanswered one never started (``NOT_STARTED``: they can run again
+elsewhere). Every member keeps its own deadline, cancellation and events, as in
+:meth:`Calls.submit <plugin_execution.host.calls.Calls.submit>`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+import trio
+
+from ..converter import converter
+from ..errors import ExecutionError, InvalidRequestError
+from ..protocol import ProtocolError
+from ..types import ExecutionResult, check_serializable
+from .calls import Pending
+
+if TYPE_CHECKING:
+    from ..backends.job import Job
+    from .calls import Calls
+
+__all__ = ["NOT_STARTED", "Outcome", "SubmittedBatch", "collect_batch", "submit_batch"]
+
+
+class _NotStarted:
+    def __repr__(self) -> str:
+        return "NOT_STARTED"
+
+
+#: A member the worker never started: it was behind the member running when the worker was
+#: lost. Nothing of it ran, so it may run again elsewhere.
+NOT_STARTED: Final = _NotStarted()
+
+Outcome = ExecutionResult | ExecutionError | _NotStarted
+
+
+class SubmittedBatch:
+    """A batch sent (or being sent) to one worker: a :class:`Pending` per member, in order,
+    ``sent`` saying which went in the frame; ``unsent`` what the socket has still to take;
+    ``lost_at``, once collected: the member running when the worker was lost (None: not lost
+    while the batch ran)."""
+
+    __slots__ = ("lost_at", "pendings", "sent", "unsent")
+
+    def __init__(self) -> None:
+        self.lost_at: int | None = None
+        self.pendings: list[Pending] = []
+        self.sent: list[bool] = []
+        self.unsent: tuple[list[memoryview], bool] | None = None
+
+
+def _member(job: Job, workspace: str | None, timeout: float) -> dict[str, Any]:
+    request = job.request
+    target = job.target
+    return {
+        "execution_id": request.execution_id,
+        "plugin_id": request.plugin_id,
+        "handler_id": request.handler_id,
+        "entry": target.entry,
+        "root": target.root,
+        "input": request.input,
+        "context": request.context,
+        "workspace": workspace,
+        "timeout": timeout,
+        "warmup": False,
+        "linger": 0.0,
+    }
+
+
+def _pack(fields: dict[str, Any]) -> bytes:
+    """A member's msgpack map; a context holding values the converter makes plain (the
+    general path, as ``Connection.send`` does). Raises ``InvalidRequestError``."""
+    try:
+        packed: bytes = msgpack.packb(fields, use_bin_type=True)
+        return packed
+    except (TypeError, ValueError, OverflowError):
+        check_serializable(fields["input"], "input")  # input must be plain data everywhere
+    try:
+        packed = msgpack.packb(fields, use_bin_type=True, default=converter.unstructure)
+    except Exception as exc:
+        raise InvalidRequestError(f"the request cannot be sent: {exc}") from None
+    return packed
+
+
+def submit_batch(
+    calls: Calls,
+    jobs: list[tuple[Job, str | None]],
+    *,
+    cancel_grace: float = 1.0,
+    linger: float = 0.0,
+) -> SubmittedBatch:
+    """Send ``jobs`` (each with its workspace) to the worker in one ``Batch`` frame, without
+    waiting; pair with :func:`collect_batch`. A member that cannot be sent (not plain data,
+    or too big for the frame with the others) fails alone, with ``InvalidRequestError``, or
+    comes back ``NOT_STARTED`` (see :func:`collect_batch`). No checkpoint."""
+    if calls.lost.is_set():
+        raise calls.connection.crash_error()
+    connection = calls.connection
+    room = connection.protocol.max_frame_size - 64
+    now = trio.current_time()
+    batch = SubmittedBatch()
+    members: list[bytes] = []
+    for job, workspace in jobs:
+        pending = Pending(job, cancel_grace, 0.0)
+        batch.pendings.append(pending)
+        batch.sent.append(False)
+        try:
+            member = _pack(_member(job, workspace, max(0.001, job.deadline - now)))
+        except InvalidRequestError as exc:
+            pending.finish(error=exc)
+            continue
+        if len(member) > room:
+            if not members:  # too big even alone
+                size = connection.protocol.max_frame_size
+                pending.finish(
+                    error=InvalidRequestError(
+                        f"the request cannot be sent: its frame of over {len(member)} bytes "
+                        f"is over the {size}-byte limit"
+                    )
+                )
+            continue  # not sent: NOT_STARTED, to run again
+        room -= len(member)
+        members.append(member)
+        batch.sent[-1] = True
+        calls.track(pending)
+    if members:
+        try:
+            frame = connection.protocol.send_batch(members, linger)
+        except ProtocolError as exc:  # cannot happen with the room kept above; say so
+            raise InvalidRequestError(f"the batch cannot be sent: {exc}") from None
+        batch.unsent = connection.write_now(frame)
+    return batch
+
+
+async def collect_batch(calls: Calls, batch: SubmittedBatch, *, backend: str) -> list[Outcome]:
+    """Wait for every member of a :func:`submit_batch` and return what came of each, in
+    order: its result, its error (``TIMEOUT`` past its deadline), or :data:`NOT_STARTED`.
+    When the worker is lost, the first member without an answer gets the crash error (it
+    was running) and those after it ``NOT_STARTED``; members not sent are ``NOT_STARTED``.
+    Cancellation stops every member still in flight (``Cancel``; a kill after the cancel
+    grace), then re-raises."""
+    connection = calls.connection
+    tracked = [p for p, sent in zip(batch.pendings, batch.sent, strict=True) if sent]
+    try:
+        if batch.unsent is not None:
+            unsent, batch.unsent = batch.unsent, None
+            try:
+                with trio.CancelScope(shield=True):  # never half a frame: it would end the worker
+                    await connection.send_rest(*unsent)
+            except ExecutionError:
+                pass  # the worker is lost: the first member gets the crash, as below
+        sent_now = True
+        for pending in tracked:
+            await connection.wait_for(pending, sent=sent_now)
+            sent_now = False
+    except trio.Cancelled:
+        with trio.CancelScope(shield=True):
+            await _stop_all(calls, tracked)
+        raise
+    finally:
+        answers = {id(p): (p.job, *calls.untrack(p)) for p in tracked}
+    outcomes: list[Outcome] = []
+    lost_at: int | None = None  # the member running when the worker was lost
+    for index, (pending, sent) in enumerate(zip(batch.pendings, batch.sent, strict=True)):
+        if not sent:
+            outcomes.append(pending.error if pending.error is not None else NOT_STARTED)
+            continue
+        job, value, error = answers[id(pending)]
+        assert job is not None
+        if not pending.done and not pending.expired:
+            if lost_at is not None:
+                outcomes.append(NOT_STARTED)
+                continue
+            lost_at = index
+        outcomes.append(calls.outcome(pending, job, value, error, backend))
+    batch.lost_at = lost_at
+    return outcomes
+
+
+async def _stop_all(calls: Calls, pendings: list[Pending]) -> None:
+    """Stop the members still in flight, together (see ``Calls.stop_execution``)."""
+    async with trio.open_nursery() as nursery:
+        for pending in pendings:
+            if not pending.done and pending.job is not None:
+                execution_id = pending.job.request.execution_id
+                nursery.start_soon(
+                    calls.stop_execution, execution_id, pending, pending.cancel_grace
+                )
