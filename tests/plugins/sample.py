@@ -187,3 +187,19 @@ def proc_environ(ctx: Any, input: Any) -> str:
     """The process's environment as the kernel shows it (as of exec), not ``os.environ``."""
     with open("/proc/self/environ", "rb") as f:
         return f.read().decode("utf-8", "replace")
+
+
+_overlap = {"now": 0, "most": 0}
+
+
+async def overlap(ctx: Any, input: dict[str, float]) -> int:
+    """How many runs of this handler this worker has had at once, at most, so far."""
+    import trio
+
+    _overlap["now"] += 1
+    _overlap["most"] = max(_overlap["most"], _overlap["now"])
+    try:
+        await trio.sleep(input["seconds"])
+    finally:
+        _overlap["now"] -= 1
+    return _overlap["most"]

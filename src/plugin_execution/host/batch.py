@@ -20,7 +20,7 @@ from ..converter import converter
 from ..errors import ExecutionError, InvalidRequestError
 from ..protocol import ProtocolError
 from ..types import ExecutionResult, check_serializable
-from .calls import Pending
+from .calls import LOST, Pending
 
 if TYPE_CHECKING:
     from ..backends.job import Job
@@ -174,7 +174,7 @@ async def collect_batch(calls: Calls, batch: SubmittedBatch, *, backend: str) ->
             continue
         job, value, error = answers[id(pending)]
         assert job is not None
-        if not pending.done and not pending.expired:
+        if value is LOST or not pending.done:  # no answer: the worker was lost first
             if lost_at is not None:
                 outcomes.append(NOT_STARTED)
                 continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -48,8 +48,10 @@ if TYPE_CHECKING:
     from ..backends.job import Job
     from .handle import ChannelEndpoint
 
-__all__ = ["Calls", "Pending", "PlatformCalls"]
+__all__ = ["LOST", "Calls", "Pending", "PlatformCalls"]
 
+#: The value of a reply that failed because the worker was lost, not by the worker's answer.
+LOST: Final = object()
 _MAX_CALLS_IN_FLIGHT = 64  # platform calls of one execution at once
 # Bytes of the frames of one execution's platform calls in flight: what the host holds for
 # its calls waiting (an invoke's input, a request body...) is bounded, not 64 x 64 MiB.
@@ -126,7 +128,7 @@ class Calls:
     def fail_all(self) -> None:
         """The worker is lost: every request waiting for it fails with ``crash_error()``."""
         for reply in (*self._pending.values(), *self._pongs.values(), *self._warmed.values()):
-            reply.finish(error=self._crash_error())
+            reply.finish(LOST, self._crash_error())
         self._pongs.clear()
         self._warmed.clear()
         self.hello.finish(error=self._crash_error())
