@@ -141,7 +141,7 @@ async def test_leaving_the_block_stops_the_batches_in_flight(
     requests = [req("sleep", {"seconds": 30}) for _ in range(64)]
     async with pool(registry, workspaces, min_workers=2, max_workers=2) as backend:
         with trio.fail_after(20):
-            async with backend.map(requests, concurrency=32) as results:
+            async with backend.map(requests, concurrency=32):
                 await trio.sleep(0.5)
             assert backend.stats().in_flight == 0
             assert backend.stats().failed_by_code.get("ABORTED", 0) >= 1
