@@ -19,6 +19,8 @@ from plugin_execution import (
     WorkspaceManager,
     create_execution_backend,
 )
+from plugin_execution.backends.worker_pool import batches as batches_module
+from plugin_execution.backends.worker_pool import queue as queue_module
 from plugin_execution.backends.worker_pool.batches import MAX_BATCH, PoolBatches
 from plugin_execution.protocol import Connection
 
@@ -40,7 +42,11 @@ def pool(registry: PluginRegistry, workspaces: WorkspaceManager, **options: Any)
 
 @pytest.fixture
 def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The member count of every Batch frame the host makes."""
+    """The member count of every Batch frame the host makes. Batches are sized by how long
+    executions take, which a loaded machine stretches: here any duration counts as short,
+    so that batches are made whatever the load."""
+    monkeypatch.setattr(batches_module, "BATCH_S", 60.0)
+    monkeypatch.setattr(queue_module, "GROUP_S", 60.0)
     sizes: list[int] = []
     real = Connection.send_batch
 
@@ -84,6 +90,9 @@ def test_batch_size_follows_concurrency_and_the_pool_options() -> None:
     assert sizes.take(16) == 4  # before any batch is measured: short
     sizes._measured(0.010, 1)  # a slow handler (10 ms each): one at a time
     assert sizes.take(16) == 1
+    for _ in range(30):
+        sizes._measured(0.001, 100)  # fast again (10 us each): the sizes come back
+    assert sizes.take(16) == 16
     options.max_concurrent_per_plugin = 3  # a cap counts executions: no batches
     assert sizes.size(64) == 1
 
@@ -177,3 +186,75 @@ async def test_a_per_plugin_cap_turns_batches_off(
         got = await run_map(backend, requests, concurrency=16)
     assert sorted(r.output for r in got) == [i + 1 for i in range(40)]
     assert batches == []
+
+
+# -- callers of execute queued for a worker: handed over in groups, as one batch ----------
+
+
+async def call_all(backend: Any, requests: list[ExecutionRequest]) -> dict[str, Any]:
+    """Every request from its own task at once (so most of them queue); results by id."""
+    results: dict[str, Any] = {}
+
+    async def call(request: ExecutionRequest) -> None:
+        results[request.execution_id] = await backend.execute(request, raise_errors=False)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for request in requests:
+                nursery.start_soon(call, request)
+    return results
+
+
+async def test_queued_callers_are_handed_over_in_groups(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    requests = [req("add", {"a": i, "b": 1}) for i in range(200)]
+    async with pool(registry, workspaces, max_queue=500) as backend:
+        got = await call_all(backend, requests)
+    assert [got[r.execution_id].output for r in requests] == [i + 1 for i in range(200)]
+    assert batches and max(batches) > 1
+    assert workspaces.active() == 0
+
+
+async def test_grouped_async_callers_never_overlap_on_a_one_slot_worker(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    requests = [req("overlap", {"seconds": 0.002}) for _ in range(40)]
+    async with pool(registry, workspaces) as backend:
+        got = await call_all(backend, requests)
+    assert batches and [got[r.execution_id].output for r in requests] == [1] * 40
+
+
+async def test_a_grouped_caller_that_kills_the_worker_fails_alone(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    requests = [req("add", {"a": i, "b": 0}) for i in range(80)]
+    crashers = {13, 37, 61}
+    for i in crashers:
+        requests[i] = req("crash", {"code": 3})
+    async with pool(registry, workspaces, max_queue=500) as backend:
+        got = await call_all(backend, requests)
+        assert backend.stats().details["crash_breaker"]["trips"] == 0
+    assert batches and max(batches) > 1
+    for i, request in enumerate(requests):
+        result = got[request.execution_id]
+        if i in crashers:
+            assert not result.ok and result.error.code == "WORKER_CRASHED"
+        else:
+            assert result.ok and result.output == i
+    assert workspaces.active() == 0
+
+
+async def test_a_grouped_caller_that_hangs_stops_only_itself(
+    registry: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    requests = [req("add", {"a": i, "b": 0}) for i in range(40)]
+    requests[11] = ExecutionRequest(plugin_id=P, handler_id="spin", timeout=1.0)
+    async with pool(registry, workspaces, max_queue=500) as backend:
+        got = await call_all(backend, requests)
+    for i, request in enumerate(requests):
+        result = got[request.execution_id]
+        if i == 11:
+            assert result.error is not None and result.error.code == "TIMEOUT"
+        else:
+            assert result.ok and result.output == i

@@ -62,11 +62,12 @@ class Pending(Reply):
     """An execution submitted to the worker: its job, and what of its request is still to
     be sent (see :meth:`Calls.submit`)."""
 
-    __slots__ = ("cancel_grace", "job", "linger", "unsent")
+    __slots__ = ("cancel_grace", "job", "linger", "lost", "unsent")
 
     def __init__(self, job: Job, cancel_grace: float, linger: float) -> None:
         super().__init__(job.sink)
         self.job: Job | None = job
+        self.lost = False  # it had no answer when the worker was lost (see untrack)
         self.cancel_grace = cancel_grace
         self.linger = linger
         self.unsent: tuple[list[memoryview], bool] | None = None
@@ -209,6 +210,7 @@ class Calls:
         # The deadline heap keeps ``pending`` until its deadline or a compaction: let go
         # of what may be big (the request's input, the output, an error's traceback).
         value, error, pending.error, pending.value = pending.value, pending.error, None, None
+        pending.lost = value is LOST
         pending.job = pending.sink = pending.unsent = None
         return value, error
 

@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from functools import partial
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from .._quota_watch import execute_watched
 from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
 from .batches import PoolBatches
-from .queue import Waiter, WaitQueue
+from .queue import NotStarted, Waiter, WaitQueue, collect_handed
 from .sandboxed import SandboxedPool
 from .slots import Worker, on_lent_slot
 
@@ -214,26 +214,11 @@ class WorkerPoolBackend(ExecutionBackend):
             return await self._sandboxed_pool.run(job)
         if job.channel is not None:
             return await self._run_session(job)
-        lender = self._lender(job)
-        if lender is None:
-            return await self._run_job(job)
+        lender = self._queue.lender_for(job)
+        while lender is None:
+            with suppress(NotStarted):  # handed over behind a member that lost the worker
+                return await self._run_job(job)
         return await on_lent_slot(job, partial(self._run_job, job, lender))
-
-    def _lender(self, job: Job) -> Worker | None:
-        """The worker of the execution that invoked ``job`` (``ctx.invoke``) when ``job``
-        would have to queue: it then runs there, beside its waiting caller, instead of
-        waiting for workers its own ancestors hold (a deadlock once they hold them all)."""
-        parent = job.parent
-        if parent is None or not isinstance(parent.slot, Worker):
-            return None
-        plugin_id = job.request.plugin_id
-        if (
-            not self._queue.waiters
-            and self._queue.plugin_has_room(plugin_id)
-            and self._queue.free_worker()
-        ):
-            return None  # free capacity: taken at once, like anyone's
-        return parent.slot
 
     async def _run_job(self, job: Job, lender: Worker | None = None) -> ExecutionResult:
         await trio.lowlevel.checkpoint_if_cancelled()  # the answer may come without a wait
@@ -254,8 +239,9 @@ class WorkerPoolBackend(ExecutionBackend):
             lease.release_unused()  # nothing was made
             self._breaker.record(request.plugin_id, None, trial=trial)
             raise
+        group = None
         if isinstance(got, Waiter):
-            worker, proc, pending = got.worker, got.proc, got.pending
+            worker, proc, pending, group = got.worker, got.proc, got.pending, got.group
             assert worker is not None
         else:
             worker, proc, pending = got, None, None
@@ -266,7 +252,7 @@ class WorkerPoolBackend(ExecutionBackend):
         try:
             worker.executions += 1
             if pending is not None and proc is not None:  # submitted at the hand-over
-                result = await proc.collect(pending, backend=self.name, sent_now=False)
+                result = await collect_handed(proc, pending, group, self.name)
                 return result
             proc = worker.proc
             if proc is None:
@@ -285,8 +271,11 @@ class WorkerPoolBackend(ExecutionBackend):
                 result = await proc.collect(pending, backend=self.name)
             return result
         finally:
-            self._settle(worker, proc, request.plugin_id, result, trial)
-            self._queue.give_back(worker, request.plugin_id)
+            if group is not None and group.unstarted(pending):
+                self._breaker.record(request.plugin_id, None, trial=trial)  # it never ran
+            else:
+                self._settle(worker, proc, request.plugin_id, result, trial)
+            self._queue.give_back(worker, request.plugin_id, group)
             if (
                 result is not None
                 and result.metadata.get("workspace_id") is None

@@ -31,7 +31,7 @@ import trio
 
 from ...errors import AcquireTimeoutError, BackendClosedError, ExecutionError, QueueFullError
 from .actors import WorkerActors
-from .queue import Waiter, WaitQueue
+from .queue import Group, Waiter, WaitQueue
 from .slots import PluginKey, Worker
 
 if TYPE_CHECKING:
@@ -157,7 +157,8 @@ class PluginQueue(WaitQueue):
             self._by_key[key].popleft()
             self.hand_over(worker, waiter)
 
-    def give_back(self, worker: Worker, plugin_id: str) -> None:
+    def give_back(self, worker: Worker, plugin_id: str, group: Group | None = None) -> None:
+        assert group is None, "a sandboxed pool hands over no groups"
         self.release(worker, plugin_id)
         if not self.waiters:
             return

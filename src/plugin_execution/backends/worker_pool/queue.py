@@ -18,19 +18,33 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..._deadlines import Deadlines
-from ...errors import AcquireTimeoutError, BackendClosedError, ExecutionError, QueueFullError
+from ...errors import (
+    AcquireTimeoutError,
+    BackendClosedError,
+    ExecutionError,
+    QueueFullError,
+    WorkerCrashedError,
+)
+from ...host.calls import LOST
+from .slots import Worker
 
 if TYPE_CHECKING:
+    from ...host.batch import SubmittedBatch
     from ...host.handle import Submitted, WorkerHandle
     from ...stats import StatsRecorder
+    from ...types import ExecutionResult
     from ..job import Job
-    from .slots import PoolOptions, Worker
+    from .slots import PoolOptions
 
-__all__ = ["WaitQueue", "Waiter"]
+__all__ = ["Group", "NotStarted", "WaitQueue", "Waiter", "collect_handed"]
 
 # How long a caller polls for its reply before parking, and its worker for the next request
 # after answering (see host/connection.py and Execute.linger).
 _SPIN_S = 100e-6
+# Queued executions handed to a freed worker at once, as one batch (see hand_over_group): at
+# most this many, and about this much of the worker's time (slow work goes one at a time).
+GROUP_MAX = 16
+GROUP_S = 0.002
 
 
 class Waiter:
@@ -48,6 +62,7 @@ class Waiter:
     __slots__ = (
         "batch",
         "enqueued",
+        "group",
         "job",
         "pending",
         "plugin_id",
@@ -64,6 +79,7 @@ class Waiter:
         self.job = job
         self.workspace = workspace
         self.batch = batch
+        self.group: Group | None = None  # handed over with others, as one batch
         self.plugin_id = job.request.plugin_id
         self.task = trio.lowlevel.current_task()
         self.woken = False
@@ -89,6 +105,52 @@ class Waiter:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class NotStarted(Exception):
+    """A queued execution handed over in a group never started: a member before it lost
+    the worker (see :meth:`Group.unstarted`). Its caller queues it again."""
+
+
+class Group:
+    """Queued executions handed to one worker slot together, as one batch (``submitted``,
+    ``host/batch.py``): the slot is given back when the last of them ends (``left``)."""
+
+    __slots__ = ("left", "submitted")
+
+    def __init__(self, submitted: SubmittedBatch) -> None:
+        self.submitted = submitted
+        self.left = len(submitted.pendings)
+
+    def unstarted(self, pending: Any) -> bool:
+        """Whether the member ``pending`` never started on the worker: it was not sent, or
+        a member before it had no answer when the worker was lost (the worker runs a batch
+        in order and answers each member before it starts the next)."""
+        batch = self.submitted
+        index = batch.pendings.index(pending)
+        if not batch.sent[index]:
+            return pending.error is None  # not sent for room: it may go again
+        return any(p.lost or p.value is LOST for p in batch.pendings[:index])
+
+
+async def collect_handed(
+    proc: WorkerHandle, pending: Any, group: Group | None, backend: str
+) -> ExecutionResult:
+    """The result of a request the hand-over submitted (alone, or in ``group``); raises
+    what it failed with, or :class:`NotStarted`."""
+    if group is None:
+        return await proc.collect(pending, backend=backend, sent_now=False)
+    index = group.submitted.pendings.index(pending)
+    if not group.submitted.sent[index]:
+        if pending.error is not None:
+            raise pending.error  # it could not be sent (not plain data)
+        raise NotStarted
+    try:
+        return await proc.collect(pending, backend=backend, sent_now=False)
+    except WorkerCrashedError:
+        if group.unstarted(pending):
+            raise NotStarted from None
+        raise
 
 
 class WaitQueue:
@@ -118,6 +180,7 @@ class WaitQueue:
         self.in_use = 0  # executions on workers now (sum of their ``running``)
         self.idle = trio.Event()  # set when in_use drops to 0 (see drained)
         self.deadlines = Deadlines(self.give_up, self.still_queued)
+        self._per_execution_s = 0.0  # a busy worker's time per execution, as measured
 
     def close(self) -> None:
         """Wake every waiter, workerless: they fail with ``BackendClosedError``."""
@@ -147,6 +210,17 @@ class WaitQueue:
             if self.has_room(worker):
                 return worker
         return None
+
+    def lender_for(self, job: Job) -> Worker | None:
+        """The worker of the execution that invoked ``job`` (``ctx.invoke``) when ``job``
+        would have to queue: it then runs there, beside its waiting caller, instead of
+        waiting for workers its own ancestors hold (a deadlock once they hold them all)."""
+        parent = job.parent
+        if parent is None or not isinstance(parent.slot, Worker):
+            return None
+        if not self.waiters and self.plugin_has_room(job.request.plugin_id) and self.free_worker():
+            return None  # free capacity: taken at once, like anyone's
+        return parent.slot
 
     def dispatch(self) -> None:
         """Hand free capacity to queued executions, oldest first (skipping capped plugins)."""
@@ -197,15 +271,60 @@ class WaitQueue:
         worker.state = "busy"
         self.per_plugin[plugin_id] += 1
 
-    def give_back(self, worker: Worker, plugin_id: str) -> None:
+    def give_back(self, worker: Worker, plugin_id: str, group: Group | None = None) -> None:
+        if group is not None:
+            group.left -= 1
+            if group.left:
+                return  # the batch's slot: given back with its last member
+        if self.waiters:  # a busy worker: the time since its last give-back is the work's
+            each = (time.monotonic() - worker.last_used) / (
+                1 if group is None else len(group.submitted.pendings)
+            )
+            mean = self._per_execution_s
+            self._per_execution_s = each if not mean else 0.9 * mean + 0.1 * each
         self.release(worker, plugin_id)
         if self._options.max_concurrent_per_plugin is None:
             # Any free capacity elsewhere went to the queue already: only this worker's is
             # new. Under load this is every call, so no scan.
             while self.waiters and self.has_room(worker):
-                self.hand_over(worker, self.waiters[0])
+                if len(self.waiters) > 3 and GROUP_MAX > 1:
+                    self.hand_over_group(worker)
+                else:
+                    self.hand_over(worker, self.waiters[0])
         else:
             self.dispatch()
+
+    def hand_over_group(self, worker: Worker) -> None:
+        """Hand the first queued executions to ``worker`` as one batch (``host/batch.py``)
+        on one slot, when callers queue: one frame and one wake-up of the worker for
+        several, which then answers them in order. Only while the work is short (about
+        ``GROUP_S`` of the worker for the batch), so a slow one keeps few waiting behind
+        it; those behind a member that loses the worker never started and queue again."""
+        waiters = self.waiters
+        size = min(GROUP_MAX, len(waiters) // 2)
+        mean = self._per_execution_s
+        if mean:
+            size = min(size, int(GROUP_S / mean))
+        group: list[Waiter] = []
+        for waiter in waiters:
+            if len(group) == size or waiter.batch is not None or waiter.workspace is None:
+                break
+            group.append(waiter)
+        proc = worker.proc
+        if len(group) < 2 or proc is None:
+            self.hand_over(worker, waiters[0])
+            return
+        for _ in group:
+            waiters.popleft()
+        self.take(worker, group[0].plugin_id)
+        submitted = self.submit_batch(proc, [(w.job, w.workspace) for w in group])
+        shared = Group(submitted)
+        for waiter, pending in zip(group, submitted.pendings, strict=True):
+            waiter.worker = worker
+            waiter.proc = proc
+            waiter.pending = pending
+            waiter.group = shared
+            waiter.wake()
 
     def release(self, worker: Worker, plugin_id: str) -> None:
         """The bookkeeping of an execution's slot on ``worker`` coming back: counts, idle
