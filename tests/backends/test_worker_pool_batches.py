@@ -64,11 +64,12 @@ async def run_map(backend: Any, requests: list[ExecutionRequest], **options: Any
             return [result async for result in results]
 
 
+@pytest.mark.parametrize("kind", ["process", "thread"])
 async def test_map_sends_several_executions_per_frame(
-    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int], kind: str
 ) -> None:
     requests = [req("add", {"a": i, "b": 1}) for i in range(300)]
-    async with pool(registry, workspaces) as backend:
+    async with pool(registry, workspaces, kind=kind) as backend:
         got = await run_map(backend, requests, concurrency=16, ordered=True)
     assert [r.execution_id for r in got] == [r.execution_id for r in requests]
     assert [r.output for r in got] == [i + 1 for i in range(300)]
@@ -205,11 +206,12 @@ async def call_all(backend: Any, requests: list[ExecutionRequest]) -> dict[str, 
     return results
 
 
+@pytest.mark.parametrize("kind", ["process", "thread"])
 async def test_queued_callers_are_handed_over_in_groups(
-    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int], kind: str
 ) -> None:
     requests = [req("add", {"a": i, "b": 1}) for i in range(200)]
-    async with pool(registry, workspaces, max_queue=500) as backend:
+    async with pool(registry, workspaces, kind=kind, max_queue=500) as backend:
         got = await call_all(backend, requests)
     assert [got[r.execution_id].output for r in requests] == [i + 1 for i in range(200)]
     assert batches and max(batches) > 1

@@ -314,10 +314,14 @@ class WaitQueue:
         if len(group) < 2 or proc is None:
             self.hand_over(worker, waiters[0])
             return
+        try:
+            submitted = self.submit_batch(proc, [(w.job, w.workspace) for w in group])
+        except ExecutionError:  # the worker is gone: let the usual hand-over deal with it
+            self.hand_over(worker, waiters[0])
+            return
         for _ in group:
             waiters.popleft()
         self.take(worker, group[0].plugin_id)
-        submitted = self.submit_batch(proc, [(w.job, w.workspace) for w in group])
         shared = Group(submitted)
         for waiter, pending in zip(group, submitted.pendings, strict=True):
             waiter.worker = worker
