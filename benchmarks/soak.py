@@ -155,6 +155,8 @@ class Soak:
         self.args = args
         self.rng = random.Random(args.seed)
         kinds = IN_PROCESS_KINDS if args.backend == "in-process" else tuple(KINDS)
+        if args.via == "map":  # map's requests cannot be cancelled one by one
+            kinds = tuple(kind for kind in kinds if kind != "cancel")
         weights = [KINDS[k][1] for k in kinds]
         self.plan = self.rng.choices(kinds, weights, k=args.executions)
         self.outcomes: list[str | None] = [None] * args.executions
@@ -231,6 +233,38 @@ class Soak:
                 self.extra_outcomes += 1
             self.outcomes[index] = outcome
 
+    async def mapper(self, backend: Any) -> None:
+        """Every execution through one ``backend.map`` (batches, on the pool)."""
+        index_of: dict[str, int] = {}
+
+        def requests() -> Any:
+            for index in range(self.args.executions):
+                request, _ = self.request(index)
+                index_of[request.execution_id] = index
+                yield request
+
+        async with backend.map(requests(), concurrency=self.args.concurrency) as results:
+            async for result in results:
+                index = index_of.pop(result.execution_id, None)
+                if index is None:
+                    self.extra_outcomes += 1
+                    continue
+                self.record(index, result)
+
+    def record(self, index: int, result: Any) -> None:
+        """The outcome of execution ``index``: ok, or its error's code (and its worker)."""
+        if result.ok:
+            outcome = "ok"
+        else:
+            outcome = result.error.code
+        pid = (result.metadata or {}).get("pid")
+        if result.error is not None and not pid:
+            pid = result.error.details.get("pid")
+        self.worker_of[index] = pid if isinstance(pid, int) else None
+        if self.outcomes[index] is not None:
+            self.extra_outcomes += 1
+        self.outcomes[index] = outcome
+
     async def sampler(self, backend: Any) -> None:
         while True:
             workers = await trio.to_thread.run_sync(live_workers, backend)
@@ -280,9 +314,12 @@ class Soak:
                         watchers.start_soon(self.sampler, backend)
                         if self.args.fault_interval > 0:
                             watchers.start_soon(self.saboteur, backend)
-                    async with trio.open_nursery() as callers:
-                        for _ in range(self.args.concurrency):
-                            callers.start_soon(self.caller, backend, counter)
+                    if self.args.via == "map":
+                        await self.mapper(backend)
+                    else:
+                        async with trio.open_nursery() as callers:
+                            for _ in range(self.args.concurrency):
+                                callers.start_soon(self.caller, backend, counter)
                     watchers.cancel_scope.cancel()
                 stats = backend.stats()
         except BaseException as exc:  # the block itself must never fail
@@ -332,6 +369,7 @@ class Soak:
             "backend": self.args.backend,
             "executions": self.args.executions,
             "concurrency": self.args.concurrency,
+            "via": self.args.via,
             "elapsed_s": round(elapsed, 3),
             "throughput_per_s": round(self.args.executions / elapsed, 1),
             "ok_p50_us": round(statistics.median(latency) / 1000, 1) if latency else None,
@@ -423,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="mean seconds between faults from outside (0: none)",
+    )
+    parser.add_argument(
+        "--via",
+        choices=("execute", "map"),
+        default="execute",
+        help="callers of execute (cancelling some), or one backend.map of them all",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")

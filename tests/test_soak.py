@@ -48,6 +48,17 @@ def test_soak_runs_clean(backend: str, extra: list[str]) -> None:
     assert 0 < report["peak_live_workers"] <= report["worker_bound"]
 
 
+def test_soak_through_map_runs_clean() -> None:
+    """map's batches on the pool under the same faults: every request one right outcome."""
+    report = _soak(
+        "--backend", "worker-pool", "--via", "map", "--executions", "1500", "--concurrency", "32"
+    )
+    assert {"echo", "crash", "timeout", "memory", "fork"} <= set(report["per_kind"])
+    assert "cancel" not in report["per_kind"]
+    assert sum(report["faults_from_outside"].values()) > 0
+    assert 0 < report["peak_live_workers"] <= report["worker_bound"]
+
+
 def test_soak_in_process_runs_clean() -> None:
     report = _soak("--backend", "in-process", "--executions", "500", "--concurrency", "16")
     assert report["per_kind"]["echo"].get("ok", 0) > 0
