@@ -54,7 +54,9 @@ class Reply:
     def __init__(self, sink: Any = None) -> None:
         self.done = False
         self.expired = False
-        self.wake = trio.Event()
+        # Made by whoever parks on it (see parked): most answers come to a task that is
+        # reading, so most replies never need one.
+        self.wake: trio.Event | None = None
         self.sink = sink
         self.value: Any = None
         self.error: ExecutionError | None = None
@@ -64,7 +66,15 @@ class Reply:
             self.done = True
             self.value = value
             self.error = error
-            self.wake.set()
+            if self.wake is not None:
+                self.wake.set()
+
+    def parked(self) -> trio.Event:
+        """The event to park on until the answer comes, or the socket is handed over."""
+        wake = self.wake
+        if wake is None:
+            wake = self.wake = trio.Event()
+        return wake
 
 
 class WorkerConnection:
@@ -130,9 +140,9 @@ class WorkerConnection:
         try:
             while not reply.done and not self.lost.is_set():
                 if self.reading:
-                    await reply.wake.wait()
+                    await reply.parked().wait()
                     if not reply.done:
-                        reply.wake = trio.Event()  # woken to take over the socket
+                        reply.wake = None  # woken to take over the socket
                     sent = False
                 else:
                     await self.read_until(reply, wait_first=sent, spin=spin)
@@ -205,7 +215,7 @@ class WorkerConnection:
             self._reader_reply = None
             for waiter in self._waiting:  # pass the socket on, never back to ourselves
                 if waiter is not reply and not waiter.done:
-                    waiter.wake.set()
+                    waiter.parked().set()
                     break
         if reason:
             await self.lose(reason)

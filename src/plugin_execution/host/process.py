@@ -397,7 +397,7 @@ async def _watch_start(worker: WorkerProcess, start_timeout: float) -> None:
     """Kill a worker served without waiting for its ``Hello`` that stays silent too long."""
     hello = worker.calls.hello
     with trio.move_on_after(start_timeout):
-        await hello.wake.wait()
+        await hello.parked().wait()
     if not hello.done and not worker.lost.is_set():
         worker.kill(_silent(worker, start_timeout))
 
