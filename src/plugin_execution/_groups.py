@@ -5,6 +5,11 @@ caller's own exception back wrapped in an ``ExceptionGroup``. Our background tas
 raise into those nurseries, so a one-exception group is the caller's exception: unwrap it.
 A group made only of ``trio.Cancelled`` (the body and the tasks all cancelled together) is
 one cancellation: re-raise a single ``Cancelled`` so callers can ``except trio.Cancelled``.
+
+:func:`unwrap_all_of` goes one step further where several tasks can fail the same expected
+way at once (a pool's workers all failing to start): a group made only of such errors is
+raised as its first one, the others noted on it. A group with anything else in it (a bug, a
+cancellation) is a real multi-error and propagates whole.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from typing import NoReturn
 
 import trio
 
-__all__ = ["unwrap_single"]
+__all__ = ["unwrap_all_of", "unwrap_single"]
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _reraise_bare(error: BaseException) -> NoReturn:
@@ -44,3 +56,22 @@ def unwrap_single() -> Iterator[None]:
         if rest is None:
             _reraise_bare(_first_leaf(group))
         raise
+
+
+@contextmanager
+def unwrap_all_of(kind: type[BaseException]) -> Iterator[None]:
+    """:func:`unwrap_single`, and a group whose every exception (nested groups flattened) is
+    a ``kind`` is raised as the first of them, with a note naming the others."""
+    try:
+        with unwrap_single():
+            yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if not all(isinstance(leaf, kind) for leaf in leaves):
+            raise
+        first, others = leaves[0], leaves[1:]
+        first.add_note(
+            f"{len(others)} more at the same time: "
+            + "; ".join(f"{type(other).__name__}: {other}" for other in others)
+        )
+        _reraise_bare(first)

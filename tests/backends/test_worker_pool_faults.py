@@ -229,6 +229,10 @@ async def test_many_crashes_and_kills_do_not_exhaust_restart_intensity(
             for _ in range(4):  # one at a time: a timeout spent queued would kill nothing
                 await full_strength(backend, 2)
                 await one(req("spin"), 1.0)
+            # A kill is counted by its slot once it has closed the killed worker, after the
+            # caller got its TIMEOUT; the slot then starts its replacement. Back at full
+            # strength, the last kill is counted too.
+            await full_strength(backend, 2)
         assert codes.count("WORKER_CRASHED") == 12
         assert codes.count("TIMEOUT") == 4
         assert codes.count("ok") == 12
@@ -356,6 +360,23 @@ async def test_a_plugin_crashing_on_every_call_is_quarantined_and_others_served(
         assert health.status == "degraded"
         assert CRASHY in health.details["crash_breaker"]["quarantined"]
         assert stats.details["restarts"] == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_workers_that_cannot_start_fail_the_block_with_a_bare_worker_crashed(  # type: ignore[no-untyped-def]
+    registry, workspaces, workers
+) -> None:
+    """Every worker dies at start (an address-space limit no Python starts in): entering
+    the block raises the WorkerCrashedError itself, not the group the start-up's tasks
+    wrap it in, however many workers fail at once. Nothing is left behind."""
+    with pytest.raises(WorkerCrashedError) as info:
+        async with pool(
+            registry, workspaces, min_workers=workers, max_workers=workers, memory_mb=1
+        ):
+            raise AssertionError("a worker started under a 1 MiB address-space limit")
+    assert "exited with status" in info.value.message
+    assert all("WorkerCrashedError" in note for note in getattr(info.value, "__notes__", []))
+    assert not live_workers()
 
 
 # -- 3. a worker being killed takes no more work -----------------------------------------

@@ -6,10 +6,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
+# A leftover slow to die: it holds ``argv[2]`` MiB, every page touched, whose teardown takes
+# the kernel milliseconds after a SIGKILL; it says its pid on fd ``argv[1]`` once it holds them.
+HOG = (
+    "import os, sys, time\n"
+    "size = int(sys.argv[2]) << 20\n"
+    "held = bytearray(size)\n"
+    "held[::4096] = b'\\1' * (size >> 12)\n"
+    "os.write(int(sys.argv[1]), str(os.getpid()).encode())\n"
+    "os.close(int(sys.argv[1]))\n"
+    "time.sleep(300)\n"
+)
 
 
 async def nap(ctx: Any, input: dict[str, float]) -> str:
@@ -32,10 +44,14 @@ def leave_child(ctx: Any, input: dict[str, Any]) -> int:
     ``input["record"]`` when given, for a caller that gets no result).
 
     ``how``: ``"plain"``, a child of this process, in its process group; ``"setsid"``, a
-    double fork whose grandchild runs in a session of its own, orphaned at once. Then
+    double fork whose grandchild runs in a session of its own, orphaned at once.
+    ``hold_mb``: the leftover is a Python process holding that much memory instead of
+    ``sleep`` (see ``HOG``), answered once it holds it. Then
     ``then``: ``"return"`` (default), ``"sleep"`` (block ``seconds``), or ``"exit"`` (end the
     process at once, as a crash)."""
     read, write = os.pipe()
+    hold = input.get("hold_mb")
+    hog = [sys.executable, "-I", "-S", "-c", HOG, str(write), str(hold)]
     pid = os.fork()
     if pid == 0:  # only async-signal-safe work until exec: the parent has threads
         try:
@@ -44,6 +60,9 @@ def leave_child(ctx: Any, input: dict[str, Any]) -> int:
                 os.setsid()
                 if os.fork() != 0:
                     os._exit(0)  # the middle one: its child is orphaned now
+            if hold:
+                os.set_inheritable(write, True)
+                os.execv(hog[0], hog)
             os.write(write, str(os.getpid()).encode())
             os.close(write)
             os.execv(SLEEP, [SLEEP, "300"])

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 import trio
 
+from .._groups import unwrap_all_of
 from ..context import NULL_SINK
-from ..errors import BackendClosedError
+from ..errors import BackendClosedError, ExecutionError
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..run_many import Batches, MapResults, Requests, run_many
@@ -89,19 +90,22 @@ class ExecutionBackend(abc.ABC):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        """Start it. A failed start-up raises its ``ExecutionError`` (a pool's workers dying
+        at start: ``WorkerCrashedError``), not a group of them (see ``unwrap_all_of``)."""
         if self._state != "new":
             raise BackendClosedError(f"{self.name} backend was already started; make a new one")
         self._state = "running"
-        try:
-            await self._stack.enter_async_context(self.platform)
-            await self._stack.enter_async_context(self.workspaces)
-            await self._open(self._stack)
-            self._nursery = await self._stack.enter_async_context(trio.open_nursery())
-            await self._start(self._nursery)
-        except BaseException:
-            self._state = "closed"
-            await self._stack.aclose()
-            raise
+        with unwrap_all_of(ExecutionError):
+            try:
+                await self._stack.enter_async_context(self.platform)
+                await self._stack.enter_async_context(self.workspaces)
+                await self._open(self._stack)
+                self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+                await self._start(self._nursery)
+            except BaseException:
+                self._state = "closed"
+                await self._stack.aclose()
+                raise
         self._started_at = time.monotonic()
         return self
 

@@ -35,7 +35,7 @@ import trio
 from .._groups import unwrap_single
 from ..errors import ExecutionError, WorkerCrashedError
 from ..protocol import Pong, Shutdown
-from ..worker._leftovers import kill_tree
+from ..worker._leftovers import ended, kill_tree
 from .batch import Outcome, SubmittedBatch, collect_batch, submit_batch
 from .calls import Calls, Pending
 from .connection import WorkerConnection
@@ -54,6 +54,7 @@ __all__ = ["WorkerProcess", "open_worker_process", "serve_worker"]
 _ids = itertools.count(1)
 _STDERR_TAIL_BYTES = 8192
 _EXIT_GRACE_S = 0.25  # how long a worker that closed its connection has to exit by itself
+_KILLED_END_S = 1.0  # how long closing a worker waits for the descendants it killed to die
 # Send buffer of each end of a worker's socket: a 1 MB frame then goes in one or two writes
 # instead of five (the default is ~208 KiB), each a wake-up of the reader. A limit, not an
 # allocation; the kernel caps it at net.core.wmem_max.
@@ -138,6 +139,8 @@ class WorkerProcess:
         self._closing = False
         self._killed = False
         self._losing = False
+        #: Descendants SIGKILLed with it, not known to have died yet (see _killed_ended).
+        self._dying: set[int] = set()
         #: The plugin ids of the executions it was running when it was lost: non-empty when
         #: the work, not the worker, is the likely cause (see the pool's worker actors).
         self.lost_running: tuple[str, ...] = ()
@@ -298,10 +301,25 @@ class WorkerProcess:
         # The group, and what left it: a handler's setsid double fork stays the worker's
         # descendant (it is a subreaper), and is killed with it.
         assert self.pid is not None
-        kill_tree(self.pid)
+        self._dying |= kill_tree(self.pid)
+
+    async def _killed_ended(self) -> None:
+        """Wait, at most ``_KILLED_END_S``, until the descendants :meth:`kill` SIGKILLed
+        have died. The worker, the host's child, is waited for by reaping it; they are not
+        the host's children, and the kernel tears a killed process down only when it next
+        runs (milliseconds later under load, or for one holding much memory). Without this
+        wait they could still run an instant after the worker's block ended."""
+        delay = 0.001
+        with trio.move_on_after(_KILLED_END_S):
+            while self._dying:
+                self._dying = {pid for pid in self._dying if not ended(pid)}
+                if self._dying:
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, 0.02)
 
     async def aclose(self, grace: float = 2.0) -> None:
-        """Ask the worker to exit; kill it after ``grace`` seconds; reap it. Idempotent.
+        """Ask the worker to exit; kill it after ``grace`` seconds; reap it, and wait for
+        what a kill of its tree killed to die (see :meth:`_killed_ended`). Idempotent.
 
         Shielded from cancellation, and independent of whoever reads the socket: it waits on
         the process itself.
@@ -319,6 +337,7 @@ class WorkerProcess:
             if self.process.returncode is None:
                 self.kill()
                 await self.process.wait()
+            await self._killed_ended()
 
     async def wait(self) -> None:
         """Wait until the worker is lost: exited, killed, or its connection broke."""
@@ -581,3 +600,4 @@ async def serve_worker(
             if process.returncode is None:
                 worker.kill()
                 await process.wait()
+            await worker._killed_ended()

@@ -12,6 +12,11 @@ costs a fresh child ~3 ms, more than the rest of this module.
 Descendants are found by scanning ``/proc`` (``/proc/PID/task/TID/children`` is not built
 into every kernel); that costs milliseconds, so a worker does it only when something is
 left, and the host only when it kills a worker.
+
+A SIGKILLed process is not gone when ``kill()`` returns: the kernel tears it down when it
+next runs, milliseconds later under load or for a process holding much memory. A worker
+waits for what it killed by reaping it; the host, which cannot reap its workers' descendants,
+polls :func:`ended` on the pids :func:`kill_tree` returns.
 """
 
 from __future__ import annotations
@@ -142,19 +147,38 @@ def kill_leftovers() -> bool:
         time.sleep(0.001)  # let them die; their children come to us meanwhile
 
 
-def kill_tree(leader: int) -> None:
+def ended(pid: int) -> bool:
+    """Whether the process ``pid`` has ended: a zombie (its teardown done, only its exit
+    status left to reap), or no process at all. True where ``/proc`` cannot be read."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        stat = os.read(fd, 512)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state in (b"Z", b"X")
+
+
+def kill_tree(leader: int) -> set[int]:
     """From the host: SIGKILL the process ``leader`` (a worker, its own process group's
     leader), its group, and every descendant, wherever they went (another session, say).
+    Returns the descendants it killed: they may take a while to die (see :func:`ended`);
+    the leader, the caller's child, is waited for by reaping it.
 
     The group is stopped first, so nothing in it forks meanwhile, and the worker, a
     subreaper, stays the parent of what it started until the end. What left the group may
     still fork until it is killed: scan again until a scan finds nothing new (a killed
     process forks no more). One scan of ``/proc`` when the worker left nothing behind."""
+    killed: set[int] = set()
     try:
         os.killpg(leader, SIGSTOP)
     except (ProcessLookupError, PermissionError):
-        return  # already gone, with its whole group
-    killed: set[int] = set()
+        return killed  # already gone, with its whole group
     try:
         while True:
             pids = descendants(leader)
@@ -168,3 +192,4 @@ def kill_tree(leader: int) -> None:
             os.killpg(leader, SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    return killed
