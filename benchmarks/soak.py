@@ -253,10 +253,7 @@ class Soak:
 
     def record(self, index: int, result: Any) -> None:
         """The outcome of execution ``index``: ok, or its error's code (and its worker)."""
-        if result.ok:
-            outcome = "ok"
-        else:
-            outcome = result.error.code
+        outcome = "ok" if result.ok else result.error.code
         pid = (result.metadata or {}).get("pid")
         if result.error is not None and not pid:
             pid = result.error.details.get("pid")
