@@ -56,27 +56,10 @@ class SubmittedBatch:
         self.unsent: tuple[list[memoryview], bool] | None = None
 
 
-def _member(job: Job, workspace: str | None, timeout: float) -> dict[str, Any]:
-    request = job.request
-    target = job.target
-    return {
-        "execution_id": request.execution_id,
-        "plugin_id": request.plugin_id,
-        "handler_id": request.handler_id,
-        "entry": target.entry,
-        "root": target.root,
-        "input": request.input,
-        "context": request.context,
-        "workspace": workspace,
-        "timeout": timeout,
-        "warmup": False,
-        "linger": 0.0,
-    }
-
-
 def _pack(fields: dict[str, Any]) -> bytes:
-    """A member's msgpack map; a context holding values the converter makes plain (the
-    general path, as ``Connection.send`` does). Raises ``InvalidRequestError``."""
+    """A member's msgpack map (an ``execute``'s fields, in the order ``Execute`` has them);
+    a context holding values the converter makes plain takes the general path, as
+    ``Connection.send`` does. Raises ``InvalidRequestError``."""
     try:
         packed: bytes = msgpack.packb(fields, use_bin_type=True)
         return packed
@@ -107,12 +90,29 @@ def submit_batch(
     now = trio.current_time()
     batch = SubmittedBatch()
     members: list[bytes] = []
+    pendings, sent = batch.pendings, batch.sent
+    track = calls.track
     for job, workspace in jobs:
         pending = Pending(job, cancel_grace, 0.0)
-        batch.pendings.append(pending)
-        batch.sent.append(False)
+        pendings.append(pending)
+        sent.append(False)
+        request = job.request
+        target = job.target
+        fields = {
+            "execution_id": request.execution_id,
+            "plugin_id": request.plugin_id,
+            "handler_id": request.handler_id,
+            "entry": target.entry,
+            "root": target.root,
+            "input": request.input,
+            "context": request.context,
+            "workspace": workspace,
+            "timeout": max(0.001, job.deadline - now),
+            "warmup": False,
+            "linger": 0.0,
+        }
         try:
-            member = _pack(_member(job, workspace, max(0.001, job.deadline - now)))
+            member = _pack(fields)
         except InvalidRequestError as exc:
             pending.finish(error=exc)
             continue
@@ -128,8 +128,8 @@ def submit_batch(
             continue  # not sent: NOT_STARTED, to run again
         room -= len(member)
         members.append(member)
-        batch.sent[-1] = True
-        calls.track(pending)
+        sent[-1] = True
+        track(pending)
     if members:
         try:
             frame = connection.protocol.send_batch(members, linger)
@@ -165,14 +165,15 @@ async def collect_batch(calls: Calls, batch: SubmittedBatch, *, backend: str) ->
             await _stop_all(calls, tracked)
         raise
     finally:
-        answers = {id(p): (p.job, *calls.untrack(p)) for p in tracked}
+        answers = [(p.job, *calls.untrack(p)) for p in tracked]
     outcomes: list[Outcome] = []
     lost_at: int | None = None  # the member running when the worker was lost
+    answered = iter(answers)
     for index, (pending, sent) in enumerate(zip(batch.pendings, batch.sent, strict=True)):
         if not sent:
             outcomes.append(pending.error if pending.error is not None else NOT_STARTED)
             continue
-        job, value, error = answers[id(pending)]
+        job, value, error = next(answered)
         assert job is not None
         if value is LOST or not pending.done:  # no answer: the worker was lost first
             if lost_at is not None:
