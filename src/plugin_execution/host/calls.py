@@ -352,7 +352,11 @@ class Calls:
             self._kill()
 
     def dispatch(self, msg: object) -> None:
-        if isinstance(msg, ChannelData | ChannelCredit | ChannelClose):
+        if type(msg) is Result:  # the usual message first: one check, not four
+            pending = self._pending.get(msg.execution_id)
+            if pending is not None:
+                pending.finish(msg)
+        elif isinstance(msg, ChannelData | ChannelCredit | ChannelClose):
             bridge = self.channels.get(msg.channel_id)
             if bridge is not None:
                 bridge.on_message(msg)
@@ -367,10 +371,6 @@ class Calls:
                         timestamp=msg.timestamp,
                     )
                 )
-        elif isinstance(msg, Result):
-            pending = self._pending.get(msg.execution_id)
-            if pending is not None:
-                pending.finish(msg)
         elif isinstance(msg, Error):
             pending = self._pending.get(msg.execution_id)
             if pending is not None:
