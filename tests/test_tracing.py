@@ -114,3 +114,22 @@ async def test_one_span_per_channel_connection_around_its_session(
     assert attributes["outcome"] == "ok"
     (session,) = [s for s in finished if s.name.startswith("execute tests.ws/")]
     assert session.parent.span_id == channel.get_span_context().span_id
+
+
+async def test_map_on_the_pool_makes_a_span_per_execution(
+    registry: PluginRegistry, spans: InMemorySpanExporter
+) -> None:
+    """With tracing on, map runs each execution on its own (no batches), each in a span."""
+    requests = [
+        ExecutionRequest(plugin_id="tests.sample", handler_id="add", input={"a": i, "b": 1})
+        for i in range(40)
+    ]
+    async with (
+        create_execution_backend(
+            type="worker-pool", registry=registry, min_workers=1, max_workers=1
+        ) as backend,
+        backend.map(requests, concurrency=16) as results,
+    ):
+        assert sorted([r.output async for r in results]) == [i + 1 for i in range(40)]
+    ids = {_attributes(s)["execution_id"] for s in spans.get_finished_spans()}
+    assert ids == {r.execution_id for r in requests}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ... import tracing
 from ...errors import ExecutionError, WorkerCrashedError
 from ...host.batch import NOT_STARTED, Outcome
 from ...types import ExecutionResult
@@ -86,6 +87,8 @@ class PoolBatches:
         backend = self._backend
         if backend.max_concurrent_per_plugin is not None:
             return 1  # a batch holds one slot: the cap counts executions, not batches
+        if tracing.enabled():
+            return 1  # a span per execution, each around its own run
         slots = backend.max_workers * backend.max_concurrency_per_worker
         return max(1, min(MAX_BATCH, concurrency // (2 * slots)))
 
