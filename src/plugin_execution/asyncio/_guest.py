@@ -129,8 +129,9 @@ class GuestRun:
     # awake instead of waiting in its I/O thread (two thread wake-ups saved per call). One
     # of them, the keeper, lingers longer (until LINGER after the last call ended), for
     # callers that await other things between calls. A new call ends the lingering and goes
-    # to a lingering runner first: the keeper must not go on spinning while the call waits
-    # for a worker process, which would take a CPU from the worker (p50 +50% measured).
+    # to a lingering runner first (rather than waking a parked one, which would cost a task
+    # step more): the keeper must not go on spinning while the call waits for a worker
+    # process, which on a small machine takes a CPU from the worker.
 
     def start_call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> _Call:
         """Start ``await fn(*args)`` in trio; its outcome completes ``call.future``."""
