@@ -483,3 +483,62 @@ def test_the_execution_span_is_a_child_of_the_asyncio_callers_span(
         "request 2",
         None,
     ]
+
+
+# -- trio kept awake between calls, and only then ------------------------------------------
+
+
+class IOWaits(trio.abc.Instrument):
+    """Counts trio's scheduling batches; ``slept`` once trio waited for I/O with a timeout
+    (asleep in its I/O thread, not polling once per batch)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.slept = False
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.batches += 1
+        self.slept = self.slept or timeout > 0
+
+
+def test_trio_stays_awake_while_calls_come(
+    registry: PluginRegistry, workspaces: WorkspaceManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_guest, "LINGER", 3600.0)  # an hour: no sleep between the calls
+
+    async def main() -> None:
+        async with backend_for("in-process", registry, workspaces) as backend:
+            assert (await backend.execute(req("echo", 0))).output == 0
+            waits = IOWaits()
+            trio.lowlevel.add_instrument(waits)
+            for n in range(20):  # the caller awaits other asyncio things between calls
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                assert (await backend.execute(req("echo", n))).output == n
+            trio.lowlevel.remove_instrument(waits)
+            assert waits.batches >= 20
+            assert not waits.slept
+        # Leaving ends the keeper's lingering at once (this test's limit is 60 s).
+
+    run(main)
+
+
+def test_an_idle_application_lets_trio_sleep(
+    registry: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    async def main() -> None:
+        async with backend_for("in-process", registry, workspaces) as backend:
+            waits = IOWaits()
+            trio.lowlevel.add_instrument(waits)
+            for n in range(20):
+                await asyncio.sleep(0)
+                assert (await backend.execute(req("echo", n))).output == n
+            waits.slept = False
+            assert await settled(lambda: waits.slept)  # the lingering ended: trio sleeps
+            batches = waits.batches
+            await asyncio.sleep(0.1)
+            # Asleep, trio runs a batch only when woken; spinning would be thousands.
+            assert waits.batches - batches < 20
+            trio.lowlevel.remove_instrument(waits)
+
+    run(main)

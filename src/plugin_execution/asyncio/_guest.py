@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,6 +34,12 @@ T = TypeVar("T")
 
 _runs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GuestRun] = weakref.WeakKeyDictionary()
 
+
+#: How long trio stays awake (runnable, stepping once per asyncio loop iteration) after a
+#: call from asyncio ended, in seconds. While it is awake, handing it a call costs
+#: no thread wake-up; once it sleeps, trio waits for I/O in its helper thread and the next
+#: call must wake that thread, which wakes the asyncio loop (~50-150 µs more for that call).
+LINGER = 200e-6
 
 #: Idle runner tasks kept parked for the next calls; past this, a runner that finds no
 #: work ends (a burst of many concurrent calls leaves no crowd of parked tasks behind).
@@ -77,6 +84,8 @@ class GuestRun:
         self._idle: list[trio.lowlevel.Task] = []  # parked runners, waiting for a call
         self._queue: deque[_Call] = deque()  # calls for the runners about to park
         self._lingering = 0  # runners in their last batch before they park
+        self._keep_until = 0.0  # the keeper lingers until then (time.perf_counter)
+        self._keeping = False  # whether a lingering runner is keeping trio awake
         self._stop = trio.Event()
         self._ready: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -117,7 +126,12 @@ class GuestRun:
     # ``reschedule``, much cheaper than spawning a task and entering a scope per call. A
     # runner that finished a call stays runnable for one more trio batch before it parks:
     # the caller's wake-up runs first on the asyncio loop, so its next call finds trio
-    # awake instead of waiting in its I/O thread (two thread wake-ups saved per call).
+    # awake instead of waiting in its I/O thread (two thread wake-ups saved per call). One
+    # of them, the keeper, lingers longer (until LINGER after the last call ended), for
+    # callers that await other things between calls. A new call ends the lingering and goes
+    # to a lingering runner first (rather than waking a parked one, which would cost a task
+    # step more): the keeper must not go on spinning while the call waits for a worker
+    # process, which on a small machine takes a CPU from the worker.
 
     def start_call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> _Call:
         """Start ``await fn(*args)`` in trio; its outcome completes ``call.future``."""
@@ -125,14 +139,15 @@ class GuestRun:
         if nursery is None:
             raise RuntimeError("the trio guest run of this loop is not running")
         call = _Call(self.loop.create_future(), fn, args)
+        self._keep_until = 0.0  # trio is awake until this call ends: the keeper may stop
         if tracing.enabled():
             # A task of its own, spawned here, runs in a copy of the asyncio caller's context,
             # so the execution's span is a child of the caller's (a runner's is its own).
             nursery.start_soon(self._run_alone, call)
+        elif self._lingering > len(self._queue):  # a runnable runner takes it (the keeper)
+            self._queue.append(call)
         elif self._idle:
             trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(call))
-        elif self._lingering > len(self._queue):
-            self._queue.append(call)
         else:  # a runner serves every caller: it must not keep this one's context
             contextvars.Context().run(nursery.start_soon, self._runner, call)
         return call
@@ -156,12 +171,26 @@ class GuestRun:
             if call is None:
                 return
 
+    async def _keep_awake(self) -> None:
+        """Linger, stepping once per trio batch, until a call is queued for this runner or
+        LINGER seconds have passed since the last call ended: meanwhile trio stays runnable,
+        so a call from asyncio needs no thread wake-up (see LINGER)."""
+        self._keeping = True
+        try:
+            clock = time.perf_counter
+            while not self._queue and not self.closing and clock() < self._keep_until:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._keeping = False
+
     async def _run_alone(self, call: _Call) -> None:
         if call.cancelled:
             call.done()
             return
         with trio.CancelScope() as call.scope:
             await self._run_call(call)
+        if not self._keeping:
+            await self._keep_awake()
 
     async def _next_call(self, me: trio.lowlevel.Task) -> _Call | None:
         if self._queue:
@@ -169,6 +198,8 @@ class GuestRun:
         self._lingering += 1
         try:
             await trio.lowlevel.cancel_shielded_checkpoint()
+            if not self._queue and not self._keeping:
+                await self._keep_awake()
         finally:
             self._lingering -= 1
         if self._queue:
@@ -184,8 +215,7 @@ class GuestRun:
         next_call: _Call = await trio.lowlevel.wait_task_rescheduled(abort)
         return next_call
 
-    @staticmethod
-    async def _run_call(call: _Call) -> None:
+    async def _run_call(self, call: _Call) -> None:
         future = call.future
         try:
             value = await call.fn(*call.args)
@@ -202,6 +232,7 @@ class GuestRun:
                 future.set_result(value)
         finally:
             call.done()
+            self._keep_until = time.perf_counter() + LINGER
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``await fn(*args)`` in trio. Cancelling the caller cancels the trio task's scope
