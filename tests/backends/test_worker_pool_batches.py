@@ -260,3 +260,22 @@ async def test_a_grouped_caller_that_hangs_stops_only_itself(
             assert result.error is not None and result.error.code == "TIMEOUT"
         else:
             assert result.ok and result.output == i
+
+
+async def test_batches_whose_deadline_passes_in_the_queue_time_out_without_a_kill(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    slow = [req("sleep_sync", {"seconds": 0.5}) for _ in range(4)]  # one batch, 2 s
+    hurried = [
+        ExecutionRequest(plugin_id=P, handler_id="crash", input={"code": 3}, timeout=0.1)
+        for _ in range(12)
+    ]  # each would kill its worker if it ever ran: all are pulled, and time out, meanwhile
+    async with pool(registry, workspaces) as backend:
+        got = {r.execution_id: r for r in await run_map(backend, slow + hurried, concurrency=16)}
+        assert backend.stats().details["workers_killed"] == 0
+        assert backend.stats().worker_crashes == 0
+    assert all(got[r.execution_id].ok for r in slow)
+    for request in hurried:
+        error = got[request.execution_id].error
+        assert error is not None and error.code == "TIMEOUT"
+        assert "while waiting for a worker" in error.message

@@ -147,3 +147,19 @@ async def test_a_member_that_cannot_be_sent_fails_alone(registry: PluginRegistry
 def test_not_started_is_neither_a_result_nor_an_error() -> None:
     assert repr(NOT_STARTED) == "NOT_STARTED"
     assert not isinstance(NOT_STARTED, ExecutionResult | ExecutionError | AbortedError)
+
+
+async def test_a_member_already_past_its_deadline_is_not_sent(registry: PluginRegistry) -> None:
+    def make() -> list[Job]:
+        expired = job(registry, "crash", {"code": 3})  # would kill the worker if it ran
+        expired.deadline = trio.current_time() - 1
+        return [
+            job(registry, "add", {"a": 1, "b": 1}),
+            expired,
+            job(registry, "add", {"a": 2, "b": 2}),
+        ]
+
+    first, expired, last, alive = await run(registry, make)
+    assert isinstance(expired, ExecutionTimeoutError)
+    assert "while waiting for a worker" in expired.message
+    assert first.output == 2 and last.output == 4 and alive

@@ -82,7 +82,8 @@ def submit_batch(
     """Send ``jobs`` (each with its workspace) to the worker in one ``Batch`` frame, without
     waiting; pair with :func:`collect_batch`. A member that cannot be sent (not plain data,
     or too big for the frame with the others) fails alone, with ``InvalidRequestError``, or
-    comes back ``NOT_STARTED`` (see :func:`collect_batch`). No checkpoint."""
+    comes back ``NOT_STARTED`` (see :func:`collect_batch`); one already past its deadline
+    is not sent (``TIMEOUT``). No checkpoint."""
     if calls.lost.is_set():
         raise calls.connection.crash_error()
     connection = calls.connection
@@ -96,6 +97,9 @@ def submit_batch(
         pending = Pending(job, cancel_grace, 0.0)
         pendings.append(pending)
         sent.append(False)
+        if job.deadline <= now:  # it waited in the queue past its deadline: never starts
+            pending.finish(error=job.timeout_error(" while waiting for a worker"))
+            continue
         request = job.request
         target = job.target
         fields = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 
@@ -30,6 +30,7 @@ from .queue import Waiter
 if TYPE_CHECKING:
     from collections import Counter
 
+    from ...host.batch import SubmittedBatch
     from ...host.handle import WorkerHandle
     from ...workspace import WorkspaceLease, WorkspaceManager
     from .._breaker import CrashBreaker
@@ -134,7 +135,7 @@ class PoolBatches:
                     nursery.start_soon(self._run_alone, jobs, outcomes, index)
         done = [outcome for outcome in outcomes if outcome is not NOT_STARTED]
         assert len(done) == len(outcomes), "every member ran or failed"
-        return done  # type: ignore[return-value]
+        return cast("list[ExecutionResult | ExecutionError]", done)
 
     async def _run_alone(self, jobs: list[Job], outcomes: list[Outcome], index: int) -> None:
         try:
@@ -151,9 +152,11 @@ class PoolBatches:
         batch: list[tuple[Job, str | None]] = [
             (job, os.fspath(lease)) for _, job, lease, _ in members
         ]
-        first = batch[0][0]
+        # The batch queues as its member with the latest deadline: the others, should their
+        # own pass meanwhile, end as TIMEOUT when their turn comes (as if queued alone).
+        ticket = max((job for job, _ in batch), key=lambda job: job.deadline)
         try:
-            got = await queue.acquire(first, None, None, batch)
+            got = await queue.acquire(ticket, None, None, batch)
         except BaseException as exc:
             for _, job, lease, trial in members:
                 lease.release_unused()
@@ -180,7 +183,7 @@ class PoolBatches:
                 submitted = queue.submit_batch(proc, batch)
             started = time.perf_counter()
             outcomes = await proc.collect_batch(submitted, backend=backend.name)
-            lost_at = submitted.lost_at  # type: ignore[union-attr]
+            lost_at = cast("SubmittedBatch", submitted).lost_at
             self._measured(time.perf_counter() - started, len(batch))
             return outcomes
         except ExecutionError:  # the worker was gone before the batch could go out
@@ -188,7 +191,7 @@ class PoolBatches:
             return outcomes
         finally:
             self._settle(worker, proc, members, outcomes, lost_at)
-            queue.give_back(worker, first.request.plugin_id)
+            queue.give_back(worker, ticket.request.plugin_id)
             ends: list[Outcome | None] = [None] * len(members) if outcomes is None else [*outcomes]
             for (_, job, lease, _), outcome in zip(members, ends, strict=True):
                 if (
