@@ -279,3 +279,25 @@ async def test_batches_whose_deadline_passes_in_the_queue_time_out_without_a_kil
         error = got[request.execution_id].error
         assert error is not None and error.code == "TIMEOUT"
         assert "while waiting for a worker" in error.message
+
+
+async def test_grouped_callers_each_get_their_own_events(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    seen: dict[int, list[Any]] = {}
+
+    async def stream(backend: Any, n: int) -> None:
+        request = req("events_sync", {"count": n})
+        async with backend.open_execution(request) as execution:
+            seen[n] = [event async for event in execution.events]
+            assert (await execution.result()).output == n
+
+    async with pool(registry, workspaces, max_queue=500) as backend:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for n in range(1, 41):
+                    nursery.start_soon(stream, backend, n)
+    assert batches and max(batches) > 1
+    for n, events in seen.items():
+        progress = [e.data for e in events if e.kind == "progress"]
+        assert progress == [{"done": i + 1, "total": n} for i in range(n)]
