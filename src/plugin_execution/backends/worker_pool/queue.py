@@ -240,8 +240,11 @@ class WaitQueue:
         waiter.worker = worker
         proc = worker.proc
         if waiter.batch is not None and proc is not None:
-            waiter.pending = self.submit_batch(proc, waiter.batch)
-            waiter.proc = proc
+            try:
+                waiter.pending = self.submit_batch(proc, waiter.batch)
+                waiter.proc = proc
+            except ExecutionError:
+                pass  # the worker is gone: the batch's caller finds out in its own task
         elif waiter.workspace is not None and proc is not None:
             try:
                 waiter.pending = self.submit(proc, waiter.job, waiter.workspace)
