@@ -301,3 +301,25 @@ async def test_grouped_callers_each_get_their_own_events(
     for n, events in seen.items():
         progress = [e.data for e in events if e.kind == "progress"]
         assert progress == [{"done": i + 1, "total": n} for i in range(n)]
+
+
+async def test_shutdown_during_a_map_ends_every_request_promptly(
+    registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
+) -> None:
+    requests = [req("sleep_sync", {"seconds": 0.05}) for _ in range(200)]
+    codes: list[str] = []
+    async with pool(registry, workspaces, min_workers=2, max_workers=2) as backend:
+
+        async def consume() -> None:
+            async with backend.map(requests, concurrency=32) as results:
+                async for result in results:
+                    codes.append("ok" if result.ok else result.error.code)
+
+        with trio.fail_after(20):  # far below acquire_timeout x the batches left
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await trio.sleep(0.5)
+                await backend.shutdown(drain=False)
+    assert batches and len(codes) == 200
+    assert set(codes) <= {"ok", "BACKEND_CLOSED"} and "BACKEND_CLOSED" in codes
+    assert workspaces.active() == 0

@@ -379,6 +379,8 @@ class WaitQueue:
                 self.take(worker, plugin_id)
                 self._stats.record_queue_wait(0.0)
                 return worker
+        if not self._running():  # closing: no new waiter (close() woke the last ones)
+            raise BackendClosedError("the worker-pool backend is shutting down")
         if len(self.waiters) >= self._options.max_queue:
             self._stats.queue_full_rejections += 1
             raise QueueFullError(
