@@ -20,7 +20,7 @@ from ..converter import converter
 from ..errors import ExecutionError, InvalidRequestError
 from ..protocol import ProtocolError
 from ..types import ExecutionResult, check_serializable
-from .calls import LOST, Pending
+from .calls import LOST, Pending, execute_fields
 
 if TYPE_CHECKING:
     from ..backends.job import Job
@@ -100,21 +100,9 @@ def submit_batch(
         if job.deadline <= now:  # it waited in the queue past its deadline: never starts
             pending.finish(error=job.timeout_error(" while waiting for a worker"))
             continue
-        request = job.request
-        target = job.target
-        fields = {
-            "execution_id": request.execution_id,
-            "plugin_id": request.plugin_id,
-            "handler_id": request.handler_id,
-            "entry": target.entry,
-            "root": target.root,
-            "input": request.input,
-            "context": request.context,
-            "workspace": workspace,
-            "timeout": max(0.001, job.deadline - now),
-            "warmup": False,
-            "linger": 0.0,
-        }
+        fields = execute_fields(job, workspace, now)
+        fields["warmup"] = False
+        fields["linger"] = 0.0
         try:
             member = _pack(fields)
         except InvalidRequestError as exc:

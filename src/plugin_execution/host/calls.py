@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..backends.job import Job
     from .handle import ChannelEndpoint
 
-__all__ = ["LOST", "Calls", "Pending", "PlatformCalls"]
+__all__ = ["LOST", "Calls", "Pending", "PlatformCalls", "execute_fields"]
 
 #: The value of a reply that failed because the worker was lost, not by the worker's answer.
 LOST: Final = object()
@@ -71,6 +71,24 @@ class Pending(Reply):
         self.cancel_grace = cancel_grace
         self.linger = linger
         self.unsent: tuple[list[memoryview], bool] | None = None
+
+
+def execute_fields(job: Job, workspace: str | None, now: float) -> dict[str, Any]:
+    """The fields of ``job``'s ``Execute`` up to its ``timeout`` (what is left of it at
+    ``now``, trio clock), in the message's order: the frame is packed from them."""
+    request = job.request
+    target = job.target
+    return {
+        "execution_id": request.execution_id,
+        "plugin_id": request.plugin_id,
+        "handler_id": request.handler_id,
+        "entry": target.entry,
+        "root": target.root,
+        "input": request.input,
+        "context": request.context,
+        "workspace": workspace,
+        "timeout": max(0.001, job.deadline - now),
+    }
 
 
 class Calls:
@@ -155,21 +173,8 @@ class Calls:
         if self.lost.is_set():
             raise self._crash_error()
         request = job.request
-        execution_id = request.execution_id
-        target = job.target
-        deadline = job.deadline
-        fields = {
-            "execution_id": execution_id,
-            "plugin_id": request.plugin_id,
-            "handler_id": request.handler_id,
-            "entry": target.entry,
-            "root": target.root,
-            "input": request.input,
-            "context": request.context,
-            "workspace": workspace,
-            "timeout": max(0.001, deadline - trio.current_time()),
-            "linger": linger,
-        }
+        fields = execute_fields(job, workspace, trio.current_time())
+        fields["linger"] = linger
         try:
             frame = self._protocol.send_execute(**fields)
         except ProtocolError:

@@ -38,7 +38,7 @@ from .actors import WorkerActors
 from .batches import PoolBatches
 from .queue import NotStarted, Waiter, WaitQueue, collect_handed
 from .sandboxed import SandboxedPool
-from .slots import Worker, on_lent_slot
+from .slots import Worker, end_lease, on_lent_slot
 
 __all__ = ["WorkerPoolBackend"]
 
@@ -276,16 +276,7 @@ class WorkerPoolBackend(ExecutionBackend):
             else:
                 self._settle(worker, proc, request.plugin_id, result, trial)
             self._queue.give_back(worker, request.plugin_id, group)
-            if (
-                result is not None
-                and result.metadata.get("workspace_id") is None
-                and job.session_unused
-            ):
-                # Neither the worker (it says so) nor a platform service on the host (no
-                # session was needed) made the directory: nothing to remove.
-                lease.release_unused()
-            else:
-                await lease.release()  # not cancellable; see WorkspaceLease.release
+            await end_lease(lease, job, result)
 
     def _settle(
         self,

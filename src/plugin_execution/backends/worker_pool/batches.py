@@ -26,14 +26,12 @@ from ...errors import ExecutionError, WorkerCrashedError
 from ...host.batch import NOT_STARTED, Outcome
 from ...types import ExecutionResult
 from .queue import Waiter
+from .slots import PoolParts, end_lease
 
 if TYPE_CHECKING:
-    from collections import Counter
-
     from ...host.batch import SubmittedBatch
     from ...host.handle import WorkerHandle
-    from ...workspace import WorkspaceLease, WorkspaceManager
-    from .._breaker import CrashBreaker
+    from ...workspace import WorkspaceLease
     from .._executing import Executor
     from ..job import Job
     from .queue import WaitQueue
@@ -46,30 +44,12 @@ MAX_BATCH = 32
 BATCH_S = 0.002
 
 
-class PoolBatchesHost(Protocol):
+class PoolBatchesHost(PoolParts, Protocol):
     """What :class:`PoolBatches` uses of its backend (a ``WorkerPoolBackend``)."""
 
     kind: str
-    max_workers: int
-    max_concurrency_per_worker: int
-    max_concurrent_per_plugin: int | None
-    workspaces: WorkspaceManager
     _executor: Executor
     _queue: WaitQueue
-    _breaker: CrashBreaker
-    _usage: Counter[tuple[str, str]]
-
-    @property
-    def name(self) -> str: ...
-
-    def _settle(
-        self,
-        worker: Worker,
-        proc: WorkerHandle | None,
-        plugin_id: str,
-        result: ExecutionResult | None,
-        trial: bool,
-    ) -> None: ...
 
     async def _run_job(self, job: Job, lender: Worker | None = None) -> ExecutionResult: ...
 
@@ -194,14 +174,12 @@ class PoolBatches:
             queue.give_back(worker, ticket.request.plugin_id)
             ends: list[Outcome | None] = [None] * len(members) if outcomes is None else [*outcomes]
             for (_, job, lease, _), outcome in zip(members, ends, strict=True):
-                if (
-                    isinstance(outcome, ExecutionResult)
-                    and outcome.metadata.get("workspace_id") is None
-                    and job.session_unused
-                ) or outcome is NOT_STARTED:
-                    lease.release_unused()
+                if outcome is NOT_STARTED:
+                    lease.release_unused()  # it runs again, with a lease of its own
                 else:
-                    await lease.release()  # not cancellable; see WorkspaceLease.release
+                    await end_lease(
+                        lease, job, outcome if isinstance(outcome, ExecutionResult) else None
+                    )
 
     def _settle(
         self,

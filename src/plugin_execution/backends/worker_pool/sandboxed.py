@@ -36,17 +36,14 @@ from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
 from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
-from .slots import PoolOptions, Worker, on_lent_slot
+from .slots import PoolParts, Worker, end_lease, on_lent_slot
 
 if TYPE_CHECKING:
-    from collections import Counter
-
     from ...host.handle import WorkerHandle
     from ...registry import PluginRegistry
     from ...stats import StatsRecorder
     from ...types import ExecutionResult
-    from ...workspace import WorkspaceLease, WorkspaceManager
-    from .._breaker import CrashBreaker
+    from ...workspace import WorkspaceLease
     from ..job import Job
 
 __all__ = ["SandboxedPool", "SandboxedPoolHost"]
@@ -54,30 +51,15 @@ __all__ = ["SandboxedPool", "SandboxedPoolHost"]
 _log = logging.getLogger(__name__)
 
 
-class SandboxedPoolHost(PoolOptions, Protocol):
+class SandboxedPoolHost(PoolParts, Protocol):
     """What :class:`SandboxedPool` uses of its backend (a ``WorkerPoolBackend``)."""
 
-    workspaces: WorkspaceManager
     registry: PluginRegistry
     _stats: StatsRecorder
-    _breaker: CrashBreaker
-    _usage: Counter[tuple[str, str]]
-
-    @property
-    def name(self) -> str: ...
 
     def _dispatch(self) -> None: ...
 
     def _is_running(self) -> bool: ...
-
-    def _settle(
-        self,
-        worker: Worker,
-        proc: WorkerHandle | None,
-        plugin_id: str,
-        result: ExecutionResult | None,
-        trial: bool,
-    ) -> None: ...
 
 
 class SandboxedPool:
@@ -251,14 +233,7 @@ class SandboxedPool:
             self.backend._settle(worker, proc, request.plugin_id, result, trial)
             self.queue.give_back(worker, request.plugin_id)
             if lease is not None:
-                if (
-                    result is not None
-                    and result.metadata.get("workspace_id") is None
-                    and job.session_unused
-                ):
-                    lease.release_unused()  # never made (see the pool's _run_job)
-                else:
-                    await lease.release()  # not cancellable; see WorkspaceLease.release
+                await end_lease(lease, job, result)
 
     async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
         """A channel session on a live worker of its plugin (see ``_run_session``)."""

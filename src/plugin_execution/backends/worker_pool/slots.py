@@ -15,11 +15,25 @@ import attrs
 import trio
 
 if TYPE_CHECKING:
+    from collections import Counter
+
     from ...host.handle import WorkerHandle
     from ...manifest import Permissions
+    from ...types import ExecutionResult
+    from ...workspace import WorkspaceLease, WorkspaceManager
+    from .._breaker import CrashBreaker
     from ..job import Job
 
-__all__ = ["PluginKey", "PoolOptions", "Spare", "Worker", "WorkerState", "on_lent_slot"]
+__all__ = [
+    "PluginKey",
+    "PoolOptions",
+    "PoolParts",
+    "Spare",
+    "Worker",
+    "WorkerState",
+    "end_lease",
+    "on_lent_slot",
+]
 
 T = TypeVar("T")
 
@@ -46,6 +60,28 @@ class PoolOptions(Protocol):
     health_check_timeout: float
     cancel_grace: float
     shutdown_timeout: float
+
+
+class PoolParts(PoolOptions, Protocol):
+    """What the pool's parts that run executions (the sandboxed pool, map's batches) use
+    of the backend itself (a ``WorkerPoolBackend``): its workspaces, its crash breaker and
+    usage counts, its name, and how an execution's end is told to the breaker."""
+
+    workspaces: WorkspaceManager
+    _breaker: CrashBreaker
+    _usage: Counter[tuple[str, str]]
+
+    @property
+    def name(self) -> str: ...
+
+    def _settle(
+        self,
+        worker: Worker,
+        proc: WorkerHandle | None,
+        plugin_id: str,
+        result: ExecutionResult | None,
+        trial: bool,
+    ) -> None: ...
 
 
 @attrs.frozen(cache_hash=True)
@@ -135,3 +171,14 @@ async def on_lent_slot(job: Job, run: Callable[[], Awaitable[T]]) -> T:
         return await run()
     finally:
         lent.release()
+
+
+async def end_lease(lease: WorkspaceLease, job: Job, result: ExecutionResult | None) -> None:
+    """Give back the workspace lease of ``job``, which ended with ``result`` (None: no
+    result). Nothing to remove when neither the worker (it says so) nor a platform service
+    on the host (no session was needed) made the directory; else it is removed (not
+    cancellable: see ``WorkspaceLease.release``)."""
+    if result is not None and result.metadata.get("workspace_id") is None and job.session_unused:
+        lease.release_unused()
+    else:
+        await lease.release()
