@@ -145,3 +145,19 @@ async def serve_process(*args: str) -> AsyncIterator[tuple[trio.Process, list[st
         for pipe in (process.stdout, process.stderr):
             if pipe is not None:
                 await pipe.aclose()
+
+
+@pytest.fixture
+def batch_frames(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The member count of every ``Batch`` frame the host makes during the test."""
+    from plugin_execution.protocol import Connection
+
+    sizes: list[int] = []
+    real = Connection.send_batch
+
+    def spy(self: Connection, members: list[bytes], linger: float = 0.0) -> bytes:
+        sizes.append(len(members))
+        return real(self, members, linger)
+
+    monkeypatch.setattr(Connection, "send_batch", spy)
+    return sizes

@@ -30,7 +30,6 @@ from plugin_execution import (  # noqa: E402
     WorkspaceManager,
     create_execution_backend,
 )
-from plugin_execution.protocol import Connection  # noqa: E402
 from plugin_execution.worker.ray_actor import pack_preamble  # noqa: E402
 
 P = "tests.sample"
@@ -119,22 +118,14 @@ async def test_results_come_from_actors_with_their_node_and_worker(plugins, work
         assert (await backend.health()).details["kind"] == "ray"
 
 
-async def test_map_sends_batches_to_the_actors(plugins, workspaces, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    sizes: list[int] = []
-    real = Connection.send_batch
-
-    def spy(self: Connection, members: list[bytes], linger: float = 0.0) -> bytes:
-        sizes.append(len(members))
-        return real(self, members, linger)
-
-    monkeypatch.setattr(Connection, "send_batch", spy)
+async def test_map_sends_batches_to_the_actors(plugins, workspaces, batch_frames) -> None:  # type: ignore[no-untyped-def]
     requests = [req("add", {"a": i, "b": 1}) for i in range(200)]
     async with ray_backend(plugins, workspaces) as backend:
         with trio.fail_after(60):
             async with backend.map(requests, concurrency=16, ordered=True) as results:
                 outputs = [r.output async for r in results]
     assert outputs == [i + 1 for i in range(200)]
-    assert sum(sizes) == 200 and max(sizes) > 1
+    assert sum(batch_frames) == 200 and max(batch_frames) > 1
 
 
 async def test_events_stream_live_and_prints_are_log_events(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,6 @@ from plugin_execution import (
 from plugin_execution.backends.worker_pool import batches as batches_module
 from plugin_execution.backends.worker_pool import queue as queue_module
 from plugin_execution.backends.worker_pool.batches import MAX_BATCH, PoolBatches
-from plugin_execution.protocol import Connection
 
 P = "tests.sample"
 
@@ -41,21 +40,13 @@ def pool(registry: PluginRegistry, workspaces: WorkspaceManager, **options: Any)
 
 
 @pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def batches(monkeypatch: pytest.MonkeyPatch, batch_frames: list[int]) -> list[int]:
     """The member count of every Batch frame the host makes. Batches are sized by how long
     executions take, which a loaded machine stretches: here any duration counts as short,
     so that batches are made whatever the load."""
     monkeypatch.setattr(batches_module, "BATCH_S", 60.0)
     monkeypatch.setattr(queue_module, "GROUP_S", 60.0)
-    sizes: list[int] = []
-    real = Connection.send_batch
-
-    def spy(self: Connection, members: list[bytes], linger: float = 0.0) -> bytes:
-        sizes.append(len(members))
-        return real(self, members, linger)
-
-    monkeypatch.setattr(Connection, "send_batch", spy)
-    return sizes
+    return batch_frames
 
 
 async def run_map(backend: Any, requests: list[ExecutionRequest], **options: Any) -> list[Any]:
