@@ -38,6 +38,7 @@ from plugin_execution import ExecutionRequest, WorkspaceManager, create_executio
 from plugin_execution.sandbox import OPTIONAL_LAYERS, detect
 
 BARE = "bare python -I -c pass"
+ON_REQUEST = "zygote-on-request"
 
 
 def sandboxes() -> tuple[list[tuple[str, bool | tuple[str, ...]]], list[str]]:
@@ -72,24 +73,37 @@ async def timed(backend: Any, handler: str) -> float:
     return time.perf_counter() - start
 
 
-async def main(rounds: int) -> dict[str, dict[str, float]]:
+#: Start methods: the backend's option, and whether the zygote forks each child ahead.
+METHODS = {
+    "spawn": ("spawn", False),
+    "zygote": ("zygote", True),
+    ON_REQUEST: ("zygote", False),
+}
+
+
+async def main(rounds: int, methods: list[str]) -> dict[str, dict[str, float]]:
     configs, _ = sandboxes()
     variants: dict[str, Callable[[], Awaitable[float]]] = {BARE: bare_python}
     with tempfile.TemporaryDirectory() as root:
         async with AsyncExitStack() as stack:
-            for method in ("spawn", "zygote"):
+            for method in methods:
+                start_method, ahead = METHODS[method]
                 for label, sandbox in configs:
+                    ends = label in ("off", configs[-1][0])
+                    if method == ON_REQUEST and not ends:
+                        continue
                     backend = await stack.enter_async_context(
                         create_execution_backend(
                             type="subprocess",
                             registry=bench_registry(),
-                            start_method=method,
+                            start_method=start_method,
                             sandbox=sandbox,
                             workspace=WorkspaceManager(Path(root) / f"{method}{label}"),
+                            fork_ahead=ahead,
                         )
                     )
                     variants[f"{method}, sync, {label}"] = _bind(backend, "noop_sync")
-                    if label in ("off", configs[-1][0]):
+                    if ends:
                         variants[f"{method}, async, {label}"] = _bind(backend, "noop")
             samples: dict[str, list[float]] = {}
             for name, run in variants.items():  # warm caches once, untimed
@@ -138,8 +152,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, of {', '.join(METHODS)} (default: all)",
+    )
     args = parser.parse_args()
-    results = trio.run(main, args.rounds)
+    results = trio.run(main, args.rounds, args.methods.split(","))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

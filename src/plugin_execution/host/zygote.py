@@ -28,7 +28,7 @@ import trio
 from .._groups import unwrap_single
 from ..errors import WorkerCrashedError
 
-__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "ZygoteKeeper", "open_zygote"]
+__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "ZygoteKeeper", "open_zygote", "setup_frame"]
 
 _MAX_MESSAGE = 1 << 20
 #: The host variables every worker child (and the zygote) gets: nothing else of the host's.
@@ -54,6 +54,35 @@ class ZygoteChild:
         if self.returncode is None:
             self.returncode = status
             self._exited.set()
+
+
+def _setup(
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    limits: str,
+    sandbox: Mapping[str, object] | None,
+) -> dict[str, object]:
+    return {
+        "cwd": cwd,
+        "env": dict(env or os.environ),
+        "limits": limits,
+        "sandbox": dict(sandbox) if sandbox else None,
+    }
+
+
+def setup_frame(
+    *,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    limits: str,
+    sandbox: Mapping[str, object] | None = None,
+) -> bytes:
+    """What a child forked ahead (:meth:`Zygote.fork_ahead`) reads first on its protocol
+    socket: the arguments of :meth:`Zygote.spawn`, length-prefixed."""
+    body: bytes = msgpack.packb(_setup(cwd, env, limits, sandbox), use_bin_type=True)
+    if len(body) > _MAX_MESSAGE:
+        raise ValueError("a child's setup is too big")
+    return len(body).to_bytes(4, "big") + body
 
 
 class Zygote:
@@ -91,22 +120,22 @@ class Zygote:
         child; the caller still owns (and closes) its own. Raises ``WorkerCrashedError`` when
         the zygote is gone or the fork failed.
         """
+        return await self._fork(_setup(cwd, env, limits, sandbox), sock_fd, out_fd)
+
+    async def fork_ahead(self, sock_fd: int, out_fd: int) -> ZygoteChild:
+        """Fork a worker child ahead of the execution it will run: it waits for its setup
+        (cwd, environment, limits, sandbox: :func:`setup_frame`), the first bytes the host
+        sends on ``sock_fd``'s other end; closing that end first ends it. Otherwise as
+        :meth:`spawn`."""
+        return await self._fork({"ahead": True}, sock_fd, out_fd)
+
+    async def _fork(self, fields: dict[str, object], sock_fd: int, out_fd: int) -> ZygoteChild:
         if self.lost.is_set():
             raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[int | str](1)
         self._spawning[request_id] = send
-        message = msgpack.packb(
-            {
-                "t": "spawn",
-                "id": request_id,
-                "cwd": cwd,
-                "env": dict(env or os.environ),
-                "limits": limits,
-                "sandbox": dict(sandbox) if sandbox else None,
-            },
-            use_bin_type=True,
-        )
+        message = msgpack.packb({"t": "spawn", "id": request_id, **fields}, use_bin_type=True)
         fds = array.array("i", [sock_fd, out_fd]).tobytes()
         try:
             await self._ctl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
