@@ -15,7 +15,7 @@ backend closes is killed and reaped before its block ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -142,9 +142,10 @@ class ChildSlots:
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def keep_ahead(self) -> None:
+    async def keep_ahead(self, prepare: Mapping[str, object] | None = None) -> None:
         """Keep a child forked ahead in a free slot, until cancelled (then the one left is
-        killed and reaped)."""
+        killed and reaped). ``prepare``: what it does while it waits (see
+        ``bootstrap.prepare``)."""
         zygotes = self.zygotes
         assert zygotes is not None
         while True:
@@ -165,7 +166,7 @@ class ChildSlots:
                 continue
             self._forking = forking = trio.Event()
             try:
-                spare.child = await fork_ahead(zygote, worker_socketpair())
+                spare.child = await fork_ahead(zygote, worker_socketpair(), prepare)
                 self.forked_ahead += 1
                 self._ahead = spare
             except WorkerCrashedError:  # the zygote is gone, or could not fork

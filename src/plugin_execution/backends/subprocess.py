@@ -166,7 +166,7 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             await nursery.start(self._launcher.run)
             if self._slots.zygotes is not None:
-                nursery.start_soon(self._slots.keep_ahead)
+                nursery.start_soon(self._slots.keep_ahead, self._sandbox.ahead())
 
     @property
     def zygote_restarts(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -40,12 +41,9 @@ class ForkedAhead:
 
     @property
     def usable(self) -> bool:
-        """Not used yet, alive, and its zygote too (an orphan is killed by the host)."""
-        return (
-            self._sock is not None
-            and self.child.returncode is None
-            and not self.zygote.lost.is_set()
-        )
+        """Not used yet, alive, and its zygote too: a child whose zygote is going dies with
+        it (an execution given it would lose it)."""
+        return self._sock is not None and self.child.returncode is None and not self.zygote.exited()
 
     def use(self, setup: bytes) -> tuple[ZygoteChild, socket.socket, int]:
         """Send the child its ``setup``; return its process, the host's end of its socket
@@ -78,15 +76,19 @@ class ForkedAhead:
             await self.child.wait()  # the zygote reaps it (or its loss marks it exited)
 
 
-async def fork_ahead(zygote: Zygote, pair: tuple[socket.socket, socket.socket]) -> ForkedAhead:
-    """Have ``zygote`` fork a child ahead (see :meth:`Zygote.fork_ahead`), serving on
-    ``pair`` (the host's end, the child's: ``process.worker_socketpair()``; both are ours to
-    close from now). Raises ``WorkerCrashedError`` when the zygote is gone or could not
-    fork."""
+async def fork_ahead(
+    zygote: Zygote,
+    pair: tuple[socket.socket, socket.socket],
+    prepare: Mapping[str, object] | None = None,
+) -> ForkedAhead:
+    """Have ``zygote`` fork a child ahead (see :meth:`Zygote.fork_ahead`: ``prepare``),
+    serving on ``pair`` (the host's end, the child's: ``process.worker_socketpair()``; both
+    are ours to close from now). Raises ``WorkerCrashedError`` when the zygote is gone or
+    could not fork."""
     host_sock, child_sock = pair
     err_read, err_write = os.pipe()
     try:
-        child = await zygote.fork_ahead(child_sock.fileno(), err_write)
+        child = await zygote.fork_ahead(child_sock.fileno(), err_write, prepare)
     except BaseException:
         host_sock.close()
         os.close(err_read)

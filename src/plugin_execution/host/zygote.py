@@ -103,6 +103,16 @@ class Zygote:
     def children(self) -> int:
         return len(self._children)
 
+    def exited(self) -> bool:
+        """Whether its process has exited, even if that is not seen yet (a zombie is not
+        reaped by asking)."""
+        if self.lost.is_set():
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already
+            return True
+
     async def spawn(
         self,
         sock_fd: int,
@@ -122,12 +132,15 @@ class Zygote:
         """
         return await self._fork(_setup(cwd, env, limits, sandbox), sock_fd, out_fd)
 
-    async def fork_ahead(self, sock_fd: int, out_fd: int) -> ZygoteChild:
-        """Fork a worker child ahead of the execution it will run: it waits for its setup
-        (cwd, environment, limits, sandbox: :func:`setup_frame`), the first bytes the host
-        sends on ``sock_fd``'s other end; closing that end first ends it. Otherwise as
+    async def fork_ahead(
+        self, sock_fd: int, out_fd: int, prepare: Mapping[str, object] | None = None
+    ) -> ZygoteChild:
+        """Fork a worker child ahead of the execution it will run: it does what every child
+        does (``prepare``: see ``bootstrap.prepare``), then waits for its setup (cwd,
+        environment, limits, sandbox: :func:`setup_frame`), the first bytes the host sends
+        on ``sock_fd``'s other end; closing that end first ends it. Otherwise as
         :meth:`spawn`."""
-        return await self._fork({"ahead": True}, sock_fd, out_fd)
+        return await self._fork({"ahead": dict(prepare or {}) or True}, sock_fd, out_fd)
 
     async def _fork(self, fields: dict[str, object], sock_fd: int, out_fd: int) -> ZygoteChild:
         if self.lost.is_set():

@@ -8,9 +8,10 @@ Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per messag
 
 - host -> zygote: ``{"t": "spawn", "id", "cwd", "env", "limits", "sandbox"}`` carrying two fds
   (SCM_RIGHTS): the child's protocol socket and its stdout/stderr pipe; or
-  ``{"t": "spawn", "id", "ahead": true}`` with the same fds: a child forked *ahead* of its
-  execution, which reads its setup from the host on its protocol socket once it is known
-  (see :func:`_read_setup`);
+  ``{"t": "spawn", "id", "ahead": {...}}`` with the same fds: a child forked *ahead* of
+  its execution, which does what every child does (``bootstrap.prepare(ahead)``), then
+  reads its setup from the host on its protocol socket once it is known (see
+  :func:`_read_setup`);
 - zygote -> host: ``{"t": "ready", "pid"}`` once warm; ``{"t": "spawned", "id", "pid"}``
   or ``{"t": "spawn_failed", "id", "error"}``; ``{"t": "exited", "pid", "status"}`` when it
   reaps a child (``status`` as ``subprocess`` reports it: exit code, or -signal).
@@ -155,8 +156,13 @@ def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int, zygote
         os.dup2(out_fd, 2)
         os.closerange(3, sock_fd)  # the control socket, the wake pipe, out_fd: all of them
         os.closerange(sock_fd + 1, 1 << 16)
-        if request.get("ahead"):
+        ahead = request.get("ahead")
+        if ahead:
             _die_with(zygote)
+            if isinstance(ahead, dict):
+                from .bootstrap import prepare
+
+                prepare(ahead)
             request = _read_setup(sock_fd)
         cwd = request.get("cwd")
         if isinstance(cwd, str):
@@ -214,6 +220,7 @@ def main(fd: int) -> None:
         from ..sandbox import _libc, capabilities, landlock, seccomp  # noqa: F401
 
         _libc.libc()
+        seccomp.warm()
     except (ImportError, OSError):
         pass
     try:
