@@ -386,6 +386,8 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             details.update(self._launcher.health_details())
             details["spawned_instead_of_zygote"] = self.spawned_instead_of_zygote
+            details["forked_ahead"] = self._slots.forked_ahead
+            details["used_ahead"] = self._slots.used_ahead
         if self._sandbox is not None:
             details["sandbox"] = self._sandbox.report(self.start_method)
         return details
