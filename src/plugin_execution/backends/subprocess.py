@@ -60,10 +60,15 @@ def child_environment(
     """The child's whole environment: the base, the granted variables, HOME/TMPDIR."""
     host_env = os.environ if host_env is None else host_env
     granted = permissions.env.read
-    env = {name: host_env[name] for name in BASE_ENV if name in host_env}
-    for name, value in host_env.items():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in granted):
+    env = {}
+    for name in BASE_ENV:
+        value = host_env.get(name)
+        if value is not None:
             env[name] = value
+    if granted:  # (most plugins are granted none: then the host's variables are not walked)
+        for name, value in host_env.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in granted):
+                env[name] = value
     env["HOME"] = env["TMPDIR"] = workspace
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return env

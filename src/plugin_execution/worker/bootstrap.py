@@ -21,7 +21,8 @@ _LIMITS = {
     "nproc": "RLIMIT_NPROC",
 }
 _SANDBOX_EXIT = 71  # EX_OSERR: the sandbox could not be applied; no plugin code ran
-#: What :func:`prepare` did ahead: "subreaper", "capabilities" (True), "landlock" (a ruleset).
+#: What :func:`prepare` did ahead: "subreaper", "capabilities" (True), "landlock" (a ruleset),
+#: "worker" (the runtime, not serving yet).
 _prepared: dict[str, Any] = {}
 
 
@@ -50,12 +51,12 @@ def apply_limits(spec: str) -> None:
         resource.setrlimit(which, (limit, hard))
 
 
-def prepare(spec: dict[str, Any]) -> None:
+def prepare(spec: dict[str, Any], fd: int) -> None:
     """In a child forked ahead, before its execution is known: what every child of its
     backend does (``spec``: see ``sandbox.policy.SandboxPolicy.ahead``). It becomes a
-    subreaper, drops its capabilities, and builds the Landlock rules every child has;
-    :func:`serve` then does only the rest. A step that fails is left for :func:`serve`,
-    which fails it the usual way."""
+    subreaper, drops its capabilities, builds the Landlock rules every child has, and makes
+    (does not start) its worker runtime on socket ``fd``; :func:`serve` then does only the
+    rest. A step that fails is left for :func:`serve`, which fails it the usual way."""
     try:
         from ._leftovers import become_subreaper
 
@@ -74,6 +75,11 @@ def prepare(spec: dict[str, Any]) -> None:
             _prepared["landlock"] = landlock.base_ruleset()
     except OSError:
         pass
+    from .runtime import Worker
+
+    # Plain objects (no thread, no read of the socket): nothing here depends on the sandbox,
+    # the environment or the cwd that the execution's setup brings.
+    _prepared["worker"] = Worker(fd)
 
 
 def apply_sandbox(spec: dict[str, Any]) -> None:
@@ -123,7 +129,9 @@ def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> N
             os.write(2, f"plugin_execution worker: cannot apply its sandbox: {exc}\n".encode())
             os._exit(_SANDBOX_EXIT)
     os.set_inheritable(fd, False)
+    worker = _prepared.pop("worker", None)
+    if worker is None:
+        from .runtime import Worker
 
-    from .runtime import Worker
-
-    Worker(fd).serve()
+        worker = Worker(fd)
+    worker.serve()

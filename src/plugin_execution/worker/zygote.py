@@ -162,7 +162,7 @@ def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int, zygote
             if isinstance(ahead, dict):
                 from .bootstrap import prepare
 
-                prepare(ahead)
+                prepare(ahead, sock_fd)
             request = _read_setup(sock_fd)
         cwd = request.get("cwd")
         if isinstance(cwd, str):
