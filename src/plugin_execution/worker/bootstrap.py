@@ -80,6 +80,22 @@ def prepare(spec: dict[str, Any], fd: int) -> None:
     # Plain objects (no thread, no read of the socket): nothing here depends on the sandbox,
     # the environment or the cwd that the execution's setup brings.
     _prepared["worker"] = Worker(fd)
+    _touch_ahead()
+
+
+def _touch_ahead() -> None:
+    """Run, once and to no effect, the code every child runs first once its setup comes (a
+    frame encoded and decoded, a thread object made but not started): the copy-on-write
+    faults and cold caches of that first run are then had here, off the execution's path."""
+    import threading
+
+    from ._wire import FrameDecoder, encode
+
+    decoder = FrameDecoder()
+    decoder.feed(encode("hello", {"version": 0, "pid": 0}))
+    for _ in decoder:
+        pass
+    threading.Thread(target=None, daemon=True)
 
 
 def apply_sandbox(spec: dict[str, Any]) -> None:
