@@ -20,8 +20,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any, Literal
 
@@ -39,12 +38,14 @@ from ..host.handle import WorkerHandle
 from ..host.launchers import ProcessLauncher
 from ..host.limits import WorkerLimits
 from ..host.process import WorkerProcess
+from ..host.spare import ForkedAhead
 from ..host.zygote import BASE_ENV, Zygote, ZygoteKeeper
 from ..manifest import ChannelSpec, HandlerSpec, Permissions
 from ..sandbox.policy import SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from ..types import ExecutionResult, check_serializable
 from ._breaker import CrashBreaker
+from ._child_slots import ChildSlots
 from .base import ExecutionBackend, Job
 
 __all__ = ["SubprocessBackend"]
@@ -59,10 +60,15 @@ def child_environment(
     """The child's whole environment: the base, the granted variables, HOME/TMPDIR."""
     host_env = os.environ if host_env is None else host_env
     granted = permissions.env.read
-    env = {name: host_env[name] for name in BASE_ENV if name in host_env}
-    for name, value in host_env.items():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in granted):
+    env = {}
+    for name in BASE_ENV:
+        value = host_env.get(name)
+        if value is not None:
             env[name] = value
+    if granted:  # (most plugins are granted none: then the host's variables are not walked)
+        for name, value in host_env.items():
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in granted):
+                env[name] = value
     env["HOME"] = env["TMPDIR"] = workspace
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return env
@@ -93,6 +99,10 @@ class SubprocessBackend(ExecutionBackend):
     - ``crash_breaker_threshold`` (default 5) executions in a row whose child crashed
       quarantine their plugin for ``crash_breaker_cooldown`` seconds (default 30):
       ``PluginQuarantinedError``, no child started. 0 or None: off. See docs/backends.md.
+    - ``fork_ahead`` (default True; zygote only): the zygote keeps one child forked ahead
+      of the next execution, in a free slot (one idle process more while a slot is free);
+      the execution then sends it its setup instead of waiting for a fork. False: fork
+      each child on request.
     """
 
     name = "subprocess"
@@ -111,6 +121,7 @@ class SubprocessBackend(ExecutionBackend):
         sandbox: bool | Iterable[str] = True,
         crash_breaker_threshold: int | None = 5,
         crash_breaker_cooldown: float = 30.0,
+        fork_ahead: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -128,8 +139,6 @@ class SubprocessBackend(ExecutionBackend):
             processes=max_processes,
         )
         self._start_timeout = start_timeout
-        self._slots = trio.CapacityLimiter(max_concurrent)
-        self._waiting: set[trio.CancelScope] = set()  # executions queued for a slot
         self._live: set[WorkerHandle] = set()  # children running an execution
         # Executions whose child is still being reaped, by id: a next one with the same id
         # waits for its workspace to be removed.
@@ -146,6 +155,9 @@ class SubprocessBackend(ExecutionBackend):
             )
         # One fresh worker per execution: spawned, or forked by the zygote it keeps.
         self._launcher = ProcessLauncher(zygote=keeper, close_grace=cancel_grace, sweep_group=True)
+        self._slots = ChildSlots(
+            max_concurrent, zygotes=keeper if fork_ahead else None, running=lambda: self.running
+        )
         self.spawned_instead_of_zygote = 0
 
     async def _start(self, nursery: trio.Nursery) -> None:
@@ -158,11 +170,20 @@ class SubprocessBackend(ExecutionBackend):
             )
         if self.start_method == "zygote":
             await nursery.start(self._launcher.run)
+            if self._slots.zygotes is not None:
+                nursery.start_soon(self._slots.keep_ahead, self._sandbox.ahead())
 
     @property
     def zygote_restarts(self) -> int:
         keeper = self._launcher.zygote
         return keeper.restarts if keeper is not None else 0
+
+    def _fits_zygote(self, job: Job) -> bool:
+        """Whether ``job``'s child may be forked by the zygote (see :meth:`_forked`)."""
+        assert self._sandbox is not None
+        target = job.target
+        keeper = self._launcher.zygote
+        return keeper is not None and self._sandbox.fits_zygote(target.permissions, target.root)
 
     async def _forked(self, job: Job) -> bool:
         """Whether ``job``'s child is forked by the zygote (once it is up, within the job's
@@ -242,8 +263,8 @@ class SubprocessBackend(ExecutionBackend):
         execution_id = job.request.execution_id
         try:
             with handoff.scope:
-                async with self._slot(job):
-                    forked = await self._forked(job)
+                async with self._slots.hold(job, ahead=self._fits_zygote(job)) as ahead:
+                    forked = ahead is not None or await self._forked(job)
                     del job  # _run_in_child takes it from the handoff
                     previous = self._reaping.get(execution_id)
                     if previous is not None:  # the same id's last child is still reaped
@@ -253,13 +274,14 @@ class SubprocessBackend(ExecutionBackend):
                         async with self.workspaces.lease(execution_id) as lease:
                             while True:
                                 try:
-                                    await self._run_in_child(str(lease.dir), forked, handoff)
+                                    await self._run_in_child(str(lease.dir), forked, handoff, ahead)
                                     break
                                 except _ZygoteLost:
                                     # The zygote died before the child said Hello: the
                                     # backend's failure, not the plugin's, and nothing of it
                                     # ran. Wait for the next zygote (within the deadline).
                                     assert handoff.job is not None  # not handed over yet
+                                    ahead = None
                                     forked = await self._forked(handoff.job)
                     finally:
                         del self._reaping[execution_id]
@@ -271,50 +293,9 @@ class SubprocessBackend(ExecutionBackend):
         finally:
             handoff.fail(BackendClosedError("the execution was stopped before it ended"))
 
-    @asynccontextmanager
-    async def _slot(self, job: Job) -> AsyncIterator[None]:
-        """Hold a child slot for ``job``, waiting for one until its deadline. A nested
-        invocation (``ctx.invoke``) that finds none free runs on its caller's slot instead,
-        lent to one of the caller's invocations at a time: it must never wait for the slots
-        its own ancestors hold (with every slot taken by callers, none would come)."""
-        parent = job.parent
-        nested = parent is not None and parent.slot is not None
-        if parent is not None and nested and not _took(self._slots):
-            lent = parent.lent_slot()
-            await self._wait(
-                job, lent.acquire, " while its caller's slot was lent to another of its invocations"
-            )
-            try:
-                job.slot = parent.slot
-                del job  # not held while the child is reaped
-                yield
-            finally:
-                lent.release()
-            return
-        if not nested:
-            await self._wait(job, self._slots.acquire, " while waiting for a free child slot")
-        try:
-            job.slot = self._slots
-            del job  # not held while the child is reaped
-            yield
-        finally:
-            self._slots.release()
-
-    async def _wait(self, job: Job, acquire: Callable[[], Awaitable[object]], what: str) -> None:
-        """Wait for capacity until the job's deadline; a shutdown ends the wait at once with
-        ``BackendClosedError`` (what is queued never starts)."""
-        with trio.CancelScope(deadline=job.deadline) as waiting:
-            self._waiting.add(waiting)
-            try:
-                await acquire()
-            finally:
-                self._waiting.discard(waiting)
-        if waiting.cancelled_caught:
-            if not self.running:
-                raise BackendClosedError("the subprocess backend shut down before a slot freed")
-            raise job.timeout_error(what)
-
-    async def _run_in_child(self, workspace: str, forked: bool, handoff: _Handoff) -> None:
+    async def _run_in_child(
+        self, workspace: str, forked: bool, handoff: _Handoff, ahead: ForkedAhead | None
+    ) -> None:
         job = handoff.job
         assert job is not None
         self._children += 1
@@ -330,6 +311,8 @@ class SubprocessBackend(ExecutionBackend):
         )
         keeper = self._launcher.zygote
         zygote: Zygote | None = keeper.live() if keeper is not None and forked else None
+        if ahead is not None:
+            zygote = ahead.zygote
         try:
             async with self._launcher.open(
                 cwd=workspace,
@@ -341,6 +324,7 @@ class SubprocessBackend(ExecutionBackend):
                     0.0, min(self._start_timeout, job.deadline - trio.current_time())
                 ),
                 handshake=False,
+                ahead=ahead,
             ) as worker:
                 run = worker.execute if job.channel is None else partial(run_session, worker)
                 self._live.add(worker)
@@ -373,8 +357,7 @@ class SubprocessBackend(ExecutionBackend):
 
     async def _stop(self, *, drain: bool, timeout: float | None) -> None:
         """Fail the executions still waiting for a child slot: they never started."""
-        for waiting in self._waiting:
-            waiting.cancel()
+        self._slots.cancel_waiting()
 
     def _abort_in_flight(self) -> None:
         """Kill every child still running an execution; its caller gets BackendClosedError.
@@ -408,6 +391,8 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             details.update(self._launcher.health_details())
             details["spawned_instead_of_zygote"] = self.spawned_instead_of_zygote
+            details["forked_ahead"] = self._slots.forked_ahead
+            details["used_ahead"] = self._slots.used_ahead
         if self._sandbox is not None:
             details["sandbox"] = self._sandbox.report(self.start_method)
         return details
@@ -483,12 +468,3 @@ class _Handoff:
             raise self._error
         assert self._result is not None
         return self._result
-
-
-def _took(limiter: trio.CapacityLimiter) -> bool:
-    """Take a token of ``limiter`` if one is free now; whether it did."""
-    try:
-        limiter.acquire_nowait()
-    except trio.WouldBlock:
-        return False
-    return True

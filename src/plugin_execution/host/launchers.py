@@ -25,6 +25,7 @@ from .process import WorkerProcess, open_worker_process
 if TYPE_CHECKING:
     from ..sandbox.policy import ChildSandbox
     from .limits import WorkerLimits
+    from .spare import ForkedAhead
     from .zygote import ZygoteKeeper
 
 __all__ = ["ProcessLauncher", "ThreadLauncher"]
@@ -66,15 +67,19 @@ class ProcessLauncher:
         forked: bool | None = None,
         start_timeout: float | None = None,
         handshake: bool = True,
+        ahead: ForkedAhead | None = None,
     ) -> AsyncIterator[WorkerProcess]:
         """Start a worker and yield it once it said ``Hello`` (``handshake`` False: at once,
         its first request overlapping its start; see ``serve_worker``); on exit it is shut down
         (killed after ``close_grace``) and reaped. ``forked``: None, by the zygote while it
         is up, else spawned; True, by the zygote only (a ``sandbox`` made for a forked
-        child must not be spawned); False, spawned. Raises ``WorkerCrashedError`` when it
+        child must not be spawned); False, spawned. ``ahead``: a child its zygote forked
+        ahead (see :mod:`.spare`), used instead. Raises ``WorkerCrashedError`` when it
         fails to start."""
         zygote = None
-        if forked is not False and self.zygote is not None:
+        if ahead is not None:
+            zygote = ahead.zygote
+        elif forked is not False and self.zygote is not None:
             zygote = self.zygote.live()
         if forked and zygote is None:
             raise WorkerCrashedError("the zygote is gone: no worker could be forked")
@@ -88,6 +93,7 @@ class ProcessLauncher:
             sandbox=sandbox,
             sweep_group=self.sweep_group,
             handshake=handshake,
+            ahead=ahead,
         ) as worker:
             yield worker
 

@@ -39,6 +39,7 @@ from ..worker._leftovers import ended, kill_tree
 from .batch import Outcome, SubmittedBatch, collect_batch, submit_batch
 from .calls import Calls, Pending
 from .connection import WorkerConnection
+from .zygote import setup_frame
 
 if TYPE_CHECKING:
     from ..backends.job import Job
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from .child import ChildProcess
     from .handle import ChannelEndpoint, ExitCause
     from .limits import WorkerLimits
+    from .spare import ForkedAhead
     from .zygote import Zygote
 
 __all__ = ["WorkerProcess", "open_worker_process", "serve_worker"]
@@ -466,6 +468,7 @@ async def open_worker_process(
     sandbox: ChildSandbox | None = None,
     sweep_group: bool = False,
     handshake: bool = True,
+    ahead: ForkedAhead | None = None,
 ) -> AsyncIterator[WorkerProcess]:
     """Start a worker child and yield it once it said ``Hello`` (``handshake`` False: at
     once, see :func:`serve_worker`).
@@ -475,8 +478,54 @@ async def open_worker_process(
     started under. Raises ``WorkerCrashedError`` if it dies or stays silent for
     ``start_timeout`` seconds before the handshake. On exit it is shut down (killed after
     ``close_grace``) and reaped; ``sweep_group``: then what is left of its process group
-    (processes its handlers started and left running) is killed too.
+    (processes its handlers started and left running) is killed too. ``ahead``: a child
+    the zygote forked ahead, to be used (given its setup) instead of starting one.
     """
+    process: ChildProcess
+    if ahead is not None:  # forked already: only its setup is left to send
+        process, host_sock, err_read = ahead.use(
+            setup_frame(
+                cwd=cwd,
+                env=env,
+                limits=limits.to_arg() if limits is not None else "",
+                sandbox=sandbox.spec if sandbox is not None else None,
+            )
+        )
+    else:
+        process, host_sock, err_read = await _start_child(
+            cwd=cwd,
+            env=env,
+            limits=limits,
+            zygote=zygote,
+            start_timeout=start_timeout,
+            sandbox=sandbox,
+        )
+    try:
+        async with serve_worker(
+            process,
+            host_sock,
+            trio.lowlevel.FdStream(err_read),
+            start_timeout=start_timeout,
+            close_grace=close_grace,
+            handshake=handshake,
+        ) as worker:
+            yield worker
+    finally:
+        if sweep_group and process.pid is not None:
+            _end_group(process.pid)
+
+
+async def _start_child(
+    *,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    limits: WorkerLimits | None,
+    zygote: Zygote | None,
+    start_timeout: float,
+    sandbox: ChildSandbox | None,
+) -> tuple[ChildProcess, socket.socket, int]:
+    """Fork (by ``zygote``) or spawn a worker child; it, the host's end of its socket and
+    the read end of its output pipe."""
     host_sock, child_sock = worker_socketpair()
     err_read, err_write = os.pipe()
     process: ChildProcess | None = None
@@ -518,19 +567,7 @@ async def open_worker_process(
     finally:
         child_sock.close()
         os.close(err_write)
-    try:
-        async with serve_worker(
-            process,
-            host_sock,
-            trio.lowlevel.FdStream(err_read),
-            start_timeout=start_timeout,
-            close_grace=close_grace,
-            handshake=handshake,
-        ) as worker:
-            yield worker
-    finally:
-        if sweep_group and process.pid is not None:
-            _end_group(process.pid)
+    return process, host_sock, err_read
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ import trio
 from .._groups import unwrap_single
 from ..errors import WorkerCrashedError
 
-__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "ZygoteKeeper", "open_zygote"]
+__all__ = ["BASE_ENV", "Zygote", "ZygoteChild", "ZygoteKeeper", "open_zygote", "setup_frame"]
 
 _MAX_MESSAGE = 1 << 20
 #: The host variables every worker child (and the zygote) gets: nothing else of the host's.
@@ -56,6 +56,35 @@ class ZygoteChild:
             self._exited.set()
 
 
+def _setup(
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    limits: str,
+    sandbox: Mapping[str, object] | None,
+) -> dict[str, object]:
+    return {
+        "cwd": cwd,
+        "env": dict(env or os.environ),
+        "limits": limits,
+        "sandbox": dict(sandbox) if sandbox else None,
+    }
+
+
+def setup_frame(
+    *,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    limits: str,
+    sandbox: Mapping[str, object] | None = None,
+) -> bytes:
+    """What a child forked ahead (:meth:`Zygote.fork_ahead`) reads first on its protocol
+    socket: the arguments of :meth:`Zygote.spawn`, length-prefixed."""
+    body: bytes = msgpack.packb(_setup(cwd, env, limits, sandbox), use_bin_type=True)
+    if len(body) > _MAX_MESSAGE:
+        raise ValueError("a child's setup is too big")
+    return len(body).to_bytes(4, "big") + body
+
+
 class Zygote:
     """A live zygote. Create it with :func:`open_zygote`."""
 
@@ -74,6 +103,16 @@ class Zygote:
     def children(self) -> int:
         return len(self._children)
 
+    def exited(self) -> bool:
+        """Whether its process has exited, even if that is not seen yet (a zombie is not
+        reaped by asking)."""
+        if self.lost.is_set():
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:  # reaped already
+            return True
+
     async def spawn(
         self,
         sock_fd: int,
@@ -91,22 +130,25 @@ class Zygote:
         child; the caller still owns (and closes) its own. Raises ``WorkerCrashedError`` when
         the zygote is gone or the fork failed.
         """
+        return await self._fork(_setup(cwd, env, limits, sandbox), sock_fd, out_fd)
+
+    async def fork_ahead(
+        self, sock_fd: int, out_fd: int, prepare: Mapping[str, object] | None = None
+    ) -> ZygoteChild:
+        """Fork a worker child ahead of the execution it will run: it does what every child
+        does (``prepare``: see ``bootstrap.prepare``), then waits for its setup (cwd,
+        environment, limits, sandbox: :func:`setup_frame`), the first bytes the host sends
+        on ``sock_fd``'s other end; closing that end first ends it. Otherwise as
+        :meth:`spawn`."""
+        return await self._fork({"ahead": dict(prepare or {}) or True}, sock_fd, out_fd)
+
+    async def _fork(self, fields: dict[str, object], sock_fd: int, out_fd: int) -> ZygoteChild:
         if self.lost.is_set():
             raise WorkerCrashedError(f"the zygote (pid {self.pid}) is gone")
         request_id = next(self._ids)
         send, receive = trio.open_memory_channel[int | str](1)
         self._spawning[request_id] = send
-        message = msgpack.packb(
-            {
-                "t": "spawn",
-                "id": request_id,
-                "cwd": cwd,
-                "env": dict(env or os.environ),
-                "limits": limits,
-                "sandbox": dict(sandbox) if sandbox else None,
-            },
-            use_bin_type=True,
-        )
+        message = msgpack.packb({"t": "spawn", "id": request_id, **fields}, use_bin_type=True)
         fds = array.array("i", [sock_fd, out_fd]).tobytes()
         try:
             await self._ctl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])

@@ -165,6 +165,7 @@ class Ruleset:
 
     def __init__(self, abi: int, *, tcp: bool, scoped: bool) -> None:
         self.abi = abi
+        self.tcp = tcp
         self._fs = handled_fs(abi)
         net = NET_BIND_TCP | NET_CONNECT_TCP if tcp and abi >= 4 else 0
         scopes = SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET if scoped and abi >= 6 else 0
@@ -212,7 +213,13 @@ class Ruleset:
         try:
             _libc.syscall(_SYS_RESTRICT_SELF, self._fd, 0, what="landlock_restrict_self")
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the ruleset without enforcing it (idempotent)."""
+        if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
 
 def interpreter_paths() -> list[str]:
@@ -227,29 +234,56 @@ def interpreter_paths() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def base_ruleset(*, tcp: bool = True) -> Ruleset:
+    """A ruleset with the rules every child has: read what the interpreter needs, and the
+    system files (see :func:`restrict`, which adds a child's own). A child forked ahead of
+    its execution builds it while it waits. Raises :class:`LandlockError`."""
+    abi = abi_version()
+    if abi < 1:
+        raise LandlockError(unavailable_reason() or "Landlock is not available")
+    try:
+        ruleset = Ruleset(abi, tcp=tcp, scoped=True)
+        try:
+            for path in (*interpreter_paths(), *SYSTEM_READ):
+                ruleset.allow_path(path, READ)
+            for path in SYSTEM_WRITE_FILES:
+                ruleset.allow_path(path, WRITE)
+        except BaseException:
+            ruleset.close()
+            raise
+    except OSError as exc:
+        raise LandlockError(exc.errno, f"Landlock: {exc.strerror}") from None
+    return ruleset
+
+
 def restrict(
     *,
     read: Iterable[str],
     write: Iterable[str],
     execute: Iterable[str] = (),
     tcp_connect: Iterable[int] | None = (),
+    base: Ruleset | None = None,
 ) -> int:
     """Allow only this, for good: read ``read`` (plus what the interpreter needs), read and
     write ``write``, execute ``execute`` (files), TCP-connect to ``tcp_connect`` ports
     (``None``: any port; bind is always denied). Signals and abstract UNIX sockets cannot
     reach outside the sandbox (ABI 6).
 
-    Returns the ABI version applied. Raises :class:`LandlockError` when Landlock is not
-    available or the kernel refuses a step; the caller must then not run plugin code.
+    ``base``: a :func:`base_ruleset` built ahead, used when it handles TCP the same way
+    (else dropped). Returns the ABI version applied. Raises :class:`LandlockError` when
+    Landlock is not available or the kernel refuses a step; the caller must then not run
+    plugin code.
     """
-    abi = abi_version()
-    if abi < 1:
-        raise LandlockError(unavailable_reason() or "Landlock is not available")
+    tcp = tcp_connect is not None
+    if base is not None and base.tcp != tcp:
+        base.close()
+        base = None
+    ruleset = base if base is not None else base_ruleset(tcp=tcp)
+    abi = ruleset.abi
     try:
-        ruleset = Ruleset(abi, tcp=tcp_connect is not None, scoped=True)
-        for path in (*interpreter_paths(), *SYSTEM_READ, *read):
+        for path in read:
             ruleset.allow_path(path, READ)
-        for path in (*SYSTEM_WRITE_FILES, *write):
+        for path in write:
             ruleset.allow_path(path, WRITE)
         for path in execute:
             ruleset.allow_path(path, EXECUTE | READ_FILE)
@@ -259,5 +293,6 @@ def restrict(
         _libc.set_no_new_privs()
         ruleset.enforce()
     except OSError as exc:
+        ruleset.close()
         raise LandlockError(exc.errno, f"Landlock: {exc.strerror}") from None
     return abi

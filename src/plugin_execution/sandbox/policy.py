@@ -116,6 +116,12 @@ class SandboxPolicy:
 
     # -- one child ----------------------------------------------------------------------------
 
+    def ahead(self) -> dict[str, Any]:
+        """What every child applies whatever its execution, as plain data for
+        ``bootstrap.prepare``: a child forked ahead of its execution does it while it waits
+        (keys: ``capabilities``, ``landlock``, both bools)."""
+        return {"capabilities": self._drop_capabilities, "landlock": "landlock" in self}
+
     def for_child(
         self,
         permissions: Permissions,

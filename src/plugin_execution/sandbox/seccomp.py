@@ -159,6 +159,27 @@ def _encode(index: int, insn: tuple[int, int, object, object], labels: dict[str,
     return struct.pack("=HBBI", code, offset(jt), offset(jf), k)
 
 
+_programs: dict[tuple[bool, bool], bytes] = {}  # by (allow_spawning, allow_inet)
+
+
+def warm() -> None:
+    """Build every variant of the filter now: a zygote does, before it forks, so that its
+    children install theirs without building it (~0.1 ms each)."""
+    for allow_spawning in (False, True):
+        for allow_inet in (False, True):
+            _program(allow_spawning, allow_inet)
+
+
+def _program(allow_spawning: bool, allow_inet: bool) -> bytes:
+    key = (allow_spawning, allow_inet)
+    program = _programs.get(key)
+    if program is None:
+        program = _programs[key] = spawn_filter(
+            allow_spawning=allow_spawning, allow_inet=allow_inet
+        )
+    return program
+
+
 def install(*, allow_spawning: bool = False, allow_inet: bool = True) -> None:
     """Install the filter on this thread and on every thread and process it starts later
     (see :func:`spawn_filter` for ``allow_spawning`` and ``allow_inet``).
@@ -168,7 +189,7 @@ def install(*, allow_spawning: bool = False, allow_inet: bool = True) -> None:
     """
     import ctypes
 
-    program = spawn_filter(allow_spawning=allow_spawning, allow_inet=allow_inet)
+    program = _program(allow_spawning, allow_inet)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = ctypes.create_string_buffer(
         struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))

@@ -21,6 +21,9 @@ _LIMITS = {
     "nproc": "RLIMIT_NPROC",
 }
 _SANDBOX_EXIT = 71  # EX_OSERR: the sandbox could not be applied; no plugin code ran
+#: What :func:`prepare` did ahead: "subreaper", "capabilities" (True), "landlock" (a ruleset),
+#: "worker" (the runtime, not serving yet).
+_prepared: dict[str, Any] = {}
 
 
 def apply_limits(spec: str) -> None:
@@ -36,23 +39,81 @@ def apply_limits(spec: str) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition("=")
+        which = getattr(resource, _LIMITS[name])
         limit = int(value)
         hard = limit + 1 if name == "cpu" else limit
-        resource.setrlimit(getattr(resource, _LIMITS[name]), (limit, hard))
+        _, current = resource.getrlimit(which)
+        if current != resource.RLIM_INFINITY and hard > current:
+            # Stricter already (and raising it would need a capability the child may have
+            # dropped by now: see prepare): keep it.
+            hard = current
+            limit = min(limit, hard)
+        resource.setrlimit(which, (limit, hard))
+
+
+def prepare(spec: dict[str, Any], fd: int) -> None:
+    """In a child forked ahead, before its execution is known: what every child of its
+    backend does (``spec``: see ``sandbox.policy.SandboxPolicy.ahead``). It becomes a
+    subreaper, drops its capabilities, builds the Landlock rules every child has, and makes
+    (does not start) its worker runtime on socket ``fd``; :func:`serve` then does only the
+    rest. A step that fails is left for :func:`serve`, which fails it the usual way."""
+    try:
+        from ._leftovers import become_subreaper
+
+        _prepared["subreaper"] = become_subreaper()
+    except (ImportError, OSError):
+        pass
+    try:
+        if spec.get("capabilities"):
+            from ..sandbox import capabilities
+
+            capabilities.drop_all()
+            _prepared["capabilities"] = True
+        if spec.get("landlock"):
+            from ..sandbox import landlock
+
+            _prepared["landlock"] = landlock.base_ruleset()
+    except OSError:
+        pass
+    from .runtime import Worker
+
+    # Plain objects (no thread, no read of the socket): nothing here depends on the sandbox,
+    # the environment or the cwd that the execution's setup brings.
+    _prepared["worker"] = Worker(fd)
+    _touch_ahead()
+
+
+def _touch_ahead() -> None:
+    """Run, once and to no effect, the code every child runs first once its setup comes (a
+    frame encoded and decoded, a thread object made but not started): the copy-on-write
+    faults and cold caches of that first run are then had here, off the execution's path."""
+    import threading
+
+    from ._wire import FrameDecoder, encode
+
+    decoder = FrameDecoder()
+    decoder.feed(encode("hello", {"version": 0, "pid": 0}))
+    for _ in decoder:
+        pass
+    threading.Thread(target=None, daemon=True)
 
 
 def apply_sandbox(spec: dict[str, Any]) -> None:
     """Apply the kernel layers ``spec`` names (see ``sandbox.policy.ChildSandbox.spec``):
-    drop capabilities, then Landlock, then seccomp. Raises OSError if one fails."""
-    if spec.get("capabilities"):
+    drop capabilities, then Landlock, then seccomp (less what :func:`prepare` did).
+    Raises OSError if one fails."""
+    if spec.get("capabilities") and not _prepared.get("capabilities"):
         from ..sandbox import capabilities
 
         capabilities.drop_all()
     rules = spec.get("landlock")
+    base = _prepared.pop("landlock", None)
     if rules is not None:
         from ..sandbox import landlock
 
-        landlock.restrict(**rules)
+        landlock.restrict(**rules, base=base)
+    elif base is not None:
+        base.close()
     mode = spec.get("seccomp")
     if mode:
         from ..sandbox import seccomp
@@ -68,12 +129,13 @@ def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> N
     """
     # Before any plugin code: what a handler starts stays below the worker, even a setsid
     # double fork, so the worker can end it (see _leftovers).
-    try:
-        from ._leftovers import become_subreaper
+    if not _prepared.get("subreaper"):
+        try:
+            from ._leftovers import become_subreaper
 
-        become_subreaper()
-    except (ImportError, OSError):
-        pass  # no ctypes here: the host still kills the worker's group and tree
+            become_subreaper()
+        except (ImportError, OSError):
+            pass  # no ctypes here: the host still kills the worker's group and tree
     if limits:
         apply_limits(limits)
     if sandbox:
@@ -83,7 +145,9 @@ def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> N
             os.write(2, f"plugin_execution worker: cannot apply its sandbox: {exc}\n".encode())
             os._exit(_SANDBOX_EXIT)
     os.set_inheritable(fd, False)
+    worker = _prepared.pop("worker", None)
+    if worker is None:
+        from .runtime import Worker
 
-    from .runtime import Worker
-
-    Worker(fd).serve()
+        worker = Worker(fd)
+    worker.serve()

@@ -7,7 +7,11 @@ share nothing after the fork: each gets its own socket, session, cwd, environmen
 Control channel: a SOCK_SEQPACKET socket to the host, one msgpack map per message.
 
 - host -> zygote: ``{"t": "spawn", "id", "cwd", "env", "limits", "sandbox"}`` carrying two fds
-  (SCM_RIGHTS): the child's protocol socket and its stdout/stderr pipe;
+  (SCM_RIGHTS): the child's protocol socket and its stdout/stderr pipe; or
+  ``{"t": "spawn", "id", "ahead": {...}}`` with the same fds: a child forked *ahead* of
+  its execution, which does what every child does (``bootstrap.prepare(ahead)``), then
+  reads its setup from the host on its protocol socket once it is known (see
+  :func:`_read_setup`);
 - zygote -> host: ``{"t": "ready", "pid"}`` once warm; ``{"t": "spawned", "id", "pid"}``
   or ``{"t": "spawn_failed", "id", "error"}``; ``{"t": "exited", "pid", "status"}`` when it
   reaps a child (``status`` as ``subprocess`` reports it: exit code, or -signal).
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 _MAX_MESSAGE = 1 << 20
+_PR_SET_PDEATHSIG = 1
 _workers: set[int] = set()  # the children this zygote forked and has not reaped yet
 
 
@@ -98,8 +103,51 @@ def _reap(ctl: socket.socket) -> None:
             kill_all(orphans)
 
 
-def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> None:
-    """In the forked child: detach from the zygote, set up, and serve. Never returns."""
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _read_setup(fd: int) -> dict[str, object]:
+    """In a child forked ahead: wait for its setup, the first bytes the host sends on its
+    protocol socket (a 4-byte big-endian length, then a msgpack map: ``cwd``, ``env``,
+    ``limits``, ``sandbox``), reading nothing past it. The host closing the socket first (the
+    child was not needed after all) ends the child quietly."""
+    head = _read_exactly(fd, 4)
+    size = int.from_bytes(head or b"", "big")
+    body = _read_exactly(fd, size) if head is not None and 0 < size <= _MAX_MESSAGE else None
+    if body is None:
+        os._exit(0)
+    setup = msgpack.unpackb(body, raw=False)
+    if not isinstance(setup, dict):
+        raise TypeError("the setup is not a map")
+    return setup
+
+
+def _die_with(zygote: int) -> None:
+    """Have the kernel SIGKILL this child when the zygote dies: a child forked ahead may
+    wait a while, and must not be handed a setup (and run a plugin) once its zygote is
+    gone. Without ctypes the host still kills it when it sees the zygote go."""
+    try:
+        from ..sandbox import _libc
+
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (ImportError, OSError):
+        return
+    if os.getppid() != zygote:  # it died before that took effect
+        os._exit(0)
+
+
+def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int, zygote: int) -> None:
+    """In the forked child: detach from the zygote, set up, and serve. Never returns.
+
+    A child forked ahead (``request["ahead"]``) does everything that is the same for every
+    execution first (detach, close the zygote's fds), then waits for its setup."""
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -108,6 +156,14 @@ def _become_worker(request: dict[str, object], sock_fd: int, out_fd: int) -> Non
         os.dup2(out_fd, 2)
         os.closerange(3, sock_fd)  # the control socket, the wake pipe, out_fd: all of them
         os.closerange(sock_fd + 1, 1 << 16)
+        ahead = request.get("ahead")
+        if ahead:
+            _die_with(zygote)
+            if isinstance(ahead, dict):
+                from .bootstrap import prepare
+
+                prepare(ahead, sock_fd)
+            request = _read_setup(sock_fd)
         cwd = request.get("cwd")
         if isinstance(cwd, str):
             os.chdir(cwd)
@@ -136,13 +192,14 @@ def _spawn(ctl: socket.socket, request: dict[str, object], fds: list[int]) -> No
         _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": "expected 2 fds"})
         return
     sock_fd, out_fd = fds
+    zygote = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
         _send(ctl, {"t": "spawn_failed", "id": request.get("id"), "error": str(exc)})
         pid = -1
     if pid == 0:
-        _become_worker(request, sock_fd, out_fd)
+        _become_worker(request, sock_fd, out_fd, zygote)
     os.close(sock_fd)
     os.close(out_fd)
     if pid > 0:
@@ -163,6 +220,7 @@ def main(fd: int) -> None:
         from ..sandbox import _libc, capabilities, landlock, seccomp  # noqa: F401
 
         _libc.libc()
+        seccomp.warm()
     except (ImportError, OSError):
         pass
     try:
@@ -173,7 +231,14 @@ def main(fd: int) -> None:
         pass
 
     try:
-        import trio  # noqa: F401  (warm for async handlers)
+        import trio  # warm for async handlers
+
+        async def _first_run() -> None:
+            await trio.lowlevel.checkpoint()
+
+        # A first trio.run does one-time set-up (lazy imports, caches): here, once, rather
+        # than in every child's first async handler (~half of its loop's start, measured).
+        trio.run(_first_run)
     except ImportError:
         pass
     gc.freeze()  # children inherit a frozen heap: the GC won't touch (copy) its pages
