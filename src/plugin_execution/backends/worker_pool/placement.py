@@ -27,9 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import trio
-
-from ...errors import AcquireTimeoutError, BackendClosedError, ExecutionError, QueueFullError
+from ...errors import ExecutionError
 from .actors import WorkerActors
 from .queue import Group, Waiter, WaitQueue
 from .slots import PluginKey, Worker
@@ -184,46 +182,19 @@ class PluginQueue(WaitQueue):
         plugin_id = job.request.plugin_id
         key = key_of(job)
         if lender is not None and (lender.plugin is key or lender.plugin == key):
-            draining = lender.state == "draining"
-            self.take(lender, plugin_id)
-            if draining:
-                lender.state = "draining"
-            self._stats.record_queue_wait(0.0)
-            return lender
+            return self.take_lent(lender, plugin_id)
         if self._head(key) is None and self.plugin_has_room(plugin_id):
             worker = self.free_worker_for(key)
             if worker is not None:
                 self.take(worker, plugin_id)
                 self._stats.record_queue_wait(0.0)
                 return worker
-        if len(self.waiters) >= self._options.max_queue:
-            self._stats.queue_full_rejections += 1
-            raise QueueFullError(
-                f"the pool's queue is full ({len(self.waiters)} waiting, capacity "
-                f"{self._options.max_queue}); retry later or raise max_queue",
-                details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
-            )
+        self.check_room()
         waiter = PluginWaiter(job, key, submit=workspace is not None)
         self.waiters.append(waiter)
         self._by_key.setdefault(key, deque()).append(waiter)
         self._place()
-        self.deadlines.add(
-            min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
-        )
-        await waiter.wait(self.waiters)
-        self._stats.record_queue_wait(time.perf_counter() - waiter.enqueued)
-        if waiter.worker is not None:
-            return waiter
-        if not self._running():
-            raise BackendClosedError("the worker-pool backend is shutting down")
-        if trio.current_time() >= job.deadline:
-            raise job.timeout_error(" while waiting for a worker")
-        self._stats.acquire_timeouts += 1
-        raise AcquireTimeoutError(
-            f"no worker of plugin {plugin_id!r} became free within "
-            f"{self._options.acquire_timeout:g} s ({len(self.waiters)} queued, "
-            f"{len(self._workers)} workers)"
-        )
+        return await self.wait_queued(waiter, job, f" of plugin {plugin_id!r}")
 
     def _place(self) -> None:
         """Workers for the plugins that wait: one more for each whose waiters outnumber its

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -110,6 +110,9 @@ class Waiter:
 class NotStarted(Exception):
     """A queued execution handed over in a group never started: a member before it lost
     the worker (see :meth:`Group.unstarted`). Its caller queues it again."""
+
+
+W = TypeVar("W", bound=Waiter)
 
 
 class Group:
@@ -367,19 +370,33 @@ class WaitQueue:
         ``batch``: ``job`` stands for a batch of these, which takes one slot."""
         plugin_id = job.request.plugin_id
         if lender is not None:
-            draining = lender.state == "draining"  # retired, finishing its caller's work
-            self.take(lender, plugin_id)
-            if draining:
-                lender.state = "draining"
-            self._stats.record_queue_wait(0.0)
-            return lender
+            return self.take_lent(lender, plugin_id)
         if not self.waiters and self.plugin_has_room(plugin_id):
             worker = self.free_worker()
             if worker is not None:
                 self.take(worker, plugin_id)
                 self._stats.record_queue_wait(0.0)
                 return worker
-        if not self._running():  # closing: no new waiter (close() woke the last ones)
+        self.check_room()
+        waiter = Waiter(job, workspace, batch)
+        self.waiters.append(waiter)
+        self._grow(len(self.waiters))
+        return await self.wait_queued(waiter, job)
+
+    def take_lent(self, lender: Worker, plugin_id: str) -> Worker:
+        """Take a slot of ``lender``, the invoking execution's worker, at once (a retired one
+        stays retired: it only finishes its caller's work)."""
+        draining = lender.state == "draining"
+        self.take(lender, plugin_id)
+        if draining:
+            lender.state = "draining"
+        self._stats.record_queue_wait(0.0)
+        return lender
+
+    def check_room(self) -> None:
+        """Raise unless a new waiter may queue: not once the pool is closing (``close()``
+        woke the last ones), not past ``max_queue`` (``QueueFullError``)."""
+        if not self._running():
             raise BackendClosedError("the worker-pool backend is shutting down")
         if len(self.waiters) >= self._options.max_queue:
             self._stats.queue_full_rejections += 1
@@ -388,9 +405,10 @@ class WaitQueue:
                 f"{self._options.max_queue}); retry later or raise max_queue",
                 details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
             )
-        waiter = Waiter(job, workspace, batch)
-        self.waiters.append(waiter)
-        self._grow(len(self.waiters))
+
+    async def wait_queued(self, waiter: W, job: Job, whose: str = "") -> W:
+        """Wait, queued, until ``waiter`` is handed a worker, and return it; raise why not:
+        the pool closing, ``job``'s deadline, or ``acquire_timeout`` (no worker ``whose``)."""
         self.deadlines.add(
             min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
         )
@@ -404,7 +422,7 @@ class WaitQueue:
             raise job.timeout_error(" while waiting for a worker")
         self._stats.acquire_timeouts += 1
         raise AcquireTimeoutError(
-            f"no worker became free within {self._options.acquire_timeout:g} s "
+            f"no worker{whose} became free within {self._options.acquire_timeout:g} s "
             f"({len(self.waiters)} queued, {len(self._workers)} workers)"
         )
 
