@@ -171,7 +171,7 @@ class PoolBatches:
             return outcomes
         finally:
             self._settle(worker, proc, members, outcomes, lost_at)
-            queue.give_back(worker, ticket.request.plugin_id)
+            queue.give_back(worker, ticket.request.plugin_id, executions=len(batch))
             ends: list[Outcome | None] = [None] * len(members) if outcomes is None else [*outcomes]
             for (_, job, lease, _), outcome in zip(members, ends, strict=True):
                 if outcome is NOT_STARTED:

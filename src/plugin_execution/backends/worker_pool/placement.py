@@ -155,7 +155,9 @@ class PluginQueue(WaitQueue):
             self._by_key[key].popleft()
             self.hand_over(worker, waiter)
 
-    def give_back(self, worker: Worker, plugin_id: str, group: Group | None = None) -> None:
+    def give_back(
+        self, worker: Worker, plugin_id: str, group: Group | None = None, executions: int = 1
+    ) -> None:
         assert group is None, "a sandboxed pool hands over no groups"
         self.release(worker, plugin_id)
         if not self.waiters:

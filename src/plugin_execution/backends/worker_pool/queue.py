@@ -277,15 +277,18 @@ class WaitQueue:
         worker.state = "busy"
         self.per_plugin[plugin_id] += 1
 
-    def give_back(self, worker: Worker, plugin_id: str, group: Group | None = None) -> None:
+    def give_back(
+        self, worker: Worker, plugin_id: str, group: Group | None = None, executions: int = 1
+    ) -> None:
+        """A slot of ``worker`` is free again after ``executions`` ran on it (a map's batch:
+        its members; a group's: given back by each member, freed with the last)."""
         if group is not None:
             group.left -= 1
             if group.left:
                 return  # the batch's slot: given back with its last member
+            executions = len(group.submitted.pendings)
         if self.waiters:  # a busy worker: the time since its last give-back is the work's
-            each = (time.monotonic() - worker.last_used) / (
-                1 if group is None else len(group.submitted.pendings)
-            )
+            each = (time.monotonic() - worker.last_used) / executions
             mean = self._per_execution_s
             self._per_execution_s = each if not mean else 0.9 * mean + 0.1 * each
         self.release(worker, plugin_id)
