@@ -7,7 +7,7 @@ default 2) and the same 16 B echo (``_handlers.echo``):
   ``--executions`` requests (default 100,000), every result read; executions per second.
 - ``map_no_recycling``: the same on a pool that keeps its workers for good
   (``max_executions_per_worker`` out of reach), as the peers do: at these rates the default
-  (a new worker every 1,000 executions) replaces ~20 workers a second.
+  (a new worker every 10,000 executions) replaces ~3 workers a second.
 - ``anyio.to_process`` / ``trio_parallel``: 64 trio tasks calling them, one call at a time each
   (the peers have no run-many of their own); the best of the two is the baseline.
 - ``socketpair floor``: 64 tasks sharing the floor's connections, one frame per call.

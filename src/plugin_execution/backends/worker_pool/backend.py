@@ -51,7 +51,7 @@ class WorkerPoolBackend(ExecutionBackend):
     ``max_concurrency_per_worker`` [1], ``max_concurrent_per_plugin`` [unlimited];
     ``warmup`` [``"none"``] | ``"marked"`` | ``"top_n"`` with ``warmup_top_n`` [5] and
     ``max_warm_handlers`` [20]; ``max_queue`` [100], ``acquire_timeout`` [5 s];
-    ``max_executions_per_worker`` [1000], ``max_worker_uptime`` [1800 s],
+    ``max_executions_per_worker`` [10000], ``max_worker_uptime`` [1800 s],
     ``max_worker_memory_mb`` [None]; ``health_check_interval`` [10 s],
     ``health_check_timeout`` [5 s]; ``cancel_grace`` [1 s]; ``shutdown_timeout`` [10 s];
     ``max_restarts`` [50] within ``restart_window`` [30 s] before the supervisor gives up
@@ -82,7 +82,7 @@ class WorkerPoolBackend(ExecutionBackend):
         max_warm_handlers: int = 20,
         max_queue: int = 100,
         acquire_timeout: float = 5.0,
-        max_executions_per_worker: int = 1000,
+        max_executions_per_worker: int = 10_000,
         max_worker_uptime: float = 1800.0,
         max_worker_memory_mb: float | None = None,
         health_check_interval: float = 10.0,
