@@ -224,7 +224,7 @@ async def test_a_crashing_handler_is_worker_crashed_with_the_cause(plugins, work
 async def test_an_actor_killed_from_outside_fails_its_caller_only(plugins, workspaces) -> None:  # type: ignore[no-untyped-def]
     async with ray_backend(plugins, workspaces) as backend:
         await idle_workers(backend, 1)
-        outcome: list[BaseException] = []
+        outcome: list[WorkerCrashedError] = []
 
         async def call() -> None:
             try:
