@@ -141,6 +141,9 @@ SAMPLES: list[Message] = [
     ),
     PlatformReply(call_id=1, ok=True, value={"v": [1, 2]}, error=None),
 ]
+EVENT = SAMPLES[3]
+#: One encoder for every test that uses it: its packer is reused from frame to frame.
+SHARED_ENCODER = _wire.FrameEncoder()
 SENT = [
     pytest.param(msg, role, id=f"{msg.tag}-from-{role}")
     for msg in SAMPLES
@@ -212,7 +215,9 @@ def test_every_message_round_trips_through_connections(msg: Message, role: Role)
 @pytest.mark.parametrize(("msg", "role"), SENT)
 def test_wire_writes_the_same_bytes_as_the_connection(msg: Message, role: Role) -> None:
     sender, _ = pair(role, greet=msg != HELLO)
-    assert _wire.encode(msg.tag, fields_of(msg)) == sender.send(msg)
+    expected = sender.send(msg)
+    assert _wire.encode(msg.tag, fields_of(msg)) == expected
+    assert SHARED_ENCODER.encode(msg.tag, fields_of(msg)) == expected
 
 
 @pytest.mark.parametrize(("msg", "role"), SENT)
@@ -306,6 +311,7 @@ def test_wire_agrees_with_connections_on_arbitrary_messages(
     sender, receiver = pair(role)
     encoded = _wire.encode(msg.tag, fields_of(msg))
     assert encoded == sender.send(msg)
+    assert SHARED_ENCODER.encode(msg.tag, fields_of(msg)) == encoded  # one Packer for all
     assert wire_decode(encoded) == [(msg.tag, fields_of(msg))]
     assert receive(receiver, encoded) == [msg]
 
@@ -617,6 +623,39 @@ def test_wire_errors_are_value_errors() -> None:
 def test_wire_refuses_to_encode_bad_messages(tag: str, fields: dict[str, Any], error: str) -> None:
     with pytest.raises(_wire.WireError, match=error):
         _wire.encode(tag, fields, max_frame_size=100)
+    with pytest.raises(_wire.WireError, match=error):
+        SHARED_ENCODER.encode(tag, fields, max_frame_size=100)
+    # Nothing of the refused frame is left in the encoder's packer for the next one.
+    assert SHARED_ENCODER.encode("ping", {"seq": 7}) == _wire.encode("ping", {"seq": 7})
+
+
+def test_an_encoder_refuses_what_a_value_raises_while_packed_and_keeps_nothing_of_it() -> None:
+    class Hostile(dict[str, Any]):
+        def items(self) -> Any:  # msgpack packs a dict subclass through items()
+            raise KeyboardInterrupt
+
+    encoder = _wire.FrameEncoder()
+    with pytest.raises(KeyboardInterrupt):
+        encoder.encode("event", {**fields_of(EVENT), "data": {"a": [1, 2, Hostile(x=1)]}})
+    assert encoder.encode("ping", {"seq": 7}) == _wire.encode("ping", {"seq": 7})
+
+
+def test_an_encoder_in_use_packs_the_usual_way() -> None:
+    # A value's own code may send a frame while the value is packed (a handler's print from
+    # a dict subclass's items(), say): the inner frame must not mix with the outer one.
+    encoder = _wire.FrameEncoder()
+    inner: list[bytes] = []
+
+    class Chatty(dict[str, Any]):
+        def items(self) -> Any:
+            inner.append(encoder.encode("ping", {"seq": 1}))
+            return super().items()
+
+    fields = {**fields_of(EVENT), "data": Chatty(a=1)}
+    outer = encoder.encode("event", fields)
+    assert inner == [_wire.encode("ping", {"seq": 1})]
+    assert outer == _wire.encode("event", {**fields, "data": {"a": 1}})
+    assert encoder.encode("ping", {"seq": 2}) == _wire.encode("ping", {"seq": 2})
 
 
 @pytest.mark.parametrize(

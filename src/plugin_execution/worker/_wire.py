@@ -15,6 +15,8 @@ Imports: the standard library and msgpack only, nothing else from plugin_executi
 
 from __future__ import annotations
 
+import _thread
+
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 TYPE_CHECKING = False
@@ -30,6 +32,7 @@ __all__ = [
     "BigFrame",
     "FrameBuffer",
     "FrameDecoder",
+    "FrameEncoder",
     "WireError",
     "encode",
     "encode_parts",
@@ -114,6 +117,44 @@ def encode(
             f"{max_frame_size}-byte limit"
         )
     return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+
+
+class FrameEncoder:
+    """:func:`encode` with one msgpack ``Packer`` kept for every frame, where ``packb`` makes
+    a new one per call: that is two thirds of what packing a small frame costs. Thread-safe:
+    a call that finds the packer in use (by another thread, or by the very value being
+    packed, whose own code may send a frame) packs with :func:`encode` instead."""
+
+    __slots__ = ("_in_use", "_packer")
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._in_use = _thread.allocate_lock()
+
+    def encode(
+        self, tag: str, fields: dict[str, Any], *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> bytes:
+        """:func:`encode`: the same bytes, the same errors."""
+        in_use = self._in_use
+        if not in_use.acquire(False):
+            return encode(tag, fields, max_frame_size=max_frame_size)
+        try:
+            _check_fields(tag, fields.keys())
+            # A Packer that raises drops what it had packed of the value: nothing is left
+            # over for the next frame.
+            payload: bytes = self._packer.pack({"t": tag, **fields})
+        except (TypeError, ValueError, OverflowError) as exc:
+            if isinstance(exc, WireError):
+                raise
+            raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+        finally:
+            in_use.release()
+        if len(payload) > max_frame_size:
+            raise WireError(
+                f"cannot send {tag!r}: its frame of {len(payload)} bytes is over the "
+                f"{max_frame_size}-byte limit"
+            )
+        return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
 
 
 def pack_parts(fields: dict[str, Any], key: str) -> list[bytes] | None:
