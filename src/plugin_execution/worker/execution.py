@@ -125,17 +125,7 @@ class Executions:
         to run on a thread of its choice; starts anything else itself (or answers at once:
         a handler that cannot be loaded, a session handler that is not async)."""
         execution_id = msg["execution_id"]
-        workspace = msg.get("workspace")
-        ctx = ExecutionContext(
-            execution_id=execution_id,
-            plugin_id=msg["plugin_id"],
-            handler_id=msg["handler_id"],
-            context=msg.get("context") or {},
-            sink=FrameSink(self._send, execution_id),
-            workspace=_workspace_provider(workspace) if workspace else None,
-            platform=self._platform.caller(execution_id),
-        )
-        self.running[execution_id] = running = _Running(ctx)
+        running = self._begin(msg)
         try:
             handler, warm = self._handler(msg["entry"], msg.get("root"))
         except BaseException as exc:  # what importing plugin code raised, whatever it is
@@ -144,7 +134,7 @@ class Executions:
             error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
             self._finish(execution_id, error=error)
             return None
-        ctx.blocking = not handler.is_async
+        running.ctx.blocking = not handler.is_async
         if channel is not None:
             if not handler.is_async:
                 self._channels.pop(channel.connection_id, None)
@@ -166,6 +156,22 @@ class Executions:
             return lambda: self._run_sync(handler, warm, msg, running)
         return None
 
+    def _begin(self, msg: dict[str, Any]) -> _Running:
+        """The execution ``msg``'s context, made and entered in :attr:`running`."""
+        execution_id = msg["execution_id"]
+        workspace = msg.get("workspace")
+        ctx = ExecutionContext(
+            execution_id=execution_id,
+            plugin_id=msg["plugin_id"],
+            handler_id=msg["handler_id"],
+            context=msg.get("context") or {},
+            sink=FrameSink(self._send, execution_id),
+            workspace=_workspace_provider(workspace) if workspace else None,
+            platform=self._platform.caller(execution_id),
+        )
+        self.running[execution_id] = running = _Running(ctx)
+        return running
+
     def batch(self, members: list[dict[str, Any]]) -> Callable[[], None]:
         """The job that runs a ``batch`` frame's executions one after another, each to its
         end (an async one too: a batch holds one slot of the worker), skipping those
@@ -177,11 +183,21 @@ class Executions:
         for member in members:
             queued[member["execution_id"]] = member
 
+        handlers = self._handlers
+
         def run() -> None:
             for member in members:
                 execution_id = member["execution_id"]
                 if queued.pop(execution_id, None) is None:
                     continue  # cancelled before its turn, and answered then
+                handler = handlers.get((member["entry"], member["root"]))
+                if handler is not None and not handler.is_async:
+                    # The usual member: a sync handler loaded already, answered before
+                    # _run_sync returns. Its timeout is the host's to enforce.
+                    running = self._begin(member)
+                    running.ctx.blocking = True
+                    self._run_sync(handler, True, member, running)
+                    continue
                 timeout = member["timeout"]
                 if timeout:
                     member["timeout"] = max(0.001, timeout - (time.monotonic() - received))
