@@ -255,3 +255,25 @@ def test_a_batch_answers_each_member_in_turn_whatever_its_handler(
     # Each answer is written when its member ends, not when the batch does: the one before
     # the sleeping member was read half a second before the sleeping member's.
     assert by_id[ids[5]]["read_at"] - by_id[ids[4]]["read_at"] >= 0.4
+
+
+def test_a_context_made_by_position_is_the_one_made_by_keyword() -> None:
+    from plugin_execution.context import NULL_SINK, ExecutionContext
+
+    def provide() -> Any:
+        return None
+
+    args = ("e1", "p", "h", {"trace": "t"}, NULL_SINK, provide, None, True)
+    by_keyword = ExecutionContext(
+        execution_id="e1",
+        plugin_id="p",
+        handler_id="h",
+        context={"trace": "t"},
+        sink=NULL_SINK,
+        workspace=provide,
+        platform=None,
+        blocking=True,
+    )
+    by_position = ExecutionContext._positional(*args)
+    for name in ExecutionContext.__slots__:  # every slot set, to the same value
+        assert getattr(by_position, name) == getattr(by_keyword, name), name

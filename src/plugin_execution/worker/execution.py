@@ -46,6 +46,7 @@ from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
 from ._leftovers import has_children, kill_leftovers
 from .outbox import CapturedStream, FrameSink, current_execution
+from .platform_calls import WorkerCaller
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -160,14 +161,15 @@ class Executions:
         """The execution ``msg``'s context, made and entered in :attr:`running`."""
         execution_id = msg["execution_id"]
         workspace = msg.get("workspace")
-        ctx = ExecutionContext(
-            execution_id=execution_id,
-            plugin_id=msg["plugin_id"],
-            handler_id=msg["handler_id"],
-            context=msg.get("context") or {},
-            sink=FrameSink(self._send, execution_id),
-            workspace=_workspace_provider(workspace) if workspace else None,
-            platform=self._platform.caller(execution_id),
+        ctx = ExecutionContext._positional(
+            execution_id,
+            msg["plugin_id"],
+            msg["handler_id"],
+            msg.get("context") or {},
+            FrameSink(self._send, execution_id),
+            _workspace_provider(workspace) if workspace else None,
+            WorkerCaller(self._platform, execution_id),
+            False,
         )
         self.running[execution_id] = running = _Running(ctx)
         return running
