@@ -218,6 +218,7 @@ def test_wire_writes_the_same_bytes_as_the_connection(msg: Message, role: Role) 
     expected = sender.send(msg)
     assert _wire.encode(msg.tag, fields_of(msg)) == expected
     assert SHARED_ENCODER.encode(msg.tag, fields_of(msg)) == expected
+    assert SHARED_ENCODER.encode_message({"t": msg.tag, **fields_of(msg)}) == expected
 
 
 @pytest.mark.parametrize(("msg", "role"), SENT)
@@ -979,6 +980,14 @@ def test_a_big_result_from_the_worker_decodes_on_the_host() -> None:
         "result", {**fields, "output": b"x"}
     )
     assert _wire.pack_parts({str(i): i for i in range(15)} | {"v": BIG_INPUT}, "v") is None
+    # The worker's encoder: the same pieces, the big value not copied; small ones packed.
+    encoder = _wire.FrameEncoder()
+    for value in (BIG_INPUT, b"x"):
+        message = {"t": "result", **fields, "output": value}
+        expected = _wire.encode_parts("result", {**fields, "output": value}, "output")
+        assert encoder.encode("result", {**fields, "output": value}, "output") == expected
+        assert encoder.encode_message(message, "output") == expected
+    assert encoder.encode_message({"t": "result", **fields}, "output")[1] is BIG_INPUT
 
 
 def test_big_frames_read_into_their_buffer_in_any_pieces() -> None:
@@ -1041,12 +1050,18 @@ def test_send_execute_refuses_a_big_frame_over_the_limit() -> None:
     fields = {**EXECUTE_FIELDS, "input": BIG_INPUT}
     with pytest.raises(ProtocolError, match=r"over the 100000-byte limit"):
         Connection("host", max_frame_size=100_000).send_execute(**fields)
+    result = {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.0, "metadata": {}}
     with pytest.raises(_wire.WireError, match=r"over the 100000-byte limit"):
-        _wire.encode_parts(
-            "result",
-            {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.0, "metadata": {}},
-            "output",
-            max_frame_size=100_000,
+        _wire.encode_parts("result", result, "output", max_frame_size=100_000)
+    with pytest.raises(_wire.WireError, match=r"'result': its frame of .* 100000-byte limit"):
+        _wire.FrameEncoder().encode("result", result, "output", max_frame_size=100_000)
+    with pytest.raises(_wire.WireError, match=r"'result': its frame of .* 100-byte limit"):
+        _wire.FrameEncoder().encode_message(
+            {"t": "result", **result, "output": b"x" * 200}, "output", max_frame_size=100
+        )
+    with pytest.raises(_wire.WireError, match=r"cannot encode 'result': .*Opaque"):
+        _wire.FrameEncoder().encode_message(
+            {"t": "result", **result, "metadata": {"x": Opaque()}}, "output"
         )
 
 

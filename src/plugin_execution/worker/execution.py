@@ -93,8 +93,10 @@ class Executions:
         exit: Callable[[int], None],
         *,
         in_thread: bool,
+        send_message: Callable[[dict[str, Any], str | None], None],
     ) -> None:
         self._send = send
+        self._send_message = send_message
         self._threads = threads
         self._platform = platform
         self._channels = channels
@@ -354,7 +356,10 @@ class Executions:
             kill_leftovers()
         if error is None:
             used = running is not None and running.ctx.workspace_used
-            fields = {
+            # The Result message, whole (its fields in their order): the one frame each
+            # execution sends for sure, packed without FrameWriter.send's checks.
+            message = {
+                "t": "result",
                 "execution_id": execution_id,
                 "output": output,
                 "duration_s": time.perf_counter() - started,
@@ -366,7 +371,7 @@ class Executions:
                 },
             }
             try:
-                self._send("result", fields, big="output")
+                self._send_message(message, "output")
                 return
             except BaseException as exc:  # msgpack's errors, or what a hostile value raised
                 error = _InvalidRequest(

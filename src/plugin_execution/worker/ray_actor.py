@@ -62,7 +62,13 @@ class _ActorWorker(Worker):
     def __init__(self, sock: socket.socket, shipped: list[str]) -> None:
         super().__init__(sock.fileno(), in_thread=True, close=sock.close)
         self._executions = executions = _ActorExecutions(
-            self.send, self._threads, self._platform, self._channels, self._exit, in_thread=True
+            self.send,
+            self._threads,
+            self._platform,
+            self._channels,
+            self._exit,
+            in_thread=True,
+            send_message=self._writer.send_message,
         )
         self._local_workspaces: dict[str, str] = {}  # by execution id: made on this node
         executions.local_workspaces = self._local_workspaces
