@@ -141,6 +141,9 @@ SAMPLES: list[Message] = [
     ),
     PlatformReply(call_id=1, ok=True, value={"v": [1, 2]}, error=None),
 ]
+EVENT = SAMPLES[3]
+#: One encoder for every test that uses it: its packer is reused from frame to frame.
+SHARED_ENCODER = _wire.FrameEncoder()
 SENT = [
     pytest.param(msg, role, id=f"{msg.tag}-from-{role}")
     for msg in SAMPLES
@@ -212,7 +215,10 @@ def test_every_message_round_trips_through_connections(msg: Message, role: Role)
 @pytest.mark.parametrize(("msg", "role"), SENT)
 def test_wire_writes_the_same_bytes_as_the_connection(msg: Message, role: Role) -> None:
     sender, _ = pair(role, greet=msg != HELLO)
-    assert _wire.encode(msg.tag, fields_of(msg)) == sender.send(msg)
+    expected = sender.send(msg)
+    assert _wire.encode(msg.tag, fields_of(msg)) == expected
+    assert SHARED_ENCODER.encode(msg.tag, fields_of(msg)) == expected
+    assert SHARED_ENCODER.encode_message({"t": msg.tag, **fields_of(msg)}) == expected
 
 
 @pytest.mark.parametrize(("msg", "role"), SENT)
@@ -306,6 +312,7 @@ def test_wire_agrees_with_connections_on_arbitrary_messages(
     sender, receiver = pair(role)
     encoded = _wire.encode(msg.tag, fields_of(msg))
     assert encoded == sender.send(msg)
+    assert SHARED_ENCODER.encode(msg.tag, fields_of(msg)) == encoded  # one Packer for all
     assert wire_decode(encoded) == [(msg.tag, fields_of(msg))]
     assert receive(receiver, encoded) == [msg]
 
@@ -617,6 +624,39 @@ def test_wire_errors_are_value_errors() -> None:
 def test_wire_refuses_to_encode_bad_messages(tag: str, fields: dict[str, Any], error: str) -> None:
     with pytest.raises(_wire.WireError, match=error):
         _wire.encode(tag, fields, max_frame_size=100)
+    with pytest.raises(_wire.WireError, match=error):
+        SHARED_ENCODER.encode(tag, fields, max_frame_size=100)
+    # Nothing of the refused frame is left in the encoder's packer for the next one.
+    assert SHARED_ENCODER.encode("ping", {"seq": 7}) == _wire.encode("ping", {"seq": 7})
+
+
+def test_an_encoder_refuses_what_a_value_raises_while_packed_and_keeps_nothing_of_it() -> None:
+    class Hostile(dict[str, Any]):
+        def items(self) -> Any:  # msgpack packs a dict subclass through items()
+            raise KeyboardInterrupt
+
+    encoder = _wire.FrameEncoder()
+    with pytest.raises(KeyboardInterrupt):
+        encoder.encode("event", {**fields_of(EVENT), "data": {"a": [1, 2, Hostile(x=1)]}})
+    assert encoder.encode("ping", {"seq": 7}) == _wire.encode("ping", {"seq": 7})
+
+
+def test_an_encoder_in_use_packs_the_usual_way() -> None:
+    # A value's own code may send a frame while the value is packed (a handler's print from
+    # a dict subclass's items(), say): the inner frame must not mix with the outer one.
+    encoder = _wire.FrameEncoder()
+    inner: list[bytes] = []
+
+    class Chatty(dict[str, Any]):
+        def items(self) -> Any:
+            inner.append(encoder.encode("ping", {"seq": 1}))
+            return super().items()
+
+    fields = {**fields_of(EVENT), "data": Chatty(a=1)}
+    outer = encoder.encode("event", fields)
+    assert inner == [_wire.encode("ping", {"seq": 1})]
+    assert outer == _wire.encode("event", {**fields, "data": {"a": 1}})
+    assert encoder.encode("ping", {"seq": 2}) == _wire.encode("ping", {"seq": 2})
 
 
 @pytest.mark.parametrize(
@@ -940,6 +980,14 @@ def test_a_big_result_from_the_worker_decodes_on_the_host() -> None:
         "result", {**fields, "output": b"x"}
     )
     assert _wire.pack_parts({str(i): i for i in range(15)} | {"v": BIG_INPUT}, "v") is None
+    # The worker's encoder: the same pieces, the big value not copied; small ones packed.
+    encoder = _wire.FrameEncoder()
+    for value in (BIG_INPUT, b"x"):
+        message = {"t": "result", **fields, "output": value}
+        expected = _wire.encode_parts("result", {**fields, "output": value}, "output")
+        assert encoder.encode("result", {**fields, "output": value}, "output") == expected
+        assert encoder.encode_message(message, "output") == expected
+    assert encoder.encode_message({"t": "result", **fields}, "output")[1] is BIG_INPUT
 
 
 def test_big_frames_read_into_their_buffer_in_any_pieces() -> None:
@@ -1002,12 +1050,18 @@ def test_send_execute_refuses_a_big_frame_over_the_limit() -> None:
     fields = {**EXECUTE_FIELDS, "input": BIG_INPUT}
     with pytest.raises(ProtocolError, match=r"over the 100000-byte limit"):
         Connection("host", max_frame_size=100_000).send_execute(**fields)
+    result = {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.0, "metadata": {}}
     with pytest.raises(_wire.WireError, match=r"over the 100000-byte limit"):
-        _wire.encode_parts(
-            "result",
-            {"execution_id": "e", "output": BIG_INPUT, "duration_s": 0.0, "metadata": {}},
-            "output",
-            max_frame_size=100_000,
+        _wire.encode_parts("result", result, "output", max_frame_size=100_000)
+    with pytest.raises(_wire.WireError, match=r"'result': its frame of .* 100000-byte limit"):
+        _wire.FrameEncoder().encode("result", result, "output", max_frame_size=100_000)
+    with pytest.raises(_wire.WireError, match=r"'result': its frame of .* 100-byte limit"):
+        _wire.FrameEncoder().encode_message(
+            {"t": "result", **result, "output": b"x" * 200}, "output", max_frame_size=100
+        )
+    with pytest.raises(_wire.WireError, match=r"cannot encode 'result': .*Opaque"):
+        _wire.FrameEncoder().encode_message(
+            {"t": "result", **result, "metadata": {"x": Opaque()}}, "output"
         )
 
 

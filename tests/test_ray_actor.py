@@ -63,3 +63,19 @@ async def test_a_workspace_the_node_lacks_is_made_there_and_removed(
     assert result.output["mode"] == "0o700"
     assert not made.exists() and not made.parent.exists()  # removed, with the node's root
     assert not elsewhere.parent.exists()
+
+
+async def test_batch_members_get_the_node_s_workspaces_too(
+    registry: PluginRegistry, tmp_path: Path
+) -> None:
+    host, actor = worker_socketpair()
+    thread = _Thread(_ActorWorker(actor, []))
+    elsewhere = tmp_path / "not-on-this-node"  # its parent does not exist here
+    async with serve_worker(thread, host, None, kill=thread.kill) as worker:
+        jobs = [(job(registry, "use_workspace"), str(elsewhere / f"ws-{n}")) for n in range(3)]
+        outcomes = await worker.collect_batch(worker.submit_batch(jobs), backend="test")
+    made = [Path(outcome.output["dir"]) for outcome in outcomes]  # type: ignore[union-attr]
+    assert [path.name for path in made] == ["ws-0", "ws-1", "ws-2"]
+    assert all(path.parent != elsewhere for path in made)
+    assert not any(path.exists() for path in made)  # each removed after its execution
+    assert not elsewhere.exists()

@@ -34,12 +34,13 @@ class Driver:
         self.decoder = FrameDecoder()
         self.ids = 0
 
-    def execute(
+    def fields(
         self, handler: str, input: Any, *, linger: float = 0.0, entry: str | None = None
     ) -> dict[str, Any]:
+        """An ``execute``'s fields, with an execution id of its own."""
         target = self.registry.resolve(P, handler)
         self.ids += 1
-        fields = {
+        return {
             "execution_id": f"e{self.ids}",
             "plugin_id": P,
             "handler_id": handler,
@@ -52,11 +53,25 @@ class Driver:
             "warmup": False,
             "linger": linger,
         }
-        self.sock.sendall(encode("execute", fields))
+
+    def execute(
+        self, handler: str, input: Any, *, linger: float = 0.0, entry: str | None = None
+    ) -> dict[str, Any]:
+        self.sock.sendall(
+            encode("execute", self.fields(handler, input, linger=linger, entry=entry))
+        )
+        return self.frames(1)[-1]
+
+    def frames(self, answers: int) -> list[dict[str, Any]]:
+        """Every frame read until ``answers`` results or errors came, each with its tag
+        and the time it was read."""
+        frames: list[dict[str, Any]] = []
         while True:
             for tag, message in self.decoder:
-                if tag in ("result", "error"):
-                    return {"tag": tag, **message}
+                frames.append({"tag": tag, "read_at": time.monotonic(), **message})
+                answers -= tag in ("result", "error")
+                if not answers:
+                    return frames
             self.sock.settimeout(10)
             self.decoder.feed(self.sock.recv(65536))
 
@@ -71,21 +86,24 @@ def reading_worker(registry: PluginRegistry) -> Iterator[tuple[Worker, Driver]]:
 
     worker._exit = end  # type: ignore[method-assign]
     ended = threading.Event()
+    read = worker._lead
 
     def lead() -> None:
+        # Whichever thread reads when the host goes: this one, or an executor thread that
+        # took over reading from a handler that ran long (see Worker._stop_leading).
         try:
-            worker._lead()
+            read()
         except _Ended:
-            pass
-        finally:
             ended.set()
 
+    worker._lead = lead  # type: ignore[method-assign]
     threading.Thread(target=lead, daemon=True).start()
     try:
         yield worker, Driver(registry, host)
     finally:
         host.close()
-        assert ended.wait(10), "the reading thread did not end at EOF"
+        assert ended.wait(10), "no reading thread ended at EOF"
+        worker._threads.stop()  # the trio loop too, if an async handler started it
         child.close()
 
 
@@ -189,3 +207,73 @@ async def test_an_abandoned_thread_handler_never_writes_to_a_reused_fd(
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_a_batch_answers_each_member_in_turn_whatever_its_handler(
+    registry: PluginRegistry,
+) -> None:
+    with reading_worker(registry) as (_worker, driver):
+        for handler in ("events_sync", "fail_sync", "whoami"):  # loaded before the batch
+            driver.execute(handler, {"count": 0})
+        members = [
+            driver.fields("add", {"a": 1, "b": 1}),  # loads the handler: the general path
+            driver.fields("add", {"a": 2, "b": 2}),  # loaded and sync: the short path
+            driver.fields("events_sync", {"count": 2}),
+            driver.fields("fail_sync", None),
+            driver.fields("echo", "async"),  # async: run on the loop, waited for
+            driver.fields("sleep_sync", {"seconds": 0.5}),
+            driver.fields("whoami", None),
+            driver.fields("add", {"a": 3, "b": 3}),  # cancelled before its turn
+            driver.fields("add", {"a": 4, "b": 4}),
+        ]
+        ids = [member["execution_id"] for member in members]
+        driver.sock.sendall(encode("batch", {"executes": members, "linger": 0.0}))
+        driver.sock.sendall(encode("cancel", {"execution_id": ids[7], "reason": "test"}))
+        frames = driver.frames(len(members))
+    answers = [f for f in frames if f["tag"] in ("result", "error")]
+    # The cancelled member is answered when the cancel is read: while the sleeping member
+    # runs, by the thread that took over reading from it. Every other member in order.
+    order = [*ids[:5], ids[7], ids[5], ids[6], ids[8]]
+    assert [a["execution_id"] for a in answers] == order
+    by_id = {a["execution_id"]: a for a in answers}
+    assert [by_id[i].get("output") for i in (ids[0], ids[1], ids[2], ids[4], ids[8])] == [
+        2,
+        4,
+        2,
+        "async",
+        8,
+    ]
+    assert by_id[ids[3]]["error"]["code"] == "HANDLER_ERROR"
+    assert by_id[ids[7]]["error"]["code"] == "ABORTED"
+    assert by_id[ids[6]]["output"]["execution_id"] == ids[6]  # each member its own context
+    assert by_id[ids[1]]["metadata"]["warm"] is True
+    # A member's events come before its answer, after the answer of the one before.
+    events = [f for f in frames if f["tag"] == "event"]
+    assert [e["execution_id"] for e in events] == [ids[2], ids[2]]
+    assert frames.index(events[0]) > frames.index(by_id[ids[1]])
+    assert frames.index(events[-1]) < frames.index(by_id[ids[2]])
+    # Each answer is written when its member ends, not when the batch does: the one before
+    # the sleeping member was read half a second before the sleeping member's.
+    assert by_id[ids[5]]["read_at"] - by_id[ids[4]]["read_at"] >= 0.4
+
+
+def test_a_context_made_by_position_is_the_one_made_by_keyword() -> None:
+    from plugin_execution.context import NULL_SINK, ExecutionContext
+
+    def provide() -> Any:
+        return None
+
+    args = ("e1", "p", "h", {"trace": "t"}, NULL_SINK, provide, None, True)
+    by_keyword = ExecutionContext(
+        execution_id="e1",
+        plugin_id="p",
+        handler_id="h",
+        context={"trace": "t"},
+        sink=NULL_SINK,
+        workspace=provide,
+        platform=None,
+        blocking=True,
+    )
+    by_position = ExecutionContext._positional(*args)
+    for name in ExecutionContext.__slots__:  # every slot set, to the same value
+        assert getattr(by_position, name) == getattr(by_keyword, name), name

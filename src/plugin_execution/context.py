@@ -138,6 +138,35 @@ class ExecutionContext:
         #: awaitables. Set by the runtime that knows the handler's shape.
         self.blocking = blocking
 
+    @classmethod
+    def _positional(
+        cls,
+        execution_id: str,
+        plugin_id: str,
+        handler_id: str,
+        context: Mapping[str, Any],
+        sink: EventSink,
+        workspace: Callable[[], Path] | None,
+        platform: PlatformCaller | None,
+        blocking: bool,
+    ) -> ExecutionContext:
+        """``ExecutionContext(...)`` with every argument given, by position: what a worker
+        makes for each execution, where binding eight keywords cost ~0.3 us more. The same
+        object (a test holds the two constructors to the same slots)."""
+        self = cls.__new__(cls)
+        self.execution_id = execution_id
+        self.plugin_id = plugin_id
+        self.handler_id = handler_id
+        self.context = context
+        self._sink = sink
+        self._workspace_provider = workspace
+        self._workspace = None
+        self._logger = None
+        self._cancelled = False
+        self._platform = platform
+        self.blocking = blocking
+        return self
+
     @property
     def workspace(self) -> Path:
         """This execution's private directory (mode 0700), created on first access."""

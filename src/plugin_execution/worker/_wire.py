@@ -15,6 +15,8 @@ Imports: the standard library and msgpack only, nothing else from plugin_executi
 
 from __future__ import annotations
 
+import _thread
+
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 TYPE_CHECKING = False
@@ -30,6 +32,7 @@ __all__ = [
     "BigFrame",
     "FrameBuffer",
     "FrameDecoder",
+    "FrameEncoder",
     "WireError",
     "encode",
     "encode_parts",
@@ -114,6 +117,81 @@ def encode(
             f"{max_frame_size}-byte limit"
         )
     return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+
+
+class FrameEncoder:
+    """:func:`encode` and :func:`encode_parts` with one msgpack ``Packer`` kept for every
+    frame, where ``packb`` makes a new one per call: that is two thirds of what packing a
+    small frame costs. Thread-safe: a call that finds the packer in use (by another thread,
+    or by the very value being packed, whose own code may send a frame) packs with
+    ``packb`` instead."""
+
+    __slots__ = ("_in_use", "_packer")
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._in_use = _thread.allocate_lock()
+
+    def encode(
+        self,
+        tag: str,
+        fields: dict[str, Any],
+        big: str | None = None,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> bytes | list[bytes]:
+        """:func:`encode`, or :func:`encode_parts` when ``big`` names a field: the same
+        bytes, the same errors."""
+        _check_fields(tag, fields.keys())
+        return self.encode_message({"t": tag, **fields}, big, max_frame_size=max_frame_size)
+
+    def encode_message(
+        self,
+        message: dict[str, Any],
+        big: str | None = None,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> bytes | list[bytes]:
+        """The frame of ``message``, a whole message map: ``"t"`` (the tag) first, then
+        exactly that message's fields, which are not checked (see :meth:`encode`): for the
+        worker's own maps, made anew for each execution. ``big`` as in :meth:`encode`."""
+        if big is not None and type(value := message[big]) is bytes and len(value) >= BIG:
+            return self._parts(message, big, max_frame_size)
+        in_use = self._in_use
+        try:
+            if in_use.acquire(False):
+                try:
+                    # A Packer that raises drops what it had packed of the value: nothing
+                    # is left over for the next frame.
+                    payload: bytes = self._packer.pack(message)
+                finally:
+                    in_use.release()
+            else:
+                payload = msgpack.packb(message, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise WireError(f"cannot encode {message['t']!r}: {_clip(str(exc))}") from exc
+        if len(payload) > max_frame_size:
+            raise WireError(
+                f"cannot send {message['t']!r}: its frame of {len(payload)} bytes is over "
+                f"the {max_frame_size}-byte limit"
+            )
+        return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+
+    def _parts(self, message: dict[str, Any], big: str, max_frame_size: int) -> bytes | list[bytes]:
+        tag = message["t"]
+        try:
+            parts = pack_parts(message, big)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+        if parts is None:
+            return self.encode_message(message, max_frame_size=max_frame_size)
+        size = int.from_bytes(parts[0][:_HEADER_SIZE], "big")
+        if size > max_frame_size:
+            raise WireError(
+                f"cannot send {tag!r}: its frame of {size} bytes is over the "
+                f"{max_frame_size}-byte limit"
+            )
+        return parts
 
 
 def pack_parts(fields: dict[str, Any], key: str) -> list[bytes] | None:

@@ -46,6 +46,7 @@ from ..errors import InvalidRequestError as _InvalidRequest
 from ..handlers import Handler, load_handler
 from ._leftovers import has_children, kill_leftovers
 from .outbox import CapturedStream, FrameSink, current_execution
+from .platform_calls import WorkerCaller
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ class Executions:
         exit: Callable[[int], None],
         *,
         in_thread: bool,
+        send_message: Callable[[dict[str, Any], str | None], None],
     ) -> None:
         self._send = send
+        self._send_message = send_message
         self._threads = threads
         self._platform = platform
         self._channels = channels
@@ -125,17 +128,7 @@ class Executions:
         to run on a thread of its choice; starts anything else itself (or answers at once:
         a handler that cannot be loaded, a session handler that is not async)."""
         execution_id = msg["execution_id"]
-        workspace = msg.get("workspace")
-        ctx = ExecutionContext(
-            execution_id=execution_id,
-            plugin_id=msg["plugin_id"],
-            handler_id=msg["handler_id"],
-            context=msg.get("context") or {},
-            sink=FrameSink(self._send, execution_id),
-            workspace=_workspace_provider(workspace) if workspace else None,
-            platform=self._platform.caller(execution_id),
-        )
-        self.running[execution_id] = running = _Running(ctx)
+        running = self._begin(msg)
         try:
             handler, warm = self._handler(msg["entry"], msg.get("root"))
         except BaseException as exc:  # what importing plugin code raised, whatever it is
@@ -144,7 +137,7 @@ class Executions:
             error = exc if isinstance(exc, ExecutionError) else _handler_error(exc)
             self._finish(execution_id, error=error)
             return None
-        ctx.blocking = not handler.is_async
+        running.ctx.blocking = not handler.is_async
         if channel is not None:
             if not handler.is_async:
                 self._channels.pop(channel.connection_id, None)
@@ -166,6 +159,23 @@ class Executions:
             return lambda: self._run_sync(handler, warm, msg, running)
         return None
 
+    def _begin(self, msg: dict[str, Any]) -> _Running:
+        """The execution ``msg``'s context, made and entered in :attr:`running`."""
+        execution_id = msg["execution_id"]
+        workspace = msg.get("workspace")
+        ctx = ExecutionContext._positional(
+            execution_id,
+            msg["plugin_id"],
+            msg["handler_id"],
+            msg.get("context") or {},
+            FrameSink(self._send, execution_id),
+            _workspace_provider(workspace) if workspace else None,
+            WorkerCaller(self._platform, execution_id),
+            False,
+        )
+        self.running[execution_id] = running = _Running(ctx)
+        return running
+
     def batch(self, members: list[dict[str, Any]]) -> Callable[[], None]:
         """The job that runs a ``batch`` frame's executions one after another, each to its
         end (an async one too: a batch holds one slot of the worker), skipping those
@@ -177,11 +187,21 @@ class Executions:
         for member in members:
             queued[member["execution_id"]] = member
 
+        handlers = self._handlers
+
         def run() -> None:
             for member in members:
                 execution_id = member["execution_id"]
                 if queued.pop(execution_id, None) is None:
                     continue  # cancelled before its turn, and answered then
+                handler = handlers.get((member["entry"], member["root"]))
+                if handler is not None and not handler.is_async:
+                    # The usual member: a sync handler loaded already, answered before
+                    # _run_sync returns. Its timeout is the host's to enforce.
+                    running = self._begin(member)
+                    running.ctx.blocking = True
+                    self._run_sync(handler, True, member, running)
+                    continue
                 timeout = member["timeout"]
                 if timeout:
                     member["timeout"] = max(0.001, timeout - (time.monotonic() - received))
@@ -336,7 +356,10 @@ class Executions:
             kill_leftovers()
         if error is None:
             used = running is not None and running.ctx.workspace_used
-            fields = {
+            # The Result message, whole (its fields in their order): the one frame each
+            # execution sends for sure, packed without FrameWriter.send's checks.
+            message = {
+                "t": "result",
                 "execution_id": execution_id,
                 "output": output,
                 "duration_s": time.perf_counter() - started,
@@ -348,7 +371,7 @@ class Executions:
                 },
             }
             try:
-                self._send("result", fields, big="output")
+                self._send_message(message, "output")
                 return
             except BaseException as exc:  # msgpack's errors, or what a hostile value raised
                 error = _InvalidRequest(

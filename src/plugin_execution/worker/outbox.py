@@ -16,7 +16,7 @@ import threading
 import time
 from _contextvars import ContextVar  # the C module: a fresh child skips contextvars.py
 
-from ._wire import encode, encode_parts, unsent
+from ._wire import FrameEncoder, unsent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,13 +45,16 @@ class FrameWriter:
     imports.
     """
 
-    __slots__ = ("_closed", "_fd", "_lock", "_release")
+    __slots__ = ("_closed", "_encode", "_encode_message", "_fd", "_lock", "_release")
 
     def __init__(self, fd: int, release: Callable[[], None]) -> None:
         self._fd = fd
         self._release = release
         self._lock = threading.Lock()
         self._closed = False
+        encoder = FrameEncoder()
+        self._encode = encoder.encode
+        self._encode_message = encoder.encode_message
 
     def send(self, tag: str, fields: dict[str, Any], big: str | None = None) -> None:
         """Write one frame, whole. ``big``: a field that may hold a big ``bytes`` value,
@@ -60,7 +63,14 @@ class FrameWriter:
         fd number may belong to another socket or file by then. Never raises for a host
         that is gone (the reader sees EOF and stops the worker); raises ``WireError`` (a
         ``ValueError``) or what msgpack raises for fields it cannot encode."""
-        frame = encode(tag, fields) if big is None else encode_parts(tag, fields, big)
+        self._write(self._encode(tag, fields, big))
+
+    def send_message(self, message: dict[str, Any], big: str | None = None) -> None:
+        """:meth:`send` for a whole message map, ``"t"`` first, whose fields are not checked
+        (see ``FrameEncoder.encode_message``): an execution's answer."""
+        self._write(self._encode_message(message, big))
+
+    def _write(self, frame: bytes | list[bytes]) -> None:
         with self._lock:
             if self._closed:
                 return

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Any
 
+from ._wire import FIELDS
 from .execution import Executions
 from .runtime import Worker
 
@@ -35,6 +36,7 @@ __all__ = ["PREAMBLE", "RayWorkerActor", "pack_preamble"]
 #: object (its start id, node id, pid) of the length in the 2-byte big-endian prefix.
 PREAMBLE = struct.Struct("!32sH")
 _CONNECT_TIMEOUT_S = 30.0
+_EXECUTE_FIELDS = FIELDS["execute"]
 
 
 def pack_preamble(token: bytes, hello: dict[str, Any]) -> bytes:
@@ -62,7 +64,13 @@ class _ActorWorker(Worker):
     def __init__(self, sock: socket.socket, shipped: list[str]) -> None:
         super().__init__(sock.fileno(), in_thread=True, close=sock.close)
         self._executions = executions = _ActorExecutions(
-            self.send, self._threads, self._platform, self._channels, self._exit, in_thread=True
+            self.send,
+            self._threads,
+            self._platform,
+            self._channels,
+            self._exit,
+            in_thread=True,
+            send_message=self._writer.send_message,
         )
         self._local_workspaces: dict[str, str] = {}  # by execution id: made on this node
         executions.local_workspaces = self._local_workspaces
@@ -83,17 +91,25 @@ class _ActorWorker(Worker):
 
     def _dispatch(self, tag: str, msg: dict[str, Any]) -> None:
         if tag in ("execute", "warmup"):
-            root = msg.get("root")
-            if root in self._shipped:
-                msg["root"] = self._local_root(root)
-            workspace = msg.get("workspace")
-            if workspace and not os.path.isdir(os.path.dirname(workspace)):
-                if self._node_tmp is None:
-                    self._node_tmp = tempfile.mkdtemp(prefix="plugin-execution-ray-")
-                local = os.path.join(self._node_tmp, os.path.basename(workspace))
-                self._local_workspaces[msg["execution_id"]] = local
-                msg["workspace"] = local
+            self._localize(msg)
+        elif tag == "batch":  # each member as an execute (a malformed one: the runtime's)
+            for member in msg["executes"]:
+                if type(member) is dict and member.keys() == _EXECUTE_FIELDS:
+                    self._localize(member)
         super()._dispatch(tag, msg)
+
+    def _localize(self, msg: dict[str, Any]) -> None:
+        """Map an ``execute``'s (or a ``warmup``'s) host paths onto this node."""
+        root = msg.get("root")
+        if root in self._shipped:
+            msg["root"] = self._local_root(root)
+        workspace = msg.get("workspace")
+        if workspace and not os.path.isdir(os.path.dirname(workspace)):
+            if self._node_tmp is None:
+                self._node_tmp = tempfile.mkdtemp(prefix="plugin-execution-ray-")
+            local = os.path.join(self._node_tmp, os.path.basename(workspace))
+            self._local_workspaces[msg["execution_id"]] = local
+            msg["workspace"] = local
 
     def _local_root(self, root: str) -> str:
         """``root`` itself when this node has it, else its copy that ``runtime_env`` shipped

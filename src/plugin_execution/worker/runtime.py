@@ -108,6 +108,7 @@ class Worker:
             self._channels,
             self._exit,
             in_thread=in_thread,
+            send_message=self._writer.send_message,
         )
 
     def serve(self) -> None:
