@@ -78,27 +78,50 @@ class _Source:
         self.exhausted = False
 
     async def take(self, count: int) -> list[tuple[int, ExecutionRequest]]:
-        """Up to ``count`` requests, each with its index; fewer (or none) at the end."""
-        taken: list[tuple[int, ExecutionRequest]] = []
+        """Up to ``count`` requests, each with its index; fewer (or none) at the end. Not a
+        checkpoint for an iterable (nothing awaited: no other task can advance it
+        meanwhile, so it needs no lock); an async iterable is advanced under the lock."""
+        if self._sync is not None:
+            return self._pull(count)
         async with self._lock:
-            while len(taken) < count and not self.exhausted:
-                try:
-                    if self._sync is not None:
-                        request = next(self._sync)
-                    else:
-                        assert self._async is not None
-                        request = await anext(self._async)
-                except (StopIteration, StopAsyncIteration):
-                    self.exhausted = True
-                    break
-                if not isinstance(request, ExecutionRequest):
-                    raise InvalidRequestError(
-                        f"map's requests must be ExecutionRequest objects; item {self._count} "
-                        f"is a {type(request).__name__}"
-                    )
-                taken.append((self._count, request))
-                self._count += 1
+            return await self._pull_async(count)
+
+    def _pull(self, count: int) -> list[tuple[int, ExecutionRequest]]:
+        taken: list[tuple[int, ExecutionRequest]] = []
+        source = self._sync
+        assert source is not None
+        while len(taken) < count and not self.exhausted:
+            try:
+                request = next(source)
+            except StopIteration:
+                self.exhausted = True
+                break
+            taken.append((self._counted(request), request))
         return taken
+
+    async def _pull_async(self, count: int) -> list[tuple[int, ExecutionRequest]]:
+        taken: list[tuple[int, ExecutionRequest]] = []
+        source = self._async
+        assert source is not None
+        while len(taken) < count and not self.exhausted:
+            try:
+                request = await anext(source)
+            except StopAsyncIteration:
+                self.exhausted = True
+                break
+            taken.append((self._counted(request), request))
+        return taken
+
+    def _counted(self, request: object) -> int:
+        """The index of ``request``, the next pulled; raises unless it is a request."""
+        if type(request) is not ExecutionRequest and not isinstance(request, ExecutionRequest):
+            raise InvalidRequestError(
+                f"map's requests must be ExecutionRequest objects; item {self._count} "
+                f"is a {type(request).__name__}"
+            )
+        index = self._count
+        self._count += 1
+        return index
 
 
 class MapResults:
