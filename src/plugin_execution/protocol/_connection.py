@@ -16,7 +16,7 @@ import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 from ..converter import converter
 from ..worker._wire import FrameBuffer, pack_parts
-from ._codec import CODECS, clip, fast_structure, pack_plain, problems
+from ._codec import CODECS, clip, fast_structure, pack_plain, problems, structure_result
 from ._messages import (
     DEFAULT_MAX_FRAME_SIZE,
     PEER,
@@ -72,6 +72,7 @@ class Connection(FrameBuffer):
         self._sends = SENT_BY[role]
         self._receives = SENT_BY[PEER[role]]
         self._greeted = False  # host: Hello received; worker: Hello sent
+        self._fast_results = False  # a greeted host: Result frames take structure_result
         self._failure: ProtocolError | None = None
         #: The payload size of the last message :meth:`next_message` returned, in bytes.
         self.frame_size = 0
@@ -158,6 +159,10 @@ class Connection(FrameBuffer):
             data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
             raise ProtocolError(f"a frame is not valid msgpack: {clip(str(exc))}") from exc
+        if self._fast_results:  # a greeted host: a worker's answer, its usual frame
+            result = structure_result(data)
+            if result is not None:
+                return result
         if type(data) is not dict:
             raise ProtocolError(f"a frame holds {type(data).__name__}, not a map")
         tag = data.pop("t", None)
@@ -280,3 +285,4 @@ class Connection(FrameBuffer):
                 f"plugin-execution installation"
             )
         self._greeted = True
+        self._fast_results = self.role == "host" and "result" in self._receives
