@@ -92,7 +92,7 @@ def submit_batch(
     batch = SubmittedBatch()
     members: list[bytes] = []
     pendings, sent = batch.pendings, batch.sent
-    track = calls.track
+    tracked: list[Pending] = []
     for job, workspace in jobs:
         pending = Pending(job, cancel_grace, 0.0)
         pendings.append(pending)
@@ -121,7 +121,8 @@ def submit_batch(
         room -= len(member)
         members.append(member)
         sent[-1] = True
-        track(pending)
+        tracked.append(pending)
+    calls.track_all(tracked)
     if members:
         try:
             frame = connection.protocol.send_batch(members, linger)
@@ -150,7 +151,8 @@ async def collect_batch(calls: Calls, batch: SubmittedBatch, *, backend: str) ->
                 pass  # the worker is lost: the first member gets the crash, as below
         sent_now = True
         for pending in tracked:
-            await connection.wait_for(pending, sent=sent_now)
+            if not pending.done:  # answered already (read with an earlier one): no wait
+                await connection.wait_for(pending, sent=sent_now)
             sent_now = False
     except trio.Cancelled:
         with trio.CancelScope(shield=True):

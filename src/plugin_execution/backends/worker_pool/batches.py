@@ -176,6 +176,12 @@ class PoolBatches:
             for (_, job, lease, _), outcome in zip(members, ends, strict=True):
                 if outcome is NOT_STARTED:
                     lease.release_unused()  # it runs again, with a lease of its own
+                elif (
+                    type(outcome) is ExecutionResult
+                    and outcome.metadata.get("workspace_id") is None
+                    and job.session_unused
+                ):
+                    lease.release_unused()  # end_lease's usual case, without its await
                 else:
                     await end_lease(
                         lease, job, outcome if isinstance(outcome, ExecutionResult) else None
