@@ -192,8 +192,16 @@ async def run_many(
 
     async def permits() -> int:
         """Permits of the window for the next pull: at least one (waited for), then as
-        many more of the batch's as are free."""
-        await window.acquire()
+        many more of the batch's as are free. Waits only when the window is full (a
+        cancellation is noticed either way): a caller's loop has its schedule point in
+        running what it pulled, and a run of requests that all fail at once stops at the
+        window's bound."""
+        try:
+            window.acquire_nowait()
+        except trio.WouldBlock:
+            await window.acquire()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         wanted = 1 if batches is None or size == 1 else batches.take(size)
         taken = 1
         while taken < wanted:
