@@ -151,8 +151,9 @@ class MapResults:
                 self._waiting[index] = result
             result = self._waiting.pop(self._next)
             self._next += 1
-        else:
-            _, result = await self._receive_one()
+        else:  # one of the batch received last, if any left, without a coroutine
+            received = self._received
+            _, result = received.popleft() if received else await self._receive_one()
         self._window.release()
         return result
 
