@@ -870,6 +870,34 @@ def test_the_fast_path_agrees_with_cattrs_on_any_map(data: st.DataObject) -> Non
         assert fast is None or same_message(fast, slow)
 
 
+@given(st.data())
+def test_the_result_fast_path_agrees_with_cattrs_on_any_map(data: st.DataObject) -> None:
+    # The host's inlined decoding of a worker's Result (structure_result): on well-formed
+    # and garbage maps alike, exactly what cattrs builds, or None (cattrs decides).
+    fields = data.draw(
+        st.builds(fields_of, messages([Result]))
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                **{f.name: strategy_for(f.type) | plain for f in attrs.fields(Result)},
+                "extra": plain,
+                7: plain,
+            },
+        )
+    )
+    tag = data.draw(st.sampled_from(["result", "result", "event", 1]))
+    fast = protocol._codec.structure_result({"t": tag, **fields})
+    try:
+        slow = cattrs_structure("result", fields)
+    except Exception:
+        assert fast is None
+    else:
+        assert fast is None if tag != "result" else same_message(fast, slow)
+    assert fast is None or type(fast) is Result
+    if fast is not None:  # and the host's decoding of the frame takes it
+        assert same_message(receive(host(), packed({"t": "result", **fields}))[0], fast)
+
+
 RESULT_FIELDS = {"t": "result", **fields_of(RESULT)}
 PONG_FIELDS = {"t": "pong", **fields_of(PONG)}
 EVENT_FIELDS = {"t": "event", "execution_id": "e", "kind": "k", "data": None, "timestamp": 1.0}
@@ -914,6 +942,16 @@ EVENT_FIELDS = {"t": "event", "execution_id": "e", "kind": "k", "data": None, "t
             {k: v for k, v in RESULT_FIELDS.items() if k != "metadata"},
             r"required field missing @ \$\.metadata",
             id="result-missing-key",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "execution_id": "e" * 257},
+            r"expected an id of at most 256 characters, got 257 @ \$\.execution_id",
+            id="result-long-id",
+        ),
+        pytest.param(
+            {**RESULT_FIELDS, "t": "result", "metadata": []},
+            r"expected dict\[str, Any\], got list \[\] @ \$\.metadata",
+            id="result-list-metadata",
         ),
         pytest.param(
             {"t": "error", "execution_id": "e", "error": "boom"},

@@ -157,3 +157,30 @@ async def test_an_exception_in_the_block_is_not_swallowed(registry: PluginRegist
                 async with backend.map(requests, concurrency=2):
                     raise KeyError("mine")
         assert backend.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("backend_type", ["in-process", "worker-pool"])
+async def test_requests_failing_at_admission_never_starve_the_run(
+    registry: PluginRegistry, backend_type: str
+) -> None:
+    # They end without a wait; the callers still give way to the run's other tasks at least
+    # once per window (2 x concurrency) of them.
+    runs = 0
+
+    async def other_task() -> None:
+        nonlocal runs
+        while True:
+            runs += 1
+            await trio.lowlevel.checkpoint()
+
+    unknown = [ExecutionRequest(plugin_id="tests.nope", handler_id="x") for _ in range(400)]
+    async with (
+        make(type=backend_type, registry=registry) as backend,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(other_task)
+        async with backend.map(unknown, concurrency=4) as results:
+            codes = {result.error.code async for result in results if result.error is not None}
+        nursery.cancel_scope.cancel()
+    assert codes == {"PLUGIN_NOT_FOUND"}
+    assert runs >= 400 // 8, runs

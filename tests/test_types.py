@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import string
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any
 
@@ -273,6 +275,34 @@ def test_execution_id_generated_and_unique() -> None:
     sample = next(iter(generated))
     assert len(sample) == 32 and int(sample, 16) >= 0
     assert new_execution_id() not in generated
+
+
+def test_execution_ids_are_never_handed_out_twice_across_threads() -> None:
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: [new_execution_id() for _ in range(3000)], range(8)))
+    ids = [execution_id for batch in batches for execution_id in batch]
+    assert len(set(ids)) == len(ids) == 24000
+    assert all(len(execution_id) == 32 and int(execution_id, 16) >= 0 for execution_id in ids)
+
+
+def test_a_forked_child_does_not_reuse_its_parents_execution_ids() -> None:
+    new_execution_id()  # the parent holds ids not handed out yet
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write, "".join(new_execution_id() for _ in range(4)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 1024).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert len(child) == 4 * 32
+    ours = {new_execution_id() for _ in range(4)}
+    assert not ours & {child[i : i + 32] for i in range(0, len(child), 32)}
 
 
 def test_retry_of_same_request_gets_a_new_execution_id() -> None:

@@ -56,6 +56,24 @@ class Deadlines(Generic[K]):
         if timer is not None and deadline < timer.deadline:
             timer.deadline = deadline  # wake the timer earlier
 
+    def add_all(self, entries: list[tuple[float, K]]) -> None:
+        """:meth:`add` each ``(deadline, key)`` of ``entries``, at the cost of about one."""
+        heap = self._heap
+        if len(heap) + len(entries) > 2 * self._compacted + 32:
+            heap[:] = [entry for entry in heap if self._live(entry[2])]
+            heapq.heapify(heap)
+            self._compacted = len(heap)
+        order = self._order
+        earliest = math.inf
+        for deadline, key in entries:
+            if deadline < earliest:
+                earliest = deadline
+            if deadline != math.inf:
+                heapq.heappush(heap, (deadline, next(order), key))
+        timer = self._timer
+        if timer is not None and earliest < timer.deadline:
+            timer.deadline = earliest  # wake the timer earlier
+
     async def run(self) -> None:
         """The timer task: expire what is due, sleep until the next deadline, forever."""
         heap = self._heap

@@ -78,27 +78,50 @@ class _Source:
         self.exhausted = False
 
     async def take(self, count: int) -> list[tuple[int, ExecutionRequest]]:
-        """Up to ``count`` requests, each with its index; fewer (or none) at the end."""
-        taken: list[tuple[int, ExecutionRequest]] = []
+        """Up to ``count`` requests, each with its index; fewer (or none) at the end. Not a
+        checkpoint for an iterable (nothing awaited: no other task can advance it
+        meanwhile, so it needs no lock); an async iterable is advanced under the lock."""
+        if self._sync is not None:
+            return self._pull(count)
         async with self._lock:
-            while len(taken) < count and not self.exhausted:
-                try:
-                    if self._sync is not None:
-                        request = next(self._sync)
-                    else:
-                        assert self._async is not None
-                        request = await anext(self._async)
-                except (StopIteration, StopAsyncIteration):
-                    self.exhausted = True
-                    break
-                if not isinstance(request, ExecutionRequest):
-                    raise InvalidRequestError(
-                        f"map's requests must be ExecutionRequest objects; item {self._count} "
-                        f"is a {type(request).__name__}"
-                    )
-                taken.append((self._count, request))
-                self._count += 1
+            return await self._pull_async(count)
+
+    def _pull(self, count: int) -> list[tuple[int, ExecutionRequest]]:
+        taken: list[tuple[int, ExecutionRequest]] = []
+        source = self._sync
+        assert source is not None
+        while len(taken) < count and not self.exhausted:
+            try:
+                request = next(source)
+            except StopIteration:
+                self.exhausted = True
+                break
+            taken.append((self._counted(request), request))
         return taken
+
+    async def _pull_async(self, count: int) -> list[tuple[int, ExecutionRequest]]:
+        taken: list[tuple[int, ExecutionRequest]] = []
+        source = self._async
+        assert source is not None
+        while len(taken) < count and not self.exhausted:
+            try:
+                request = await anext(source)
+            except StopAsyncIteration:
+                self.exhausted = True
+                break
+            taken.append((self._counted(request), request))
+        return taken
+
+    def _counted(self, request: object) -> int:
+        """The index of ``request``, the next pulled; raises unless it is a request."""
+        if type(request) is not ExecutionRequest and not isinstance(request, ExecutionRequest):
+            raise InvalidRequestError(
+                f"map's requests must be ExecutionRequest objects; item {self._count} "
+                f"is a {type(request).__name__}"
+            )
+        index = self._count
+        self._count += 1
+        return index
 
 
 class MapResults:
@@ -128,8 +151,9 @@ class MapResults:
                 self._waiting[index] = result
             result = self._waiting.pop(self._next)
             self._next += 1
-        else:
-            _, result = await self._receive_one()
+        else:  # one of the batch received last, if any left, without a coroutine
+            received = self._received
+            _, result = received.popleft() if received else await self._receive_one()
         self._window.release()
         return result
 
@@ -169,8 +193,16 @@ async def run_many(
 
     async def permits() -> int:
         """Permits of the window for the next pull: at least one (waited for), then as
-        many more of the batch's as are free."""
-        await window.acquire()
+        many more of the batch's as are free. Waits only when the window is full (a
+        cancellation is noticed either way): a caller's loop has its schedule point in
+        running what it pulled, and a run of requests that all fail at once stops at the
+        window's bound."""
+        try:
+            window.acquire_nowait()
+        except trio.WouldBlock:
+            await window.acquire()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         wanted = 1 if batches is None or size == 1 else batches.take(size)
         taken = 1
         while taken < wanted:

@@ -35,17 +35,33 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _EXECUTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
+# Execution ids not handed out yet: 16 random bytes each (hex), from one ``os.urandom`` of
+# 4 KiB at a time instead of a system call per id. ``list.pop`` is atomic, so threads never
+# get the same one; a forked child starts with none (it must not reuse its parent's).
+_UNUSED_IDS: list[str] = []
+os.register_at_fork(after_in_child=_UNUSED_IDS.clear)
+
+
 def new_execution_id() -> str:
     """A fresh 128-bit random execution id (hex)."""
-    return os.urandom(16).hex()
+    try:
+        return _UNUSED_IDS.pop()
+    except IndexError:
+        pass
+    block = os.urandom(4096).hex()
+    _UNUSED_IDS.extend([block[start : start + 32] for start in range(32, len(block), 32)])
+    return block[:32]
+
+
+# Plugin and handler ids known good: they recur on every request, and a set lookup is
+# cheaper than the regex (bounded: a flood of distinct ids just empties it now and then).
+_GOOD_IDS: set[str] = set()
 
 
 def _check_id(pattern: re.Pattern[str], what: str, *, remember: bool = False) -> Any:
-    # ``remember``: plugin and handler ids recur on every request; a set lookup is cheaper
-    # than the regex (bounded: a flood of distinct ids just empties it now and then).
-    seen: set[str] = set()
+    seen = _GOOD_IDS if remember else set()
 
-    def check(_inst: Any, _attr: attrs.Attribute[Any], value: Any) -> None:
+    def check(_inst: Any, _attr: attrs.Attribute[Any] | None, value: Any) -> None:
         if type(value) is str and value in seen:
             return
         if not isinstance(value, str) or pattern.fullmatch(value) is None:
@@ -78,7 +94,14 @@ def _to_context(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-@attrs.frozen(kw_only=True)
+_check_plugin_id = _check_id(_ID, "plugin_id", remember=True)
+_check_handler_id = _check_id(_ID, "handler_id", remember=True)
+_check_execution_id = _check_id(_EXECUTION_ID, "execution_id")
+_NEW_ID: Any = object()  # no execution_id given: a new one
+_set = object.__setattr__
+
+
+@attrs.frozen(kw_only=True, init=False)
 class ExecutionRequest:
     """One call of ``plugin_id`` / ``handler_id`` with an input and a context.
 
@@ -89,14 +112,42 @@ class ExecutionRequest:
     :data:`DEFAULT_TIMEOUT_S` (30 s). A plugin's quota may lower it, never raise it.
     """
 
-    plugin_id: str = attrs.field(validator=_check_id(_ID, "plugin_id", remember=True))
-    handler_id: str = attrs.field(validator=_check_id(_ID, "handler_id", remember=True))
+    # The validators and converter below are what __init__ applies (``attrs.validate``
+    # runs them too); __init__ is written out because a request is made per execution.
+    plugin_id: str = attrs.field(validator=_check_plugin_id)
+    handler_id: str = attrs.field(validator=_check_handler_id)
     input: Any = None
     context: dict[str, Any] = attrs.field(factory=dict, converter=_to_context)
-    execution_id: str = attrs.field(
-        factory=new_execution_id, validator=_check_id(_EXECUTION_ID, "execution_id")
-    )
+    execution_id: str = attrs.field(factory=new_execution_id, validator=_check_execution_id)
     timeout: float | None = attrs.field(default=None, validator=check_timeout)
+
+    def __init__(
+        self,
+        *,
+        plugin_id: str,
+        handler_id: str,
+        input: Any = None,
+        context: Mapping[str, Any] | None = None,
+        execution_id: str = _NEW_ID,
+        timeout: float | None = None,
+    ) -> None:
+        context = {} if context is None else _to_context(context)
+        if type(plugin_id) is not str or plugin_id not in _GOOD_IDS:
+            _check_plugin_id(self, None, plugin_id)
+        if type(handler_id) is not str or handler_id not in _GOOD_IDS:
+            _check_handler_id(self, None, handler_id)
+        if execution_id is _NEW_ID:
+            execution_id = new_execution_id()  # valid: 32 hex digits
+        else:
+            _check_execution_id(self, None, execution_id)
+        if timeout is not None:
+            check_timeout(self, None, timeout)
+        _set(self, "plugin_id", plugin_id)
+        _set(self, "handler_id", handler_id)
+        _set(self, "input", input)
+        _set(self, "context", context)
+        _set(self, "execution_id", execution_id)
+        _set(self, "timeout", timeout)
 
 
 @attrs.frozen(kw_only=True)

@@ -166,13 +166,17 @@ class Executor:
         request, in order (a failure is ``ok=False``); cancelled, every member counts as
         ``ABORTED`` (its caller got nothing)."""
         backend = self._backend
+        registry = backend.registry
         results: list[ExecutionResult | None] = [None] * len(requests)
         jobs: list[Job] = []
         places: list[int] = []
+        now, started = trio.current_time(), time.perf_counter()  # all admitted at once
         for index, request in enumerate(requests):
             try:
                 backend._check_running()
-                jobs.append(admit(backend.registry, backend, request, timeout, NULL_SINK))
+                jobs.append(
+                    admit(registry, backend, request, timeout, NULL_SINK, now=now, started=started)
+                )
             except ExecutionError as exc:
                 results[index] = self._failed(request, exc, 0.0, False)
                 continue
@@ -208,10 +212,12 @@ class Executor:
             self._in_flight.ended(token, closing=not backend.running)
             stats.in_flight -= len(jobs)
         results = []
+        observers = self._observers
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, ExecutionResult):
                 stats.record_ok(outcome.duration_s)
-                self._observe(job.request, "ok", outcome.duration_s)
+                if observers:
+                    self._observe(job.request, "ok", outcome.duration_s)
                 results.append(outcome)
                 continue
             error = outcome

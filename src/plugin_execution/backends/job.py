@@ -106,11 +106,15 @@ def admit(
     channel: Channel | None = None,
     chain: tuple[tuple[str, str], ...] = (),
     parent: Job | None = None,
+    *,
+    now: float | None = None,
+    started: float | None = None,
 ) -> Job:
     """The job of ``request`` on ``backend``: resolved in ``registry`` unless ``target`` is
     given, with its effective timeout and deadline. Raises what resolution raises
     (``PLUGIN_NOT_FOUND``, ``HANDLER_NOT_FOUND``) and ``InvalidRequestError`` for a bad
-    ``timeout``."""
+    ``timeout``. ``now`` (trio clock) and ``started`` (``time.perf_counter()``): the
+    moment of admission, when the caller admits several at once."""
     if target is None:
         target = registry.resolve(request.plugin_id, request.handler_id)
     if timeout is not None:
@@ -121,14 +125,14 @@ def admit(
     quota = target.permissions.quotas.timeout
     if quota is not None and quota < limit:
         limit = quota
-    deadline = trio.current_time() + limit
+    deadline = (trio.current_time() if now is None else now) + limit
     return Job(
         request,
         target,
         limit,
         deadline,
         sink,
-        time.perf_counter(),
+        time.perf_counter() if started is None else started,
         channel,
         backend,
         chain,

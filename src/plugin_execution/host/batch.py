@@ -24,6 +24,7 @@ from .calls import LOST, Pending, execute_fields
 
 if TYPE_CHECKING:
     from ..backends.job import Job
+    from ..protocol import Connection
     from .calls import Calls
 
 __all__ = ["NOT_STARTED", "Outcome", "SubmittedBatch", "collect_batch", "submit_batch"]
@@ -56,17 +57,16 @@ class SubmittedBatch:
         self.unsent: tuple[list[memoryview], bool] | None = None
 
 
-def _pack(fields: dict[str, Any]) -> bytes:
+def _pack(protocol: Connection, fields: dict[str, Any]) -> bytes:
     """A member's msgpack map (an ``execute``'s fields, in the order ``Execute`` has them);
     a context holding values the converter makes plain takes the general path, as
     ``Connection.send`` does. Raises ``InvalidRequestError``."""
     try:
-        packed: bytes = msgpack.packb(fields, use_bin_type=True)
-        return packed
+        return protocol.pack_plain(fields)
     except (TypeError, ValueError, OverflowError):
         check_serializable(fields["input"], "input")  # input must be plain data everywhere
     try:
-        packed = msgpack.packb(fields, use_bin_type=True, default=converter.unstructure)
+        packed: bytes = msgpack.packb(fields, use_bin_type=True, default=converter.unstructure)
     except Exception as exc:
         raise InvalidRequestError(f"the request cannot be sent: {exc}") from None
     return packed
@@ -87,12 +87,13 @@ def submit_batch(
     if calls.lost.is_set():
         raise calls.connection.crash_error()
     connection = calls.connection
-    room = connection.protocol.max_frame_size - 64
+    protocol = connection.protocol
+    room = protocol.max_frame_size - 64
     now = trio.current_time()
     batch = SubmittedBatch()
     members: list[bytes] = []
     pendings, sent = batch.pendings, batch.sent
-    track = calls.track
+    tracked: list[Pending] = []
     for job, workspace in jobs:
         pending = Pending(job, cancel_grace, 0.0)
         pendings.append(pending)
@@ -104,7 +105,7 @@ def submit_batch(
         fields["warmup"] = False
         fields["linger"] = 0.0
         try:
-            member = _pack(fields)
+            member = _pack(protocol, fields)
         except InvalidRequestError as exc:
             pending.finish(error=exc)
             continue
@@ -121,7 +122,8 @@ def submit_batch(
         room -= len(member)
         members.append(member)
         sent[-1] = True
-        track(pending)
+        tracked.append(pending)
+    calls.track_all(tracked)
     if members:
         try:
             frame = connection.protocol.send_batch(members, linger)
@@ -150,7 +152,8 @@ async def collect_batch(calls: Calls, batch: SubmittedBatch, *, backend: str) ->
                 pass  # the worker is lost: the first member gets the crash, as below
         sent_now = True
         for pending in tracked:
-            await connection.wait_for(pending, sent=sent_now)
+            if not pending.done:  # answered already (read with an earlier one): no wait
+                await connection.wait_for(pending, sent=sent_now)
             sent_now = False
     except trio.Cancelled:
         with trio.CancelScope(shield=True):

@@ -65,7 +65,13 @@ class Pending(Reply):
     __slots__ = ("cancel_grace", "job", "linger", "lost", "unsent")
 
     def __init__(self, job: Job, cancel_grace: float, linger: float) -> None:
-        super().__init__(job.sink)
+        # Reply.__init__'s fields, set here: one is made per execution.
+        self.done = False
+        self.expired = False
+        self.wake = None
+        self.sink = job.sink
+        self.value = None
+        self.error = None
         self.job: Job | None = job
         self.lost = False  # it had no answer when the worker was lost (see untrack)
         self.cancel_grace = cancel_grace
@@ -200,6 +206,20 @@ class Calls:
         self._jobs[execution_id] = job
         self.deadlines.add(job.deadline, (execution_id, pending.cancel_grace, pending))
         self.executions += 1
+
+    def track_all(self, pendings: list[Pending]) -> None:
+        """:meth:`track` each of ``pendings`` (a batch's members), their deadlines at once."""
+        running, jobs = self._pending, self._jobs
+        deadlines: list[tuple[float, tuple[str, float, Reply]]] = []
+        for pending in pendings:
+            job = pending.job
+            assert job is not None
+            execution_id = job.request.execution_id
+            running[execution_id] = pending
+            jobs[execution_id] = job
+            deadlines.append((job.deadline, (execution_id, pending.cancel_grace, pending)))
+        self.deadlines.add_all(deadlines)
+        self.executions += len(pendings)
 
     def untrack(self, pending: Pending) -> tuple[Any, ExecutionError | None]:
         """``pending`` is no longer in flight: forget it, end its platform calls still

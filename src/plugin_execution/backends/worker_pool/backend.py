@@ -38,7 +38,7 @@ from .actors import WorkerActors
 from .batches import PoolBatches
 from .queue import NotStarted, Waiter, WaitQueue, collect_handed
 from .sandboxed import SandboxedPool
-from .slots import Worker, end_lease, on_lent_slot
+from .slots import Worker, end_unused_lease, on_lent_slot
 
 __all__ = ["WorkerPoolBackend"]
 
@@ -271,12 +271,15 @@ class WorkerPoolBackend(ExecutionBackend):
                 result = await proc.collect(pending, backend=self.name)
             return result
         finally:
-            if group is not None and group.unstarted(pending):
+            # A member with a result started (the worker answers in order): no need to look
+            # at the group's other members.
+            if group is not None and result is None and group.unstarted(pending):
                 self._breaker.record(request.plugin_id, None, trial=trial)  # it never ran
             else:
                 self._settle(worker, proc, request.plugin_id, result, trial)
             self._queue.give_back(worker, request.plugin_id, group)
-            await end_lease(lease, job, result)
+            if not end_unused_lease(lease, job, result):
+                await lease.release()  # not cancellable; see WorkspaceLease.release
 
     def _settle(
         self,

@@ -26,7 +26,7 @@ from ...errors import ExecutionError, WorkerCrashedError
 from ...host.batch import NOT_STARTED, Outcome
 from ...types import ExecutionResult
 from .queue import Waiter
-from .slots import PoolParts, end_lease
+from .slots import PoolParts, end_unused_lease
 
 if TYPE_CHECKING:
     from ...host.batch import SubmittedBatch
@@ -176,10 +176,10 @@ class PoolBatches:
             for (_, job, lease, _), outcome in zip(members, ends, strict=True):
                 if outcome is NOT_STARTED:
                     lease.release_unused()  # it runs again, with a lease of its own
-                else:
-                    await end_lease(
-                        lease, job, outcome if isinstance(outcome, ExecutionResult) else None
-                    )
+                    continue
+                result = outcome if isinstance(outcome, ExecutionResult) else None
+                if not end_unused_lease(lease, job, result):
+                    await lease.release()  # not cancellable; see WorkspaceLease.release
 
     def _settle(
         self,

@@ -32,6 +32,7 @@ __all__ = [
     "Worker",
     "WorkerState",
     "end_lease",
+    "end_unused_lease",
     "on_lent_slot",
 ]
 
@@ -178,7 +179,15 @@ async def end_lease(lease: WorkspaceLease, job: Job, result: ExecutionResult | N
     result). Nothing to remove when neither the worker (it says so) nor a platform service
     on the host (no session was needed) made the directory; else it is removed (not
     cancellable: see ``WorkspaceLease.release``)."""
+    if not end_unused_lease(lease, job, result):
+        await lease.release()
+
+
+def end_unused_lease(lease: WorkspaceLease, job: Job, result: ExecutionResult | None) -> bool:
+    """:func:`end_lease` when there is nothing to remove (the usual case): done at once,
+    True; else False, and the caller awaits ``lease.release()`` (hot paths save the
+    coroutine of ``end_lease``)."""
     if result is not None and result.metadata.get("workspace_id") is None and job.session_unused:
         lease.release_unused()
-    else:
-        await lease.release()
+        return True
+    return False
