@@ -24,6 +24,7 @@ from plugin_execution import (
     create_execution_backend,
 )
 from plugin_execution.backends.worker_pool import WorkerPoolBackend
+from plugin_execution.backends.worker_pool import queue as queue_module
 from plugin_execution.backends.worker_pool import sandboxed as sandboxed_module
 from plugin_execution.sandbox import detect
 
@@ -42,6 +43,8 @@ def plugins() -> PluginRegistry:
                 "handlers": [
                     {"id": "echo", "entry": "sample:echo"},
                     {"id": "sleep", "entry": "sample:sleep_sync"},
+                    {"id": "add", "entry": "sample:add"},
+                    {"id": "crash", "entry": "sample:crash"},
                 ],
             }
         )
@@ -249,3 +252,70 @@ async def test_async_handlers_share_a_worker_of_their_plugin(
                 nursery.start_soon(sleep)
         assert len(workers) == 1
         assert trio.current_time() - started < 1.9  # together, not one after another
+
+
+async def call_all(backend: Any, requests: list[ExecutionRequest]) -> dict[str, Any]:
+    """Every request from a task of its own, at once; the results by execution id."""
+    results: dict[str, Any] = {}
+
+    async def one(request: ExecutionRequest) -> None:
+        results[request.execution_id] = await backend.execute(
+            request, timeout=30, raise_errors=False
+        )
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for request in requests:
+                nursery.start_soon(one, request)
+    return results
+
+
+@pytest.fixture
+def groups(monkeypatch: pytest.MonkeyPatch, batch_frames: list[int]) -> list[int]:
+    """The member count of every batch frame; any duration counts as short (see
+    test_worker_pool_batches.py), so that groups form whatever the machine's load."""
+    monkeypatch.setattr(queue_module, "GROUP_S", 60.0)
+    return batch_frames
+
+
+async def test_queued_callers_of_a_plugin_are_handed_over_in_groups(
+    plugins: PluginRegistry, workspaces: WorkspaceManager, groups: list[int]
+) -> None:
+    requests = [
+        ExecutionRequest(plugin_id=PLUGIN_IDS[i % 2], handler_id="add", input={"a": i, "b": 1})
+        for i in range(120)
+    ]
+    async with open_pool(plugins, workspaces, max_queue=500) as pool:
+        got = await call_all(pool, requests)
+    assert groups and max(groups) > 1
+    served: dict[str, set[str]] = defaultdict(set)
+    for i, request in enumerate(requests):
+        result = got[request.execution_id]
+        assert result.ok and result.output == i + 1, result
+        assert result.metadata["sandbox"]
+        served[result.worker_id].add(request.plugin_id)
+    assert all(len(plugins_of) == 1 for plugins_of in served.values()), served
+    assert workspaces.active() == 0
+
+
+async def test_a_grouped_caller_that_kills_its_worker_fails_alone(
+    plugins: PluginRegistry, workspaces: WorkspaceManager, groups: list[int]
+) -> None:
+    requests = [
+        ExecutionRequest(plugin_id="p0", handler_id="add", input={"a": i, "b": 0})
+        for i in range(60)
+    ]
+    crashers = {9, 29, 49}
+    for i in crashers:
+        requests[i] = ExecutionRequest(plugin_id="p0", handler_id="crash", input={"code": 3})
+    async with open_pool(plugins, workspaces, max_queue=500) as pool:
+        got = await call_all(pool, requests)
+        assert pool.stats().details["crash_breaker"]["trips"] == 0
+    assert groups and max(groups) > 1
+    for i, request in enumerate(requests):
+        result = got[request.execution_id]
+        if i in crashers:
+            assert not result.ok and result.error.code == "WORKER_CRASHED"
+        else:
+            assert result.ok and result.output == i, result
+    assert workspaces.active() == 0

@@ -15,7 +15,9 @@ and only that plugin's executions are handed to it. :class:`PluginQueue` and
   one up (retired once its execution ends) as soon as the waiting one has queued for
   :data:`SWITCH_AFTER_S`: a plugin waits a bounded time, and workers are not traded on every
   call when more plugins than workers are busy.
-- Executions of one plugin are handed to its workers oldest first, as on any pool.
+- Executions of one plugin are handed to its workers oldest first, as on any pool; when more
+  than three of a plugin's callers queue, a freed worker of that plugin gets the oldest of them
+  as one group (one ``batch`` frame, see ``WaitQueue.hand_over_group``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import ExecutionError
 from .actors import WorkerActors
-from .queue import Group, Waiter, WaitQueue
+from .queue import GROUP_MAX, Group, Waiter, WaitQueue
 from .slots import PluginKey, Worker
 
 if TYPE_CHECKING:
@@ -143,22 +145,70 @@ class PluginQueue(WaitQueue):
             self._place()
 
     def _feed(self, worker: Worker) -> None:
-        """Hand ``worker`` to its plugin's oldest waiters while it has room."""
+        """Hand ``worker`` to its plugin's oldest waiters while it has room (several as one
+        group when more than three wait and no per-plugin cap counts them)."""
         key = worker.plugin
         assert key is not None
+        grouping = self._options.max_concurrent_per_plugin is None and GROUP_MAX > 1
         while self.has_room(worker):
             waiter = self._head(key)
             if waiter is None:
                 return
             if not self.plugin_has_room(waiter.plugin_id):
                 return
+            if grouping and len(self._by_key[key]) > 3 and self._hand_over_group(worker, key):
+                continue
             self._by_key[key].popleft()
             self.hand_over(worker, waiter)
+
+    def _hand_over_group(self, worker: Worker, key: PluginKey) -> bool:
+        """:meth:`WaitQueue.hand_over_group` for the oldest waiters of ``worker``'s plugin,
+        their workspaces reserved under the worker's directory. False when no group of two
+        or more can go (the usual hand-over then takes the oldest alone)."""
+        queue, proc = self._by_key[key], worker.proc
+        size = self.group_size(len(queue))
+        group: list[PluginWaiter] = []
+        for waiter in queue:
+            if len(group) == size or not waiter.submit:
+                break
+            if not waiter.woken:  # a cancelled one is dropped when met
+                group.append(waiter)
+        if len(group) < 2 or proc is None:
+            return False
+        leases: list[WorkspaceLease] = []
+        try:
+            for waiter in group:
+                lease = self._workspace_for(worker, waiter.job)
+                if lease is None:
+                    raise ExecutionError("the worker's directory is gone")
+                leases.append(lease)
+            submitted = self.submit_batch(
+                proc, [(w.job, os.fspath(lease)) for w, lease in zip(group, leases, strict=True)]
+            )
+        except ExecutionError:  # a duplicate id, the worker gone: one at a time says so
+            for lease in leases:
+                lease.release_unused()
+            return False
+        for waiter in group:
+            queue.remove(waiter)
+            self.waiters.remove(waiter)
+        self.take(worker, group[0].plugin_id)
+        shared = Group(submitted)
+        for waiter, lease, pending in zip(group, leases, submitted.pendings, strict=True):
+            waiter.lease = lease
+            waiter.workspace = os.fspath(lease)
+            waiter.worker = worker
+            waiter.proc = proc
+            waiter.pending = pending
+            waiter.group = shared
+            waiter.wake()
+        return True
 
     def give_back(
         self, worker: Worker, plugin_id: str, group: Group | None = None, executions: int = 1
     ) -> None:
-        assert group is None, "a sandboxed pool hands over no groups"
+        if not self.slot_freed(worker, group, executions):
+            return
         self.release(worker, plugin_id)
         if not self.waiters:
             return

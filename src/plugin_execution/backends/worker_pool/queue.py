@@ -282,15 +282,8 @@ class WaitQueue:
     ) -> None:
         """A slot of ``worker`` is free again after ``executions`` ran on it (a map's batch:
         its members; a group's: given back by each member, freed with the last)."""
-        if group is not None:
-            group.left -= 1
-            if group.left:
-                return  # the batch's slot: given back with its last member
-            executions = len(group.submitted.pendings)
-        if self.waiters:  # a busy worker: the time since its last give-back is the work's
-            each = (time.monotonic() - worker.last_used) / executions
-            mean = self._per_execution_s
-            self._per_execution_s = each if not mean else 0.9 * mean + 0.1 * each
+        if not self.slot_freed(worker, group, executions):
+            return
         self.release(worker, plugin_id)
         if self._options.max_concurrent_per_plugin is None:
             # Any free capacity elsewhere went to the queue already: only this worker's is
@@ -303,6 +296,29 @@ class WaitQueue:
         else:
             self.dispatch()
 
+    def slot_freed(self, worker: Worker, group: Group | None, executions: int) -> bool:
+        """Whether a give-back frees the slot: a group's is freed with its last member.
+        Then, while callers queue, the time since ``worker``'s last give-back (the work's:
+        it was busy) goes into the per-execution estimate that sizes groups."""
+        if group is not None:
+            group.left -= 1
+            if group.left:
+                return False
+            executions = len(group.submitted.pendings)
+        if not self.waiters:
+            return True
+        each = (time.monotonic() - worker.last_used) / executions
+        mean = self._per_execution_s
+        self._per_execution_s = each if not mean else 0.9 * mean + 0.1 * each
+        return True
+
+    def group_size(self, queued: int) -> int:
+        """How many of ``queued`` waiters a freed slot takes as one group: at most half of
+        them and ``GROUP_MAX``, and about ``GROUP_S`` of the worker's time."""
+        size = min(GROUP_MAX, queued // 2)
+        mean = self._per_execution_s
+        return min(size, int(GROUP_S / mean)) if mean else size
+
     def hand_over_group(self, worker: Worker) -> None:
         """Hand the first queued executions to ``worker`` as one batch (``host/batch.py``)
         on one slot, when callers queue: one frame and one wake-up of the worker for
@@ -310,10 +326,7 @@ class WaitQueue:
         ``GROUP_S`` of the worker for the batch), so a slow one keeps few waiting behind
         it; those behind a member that loses the worker never started and queue again."""
         waiters = self.waiters
-        size = min(GROUP_MAX, len(waiters) // 2)
-        mean = self._per_execution_s
-        if mean:
-            size = min(size, int(GROUP_S / mean))
+        size = self.group_size(len(waiters))
         group: list[Waiter] = []
         for waiter in waiters:
             if len(group) == size or waiter.batch is not None or waiter.workspace is None:

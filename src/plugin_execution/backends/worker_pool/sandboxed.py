@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,6 +37,7 @@ from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
 from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
+from .queue import NotStarted, collect_handed
 from .slots import PoolParts, Worker, end_lease, on_lent_slot
 
 if TYPE_CHECKING:
@@ -166,8 +168,9 @@ class SandboxedPool:
             slot = parent.slot
             if slot.plugin == key_of(job) and self.queue.free_worker_for(slot.plugin) is None:
                 lender = slot  # as on any pool: never wait for what its callers hold
-        if lender is None:
-            return await self._run_on_plugin_worker(job)
+        while lender is None:
+            with suppress(NotStarted):  # handed over behind a member that lost the worker
+                return await self._run_on_plugin_worker(job)
         return await on_lent_slot(job, partial(self._run_on_plugin_worker, job, lender))
 
     def _workspace_for(self, worker: Worker, job: Job) -> WorkspaceLease | None:
@@ -195,8 +198,10 @@ class SandboxedPool:
         except BaseException:
             self.backend._breaker.record(request.plugin_id, None, trial=trial)
             raise
+        group = None
         if isinstance(got, PluginWaiter):
             worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
+            group = got.group
             assert worker is not None
         else:
             worker, proc, pending, lease = got, None, None, None
@@ -207,7 +212,7 @@ class SandboxedPool:
             worker.executions += 1
             if pending is not None and proc is not None:  # submitted at the hand-over
                 layers = self._homes[proc][1]
-                result = await proc.collect(pending, backend=self.backend.name, sent_now=False)
+                result = await collect_handed(proc, pending, group, self.backend.name)
             else:
                 proc = worker.proc
                 if lease is None and proc is not None:
@@ -230,8 +235,11 @@ class SandboxedPool:
             result.metadata["sandbox"] = list(layers)  # a dict of its own: no copy
             return result
         finally:
-            self.backend._settle(worker, proc, request.plugin_id, result, trial)
-            self.queue.give_back(worker, request.plugin_id)
+            if group is not None and result is None and group.unstarted(pending):
+                self.backend._breaker.record(request.plugin_id, None, trial=trial)  # never ran
+            else:
+                self.backend._settle(worker, proc, request.plugin_id, result, trial)
+            self.queue.give_back(worker, request.plugin_id, group)
             if lease is not None:
                 await end_lease(lease, job, result)
 
