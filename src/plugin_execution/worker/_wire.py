@@ -111,6 +111,11 @@ def encode(
         payload: bytes = msgpack.packb({"t": tag, **fields}, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+    return _framed(tag, payload, max_frame_size)
+
+
+def _framed(tag: str, payload: bytes, max_frame_size: int) -> bytes:
+    """``payload`` behind its length header; ``WireError`` when it is over the limit."""
     if len(payload) > max_frame_size:
         raise WireError(
             f"cannot send {tag!r}: its frame of {len(payload)} bytes is over the "
@@ -170,12 +175,7 @@ class FrameEncoder:
                 payload = msgpack.packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise WireError(f"cannot encode {message['t']!r}: {_clip(str(exc))}") from exc
-        if len(payload) > max_frame_size:
-            raise WireError(
-                f"cannot send {message['t']!r}: its frame of {len(payload)} bytes is over "
-                f"the {max_frame_size}-byte limit"
-            )
-        return len(payload).to_bytes(_HEADER_SIZE, "big") + payload
+        return _framed(message["t"], payload, max_frame_size)
 
     def _parts(self, message: dict[str, Any], big: str, max_frame_size: int) -> bytes | list[bytes]:
         tag = message["t"]
