@@ -254,11 +254,13 @@ class PluginQueue(WaitQueue):
         if not self._running():
             return
         workers = [w for w in self._workers.values() if w.state != "stopped"]
-        serving = Counter(w.plugin for w in workers if w.state != "draining")
         room = self._options.max_workers - len(workers)
+        if room <= 0:  # the common case under load: every waiting plugin has its workers
+            served = {w.plugin for w in workers if w.state != "draining"}
+            if all(key in served for key in list(self._by_key) if self._head(key) is not None):
+                return  # (every queued call comes here: no Counter, no dict of heads)
+        serving = Counter(w.plugin for w in workers if w.state != "draining")
         heads = {key: head for key in list(self._by_key) if (head := self._head(key))}
-        if room <= 0 and all(serving[key] for key in heads):
-            return  # the common case under load: every waiting plugin has its workers
         starting = Counter(w.plugin for w in workers if w.state == "starting")
         started = self._started
         # Plugins with no worker first, the one given a worker longest ago (or never) first:
