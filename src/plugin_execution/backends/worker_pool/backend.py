@@ -36,7 +36,7 @@ from .._quota_watch import execute_watched
 from ..base import ExecutionBackend, Job
 from .actors import WorkerActors
 from .batches import PoolBatches
-from .queue import NotStarted, Waiter, WaitQueue, collect_handed
+from .queue import Group, NotStarted, Waiter, WaitQueue, collect_handed
 from .sandboxed import SandboxedPool
 from .slots import Worker, end_unused_lease, on_lent_slot
 
@@ -273,10 +273,7 @@ class WorkerPoolBackend(ExecutionBackend):
         finally:
             # A member with a result started (the worker answers in order): no need to look
             # at the group's other members.
-            if group is not None and result is None and group.unstarted(pending):
-                self._breaker.record(request.plugin_id, None, trial=trial)  # it never ran
-            else:
-                self._settle(worker, proc, request.plugin_id, result, trial)
+            self._settle(worker, proc, request.plugin_id, result, trial, group, pending)
             self._queue.give_back(worker, request.plugin_id, group)
             if not end_unused_lease(lease, job, result):
                 await lease.release()  # not cancellable; see WorkspaceLease.release
@@ -288,11 +285,16 @@ class WorkerPoolBackend(ExecutionBackend):
         plugin_id: str,
         result: ExecutionResult | None,
         trial: bool,
+        group: Group | None = None,
+        pending: Any = None,
     ) -> None:
         """Tell the crash breaker whether this execution killed its worker; retire a worker
-        that said it is exiting (no execution may follow on it)."""
+        that said it is exiting (no execution may follow on it). ``group``: the group it was
+        handed over in (``pending``: its member), where it may never have started."""
         if result is not None:
             killed: bool | None = False
+        elif group is not None and group.unstarted(pending):
+            killed = None  # behind a member that lost the worker: it never ran
         elif proc is None or not self.running or proc.exit_cause in ("orphaned", "outside"):
             killed = None  # it never ran, the pool is closing, or not the plugin's doing
         else:

@@ -235,10 +235,7 @@ class SandboxedPool:
             result.metadata["sandbox"] = list(layers)  # a dict of its own: no copy
             return result
         finally:
-            if group is not None and result is None and group.unstarted(pending):
-                self.backend._breaker.record(request.plugin_id, None, trial=trial)  # never ran
-            else:
-                self.backend._settle(worker, proc, request.plugin_id, result, trial)
+            self.backend._settle(worker, proc, request.plugin_id, result, trial, group, pending)
             self.queue.give_back(worker, request.plugin_id, group)
             if lease is not None:
                 await end_lease(lease, job, result)

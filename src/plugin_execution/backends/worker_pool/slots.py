@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -82,6 +82,8 @@ class PoolParts(PoolOptions, Protocol):
         plugin_id: str,
         result: ExecutionResult | None,
         trial: bool,
+        group: Any = None,  # a queue.Group (not imported: queue imports this module)
+        pending: Any = None,
     ) -> None: ...
 
 
