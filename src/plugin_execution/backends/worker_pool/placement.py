@@ -176,16 +176,21 @@ class PluginQueue(WaitQueue):
         if len(group) < 2 or proc is None:
             return False
         leases: list[WorkspaceLease] = []
+        submitted = None
         try:
             for waiter in group:
                 lease = self._workspace_for(worker, waiter.job)
-                if lease is None:
-                    raise ExecutionError("the worker's directory is gone")
+                if lease is None:  # no worker process serves the directory now
+                    break
                 leases.append(lease)
-            submitted = self.submit_batch(
-                proc, [(w.job, os.fspath(lease)) for w, lease in zip(group, leases, strict=True)]
-            )
+            else:
+                jobs: list[tuple[Job, str | None]] = [
+                    (w.job, os.fspath(lease)) for w, lease in zip(group, leases, strict=True)
+                ]
+                submitted = self.submit_batch(proc, jobs)
         except ExecutionError:  # a duplicate id, the worker gone: one at a time says so
+            pass
+        if submitted is None:
             for lease in leases:
                 lease.release_unused()
             return False
