@@ -102,22 +102,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "floor": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench-map-") as root:
+
+        def open_pool(**options: Any) -> Any:
+            return create_execution_backend(
+                type="worker-pool",
+                registry=bench_registry(),
+                workspace=root,
+                min_workers=args.workers,
+                max_workers=args.workers,
+                **options,
+            )
+
         async with (
-            create_execution_backend(
-                type="worker-pool",
-                registry=bench_registry(),
-                workspace=root,
-                min_workers=args.workers,
-                max_workers=args.workers,
-            ) as pool,
-            create_execution_backend(
-                type="worker-pool",
-                registry=bench_registry(),
-                workspace=root,
-                min_workers=args.workers,
-                max_workers=args.workers,
-                max_executions_per_worker=10**12,  # like the peers: workers kept for good
-            ) as kept,
+            open_pool() as pool,
+            # like the peers: workers kept for good
+            open_pool(max_executions_per_worker=10**12) as kept,
             open_anyio(args.workers) as anyio_call,
             open_trio_parallel(args.workers) as tp_call,
             open_floor(args.workers) as floor_call,
