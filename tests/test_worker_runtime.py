@@ -3,6 +3,9 @@
 A ``Worker`` of a child process reads on one thread and runs a short sync handler right there
 (see ``Worker._lead``); these tests run that loop on a thread of the test process, with its
 exit turned into an exception so that closing the socket ends the thread, not the process.
+The worker's leftovers check is turned off here: in a worker it kills every descendant of
+its process, which here would be the test process's (its other tests' children).
+test_worker_leftovers.py tests it in real children.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 from plugin_execution import PluginRegistry
 from plugin_execution.worker._wire import FrameDecoder, encode
@@ -97,14 +101,17 @@ def reading_worker(registry: PluginRegistry) -> Iterator[tuple[Worker, Driver]]:
             ended.set()
 
     worker._lead = lead  # type: ignore[method-assign]
-    threading.Thread(target=lead, daemon=True).start()
-    try:
-        yield worker, Driver(registry, host)
-    finally:
-        host.close()
-        assert ended.wait(10), "no reading thread ended at EOF"
-        worker._threads.stop()  # the trio loop too, if an async handler started it
-        child.close()
+    no_children = mock.patch("plugin_execution.worker.execution.has_children", return_value=False)
+    with no_children as checked:
+        threading.Thread(target=lead, daemon=True).start()
+        try:
+            yield worker, Driver(registry, host)
+        finally:
+            host.close()
+            assert ended.wait(10), "no reading thread ended at EOF"
+            worker._threads.stop()  # the trio loop too, if an async handler started it
+            child.close()
+    assert checked.called, "the worker no longer checks for leftovers after an execution"
 
 
 def test_a_sync_handler_runs_on_the_reading_thread_and_lingers_when_asked(
