@@ -194,9 +194,16 @@ class PluginQueue(WaitQueue):
             for lease in leases:
                 lease.release_unused()
             return False
-        for waiter in group:
-            queue.remove(waiter)
-            self.waiters.remove(waiter)
+        waiters = self.waiters
+        for waiter in group:  # the oldest: at the front of both, unless cancelled ones are
+            if queue[0] is waiter:
+                queue.popleft()
+            else:
+                queue.remove(waiter)
+            if waiters[0] is waiter:
+                waiters.popleft()
+            else:
+                waiters.remove(waiter)
         self.take(worker, group[0].plugin_id)
         shared = Group(submitted)
         for waiter, lease, pending in zip(group, leases, submitted.pendings, strict=True):
@@ -249,9 +256,29 @@ class PluginQueue(WaitQueue):
         self.check_room()
         waiter = PluginWaiter(job, key, submit=workspace is not None)
         self.waiters.append(waiter)
-        self._by_key.setdefault(key, deque()).append(waiter)
-        self._place()
-        return await self.wait_queued(waiter, job, f" of plugin {plugin_id!r}")
+        queue = self._by_key.get(key)
+        if queue is None:
+            queue = self._by_key[key] = deque()
+        queue.append(waiter)
+        if not self._served_alone(key):
+            self._place()
+        return await self.wait_queued(waiter, job, of_plugin=True)
+
+    def _served_alone(self, key: PluginKey) -> bool:
+        """Whether ``key``'s plugin is the only one waiting, has a worker, and every worker
+        slot is taken: then :meth:`_place` has nothing to do (the common case under load,
+        met by every queued call: one pass over the workers, nothing built)."""
+        if len(self._by_key) != 1:
+            return False
+        alive = 0
+        served = False
+        for worker in self._workers.values():
+            state = worker.state
+            if state != "stopped":
+                alive += 1
+                if state != "draining" and (worker.plugin is key or worker.plugin == key):
+                    served = True
+        return served and alive >= self._options.max_workers
 
     def _place(self) -> None:
         """Workers for the plugins that wait: one more for each whose waiters outnumber its

@@ -38,7 +38,7 @@ from .._quota_watch import execute_watched
 from ..subprocess import child_environment
 from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
 from .queue import NotStarted, collect_handed
-from .slots import PoolParts, Worker, end_lease, on_lent_slot
+from .slots import PoolParts, Worker, end_unused_lease, on_lent_slot
 
 if TYPE_CHECKING:
     from ...host.handle import WorkerHandle
@@ -237,8 +237,8 @@ class SandboxedPool:
         finally:
             self.backend._settle(worker, proc, request.plugin_id, result, trial, group, pending)
             self.queue.give_back(worker, request.plugin_id, group)
-            if lease is not None:
-                await end_lease(lease, job, result)
+            if lease is not None and not end_unused_lease(lease, job, result):
+                await lease.release()  # not cancellable; see WorkspaceLease.release
 
     async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
         """A channel session on a live worker of its plugin (see ``_run_session``)."""
