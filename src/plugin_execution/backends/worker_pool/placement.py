@@ -102,6 +102,17 @@ class PluginQueue(WaitQueue):
         self._by_key: dict[PluginKey, deque[PluginWaiter]] = {}
         self._started: dict[PluginKey, float] = {}  # when each plugin last got a worker
 
+    def lender_for(self, job: Job) -> Worker | None:
+        """As the pool's (``ctx.invoke``): the invoking execution's worker when it serves
+        ``job``'s plugin too and no other worker of that plugin is free."""
+        parent = job.parent
+        if parent is None or not isinstance(parent.slot, Worker):
+            return None
+        slot = parent.slot
+        if slot.plugin == key_of(job) and self.free_worker_for(slot.plugin) is None:
+            return slot  # as on any pool: never wait for what its callers hold
+        return None
+
     def free_worker_for(self, key: PluginKey) -> Worker | None:
         for worker in self._workers.values():
             if (worker.plugin is key or worker.plugin == key) and self.has_room(worker):
@@ -149,23 +160,30 @@ class PluginQueue(WaitQueue):
         group when more than three wait and no per-plugin cap counts them)."""
         key = worker.plugin
         assert key is not None
+        queue = self._by_key.get(key)  # looked up once: every give-back under load comes here
+        if queue is None:
+            return
         grouping = self._options.max_concurrent_per_plugin is None and GROUP_MAX > 1
         while self.has_room(worker):
-            waiter = self._head(key)
-            if waiter is None:
+            while queue and queue[0].woken:  # cancelled ones are dropped when met
+                queue.popleft()
+            if not queue:
+                if self._by_key.get(key) is queue:
+                    del self._by_key[key]
                 return
+            waiter = queue[0]
             if not self.plugin_has_room(waiter.plugin_id):
                 return
-            if grouping and len(self._by_key[key]) > 3 and self._hand_over_group(worker, key):
+            if grouping and len(queue) > 3 and self._hand_over_group(worker, queue):
                 continue
-            self._by_key[key].popleft()
+            queue.popleft()
             self.hand_over(worker, waiter)
 
-    def _hand_over_group(self, worker: Worker, key: PluginKey) -> bool:
-        """:meth:`WaitQueue.hand_over_group` for the oldest waiters of ``worker``'s plugin,
-        their workspaces reserved under the worker's directory. False when no group of two
-        or more can go (the usual hand-over then takes the oldest alone)."""
-        queue, proc = self._by_key[key], worker.proc
+    def _hand_over_group(self, worker: Worker, queue: deque[PluginWaiter]) -> bool:
+        """:meth:`WaitQueue.hand_over_group` for the oldest waiters of ``worker``'s plugin
+        (``queue``), their workspaces reserved under the worker's directory. False when no
+        group of two or more can go (the usual hand-over then takes the oldest alone)."""
+        proc = worker.proc
         size = self.group_size(len(queue))
         group: list[PluginWaiter] = []
         for waiter in queue:
