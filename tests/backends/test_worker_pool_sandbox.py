@@ -382,3 +382,18 @@ async def test_a_plugin_arriving_behind_one_that_keeps_queueing_gets_a_worker(
         assert len(finished) == 49
         assert finished.index("p1") < 36, finished  # not behind all of p0's calls
         assert pool.stats().details["workers_peak"] == 1
+
+
+async def test_its_stats_count_the_callers_queued(
+    plugins: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    async with open_pool(plugins, workspaces, max_workers=1) as pool:
+        await call(pool, "p0")  # its worker is up
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(call, pool, "p0", "sleep", {"seconds": 0.2})
+            with trio.fail_after(30):
+                while len(pool._queue.waiters) < 2:
+                    await trio.sleep(0.01)
+            assert pool.stats().queued == 2  # one runs, two wait
+        assert pool.stats().queued == 0

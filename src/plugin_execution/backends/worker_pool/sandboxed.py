@@ -174,6 +174,8 @@ class SandboxedPool:
         trial = self.backend._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
         quotas = job.target.permissions.quotas
         watched = bool(quotas.memory_mb or quotas.cpu_s)
+        stats = self.backend._stats
+        stats.queued = len(self.queue.waiters) + 1  # as the pool counts its queue
         try:
             got: Any = await self.queue.acquire(  # a PluginWaiter or a Worker
                 job, None if watched else "", lender
@@ -181,6 +183,7 @@ class SandboxedPool:
         except BaseException:
             self.backend._breaker.record(request.plugin_id, None, trial=trial)
             raise
+        stats.queued = len(self.queue.waiters)
         group = None
         if isinstance(got, PluginWaiter):
             worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
