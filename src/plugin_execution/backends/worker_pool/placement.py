@@ -308,7 +308,7 @@ class PluginQueue(WaitQueue):
         if room <= 0:  # the common case under load: every waiting plugin has its workers
             served = {w.plugin for w in workers if w.state != "draining"}
             if all(key in served for key in list(self._by_key) if self._head(key) is not None):
-                return  # (every queued call comes here: no Counter, no dict of heads)
+                return  # (a frequent case under load: no Counter, no dict of heads)
         serving = Counter(w.plugin for w in workers if w.state != "draining")
         heads = {key: head for key in list(self._by_key) if (head := self._head(key))}
         starting = Counter(w.plugin for w in workers if w.state == "starting")
