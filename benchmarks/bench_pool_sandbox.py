@@ -14,15 +14,19 @@ workers calling ``_handlers.echo`` with a 16 B payload (to the worker and back):
 
 Measured: latency (one caller, every call timed on its own: p50, p99) and throughput (C
 concurrent callers, 2/8/64, sharing a fixed number of calls: calls/s, median over rounds).
-Each round measures every contender, in an order that rotates each round; ``--warmup``
-untimed rounds come first (every worker started, every plugin called). Also reported: how
-long a worker takes to start (a pool's first call, the sandboxed one under bubblewrap).
+Each round measures every contender, in an order that rotates each round, one measurement
+of all of them after the other (latency, then each number of callers), so that the load of a
+shared machine drifts little between the figures compared; ``--warmup`` untimed rounds come
+first (every worker started, every plugin called). Also reported: how long a worker takes to
+start (a pool's first call, the sandboxed one under bubblewrap).
 
 Targets (issue 19): sandboxed vs pool, p50 and throughput at 2/8/64 callers within 10%; 4
 plugins round-robin, throughput >= 0.7 x one plugin's.
 
-Run: ``python benchmarks/bench_pool_sandbox.py [--quick] [--rounds N] [--workers N] [--json]``
-(``--quick``: a smoke run of a few seconds).
+Run: ``python benchmarks/bench_pool_sandbox.py [--quick] [--rounds N] [--workers N]
+[--one-plugin] [--json]`` (``--quick``: a smoke run of a few seconds; ``--one-plugin``: the
+pool, sandboxed and no-layers contenders only, the per-call comparison without the 4-plugin
+rounds).
 """
 
 from __future__ import annotations
@@ -140,9 +144,16 @@ CONTENDERS: dict[str, tuple[bool | tuple[str, ...], int, int | None]] = {
 }
 
 
+def _share(name: str, args: argparse.Namespace) -> int:
+    """More plugins than workers: workers traded on (nearly) every call, so far fewer
+    calls (a worker start each)."""
+    _, plugins, workers = CONTENDERS[name]
+    return 16 if plugins > (workers or args.workers) else 1
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     lat_calls, tput_calls = (50, 256) if args.quick else (300, 2048)
-    names = list(CONTENDERS)
+    names = [n for n in CONTENDERS if not args.one_plugin or CONTENDERS[n][1] == 1]
     info: dict[str, dict[str, Any]] = {name: {} for name in names}
     lat: dict[str, list[int]] = {name: [] for name in names}
     tput: dict[tuple[str, int], list[float]] = {(n, c): [] for n in names for c in CONCURRENCY}
@@ -152,15 +163,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 await throughput(calls[name], 8, 64)
         for round_ in range(args.rounds):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            # Each measurement of every contender back to back (latency, then each number of
+            # callers), so that the machine's load drifts little between the ones compared.
             for name in order:
-                # More plugins than workers: workers traded on (nearly) every call, so far
-                # fewer calls (a worker start each).
-                share = 16 if CONTENDERS[name][1] > (CONTENDERS[name][2] or args.workers) else 1
-                lat[name] += await latency(calls[name], max(4, lat_calls // share))
-                for callers in CONCURRENCY:
-                    tput[(name, callers)].append(
-                        await throughput(calls[name], callers, max(callers, tput_calls // share))
-                    )
+                lat[name] += await latency(calls[name], max(4, lat_calls // _share(name, args)))
+            for callers in CONCURRENCY:
+                for name in order:
+                    count = max(callers, tput_calls // _share(name, args))
+                    tput[(name, callers)].append(await throughput(calls[name], callers, count))
     results: dict[str, Any] = {}
     for name in names:
         ordered = sorted(lat[name])
@@ -208,6 +218,8 @@ async def _stack(
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    if "pool" not in results or "sandboxed" not in results:
+        return {}
     base, sandboxed = results["pool"], results["sandboxed"]
     out: dict[str, Any] = {
         "sandboxed/pool p50": sandboxed["p50_us"] / base["p50_us"],
@@ -216,6 +228,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         },
     }
     for name in ("sandboxed, 4 plugins", "sandboxed, 4 plugins, 4 workers"):
+        if name not in results:
+            continue
         out[f"{name} / sandboxed calls/s"] = {
             c: results[name]["calls_per_s"][c] / sandboxed["calls_per_s"][c] for c in CONCURRENCY
         }
@@ -237,6 +251,8 @@ def report(data: dict[str, Any]) -> str:
             + f" {r['first_call_ms']:12.1f} {r['workers_peak']:5d} {r['workers_recycled']:8d}"
         )
     ratios = data["ratios"]
+    if not ratios:
+        return "\n".join(lines)
     within = 1 + TARGET_WITHIN
     lines.append(
         f"sandboxed / pool: p50 x{ratios['sandboxed/pool p50']:.2f} (target <= {within:.2f}); "
@@ -261,6 +277,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds and calls")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--one-plugin",
+        action="store_true",
+        help="only the one-plugin contenders (the pool, sandboxed, no layers): the per-call "
+        "comparison alone, without the long 4-plugin rounds",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)

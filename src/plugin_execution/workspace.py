@@ -315,8 +315,10 @@ class WorkspaceManager:
         """
         return self._reserve(validate_execution_id(execution_id))
 
-    def _reserve(self, execution_id: str) -> WorkspaceLease:
-        """:meth:`reserve` of an id known to be valid (a backend's, from an ExecutionRequest)."""
+    def _reserve(self, execution_id: str, parent: str | None = None) -> WorkspaceLease:
+        """:meth:`reserve` of an id known to be valid (a backend's, from an ExecutionRequest);
+        ``parent``: under that directory (a directory of a lease of this manager's, e.g. a
+        sandboxed pool worker's own, which it may write) instead of the host directory."""
         if self._host is None:
             raise WorkspaceError(
                 "this WorkspaceManager is not open: use `async with manager:` first "
@@ -329,15 +331,9 @@ class WorkspaceManager:
                 "or use a fresh execution id",
                 execution_id=execution_id,
             )
-        lease = WorkspaceLease(self, execution_id, f"{self._host_str}/{execution_id}")
+        path = f"{self._host_str if parent is None else parent}/{execution_id}"
+        lease = WorkspaceLease(self, execution_id, path)
         self._leases[execution_id] = lease
-        return lease
-
-    def _reserve_in(self, execution_id: str, parent: str) -> WorkspaceLease:
-        """:meth:`_reserve` of a workspace under ``parent`` (a directory of a lease of this
-        manager's, e.g. a sandboxed pool worker's own, which it may write)."""
-        lease = self._reserve(execution_id)
-        lease._fspath = f"{parent}/{execution_id}"
         return lease
 
     async def acquire(self, execution_id: str) -> WorkspaceLease:

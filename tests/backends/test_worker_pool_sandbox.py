@@ -319,3 +319,81 @@ async def test_a_grouped_caller_that_kills_its_worker_fails_alone(
         else:
             assert result.ok and result.output == i, result
     assert workspaces.active() == 0
+
+
+async def test_an_invocation_of_its_own_plugin_borrows_its_callers_worker(
+    workspaces: WorkspaceManager,
+) -> None:
+    # Callers holding both workers each invoke a handler of their own plugin: as on any pool,
+    # the invocation runs on its caller's worker (one of that plugin, so it may), instead of
+    # waiting for the workers its callers hold until the acquire timeout.
+    registry = PluginRegistry()
+    registry.register(
+        {
+            "id": "deputy.caller",
+            "root": str(PLUGINS),
+            "handlers": [{"id": h, "entry": f"deputy_bounds:{h}"} for h in ("quick", "invoke")],
+            "permissions": {"invoke": {"allow": ["deputy.*"]}},
+        }
+    )
+    async with open_pool(registry, workspaces, acquire_timeout=30) as pool:
+        outputs: list[Any] = []
+
+        async def caller() -> None:
+            result = await call(
+                pool, "deputy.caller", "invoke", {"plugin": "deputy.caller", "handler": "quick"}
+            )
+            outputs.append(result.output)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(caller)
+        assert outputs == ["quick", "quick"]
+        stats = pool.stats()
+        assert stats.acquire_timeouts == 0
+        assert stats.details["workers_peak"] <= 2
+
+
+async def test_a_plugin_arriving_behind_one_that_keeps_queueing_gets_a_worker(
+    plugins: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    # p0's callers queue again as soon as each call ends, so p0 is always waiting (a queued
+    # call of the only waiting plugin skips placement); p1's one call, made once p0 holds the
+    # only worker, still gets a worker long before p0's callers are done.
+    async with open_pool(plugins, workspaces, max_workers=1) as pool:
+        finished: list[str] = []
+        first = trio.Event()
+
+        async def busy() -> None:
+            for _ in range(12):
+                await call(pool, "p0", "sleep", {"seconds": 0.05})
+                finished.append("p0")
+                first.set()
+
+        async def other() -> None:
+            await first.wait()
+            assert (await call(pool, "p1")).output == "hi"
+            finished.append("p1")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(busy)
+            nursery.start_soon(other)
+        assert len(finished) == 49
+        assert finished.index("p1") < 36, finished  # not behind all of p0's calls
+        assert pool.stats().details["workers_peak"] == 1
+
+
+async def test_its_stats_count_the_callers_queued(
+    plugins: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    async with open_pool(plugins, workspaces, max_workers=1) as pool:
+        await call(pool, "p0")  # its worker is up
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(call, pool, "p0", "sleep", {"seconds": 0.2})
+            with trio.fail_after(30):
+                while len(pool._queue.waiters) < 2:
+                    await trio.sleep(0.01)
+            assert pool.stats().queued == 2  # one runs, two wait
+        assert pool.stats().queued == 0

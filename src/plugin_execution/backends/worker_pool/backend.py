@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
 from functools import partial
 from typing import Any, Literal
@@ -41,6 +41,9 @@ from .sandboxed import SandboxedPool
 from .slots import Worker, end_unused_lease, on_lent_slot
 
 __all__ = ["WorkerPoolBackend"]
+
+#: How an execution runs on a worker slot (``lender``: a borrowed one).
+RunOnWorker = Callable[[Job, Worker | None], Awaitable[ExecutionResult]]
 
 
 class WorkerPoolBackend(ExecutionBackend):
@@ -150,6 +153,7 @@ class WorkerPoolBackend(ExecutionBackend):
             self._actors: WorkerActors = parts.actors
             self._queue: WaitQueue = parts.queue
             self._workers = self._actors.workers
+            self._run_on_worker: RunOnWorker = parts.run_job
             return
         self._actors = WorkerActors(
             self,
@@ -165,6 +169,7 @@ class WorkerPoolBackend(ExecutionBackend):
             self, self._workers, self._stats, grow=self._actors.grow, running=self._is_running
         )
         self._batches = PoolBatches(self)
+        self._run_on_worker = self._run_job
 
     async def _open(self, stack: AsyncExitStack) -> None:
         # Outside the backend's nursery, whose cancellation on exit would otherwise hit
@@ -210,15 +215,18 @@ class WorkerPoolBackend(ExecutionBackend):
         self._queue.dispatch()
 
     async def _run(self, job: Job) -> ExecutionResult:
-        if self._sandboxed:
-            return await self._sandboxed_pool.run(job)
         if job.channel is not None:
+            if self._sandboxed:
+                return await self._sandboxed_pool.run_channel_session(job)
             return await self._run_session(job)
+        # _run_job, or the sandboxed pool's run_job: called from here on either pool, so
+        # that neither pays a coroutine more per call.
+        run = self._run_on_worker
         lender = self._queue.lender_for(job)
         while lender is None:
             with suppress(NotStarted):  # handed over behind a member that lost the worker
-                return await self._run_job(job)
-        return await on_lent_slot(job, partial(self._run_job, job, lender))
+                return await run(job, None)
+        return await on_lent_slot(job, partial(run, job, lender))
 
     async def _run_job(self, job: Job, lender: Worker | None = None) -> ExecutionResult:
         await trio.lowlevel.checkpoint_if_cancelled()  # the answer may come without a wait

@@ -102,6 +102,17 @@ class PluginQueue(WaitQueue):
         self._by_key: dict[PluginKey, deque[PluginWaiter]] = {}
         self._started: dict[PluginKey, float] = {}  # when each plugin last got a worker
 
+    def lender_for(self, job: Job) -> Worker | None:
+        """As the pool's (``ctx.invoke``): the invoking execution's worker when it serves
+        ``job``'s plugin too and no other worker of that plugin is free."""
+        parent = job.parent
+        if parent is None or not isinstance(parent.slot, Worker):
+            return None
+        slot = parent.slot
+        if slot.plugin == key_of(job) and self.free_worker_for(slot.plugin) is None:
+            return slot  # as on any pool: never wait for what its callers hold
+        return None
+
     def free_worker_for(self, key: PluginKey) -> Worker | None:
         for worker in self._workers.values():
             if (worker.plugin is key or worker.plugin == key) and self.has_room(worker):
@@ -149,23 +160,30 @@ class PluginQueue(WaitQueue):
         group when more than three wait and no per-plugin cap counts them)."""
         key = worker.plugin
         assert key is not None
+        queue = self._by_key.get(key)  # looked up once: every give-back under load comes here
+        if queue is None:
+            return
         grouping = self._options.max_concurrent_per_plugin is None and GROUP_MAX > 1
         while self.has_room(worker):
-            waiter = self._head(key)
-            if waiter is None:
+            while queue and queue[0].woken:  # cancelled ones are dropped when met
+                queue.popleft()
+            if not queue:
+                if self._by_key.get(key) is queue:
+                    del self._by_key[key]
                 return
+            waiter = queue[0]
             if not self.plugin_has_room(waiter.plugin_id):
                 return
-            if grouping and len(self._by_key[key]) > 3 and self._hand_over_group(worker, key):
+            if grouping and len(queue) > 3 and self._hand_over_group(worker, queue):
                 continue
-            self._by_key[key].popleft()
+            queue.popleft()
             self.hand_over(worker, waiter)
 
-    def _hand_over_group(self, worker: Worker, key: PluginKey) -> bool:
-        """:meth:`WaitQueue.hand_over_group` for the oldest waiters of ``worker``'s plugin,
-        their workspaces reserved under the worker's directory. False when no group of two
-        or more can go (the usual hand-over then takes the oldest alone)."""
-        queue, proc = self._by_key[key], worker.proc
+    def _hand_over_group(self, worker: Worker, queue: deque[PluginWaiter]) -> bool:
+        """:meth:`WaitQueue.hand_over_group` for the oldest waiters of ``worker``'s plugin
+        (``queue``), their workspaces reserved under the worker's directory. False when no
+        group of two or more can go (the usual hand-over then takes the oldest alone)."""
+        proc = worker.proc
         size = self.group_size(len(queue))
         group: list[PluginWaiter] = []
         for waiter in queue:
@@ -194,9 +212,16 @@ class PluginQueue(WaitQueue):
             for lease in leases:
                 lease.release_unused()
             return False
-        for waiter in group:
-            queue.remove(waiter)
-            self.waiters.remove(waiter)
+        waiters = self.waiters
+        for waiter in group:  # the oldest: at the front of both, unless cancelled ones are
+            if queue[0] is waiter:
+                queue.popleft()
+            else:
+                queue.remove(waiter)
+            if waiters[0] is waiter:
+                waiters.popleft()
+            else:
+                waiters.remove(waiter)
         self.take(worker, group[0].plugin_id)
         shared = Group(submitted)
         for waiter, lease, pending in zip(group, leases, submitted.pendings, strict=True):
@@ -249,9 +274,29 @@ class PluginQueue(WaitQueue):
         self.check_room()
         waiter = PluginWaiter(job, key, submit=workspace is not None)
         self.waiters.append(waiter)
-        self._by_key.setdefault(key, deque()).append(waiter)
-        self._place()
-        return await self.wait_queued(waiter, job, f" of plugin {plugin_id!r}")
+        queue = self._by_key.get(key)
+        if queue is None:
+            queue = self._by_key[key] = deque()
+        queue.append(waiter)
+        if not self._served_alone(key):
+            self._place()
+        return await self.wait_queued(waiter, job, of_plugin=True)
+
+    def _served_alone(self, key: PluginKey) -> bool:
+        """Whether ``key``'s plugin is the only one waiting, has a worker, and every worker
+        slot is taken: then :meth:`_place` has nothing to do (the common case under load,
+        met by every queued call: one pass over the workers, nothing built)."""
+        if len(self._by_key) != 1:
+            return False
+        alive = 0
+        served = False
+        for worker in self._workers.values():
+            state = worker.state
+            if state != "stopped":
+                alive += 1
+                if state != "draining" and (worker.plugin is key or worker.plugin == key):
+                    served = True
+        return served and alive >= self._options.max_workers
 
     def _place(self) -> None:
         """Workers for the plugins that wait: one more for each whose waiters outnumber its
@@ -263,7 +308,7 @@ class PluginQueue(WaitQueue):
         if room <= 0:  # the common case under load: every waiting plugin has its workers
             served = {w.plugin for w in workers if w.state != "draining"}
             if all(key in served for key in list(self._by_key) if self._head(key) is not None):
-                return  # (every queued call comes here: no Counter, no dict of heads)
+                return  # (a frequent case under load: no Counter, no dict of heads)
         serving = Counter(w.plugin for w in workers if w.state != "draining")
         heads = {key: head for key in list(self._by_key) if (head := self._head(key))}
         starting = Counter(w.plugin for w in workers if w.state == "starting")

@@ -422,9 +422,10 @@ class WaitQueue:
                 details={"queue_size": len(self.waiters), "capacity": self._options.max_queue},
             )
 
-    async def wait_queued(self, waiter: W, job: Job, whose: str = "") -> W:
+    async def wait_queued(self, waiter: W, job: Job, of_plugin: bool = False) -> W:
         """Wait, queued, until ``waiter`` is handed a worker, and return it; raise why not:
-        the pool closing, ``job``'s deadline, or ``acquire_timeout`` (no worker ``whose``)."""
+        the pool closing, ``job``'s deadline, or ``acquire_timeout`` (no worker; ``of_plugin``:
+        of ``job``'s plugin, as the sandboxed pool says)."""
         self.deadlines.add(
             min(job.deadline, trio.current_time() + self._options.acquire_timeout), waiter
         )
@@ -437,6 +438,7 @@ class WaitQueue:
         if trio.current_time() >= job.deadline:
             raise job.timeout_error(" while waiting for a worker")
         self._stats.acquire_timeouts += 1
+        whose = f" of plugin {job.request.plugin_id!r}" if of_plugin else ""
         raise AcquireTimeoutError(
             f"no worker{whose} became free within {self._options.acquire_timeout:g} s "
             f"({len(self.waiters)} queued, {len(self._workers)} workers)"

@@ -21,8 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import suppress
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -36,9 +34,9 @@ from ...sandbox.support import detect
 from ...workspace import validate_execution_id
 from .._quota_watch import execute_watched
 from ..subprocess import child_environment
-from .placement import PluginActors, PluginQueue, PluginWaiter, key_of
-from .queue import NotStarted, collect_handed
-from .slots import PoolParts, Worker, end_lease, on_lent_slot
+from .placement import PluginActors, PluginQueue, PluginWaiter
+from .queue import collect_handed
+from .slots import PoolParts, Worker, end_unused_lease
 
 if TYPE_CHECKING:
     from ...host.handle import WorkerHandle
@@ -68,7 +66,8 @@ class SandboxedPool:
     """The sandboxed pool's own parts, made by :class:`~.backend.WorkerPoolBackend` when
     ``sandbox`` is on (the unsandboxed pool has none of it): its launcher (spawned workers,
     each in the sandbox of its plugin: no zygote, whose children share its view), actors and
-    queue, the path of an execution and of a channel session, and how a worker starts."""
+    queue, the path of an execution (``run_job``) and of a channel session, and how a worker
+    starts."""
 
     def __init__(
         self,
@@ -157,40 +156,26 @@ class SandboxedPool:
 
     # -- an execution -----------------------------------------------------------------------
 
-    async def run(self, job: Job) -> ExecutionResult:
-        """One execution (or channel session) on a worker of its plugin, its workspace
-        under that worker's directory; ``metadata["sandbox"]``: the worker's layers."""
-        if job.channel is not None:
-            return await self._run_sandboxed_session(job)
-        parent = job.parent
-        lender = None
-        if parent is not None and isinstance(parent.slot, Worker):
-            slot = parent.slot
-            if slot.plugin == key_of(job) and self.queue.free_worker_for(slot.plugin) is None:
-                lender = slot  # as on any pool: never wait for what its callers hold
-        while lender is None:
-            with suppress(NotStarted):  # handed over behind a member that lost the worker
-                return await self._run_on_plugin_worker(job)
-        return await on_lent_slot(job, partial(self._run_on_plugin_worker, job, lender))
-
     def _workspace_for(self, worker: Worker, job: Job) -> WorkspaceLease | None:
         """The lease of ``job``'s workspace under ``worker``'s directory (None: no worker
         process serves there now)."""
         home = self._homes.get(worker.proc) if worker.proc is not None else None
         if home is None:
             return None
-        return self.backend.workspaces._reserve_in(job.request.execution_id, home[0])
+        return self.backend.workspaces._reserve(job.request.execution_id, home[0])
 
-    async def _run_on_plugin_worker(
-        self, job: Job, lender: Worker | None = None
-    ) -> ExecutionResult:
-        """As the pool's ``_run_job``, on a worker of the job's plugin; the workspace lies
-        under the worker's directory, so it is reserved once the worker is known."""
+    async def run_job(self, job: Job, lender: Worker | None = None) -> ExecutionResult:
+        """As the pool's ``_run_job``, on a worker of the job's plugin (``lender``: the one
+        the queue's ``lender_for`` gave); the workspace lies under the worker's directory, so
+        it is reserved once the worker is known; ``metadata["sandbox"]``: the worker's
+        layers."""
         await trio.lowlevel.checkpoint_if_cancelled()
         request = job.request
         trial = self.backend._breaker.admit(request.plugin_id)  # PluginQuarantinedError: refused
         quotas = job.target.permissions.quotas
         watched = bool(quotas.memory_mb or quotas.cpu_s)
+        stats = self.backend._stats
+        stats.queued = len(self.queue.waiters) + 1  # as the pool counts its queue
         try:
             got: Any = await self.queue.acquire(  # a PluginWaiter or a Worker
                 job, None if watched else "", lender
@@ -198,6 +183,7 @@ class SandboxedPool:
         except BaseException:
             self.backend._breaker.record(request.plugin_id, None, trial=trial)
             raise
+        stats.queued = len(self.queue.waiters)
         group = None
         if isinstance(got, PluginWaiter):
             worker, proc, pending, lease = got.worker, got.proc, got.pending, got.lease
@@ -237,11 +223,12 @@ class SandboxedPool:
         finally:
             self.backend._settle(worker, proc, request.plugin_id, result, trial, group, pending)
             self.queue.give_back(worker, request.plugin_id, group)
-            if lease is not None:
-                await end_lease(lease, job, result)
+            if lease is not None and not end_unused_lease(lease, job, result):
+                await lease.release()  # not cancellable; see WorkspaceLease.release
 
-    async def _run_sandboxed_session(self, job: Job) -> ExecutionResult:
-        """A channel session on a live worker of its plugin (see ``_run_session``)."""
+    async def run_channel_session(self, job: Job) -> ExecutionResult:
+        """A channel session on a live worker of its plugin (see the pool's
+        ``_run_session``), its workspace under that worker's directory."""
         actors: PluginActors = self.actors
         worker = await actors.session_worker(job)
         proc = worker.proc
@@ -249,7 +236,7 @@ class SandboxedPool:
             raise WorkerCrashedError(f"worker {worker.name} stopped before it could run")
         worker.sessions += 1
         home, _ = self._homes[proc]
-        lease = self.backend.workspaces._reserve_in(
+        lease = self.backend.workspaces._reserve(
             validate_execution_id(job.request.execution_id), home
         )
         try:

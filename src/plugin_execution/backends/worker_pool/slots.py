@@ -31,7 +31,6 @@ __all__ = [
     "Spare",
     "Worker",
     "WorkerState",
-    "end_lease",
     "end_unused_lease",
     "on_lent_slot",
 ]
@@ -176,19 +175,12 @@ async def on_lent_slot(job: Job, run: Callable[[], Awaitable[T]]) -> T:
         lent.release()
 
 
-async def end_lease(lease: WorkspaceLease, job: Job, result: ExecutionResult | None) -> None:
-    """Give back the workspace lease of ``job``, which ended with ``result`` (None: no
-    result). Nothing to remove when neither the worker (it says so) nor a platform service
-    on the host (no session was needed) made the directory; else it is removed (not
-    cancellable: see ``WorkspaceLease.release``)."""
-    if not end_unused_lease(lease, job, result):
-        await lease.release()
-
-
 def end_unused_lease(lease: WorkspaceLease, job: Job, result: ExecutionResult | None) -> bool:
-    """:func:`end_lease` when there is nothing to remove (the usual case): done at once,
-    True; else False, and the caller awaits ``lease.release()`` (hot paths save the
-    coroutine of ``end_lease``)."""
+    """Give back the workspace lease of ``job``, which ended with ``result`` (None: no
+    result), when there is nothing to remove (the usual case: neither the worker, which says
+    so, nor a platform service on the host, no session being needed, made the directory):
+    done at once, True. Else False, and the caller awaits ``lease.release()``, which removes
+    it (not cancellable: see ``WorkspaceLease.release``); hot paths save a coroutine."""
     if result is not None and result.metadata.get("workspace_id") is None and job.session_unused:
         lease.release_unused()
         return True
