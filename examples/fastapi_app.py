@@ -8,7 +8,8 @@
   is answered with the error's ``to_dict()`` and an HTTP status for its code. If the client
   disconnects first, the execution is cancelled (a worker process running it is killed);
 - ``GET /stream/{handler_id}?n=3``: the events of ``examples.hello/{handler_id}`` as
-  newline-delimited JSON, as they happen (a disconnect cancels the execution too);
+  newline-delimited JSON, as they happen: a ``started`` line with the execution id once it
+  has begun, then its events, then its result (a disconnect cancels the execution too);
 - ``/v1/ws/plugins/examples.chat/echo`` and ``.../room``: the example WebSocket channels.
 
 The backend lives as long as the application (its lifespan); trio runs as a guest on
@@ -105,6 +106,8 @@ def make_app(backend_type: str) -> FastAPI:
             # Leaving this block (the client went away, so Starlette stops the stream)
             # cancels the execution.
             async with backend_of(request).open_execution(execution) as running:
+                # First line: the execution has begun (a client may leave from here on).
+                yield json.dumps({"kind": "started", "id": execution.execution_id}) + "\n"
                 async for event in running.events:
                     yield json.dumps({"kind": event.kind, "data": event.data}) + "\n"
                 result = await running.result(raise_errors=False)
@@ -189,11 +192,11 @@ async def self_test(backend_type: str) -> None:
             except httpx.TimeoutException:
                 pass
             print(f"client gave up on fib: {await aborted(http, 1)} execution aborted")
-            try:  # the same while streaming: Starlette cancels the stream, and the execution
-                async with http.stream("GET", "/stream/fib", params={"n": 60}, timeout=1.0):
-                    pass
-            except httpx.TimeoutException:
-                pass
+            # The same while streaming: the client leaves once the execution has begun (its
+            # first line); Starlette cancels the stream, and with it the execution.
+            async with http.stream("GET", "/stream/fib", params={"n": 60}) as response:
+                async for _line in response.aiter_lines():
+                    break
             print(f"client left the fib stream: {await aborted(http, 2)} executions aborted")
         print(f"websocket: echoed {await websocket_echo(port, 'hello')!r}")
     finally:
