@@ -25,6 +25,7 @@ from plugin_execution import (
     ExecutionBackend,
     ExecutionRequest,
     ExecutionTimeoutError,
+    PermissionDeniedError,
     PluginRegistry,
     WorkspaceManager,
     create_execution_backend,
@@ -202,6 +203,43 @@ async def test_a_gitconfig_planted_in_the_workspace_is_not_read(
     out = await shell(backend, "git", ["git", "pwn"], plant=plant)
     assert out["returncode"] != 0 and "is not a git command" in out["stderr"]
     assert "PWNED" not in out["stdout"] and not marker.exists()
+
+
+@pytest.mark.parametrize("layers", ["default", "no layers"])
+async def test_a_relative_command_is_the_workspace_file_it_names_and_is_refused(
+    deputies: PluginRegistry,
+    workspaces: WorkspaceManager,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layers: str,
+) -> None:
+    """Granted ``/usr/bin/true`` by absolute path, a plugin asks for ``usr/bin/true``: from
+    the host's cwd (``/``) that is the granted file, but the command runs in the workspace,
+    where the plugin planted its own ``usr/bin/true``. The host must check what it runs: a
+    relative argv[0] names a file of the workspace, not granted, so it is refused (and the
+    planted script never runs, with or without the kernel layers)."""
+    true = os.path.realpath(shutil.which("true") or "/bin/true")
+    register(deputies, "deputy.true", shell={"allow": [true]})
+    monkeypatch.chdir("/")
+    marker = tmp_path / "planted-true-ran"
+    planted = true.lstrip("/")
+    platform = Platform(storage_root=tmp_path / "storage", shell_sandbox=layers == "default")
+    async with create_execution_backend(
+        type="subprocess", registry=deputies, workspace=workspaces, platform=platform
+    ) as backend:
+        with pytest.raises(PermissionDeniedError) as caught:
+            await shell(
+                backend,
+                "true",
+                [planted],
+                plant={planted: f"#!/bin/sh\ntouch {marker}\necho PWNED\n"},
+                executable=[planted],
+            )
+        assert caught.value.details["permission"] == "shell.allow"
+        assert not marker.exists()
+        # the granted command by its absolute path still runs: the granted file
+        out = await shell(backend, "true", [true], plant={planted: "#!/bin/sh\necho PWNED\n"})
+        assert out["returncode"] == 0 and "PWNED" not in out["stdout"]
 
 
 async def test_home_is_fresh_and_empty_not_the_workspace(backend: ExecutionBackend) -> None:
