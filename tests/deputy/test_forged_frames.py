@@ -1,0 +1,106 @@
+"""Frames a plugin writes itself on its worker's socket: the host takes from them no more
+than it would from its own worker runtime. Mounted by tests/plugins/forger.py on the process
+backends (the subprocess one sandboxed, both start methods, and the worker pool)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugin_execution import (
+    ExecutionBackend,
+    ExecutionRequest,
+    PluginRegistry,
+    WorkspaceManager,
+    create_execution_backend,
+)
+from plugin_execution.errors import MAX_MESSAGE_CHARS, MAX_TEXT_CHARS
+from plugin_execution.protocol import MAX_ID_LENGTH
+
+PLUGINS = Path(__file__).parents[1] / "plugins"
+BACKENDS: dict[str, dict[str, Any]] = {
+    "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 2},
+    "spawn": {"type": "subprocess", "start_method": "spawn", "cancel_grace": 0.3},
+    "zygote": {"type": "subprocess", "start_method": "zygote", "cancel_grace": 0.3},
+}
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def forgers() -> PluginRegistry:
+    registry = PluginRegistry()
+    registry.register(
+        {
+            "id": "forger",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "error", "entry": "forger:forge_error"}],
+        }
+    )
+    return registry
+
+
+@pytest.fixture(params=list(BACKENDS))
+async def backend(
+    request: pytest.FixtureRequest, forgers: PluginRegistry, workspaces: WorkspaceManager
+) -> AsyncIterator[ExecutionBackend]:
+    async with create_execution_backend(
+        registry=forgers, workspace=workspaces, **BACKENDS[request.param]
+    ) as backend:
+        yield backend
+
+
+async def forged_error(backend: ExecutionBackend, error: dict[str, Any]) -> Any:
+    result = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="error", input={"error": error}),
+        timeout=60,
+        raise_errors=False,
+    )
+    assert not result.ok
+    return result.error
+
+
+async def test_a_forged_error_is_bounded_like_the_runtimes_own(backend: ExecutionBackend) -> None:
+    """The runtime cuts what a handler's error carries (16 KiB message, 64 KiB texts, about
+    1 MiB of details); a plugin that writes its own error frame must not get more through."""
+    error = await forged_error(
+        backend,
+        {
+            "code": "HANDLER_ERROR",
+            "message": "m" * (2 * MiB),
+            "plugin_id": "p" * MiB,
+            "handler_id": "h" * MiB,
+            "execution_id": "e" * MiB,
+            "details": {
+                "remote_traceback": "t" * (2 * MiB),
+                **{f"k{i}": "v" * 60_000 for i in range(60)},
+                "deep": _nested(200),
+            },
+        },
+    )
+    assert error.code == "HANDLER_ERROR"
+    assert len(error.message) <= MAX_MESSAGE_CHARS
+    for name in ("plugin_id", "handler_id", "execution_id"):
+        assert len(getattr(error, name)) <= MAX_ID_LENGTH, name
+    assert len(error.details["remote_traceback"]) <= MAX_TEXT_CHARS
+    assert len(repr(error.details)) < 2 * MiB
+
+
+async def test_forged_error_codes_never_grow_the_hosts_stats(backend: ExecutionBackend) -> None:
+    """Each execution ending with a new huge code must not leave the host holding it: codes
+    are cut, and the distinct codes ``stats().failed_by_code`` keeps are bounded."""
+    for i in range(80):
+        error = await forged_error(backend, {"code": f"X{i}_" + "C" * 100_000, "message": "m"})
+        assert len(error.code) <= 64
+    failed = backend.stats().failed_by_code
+    assert sum(failed.values()) == 80
+    assert len(failed) <= 65 and sum(map(len, failed)) <= 65 * 64, failed
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"d": value}
+    return value

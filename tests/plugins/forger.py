@@ -1,0 +1,34 @@
+"""Handlers that speak for their worker (tests/deputy/test_forged_frames.py): they write
+frames of their own making on the worker's protocol socket, as any plugin code in a worker
+process can, to see what the host takes from them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+
+
+def _protocol_socket() -> socket.socket:
+    """The worker's socket to the host (the only socket a worker child holds)."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                return socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+    raise RuntimeError("no socket found")
+
+
+def send_frame(message: dict[str, Any]) -> None:
+    body = msgpack.packb(message, use_bin_type=True)
+    with _protocol_socket() as sock:
+        sock.sendall(len(body).to_bytes(4, "big") + body)
+
+
+def forge_error(ctx: Any, input: dict[str, Any]) -> str:
+    """End this execution with the error ``input["error"]`` (its wire form, as sent)."""
+    send_frame({"t": "error", "execution_id": ctx.execution_id, "error": input["error"]})
+    return "the host took the forged error first"
