@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Any
 
+from .errors import known_code
 from .types import ExecutionStats, HealthStatus, LatencySummary
 
 __all__ = ["StatsRecorder", "summarize"]
 
 _WINDOW = 10_000
+#: Distinct codes ``failed_by_code`` keeps apart: past them, an execution that ended with a
+#: code no error class defines is counted under ``UNKNOWN_ERROR``.
+_MAX_CODES = 32
 
 
 def summarize(samples: deque[float] | list[float]) -> LatencySummary:
@@ -80,7 +84,10 @@ class StatsRecorder:
 
     def record_failure(self, code: str, duration_s: float, message: str = "") -> None:
         self.total += 1
-        self.failed_by_code[code] += 1
+        counts = self.failed_by_code
+        if code not in counts and len(counts) >= _MAX_CODES and not known_code(code):
+            code = "UNKNOWN_ERROR"  # a worker's made-up codes never grow this for good
+        counts[code] += 1
         self._latency.append(duration_s)
         self.last_error = f"{code}: {message}" if message else code
 
