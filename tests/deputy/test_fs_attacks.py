@@ -217,3 +217,30 @@ async def test_symlinks_that_stay_inside_the_grants_still_work(
         assert await fs.list("alias") == ["f.txt"]
         assert await fs.write("alias/new/g.txt", "g") == 1
         assert (workspace / "real" / "new" / "g.txt").read_text() == "g"
+
+
+async def test_paths_longer_than_the_kernel_takes_are_refused_before_resolution(
+    backend: ExecutionBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resolving a path costs the host time quadratic in its parts, on its event loop (a
+    320 KB path took ~7 s): a path the kernel would refuse anyway (over PATH_MAX) is refused
+    as it arrives, and nothing of its size reaches the host's log."""
+    for path in ("a/" * 3000, "/" + "x/" * 3000, "é" * 4097):
+        out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+        assert out["error"] == "INVALID_REQUEST", out["error"]
+        assert len(out["message"]) < 1000
+    assert all(len(record.getMessage()) < 10_000 for record in caplog.records)
+    # at the limit, a path is still taken (the kernel's answer comes back)
+    out = await run(backend, "fs_call", {"method": "read", "args": ["a/" * 2047 + "b"]})
+    assert out["error"] in ("FileNotFoundError:ENOENT", "OSError:ENAMETOOLONG"), out
+
+
+async def test_a_long_symlink_chain_is_refused_like_the_kernel_refuses_it(
+    backend: ExecutionBackend,
+) -> None:
+    """The kernel follows at most 40 symlinks in a path (ELOOP); the host's resolution of a
+    chain of 1200 planted in the workspace must end as clearly, not with an internal error."""
+    links = [[f"l{i}", f"l{i + 1}"] for i in range(1200)]
+    out = await run(backend, "fs_call", {"method": "read", "args": ["l0"], "links": links})
+    assert out["error"] == "PERMISSION_DENIED", out
+    assert "symbolic links" in out["message"]

@@ -156,7 +156,10 @@ def read_fifo(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
 
 
 def fs_call(ctx: Any, input: dict[str, Any]) -> Any:
-    """One ``ctx.fs`` call: ``{"method": ..., "args": [...]}``; an error as its code."""
+    """One ``ctx.fs`` call: ``{"method": ..., "args": [...]}``; an error as its code. The
+    symlinks ``input["links"]`` (``[name, target]`` pairs) are made in the workspace first."""
+    for name, target in input.get("links", ()):
+        os.symlink(target, os.path.join(str(ctx.workspace), name))
     try:
         return getattr(ctx.fs, input["method"])(*input.get("args", []))
     except Exception as exc:
