@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["FsService"]
 
 T = TypeVar("T")
+#: The kernel's limit on a path, in bytes with its terminating NUL (ENAMETOOLONG past it).
+_PATH_MAX = 4096
 
 
 def _real_workspace(session: PlatformSession) -> str | None:
@@ -60,6 +62,13 @@ class FsService:
     def _check(self, session: PlatformSession, path: Any, permission: str) -> _Checked:
         if type(path) is not str or not path:
             raise InvalidRequestError(f"a path must be a non-empty string, got {path!r}")
+        if len(path) >= _PATH_MAX or len(path.encode("utf-8", "surrogatepass")) >= _PATH_MAX:
+            # what the kernel refuses anyway; resolving it would cost the host's event loop
+            # time quadratic in its parts
+            raise InvalidRequestError(
+                f"a path must be shorter than {_PATH_MAX} bytes (PATH_MAX), got "
+                f"{len(path)} characters"
+            )
         workspace = _real_workspace(session)
         try:
             resolved = resolve_path(path, workspace or "/nonexistent-workspace")
