@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from .conftest import wait_until
 from .rawws import (
@@ -293,3 +293,29 @@ async def test_protocol_errors_get_a_close_frame(serve, attack, code) -> None:  
             "server": {code: 1},
             "client": {1000: 1},
         }
+
+
+@pytest.mark.parametrize("kind", ["in-process", "worker-pool", "subprocess"])
+async def test_a_handler_message_over_the_limit_closes_with_1009_unsent(serve, kind) -> None:  # type: ignore[no-untyped-def]
+    """What a handler sends is bounded like what a client sends: a message over
+    ``max_message_size`` closes the connection with 1009 and is never written. On a process
+    backend the host never holds it either: a plugin's worker may send up to the flow window
+    (64) of 64 MiB frames to a client that does not read, ~4 GiB of the host's memory, where
+    now it holds at most the window's messages of ``max_message_size`` each."""
+    limit = 64 * 1024
+    async with (
+        serve(kind, max_message_size=limit) as served,
+        open_websocket_url(served.url("/big"), max_message_size=4 * limit) as ws,
+    ):
+        await ws.send_message(f"{limit} 2")  # at the limit: delivered
+        assert [len(await ws.get_message()) for _ in range(2)] == [limit, limit]
+        assert await ws.get_message() == "after"
+    async with (
+        serve(kind, max_message_size=limit) as served,
+        open_websocket_url(served.url("/big"), max_message_size=4 * limit) as ws,
+    ):
+        await ws.send_message(f"{limit + 1} 3")
+        with trio.fail_after(10), pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()  # the close comes first: no message of limit + 1
+        assert closed.value.reason.code == 1009
+        assert str(limit) in (closed.value.reason.reason or "")

@@ -71,6 +71,16 @@ async def hold(ctx: Any, channel: Any) -> None:
         raise
 
 
+async def big(ctx: Any, channel: Any) -> None:
+    """Answers ``"SIZE COUNT"`` with COUNT binary messages of SIZE bytes, then ``"after"``,
+    then waits for the client."""
+    size, count = map(int, (await channel.receive()).split())
+    for _ in range(count):
+        await channel.send(b"x" * size)
+    await channel.send("after")
+    await channel.receive()
+
+
 async def room(ctx: Any, input: Any) -> Any:
     """An events-style chat room."""
     sender = input.sender
