@@ -25,18 +25,34 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 2},
     "spawn": {"type": "subprocess", "start_method": "spawn", "cancel_grace": 0.3},
     "zygote": {"type": "subprocess", "start_method": "zygote", "cancel_grace": 0.3},
+    "sandboxed-pool": {"type": "worker-pool", "max_workers": 2, "sandbox": True},
 }
 MiB = 1024 * 1024
 
 
+SECRET = "the caller's secret"
+
+
 @pytest.fixture
-def forgers() -> PluginRegistry:
+def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
+    monkeypatch.setenv("FORGER_SECRET", SECRET)
     registry = PluginRegistry()
     registry.register(
         {
             "id": "forger",
             "root": str(PLUGINS),
-            "handlers": [{"id": "error", "entry": "forger:forge_error"}],
+            "handlers": [
+                {"id": "error", "entry": "forger:forge_error"},
+                {"id": "invoke", "entry": "forger:invoke_forger"},
+            ],
+            "permissions": {"env": {"read": ["FORGER_SECRET"]}, "invoke": {"allow": ["forger.*"]}},
+        }
+    )
+    registry.register(
+        {
+            "id": "forger.thief",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "forge_call", "entry": "forger:forge_call"}],
         }
     )
     return registry
@@ -104,3 +120,23 @@ def _nested(depth: int) -> Any:
     for _ in range(depth):
         value = {"d": value}
     return value
+
+
+async def test_an_invoked_plugin_cannot_call_as_its_caller(
+    backend: ExecutionBackend, request: pytest.FixtureRequest
+) -> None:
+    """``forger`` may read ``FORGER_SECRET`` and invokes ``forger.thief``, which may not, with
+    its own execution id. The thief's platform calls made in the caller's name are refused:
+    the caller does not run in the thief's process (a child of its own on the subprocess
+    backend, a worker of its own plugin on the sandboxed pool). On the unsandboxed pool an
+    invocation may run on its caller's worker, one process: the host cannot tell their
+    frames apart (docs/permissions.md, "Threat model")."""
+    if request.node.callspec.params["backend"] == "worker-pool":
+        pytest.skip("unsandboxed pool: an invocation may share its caller's process")
+    result = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="invoke", input={"name": "FORGER_SECRET"}),
+        timeout=60,
+    )
+    out = result.output
+    assert out.get("value") != SECRET, out
+    assert out["error"] == "ABORTED" and "not running here" in out["message"], out

@@ -32,3 +32,28 @@ def forge_error(ctx: Any, input: dict[str, Any]) -> str:
     """End this execution with the error ``input["error"]`` (its wire form, as sent)."""
     send_frame({"t": "error", "execution_id": ctx.execution_id, "error": input["error"]})
     return "the host took the forged error first"
+
+
+def _platform_calls() -> Any:
+    """The worker runtime's platform-call machinery, found in memory as any code can."""
+    import gc
+
+    from plugin_execution.worker.platform_calls import PlatformCalls
+
+    return next(o for o in gc.get_objects() if isinstance(o, PlatformCalls))
+
+
+def forge_call(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """Call ``env.get(input["name"])`` as execution ``input["as"]`` (not this one): the
+    outcome, the value or the error's code."""
+    calls = _platform_calls()
+    try:
+        value = calls.call(input["as"], "env", "get", [input["name"]], {})
+    except Exception as exc:
+        return {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+    return {"value": value}
+
+
+def invoke_forger(ctx: Any, input: dict[str, Any]) -> Any:
+    """The caller with the grant: invoke ``forger.thief``, which knows this execution's id."""
+    return ctx.invoke("forger.thief", "forge_call", {"as": ctx.execution_id, "name": input["name"]})
