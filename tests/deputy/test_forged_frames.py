@@ -106,13 +106,17 @@ async def test_a_forged_error_is_bounded_like_the_runtimes_own(backend: Executio
 
 async def test_forged_error_codes_never_grow_the_hosts_stats(backend: ExecutionBackend) -> None:
     """Each execution ending with a new huge code must not leave the host holding it: codes
-    are cut, and the distinct codes ``stats().failed_by_code`` keeps are bounded."""
+    are cut, and the distinct codes ``stats().failed_by_code`` keeps, and observers (the
+    Prometheus metrics' labels) are given, are bounded."""
+    outcomes: set[str] = set()
+    backend.add_observer(lambda plugin, handler, outcome, duration: outcomes.add(outcome))
     for i in range(80):
         error = await forged_error(backend, {"code": f"X{i}_" + "C" * 100_000, "message": "m"})
         assert len(error.code) <= 64
     failed = backend.stats().failed_by_code
     assert sum(failed.values()) == 80
     assert len(failed) <= 65 and sum(map(len, failed)) <= 65 * 64, failed
+    assert outcomes == set(failed), outcomes
 
 
 def _nested(depth: int) -> Any:
