@@ -47,6 +47,7 @@ MANIFEST = PluginManifest(
         ChannelSpec(path="/burst", entry="ws_handlers:burst"),
         ChannelSpec(path="/hold", entry="ws_handlers:hold"),
         ChannelSpec(path="/big", entry="ws_handlers:big"),
+        ChannelSpec(path="/close", entry="ws_handlers:close_with"),
         ChannelSpec(path="/room", entry="ws_handlers:room", style="events"),
     ],
 )

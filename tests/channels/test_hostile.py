@@ -19,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from plugin_execution.channels.bridge import ChannelBridge
-from plugin_execution.protocol import ChannelData
+from plugin_execution.protocol import ChannelClose, ChannelData
 
 from .conftest import wait_until
 from .rawws import (
@@ -345,3 +345,36 @@ def test_the_bridge_never_holds_a_message_over_the_limit() -> None:
         bridge.on_message(ChannelData(channel_id="c", data=b"x" * size))
     held = [len(item) for item in bridge._out if isinstance(item, bytes)]
     assert held == [1000] and len(bridge._out) == 3
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+async def test_a_handler_cannot_put_an_unsendable_close_code_on_the_wire(serve, kind) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6455 7.4: 0-999, 1004-1006, 1015 and 2000-2999 are never sent, nor is anything
+    outside 0-4999. A handler closing with one gets a ValueError (its session then ends with
+    1011, as for any handler error), never an invalid close frame or a dropped socket."""
+    async with serve(kind) as served:
+        for code in (0, 999, 1005, 1006, 1015, 2000, 5000, 99999, -5):
+            async with open_websocket_url(served.url("/close")) as ws:
+                await ws.send_message(f"{code} bye")
+                got, reason = await _first_is_the_close(ws)
+                assert got == 1011 and "close code" in reason, (code, got, reason)
+        async with open_websocket_url(served.url("/close")) as ws:  # valid ones still work
+            await ws.send_message("4000 bye")
+            assert await _first_is_the_close(ws) == (4000, "bye")
+
+
+def test_the_bridge_turns_an_unsendable_close_code_into_1011() -> None:
+    """A worker that writes its own ``ch_close`` frame with code 0 (its channel would have
+    refused it) gets the connection closed with 1011, not an invalid frame."""
+
+    class Recording:
+        closes: list[tuple[int, str]] = []
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closes.append((code, reason))
+
+    channel = Recording()
+    bridge = ChannelBridge(None, channel, "c", window=64)  # type: ignore[arg-type]
+    bridge.on_message(ChannelClose(channel_id="c", code=0, reason="x"))
+    trio.run(bridge._deliver)
+    assert [code for code, _ in channel.closes] == [1011]

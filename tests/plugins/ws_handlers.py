@@ -81,6 +81,12 @@ async def big(ctx: Any, channel: Any) -> None:
     await channel.receive()
 
 
+async def close_with(ctx: Any, channel: Any) -> None:
+    """Closes with the code (and reason, after a space) the client sends."""
+    code, _, reason = (await channel.receive()).partition(" ")
+    await channel.close(int(code), reason)
+
+
 async def room(ctx: Any, input: Any) -> Any:
     """An events-style chat room."""
     sender = input.sender
