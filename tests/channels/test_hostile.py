@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import json
 import os
 import signal
 import tracemalloc
@@ -378,3 +379,38 @@ def test_the_bridge_turns_an_unsendable_close_code_into_1011() -> None:
     bridge.on_message(ChannelClose(channel_id="c", code=0, reason="x"))
     trio.run(bridge._deliver)
     assert [code for code, _ in channel.closes] == [1011]
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+@pytest.mark.parametrize(
+    ("action", "data", "code"),
+    [
+        ("ws.close", {"code": 0, "reason": "x"}, 1011),
+        ("ws.close", {"code": 1006, "reason": "x"}, 1011),
+        ("ws.send", {"size": 2000}, 1009),
+        ("ws.broadcast", {"size": 2000}, 1009),
+    ],
+)
+async def test_an_events_handler_forging_its_senders_actions_is_held_to_the_same_rules(
+    serve, kind, action, data, code
+) -> None:  # type: ignore[no-untyped-def]
+    """An events-style handler's sender travels as events the host carries out; a handler
+    can emit those events itself, with any code or size: the host checks them as it checks
+    a session's (an unsendable close code: 1011; a message over the limit: 1009, unsent)."""
+    action_message = (
+        {"kind": action, "data": {}, **data}
+        if "size" in data
+        else {
+            "kind": action,
+            "data": data,
+        }
+    )
+    async with (
+        serve(kind, max_message_size=1000) as served,
+        open_websocket_url(served.url("/room"), max_message_size=4000) as ws,
+    ):
+        assert "welcome" in await ws.get_message()
+        await ws.send_message(json.dumps({"type": "emit", "payload": action_message}))
+        got, reason = await _first_is_the_close(ws)
+        assert got == code, (got, reason)
+        assert reason.startswith("the handler"), reason  # not the client's own message

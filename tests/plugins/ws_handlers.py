@@ -103,6 +103,12 @@ async def room(ctx: Any, input: Any) -> Any:
             await sender.close(4001, "quit")
         elif input.message["type"] == "boom":
             raise ValueError("boom")
+        elif input.message["type"] == "emit":  # the sender's actions, as the plugin forges them
+            action = input.message["payload"]
+            data = dict(action["data"])
+            if "size" in action:  # a message of that many characters
+                data["data"] = "z" * action["size"]
+            await ctx.emit(action["kind"], data)
     elif input.event == "error":
         await sender.reply({"type": "error", "payload": input.error})
     return None
