@@ -29,7 +29,7 @@ import trio
 from .._groups import unwrap_single
 from ..errors import ExecutionError, WorkerCrashedError
 from ..protocol import ChannelClose, ChannelCredit, ChannelData, ChannelOpen
-from .channel import MESSAGE_TOO_BIG, ChannelClosed
+from .channel import INTERNAL_ERROR, MESSAGE_TOO_BIG, ChannelClosed, sendable_close_code
 from .connection import message_size
 
 if TYPE_CHECKING:
@@ -135,7 +135,11 @@ class ChannelBridge:
             while self._out:
                 item = self._out.popleft()
                 if isinstance(item, ChannelClose):
-                    await channel.close(item.code, item.reason)
+                    if sendable_close_code(item.code):
+                        await channel.close(item.code, item.reason)
+                    else:  # the worker's channel refuses it: this worker wrote its own frame
+                        reason = f"the handler closed with close code {item.code}, not sendable"
+                        await channel.close(INTERNAL_ERROR, reason)
                     continue
                 if isinstance(item, _TooBig):
                     await _refuse_too_big(channel, item.size)

@@ -36,6 +36,7 @@ from .channel import (
     TRY_AGAIN_LATER,
     Channel,
     ChannelClosed,
+    check_close_code,
     check_message,
     clip_reason,
 )
@@ -185,6 +186,7 @@ class ServerChannel(Channel):
         """Close the connection with ``code``; what was queued is sent first (within the
         close timeout). Idempotent; returns once the close is done. Not cancellable past
         the close timeout."""
+        check_close_code(code)
         if self._closed_here or self._peer_closed:
             await trio.lowlevel.checkpoint()
             return
@@ -194,8 +196,13 @@ class ServerChannel(Channel):
 
     def offer(self, message: str | bytes) -> bool:
         """Queue ``message`` without waiting (a broadcast). A full queue means the client
-        does not keep up: it is disconnected with 1013 and this returns False."""
+        does not keep up: it is disconnected with 1013 and this returns False; a message
+        over :attr:`max_message_size` ends the connection with 1009 (see :meth:`too_big`)."""
         if self._ending is not None or self._closed_here or self._peer_closed:
+            return False
+        size = message_size(message, self._max_message_size)
+        if size > self._max_message_size:
+            self.too_big(size)
             return False
         try:
             self._queue.send_nowait(message)
