@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from plugin_execution import ExecutionBackend, PermissionDeniedError, Permissions
+from plugin_execution import ExecutionBackend, PermissionDeniedError, Permissions, PluginRegistry
 from plugin_execution.context import ExecutionContext
 from plugin_execution.manifest import FsPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform import fs as fs_module
 
-from .conftest import run
+from .conftest import register, run
 
 SECRET = "root:$6$not-for-plugins"
 ATTEMPTS = {"attempts": 400, "seconds": 10}
@@ -244,3 +244,22 @@ async def test_a_long_symlink_chain_is_refused_like_the_kernel_refuses_it(
     out = await run(backend, "fs_call", {"method": "read", "args": ["l0"], "links": links})
     assert out["error"] == "PERMISSION_DENIED", out
     assert "symbolic links" in out["message"]
+
+
+async def test_a_hard_link_never_turns_a_read_grant_into_a_write(
+    backend: ExecutionBackend, deputies: PluginRegistry, tmp_path: Path
+) -> None:
+    """A hard link is not a symlink: the host's walk cannot tell one apart from the file. A
+    plugin granted to read ``data/ro.txt`` links it into its workspace and asks the host to
+    write there. The kernel sandbox refuses the link (another mount under bubblewrap, no
+    ``REFER`` right under Landlock), so the host writes a new file of the workspace. Without
+    a sandbox (in-process, the worker pool) the plugin could write the file itself anyway."""
+    if backend.stats().backend != "subprocess":
+        pytest.skip("no kernel sandbox: the plugin reaches the file without the host")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ro.txt").write_text("read only")
+    register(deputies, "deputy", fs={"read": [str(data)]})
+    report = await run(backend, "link_then_write", {"target": str(data / "ro.txt")})
+    assert report["link"] != "made", report
+    assert (data / "ro.txt").read_text() == "read only"
