@@ -263,3 +263,21 @@ async def test_a_hard_link_never_turns_a_read_grant_into_a_write(
     report = await run(backend, "link_then_write", {"target": str(data / "ro.txt")})
     assert report["link"] != "made", report
     assert (data / "ro.txt").read_text() == "read only"
+
+
+async def test_the_hosts_proc_magic_links_lead_nowhere(backend: ExecutionBackend) -> None:
+    """``/proc/self`` is the host's own, when the host resolves a path: its environment, its
+    fds, its root and cwd are magic links a plugin may name. Each resolves to what it points
+    at, which no grant covers: denied, never read."""
+    for path in (
+        "/proc/self/environ",
+        "/proc/thread-self/environ",
+        "/proc/self/root/etc/hostname",
+        "/proc/self/cwd/pyproject.toml",
+        "/proc/self/fd/0",
+        "/dev/fd/1",
+        "/dev/stdin",
+        f"/proc/{os.getpid()}/cmdline",
+    ):
+        out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+        assert isinstance(out, dict) and out["error"] == "PERMISSION_DENIED", (path, out)
