@@ -252,6 +252,25 @@ async def test_home_is_fresh_and_empty_not_the_workspace(backend: ExecutionBacke
     assert not os.path.exists(home)  # removed after the command
 
 
+async def test_a_command_holds_no_fd_of_the_hosts(backend: ExecutionBackend) -> None:
+    """The host's listening sockets and open files (a server's, a secret's) never reach a
+    command: it holds its stdin, stdout and stderr, nothing else."""
+    code = (
+        "import os, json; print(json.dumps({n: os.readlink('/proc/self/fd/' + n) "
+        "for n in os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + n)}))"
+    )
+    secret = os.open(__file__, os.O_RDONLY)
+    try:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            out = await shell(backend, "python", [sys.executable, "-c", code])
+    finally:
+        os.close(secret)
+    held = json.loads(out["stdout"])
+    assert sorted(held) == ["0", "1", "2"], held
+
+
 @needs("capabilities")
 async def test_a_command_holds_no_capability(backend: ExecutionBackend) -> None:
     if not host_has_capabilities():
