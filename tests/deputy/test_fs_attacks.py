@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from plugin_execution import ExecutionBackend, PermissionDeniedError, Permissions, PluginRegistry
+from plugin_execution import (
+    ExecutionBackend,
+    PermissionDeniedError,
+    Permissions,
+    PluginRegistry,
+    WorkspaceManager,
+    create_execution_backend,
+)
 from plugin_execution.context import ExecutionContext
 from plugin_execution.manifest import FsPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform import fs as fs_module
 
-from .conftest import register, run
+from .conftest import BACKENDS, register, run
 
 SECRET = "root:$6$not-for-plugins"
 ATTEMPTS = {"attempts": 400, "seconds": 10}
@@ -281,3 +288,24 @@ async def test_the_hosts_proc_magic_links_lead_nowhere(backend: ExecutionBackend
     ):
         out = await run(backend, "fs_call", {"method": "read", "args": [path]})
         assert isinstance(out, dict) and out["error"] == "PERMISSION_DENIED", (path, out)
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
+async def test_a_listing_is_bounded_like_a_transfer(
+    kind: str, deputies: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+) -> None:
+    """``ctx.fs.list`` returns every name of a directory the plugin filled itself: with
+    enough entries, more than any transfer may carry (``max_transfer_bytes``), all held by the
+    host at once. Past the limit the listing is refused (``INVALID_REQUEST``)."""
+    limit = 64 * 1024
+    links = [[f"{i:05d}" + "n" * 195, "nowhere"] for i in range(400)]  # ~80 KB of names
+    async with (
+        Platform(storage_root=tmp_path / "storage", max_transfer_bytes=limit) as platform,
+        create_execution_backend(
+            registry=deputies, workspace=workspaces, platform=platform, **BACKENDS[kind]
+        ) as backend,
+    ):
+        out = await run(backend, "fs_call", {"method": "list", "args": ["."], "links": links})
+        assert isinstance(out, dict) and out["error"] == "INVALID_REQUEST", str(out)[:200]
+        few = await run(backend, "fs_call", {"method": "list", "args": ["."], "links": links[:50]})
+        assert len(few) == 50
