@@ -33,6 +33,9 @@ __all__ = ["FsService"]
 T = TypeVar("T")
 #: The kernel's limit on a path, in bytes with its terminating NUL (ENAMETOOLONG past it).
 _PATH_MAX = 4096
+#: What each name of a listing counts against the transfer limit besides its characters
+#: (about what it takes in the reply frame).
+_LIST_ITEM_BYTES = 8
 
 
 def _real_workspace(session: PlatformSession) -> str | None:
@@ -135,7 +138,7 @@ class FsService:
 
     async def list(self, session: PlatformSession, path: Any = ".") -> list[str]:
         checked = self._check(session, path, "fs.read")
-        return await self._run(session, "fs.read", checked, _list, checked)
+        return await self._run(session, "fs.read", checked, _list, checked, self.max_bytes)
 
     async def exists(self, session: PlatformSession, path: Any) -> bool:
         checked = self._check(session, path, "fs.read")
@@ -187,13 +190,26 @@ def _write(checked: _Checked, blob: bytes, append: bool, may_create: Callable[[s
         return f.write(blob)
 
 
-def _list(checked: _Checked) -> list[str]:
+def _list(checked: _Checked, limit: int) -> list[str]:
+    """The names in the directory, read a few at a time: a directory the plugin filled
+    with more names than ``limit`` bytes (a transfer's limit) is refused, never held whole."""
     parts = _fdwalk.components(checked.anchor, checked.resolved)
     fd = _fdwalk.open_dir(checked.anchor, parts, flags=os.O_RDONLY)
+    names: list[str] = []
+    size = 0
     try:
-        return sorted(os.listdir(fd))
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                size += len(entry.name) + _LIST_ITEM_BYTES
+                if size > limit:
+                    raise InvalidRequestError(
+                        f"{checked.asked!r} holds more names than the {limit}-byte limit of "
+                        "a transfer (max_transfer_bytes): list a directory with fewer entries"
+                    )
+                names.append(entry.name)
     finally:
         os.close(fd)
+    return sorted(names)
 
 
 def _exists(checked: _Checked) -> bool:
