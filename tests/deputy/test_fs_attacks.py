@@ -309,3 +309,28 @@ async def test_a_listing_is_bounded_like_a_transfer(
         assert isinstance(out, dict) and out["error"] == "INVALID_REQUEST", str(out)[:200]
         few = await run(backend, "fs_call", {"method": "list", "args": ["."], "links": links[:50]})
         assert len(few) == 50
+
+
+async def test_a_denial_never_tells_where_the_hosts_links_lead(
+    backend: ExecutionBackend, tmp_path: Path
+) -> None:
+    """The host resolves a path with its own view of the system: ``/proc/self`` is the
+    host's, ``/proc/PID`` any process's, ``/tmp`` the host's (a sandboxed child has its own).
+    A denial that said where such a link leads would tell the plugin what its sandbox hides:
+    the host's working directory, the files it has open, another execution's workspace. It
+    names the path as asked, and its ``..`` collapsed, never a link's target."""
+    hidden = tmp_path / "hidden-target-directory"
+    hidden.mkdir()
+    elsewhere = tmp_path / "link-somewhere"
+    elsewhere.symlink_to(hidden)
+    secret_file = os.open(hidden, os.O_RDONLY)  # the host holds it open: /proc/self/fd/N
+    try:
+        for path in ("/proc/self/cwd", f"/proc/self/fd/{secret_file}", str(elsewhere)):
+            out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+            assert out["error"] == "PERMISSION_DENIED", (path, out)
+            assert os.getcwd() not in out["message"], out["message"]
+            assert "hidden-target" not in out["message"], out["message"]
+        out = await run(backend, "fs_call", {"method": "read", "args": ["../../../etc/hostname"]})
+        assert "(resolves to /" in out["message"], out["message"]  # no link: said as before
+    finally:
+        os.close(secret_file)
