@@ -73,13 +73,14 @@ class FsService:
                 f"{len(path)} characters"
             )
         workspace = _real_workspace(session)
+        base = workspace or "/nonexistent-workspace"
         try:
-            resolved = resolve_path(path, workspace or "/nonexistent-workspace")
+            resolved = resolve_path(path, base)
         except PathProblem as exc:
             session.deny(permission, path, str(exc))
         anchor = session.grants.fs_anchor(resolved, workspace, write=permission == "fs.write")
         if anchor is None:
-            session.deny(permission, _shown(path, resolved))
+            session.deny(permission, _shown(path, resolved, base))
         return _Checked(path, resolved, anchor)
 
     async def _run(
@@ -97,7 +98,7 @@ class FsService:
         except _fdwalk.PathChanged:
             session.deny(
                 permission,
-                _shown(checked.asked, checked.resolved),
+                _shown(checked.asked, checked.resolved, _real_workspace(session) or "/"),
                 "the path changed after it was checked (a symlink appeared on it)",
             )
         except _fdwalk.NotRegularFile as exc:
@@ -152,8 +153,20 @@ class FsService:
         await self._run(session, "fs.write", checked, _remove, checked)
 
 
-def _shown(path: str, resolved: str) -> str:
-    return path if resolved == path else f"{path} (resolves to {resolved})"
+def _shown(path: str, resolved: str, base: str | None = None) -> str:
+    """``path`` as a denial names it: with what it resolves to when only ``.``, ``..`` and
+    repeated slashes made the difference. Where symlinks did, their target stays unsaid: the
+    host resolved them with its own view (``/proc/self`` is the host's, ``/tmp`` too), which
+    the plugin's sandbox may hide (its cwd, the files it holds open, other workspaces)."""
+    if resolved == path:
+        return path
+    if base is not None:
+        normalized = os.path.normpath(os.path.join(base, path))
+        if normalized.startswith("//"):
+            normalized = "/" + normalized.lstrip("/")
+        if normalized != resolved:
+            return f"{path} (through a symlink)"
+    return f"{path} (resolves to {resolved})"
 
 
 # -- the blocking work, in a host thread: every fd is closed before returning ----------------

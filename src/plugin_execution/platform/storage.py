@@ -175,9 +175,7 @@ class FileStorage:
 
         return await self._in_thread(unlink)
 
-    async def list(
-        self, namespace: str, prefix: str, *, max_bytes: int | None = None
-    ) -> list[str]:
+    async def list(self, namespace: str, prefix: str, *, max_bytes: int | None = None) -> list[str]:
         """The keys under ``prefix``, sorted. ``max_bytes``: past that many bytes of keys the
         walk stops and :class:`ListTooLong` is raised (nothing more is held)."""
         base = self.root / namespace
