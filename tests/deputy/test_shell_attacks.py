@@ -252,6 +252,27 @@ async def test_home_is_fresh_and_empty_not_the_workspace(backend: ExecutionBacke
     assert not os.path.exists(home)  # removed after the command
 
 
+@needs("landlock")
+async def test_a_command_cannot_signal_the_host(backend: ExecutionBackend) -> None:
+    """A granted command tries to signal the host, which started it: Landlock's signal
+    scope (or bubblewrap's pid namespace, where the host's pids do not exist) refuses, and
+    the host is unharmed (it answers next)."""
+    code = (
+        "import os, sys, json\n"
+        "out = {}\n"
+        "for pid in map(int, sys.argv[1:]):\n"
+        "    try:\n"
+        "        os.kill(pid, 0); out[pid] = 'sent'\n"
+        "    except OSError as e:\n"
+        "        out[pid] = type(e).__name__\n"
+        "print(json.dumps(out))"
+    )
+    out = await shell(backend, "python", [sys.executable, "-c", code, str(os.getpid())])
+    outcomes = json.loads(out["stdout"])
+    assert set(outcomes.values()) <= {"PermissionError", "ProcessLookupError"}, outcomes
+    assert (await shell(backend, "python", [sys.executable, "-c", "print(1)"]))["stdout"] == "1\n"
+
+
 async def test_a_command_holds_no_fd_of_the_hosts(backend: ExecutionBackend) -> None:
     """The host's listening sockets and open files (a server's, a secret's) never reach a
     command: it holds its stdin, stdout and stderr, nothing else."""
