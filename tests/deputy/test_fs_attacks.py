@@ -334,3 +334,32 @@ async def test_a_denial_never_tells_where_the_hosts_links_lead(
         assert "(resolves to /" in out["message"], out["message"]  # no link: said as before
     finally:
         os.close(secret_file)
+
+
+async def test_paths_are_resolved_on_the_plugins_file_threads_not_the_event_loop(
+    platform_only: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving a path is file work (an lstat and a readlink per part, ~1000 symlinks
+    followed at most): ~12 ms for a chain a plugin planted, ~3 ms for a 4 KB path, on the
+    host's event loop for every call, 64 calls in flight per execution. It runs where the
+    rest of ctx.fs's file work runs: on the plugin's bounded host threads, never the loop."""
+    on_loop: list[bool] = []
+    real = fs_module.resolve_path
+
+    def spy(path: str, base: str) -> str:
+        on_loop.append(trio.lowlevel.in_trio_run())
+        return real(path, base)
+
+    monkeypatch.setattr(fs_module, "resolve_path", spy)
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path).fs
+        await fs.write("d/f.txt", "x")
+        assert await fs.read("d/f.txt") == b"x"
+        assert await fs.list("d") == ["f.txt"]
+        assert await fs.exists("d/f.txt")
+        await fs.remove("d/f.txt")
+        with pytest.raises(PermissionDeniedError):
+            await fs.read("/etc/hostname")
+    assert len(on_loop) == 6 and not any(on_loop), on_loop
