@@ -414,3 +414,20 @@ async def test_an_events_handler_forging_its_senders_actions_is_held_to_the_same
         got, reason = await _first_is_the_close(ws)
         assert got == code, (got, reason)
         assert reason.startswith("the handler"), reason  # not the client's own message
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+async def test_a_failed_event_logs_one_line_whatever_the_plugin_said(
+    serve, kind, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """The host logs a failed event with the handler's error message, which the plugin
+    chose: newlines in it must not forge log lines of their own (nor escapes drive a
+    terminal the log is tailed on)."""
+    forged = "boom\n2026-12-05 WARNING plugin_execution: all clear\x1b[2J"
+    async with serve(kind) as served, open_websocket_url(served.url("/room")) as ws:
+        assert "welcome" in await ws.get_message()
+        await ws.send_message(json.dumps({"type": "raise", "payload": forged}))
+        assert "all clear" in await ws.get_message()  # the error envelope, to the client
+    logged = [r.getMessage() for r in caplog.records if "event of connection" in r.getMessage()]
+    assert logged and "all clear" in logged[0], logged
+    assert not any("\n" in line or "\x1b" in line for line in logged), logged

@@ -103,6 +103,8 @@ async def room(ctx: Any, input: Any) -> Any:
             await sender.close(4001, "quit")
         elif input.message["type"] == "boom":
             raise ValueError("boom")
+        elif input.message["type"] == "raise":  # a message of the client's choosing
+            raise ValueError(input.message["payload"])
         elif input.message["type"] == "emit":  # the sender's actions, as the plugin forges them
             action = input.message["payload"]
             data = dict(action["data"])
