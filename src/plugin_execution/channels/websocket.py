@@ -430,12 +430,13 @@ class _ChannelMount:
             await _reply(conn, result.output)
         elif result.error is not None:
             error = result.error
-            log.warning(
-                "%s: the %s event of connection %s failed: %s",
+            log.warning(  # the message is the plugin's: repr keeps it on one line
+                "%s: the %s event of connection %s failed: %s %r",
                 self.path,
                 event,
                 conn.connection_id,
-                error,
+                error.code,
+                error.message,
             )
             if event != "disconnect":  # the client is still there to tell
                 reply_to = (fields.get("message") or {}).get("message_id")
