@@ -363,3 +363,30 @@ async def test_paths_are_resolved_on_the_plugins_file_threads_not_the_event_loop
         with pytest.raises(PermissionDeniedError):
             await fs.read("/etc/hostname")
     assert len(on_loop) == 6 and not any(on_loop), on_loop
+
+
+async def test_a_workspace_swapped_for_a_symlink_is_not_followed_by_the_host(
+    platform_only: Platform, tmp_path: Path
+) -> None:
+    """Where a plugin can write its workspace's parent (a sandboxed pool worker's own
+    directory is the parent of its workspaces), it can replace the workspace with a symlink
+    to any directory. The host must keep treating the path it made as the workspace, not
+    what it now points at: reading and writing "in the workspace" then reaches nothing."""
+    secret_dir = tmp_path / "elsewhere"
+    secret_dir.mkdir()
+    (secret_dir / "secret.txt").write_text(SECRET)
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path / "root").fs
+        workspace.rename(tmp_path / "ws.moved")
+        workspace.symlink_to(secret_dir)
+        calls = (
+            lambda: fs.read("secret.txt"),
+            lambda: fs.write("pwned.txt", "x"),
+            lambda: fs.list("."),
+        )
+        for call in calls:
+            with pytest.raises(PermissionDeniedError):
+                await call()
+    assert sorted(os.listdir(secret_dir)) == ["secret.txt"]
