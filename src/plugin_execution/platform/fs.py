@@ -39,8 +39,15 @@ _LIST_ITEM_BYTES = 8
 
 
 def _real_workspace(session: PlatformSession) -> str | None:
-    """The workspace as the kernel sees it: resolved paths are compared with it."""
-    return os.path.realpath(session.workspace) if session.workspace else None
+    """The workspace as the kernel sees it (resolved paths are compared with it): its parent
+    resolved, the workspace itself never followed. A plugin that can write the parent (a
+    sandboxed pool worker's own directory holds its workspaces) may have swapped the
+    workspace for a symlink: the host keeps the path it made, whose walk then fails, and
+    never takes the symlink's target for the workspace."""
+    if not session.workspace:
+        return None
+    parent, name = os.path.split(os.path.abspath(session.workspace))
+    return os.path.join(os.path.realpath(parent), name)
 
 
 class _Checked:
