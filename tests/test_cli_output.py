@@ -24,6 +24,9 @@ entry = "chatty:shout"
 [handlers.shout_async]
 entry = "chatty:shout_async"
 
+[handlers.escapes]
+entry = "chatty:escapes"
+
 [handlers.limited]
 entry = "chatty:shout"
 permissions = {{ platform = ["cache"], quotas = {{ timeout = 5 }} }}
@@ -104,3 +107,19 @@ def test_doctor_explains_its_columns() -> None:
     proc = spawn("doctor")
     assert "yes: the layer works on this machine; NO: it does not" in proc.stdout
     assert "[" not in proc.stdout.split("\n", 1)[1]  # no bare [7]: versions are named
+
+
+@pytest.mark.parametrize("backend", ["worker-pool", "subprocess"])
+def test_run_events_never_pass_a_plugins_control_characters_to_the_terminal(
+    chatty: str, backend: str
+) -> None:
+    """A plugin's prints and log lines are shown on the operator's terminal by ``--events``:
+    its escape sequences (title, screen, colours, clipboard) are shown as escapes, never
+    sent to the terminal as they are."""
+    proc = spawn(
+        "run", "tests.chatty", "escapes", "--plugin-path", chatty, "--backend", backend, "--events"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "printed" in proc.stderr and "logged" in proc.stderr
+    assert not any(c in proc.stderr for c in "\x1b\x07\u009b"), repr(proc.stderr)
+    assert "\\x1b]0;pwned" in proc.stderr  # visible, as an escape

@@ -47,6 +47,9 @@ __all__ = [
 MAX_MESSAGE_CHARS = 16 * 1024
 #: The same for a traceback and any other text in an error's details.
 MAX_TEXT_CHARS = 64 * 1024
+#: The longest code, and the longest id (the protocol's ``MAX_ID_LENGTH``), an error keeps.
+MAX_CODE_CHARS = 64
+MAX_ID_CHARS = 256
 
 _BY_CODE: dict[str, type[ExecutionError]] = {}
 
@@ -118,19 +121,25 @@ class ExecutionError(Exception):
         An unknown code (a newer peer) gives a plain ``ExecutionError`` that keeps the code.
         Never raises: what is not of its type (a peer's bug, or a hostile worker) is made
         text, and details that are not a mapping are kept as text under ``"malformed"``.
+        Bounded as :func:`plain_error` bounds what goes on the wire, whoever made ``data``
+        (a plugin can write its own frames on its worker's socket): the code cut to
+        :data:`MAX_CODE_CHARS`, ids to :data:`MAX_ID_CHARS`, the message to
+        :data:`MAX_MESSAGE_CHARS`, the details to plain data of about 1 MiB.
         """
         code = data.get("code") or ExecutionError.code
         if type(code) is not str:
-            code = safe_text(code, 200)
+            code = safe_text(code, MAX_CODE_CHARS)
+        code = code[:MAX_CODE_CHARS]
         cls = _BY_CODE.get(code, ExecutionError)
         err = cls.__new__(cls)
-        message = data.get("message", "")
         details = data.get("details") or {}
-        if not isinstance(details, dict):
+        if isinstance(details, dict):
+            details = _plain_dict(details, 0, [_DETAILS_BUDGET])
+        else:
             details = {"malformed": safe_text(details, MAX_TEXT_CHARS)}
         ExecutionError.__init__(
             err,
-            message if type(message) is str else safe_text(message),
+            safe_text(data.get("message", ""), MAX_MESSAGE_CHARS),
             execution_id=_text_or_none(data.get("execution_id")),
             plugin_id=_text_or_none(data.get("plugin_id")),
             handler_id=_text_or_none(data.get("handler_id")),
@@ -145,7 +154,16 @@ class ExecutionError(Exception):
 
 
 def _text_or_none(value: object) -> str | None:
-    return value if value is None or type(value) is str else safe_text(value, 200)
+    if value is None:
+        return None
+    if type(value) is str:
+        return value[:MAX_ID_CHARS]
+    return safe_text(value, 200)
+
+
+def known_code(code: str) -> bool:
+    """Whether ``code`` is the code of an error class this process defines."""
+    return code in _BY_CODE
 
 
 def clip_text(text: str, limit: int) -> str:

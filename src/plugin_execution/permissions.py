@@ -60,7 +60,7 @@ def resolve_path(path: str, base: str) -> str:
     symlinks resolved, as the kernel would resolve it now.
 
     Raises :class:`PathProblem` for a NUL byte, a path whose symlinks keep being replaced
-    while it is resolved, and for characters that Unicode
+    while it is resolved, a chain of symlinks too long to resolve, and for characters that Unicode
     compatibility normalisation (NFKC) turns into ``/`` or ``.`` segments: a path like
     ``"\\uff0e\\uff0e/x"`` is harmless to the kernel but may be read as ``../x`` by the next
     tool it is handed to, so it is refused rather than guessed at.
@@ -81,6 +81,8 @@ def resolve_path(path: str, base: str) -> str:
             break
         except OSError:  # a symlink replaced between realpath's lstat and readlink
             continue
+        except RecursionError:  # realpath recurses once per symlink: a chain of ~1000
+            raise PathProblem("too many levels of symbolic links") from None
     else:
         raise PathProblem("the path kept changing while it was resolved")
     if resolved.startswith("//"):  # POSIX leaves '//' implementation-defined; Linux: '/'

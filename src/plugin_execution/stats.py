@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Any
 
+from .errors import known_code
 from .types import ExecutionStats, HealthStatus, LatencySummary
 
 __all__ = ["StatsRecorder", "summarize"]
 
 _WINDOW = 10_000
+#: Distinct codes ``failed_by_code`` keeps apart: past them, an execution that ended with a
+#: code no error class defines is counted under ``UNKNOWN_ERROR``.
+_MAX_CODES = 32
 
 
 def summarize(samples: deque[float] | list[float]) -> LatencySummary:
@@ -78,11 +82,17 @@ class StatsRecorder:
         self.ok += 1
         self._latency.append(duration_s)
 
-    def record_failure(self, code: str, duration_s: float, message: str = "") -> None:
+    def record_failure(self, code: str, duration_s: float, message: str = "") -> str:
+        """Count a failure with ``code``; returns the code it was counted under (observers
+        use the same, so a worker's made-up codes grow no label set for good either)."""
         self.total += 1
-        self.failed_by_code[code] += 1
+        counts = self.failed_by_code
+        if code not in counts and len(counts) >= _MAX_CODES and not known_code(code):
+            code = "UNKNOWN_ERROR"
+        counts[code] += 1
         self._latency.append(duration_s)
         self.last_error = f"{code}: {message}" if message else code
+        return code
 
     def record_permission_denial(self) -> None:
         """A platform service refused a call: counted when it happens, whether or not the

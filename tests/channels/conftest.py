@@ -46,6 +46,8 @@ MANIFEST = PluginManifest(
         ChannelSpec(path="/once", entry="ws_handlers:done_after_one"),
         ChannelSpec(path="/burst", entry="ws_handlers:burst"),
         ChannelSpec(path="/hold", entry="ws_handlers:hold"),
+        ChannelSpec(path="/big", entry="ws_handlers:big"),
+        ChannelSpec(path="/close", entry="ws_handlers:close_with"),
         ChannelSpec(path="/room", entry="ws_handlers:room", style="events"),
     ],
 )

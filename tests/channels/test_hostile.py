@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import json
 import os
 import signal
 import tracemalloc
@@ -16,7 +17,10 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from plugin_execution.channels.bridge import ChannelBridge
+from plugin_execution.protocol import ChannelClose, ChannelData
 
 from .conftest import wait_until
 from .rawws import (
@@ -293,3 +297,137 @@ async def test_protocol_errors_get_a_close_frame(serve, attack, code) -> None:  
             "server": {code: 1},
             "client": {1000: 1},
         }
+
+
+@pytest.mark.parametrize("kind", ["in-process", "worker-pool", "subprocess"])
+async def test_a_handler_message_over_the_limit_closes_with_1009_unsent(serve, kind) -> None:  # type: ignore[no-untyped-def]
+    """What a handler sends is bounded like what a client sends: a message over
+    ``max_message_size`` closes the connection with 1009 and is never written. On a process
+    backend the host never holds it either: a plugin's worker may send up to the flow window
+    (64) of 64 MiB frames to a client that does not read, ~4 GiB of the host's memory, where
+    now it holds at most the window's messages of ``max_message_size`` each."""
+    limit = 64 * 1024
+    async with (
+        serve(kind, max_message_size=limit) as served,
+        open_websocket_url(served.url("/big"), max_message_size=4 * limit) as ws,
+    ):
+        await ws.send_message(f"{limit} 2")  # at the limit: delivered
+        assert [len(await ws.get_message()) for _ in range(2)] == [limit, limit]
+        assert await ws.get_message() == "after"
+    async with (
+        serve(kind, max_message_size=limit) as served,
+        open_websocket_url(served.url("/big"), max_message_size=4 * limit) as ws,
+    ):
+        await ws.send_message(f"{limit + 1} 3")
+        code, reason = await _first_is_the_close(ws)  # no message of limit + 1 before it
+        assert code == 1009 and str(limit) in reason
+
+
+async def _first_is_the_close(ws: Any) -> tuple[int, str]:
+    """The close code and reason, when what the server sends next is its close."""
+    with trio.fail_after(10):
+        try:
+            message = await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            return exc.reason.code, exc.reason.reason or ""
+    raise AssertionError(f"a message of {len(message)} came before the close")
+
+
+def test_the_bridge_never_holds_a_message_over_the_limit() -> None:
+    """What the worker sends over the limit is dropped as its frame is read: the bridge
+    keeps at most its window of messages, each within the limit."""
+
+    class Limited:
+        max_message_size = 1000
+
+    bridge = ChannelBridge(None, Limited(), "c", window=64)  # type: ignore[arg-type]
+    for size in (1000, 1001, 64 * 1024 * 1024):
+        bridge.on_message(ChannelData(channel_id="c", data=b"x" * size))
+    held = [len(item) for item in bridge._out if isinstance(item, bytes)]
+    assert held == [1000] and len(bridge._out) == 3
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+async def test_a_handler_cannot_put_an_unsendable_close_code_on_the_wire(serve, kind) -> None:  # type: ignore[no-untyped-def]
+    """RFC 6455 7.4: 0-999, 1004-1006, 1015 and 2000-2999 are never sent, nor is anything
+    outside 0-4999. A handler closing with one gets a ValueError (its session then ends with
+    1011, as for any handler error), never an invalid close frame or a dropped socket."""
+    async with serve(kind) as served:
+        for code in (0, 999, 1005, 1006, 1015, 2000, 5000, 99999, -5):
+            async with open_websocket_url(served.url("/close")) as ws:
+                await ws.send_message(f"{code} bye")
+                got, reason = await _first_is_the_close(ws)
+                assert got == 1011 and "close code" in reason, (code, got, reason)
+        async with open_websocket_url(served.url("/close")) as ws:  # valid ones still work
+            await ws.send_message("4000 bye")
+            assert await _first_is_the_close(ws) == (4000, "bye")
+
+
+def test_the_bridge_turns_an_unsendable_close_code_into_1011() -> None:
+    """A worker that writes its own ``ch_close`` frame with code 0 (its channel would have
+    refused it) gets the connection closed with 1011, not an invalid frame."""
+
+    class Recording:
+        closes: list[tuple[int, str]] = []
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closes.append((code, reason))
+
+    channel = Recording()
+    bridge = ChannelBridge(None, channel, "c", window=64)  # type: ignore[arg-type]
+    bridge.on_message(ChannelClose(channel_id="c", code=0, reason="x"))
+    trio.run(bridge._deliver)
+    assert [code for code, _ in channel.closes] == [1011]
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+@pytest.mark.parametrize(
+    ("action", "data", "code"),
+    [
+        ("ws.close", {"code": 0, "reason": "x"}, 1011),
+        ("ws.close", {"code": 1006, "reason": "x"}, 1011),
+        ("ws.send", {"size": 2000}, 1009),
+        ("ws.broadcast", {"size": 2000}, 1009),
+    ],
+)
+async def test_an_events_handler_forging_its_senders_actions_is_held_to_the_same_rules(
+    serve, kind, action, data, code
+) -> None:  # type: ignore[no-untyped-def]
+    """An events-style handler's sender travels as events the host carries out; a handler
+    can emit those events itself, with any code or size: the host checks them as it checks
+    a session's (an unsendable close code: 1011; a message over the limit: 1009, unsent)."""
+    action_message = (
+        {"kind": action, "data": {}, **data}
+        if "size" in data
+        else {
+            "kind": action,
+            "data": data,
+        }
+    )
+    async with (
+        serve(kind, max_message_size=1000) as served,
+        open_websocket_url(served.url("/room"), max_message_size=4000) as ws,
+    ):
+        assert "welcome" in await ws.get_message()
+        await ws.send_message(json.dumps({"type": "emit", "payload": action_message}))
+        got, reason = await _first_is_the_close(ws)
+        assert got == code, (got, reason)
+        assert reason.startswith("the handler"), reason  # not the client's own message
+
+
+@pytest.mark.parametrize("kind", ["in-process", "subprocess"])
+async def test_a_failed_event_logs_one_line_whatever_the_plugin_said(
+    serve, kind, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """The host logs a failed event with the handler's error message, which the plugin
+    chose: newlines in it must not forge log lines of their own (nor escapes drive a
+    terminal the log is tailed on)."""
+    forged = "boom\n2026-12-05 WARNING plugin_execution: all clear\x1b[2J"
+    async with serve(kind) as served, open_websocket_url(served.url("/room")) as ws:
+        assert "welcome" in await ws.get_message()
+        await ws.send_message(json.dumps({"type": "raise", "payload": forged}))
+        assert "all clear" in await ws.get_message()  # the error envelope, to the client
+    logged = [r.getMessage() for r in caplog.records if "event of connection" in r.getMessage()]
+    assert logged and "all clear" in logged[0], logged
+    assert not any("\n" in line or "\x1b" in line for line in logged), logged

@@ -19,7 +19,15 @@ from plugin_execution import (
 from plugin_execution.platform import Platform
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
-DEPUTY_HANDLERS = ("swap_read", "swap_write", "read_fifo", "fs_call", "storage_call", "fetch_call")
+DEPUTY_HANDLERS = (
+    "swap_read",
+    "swap_write",
+    "read_fifo",
+    "fs_call",
+    "storage_call",
+    "fetch_call",
+    "link_then_write",
+)
 BACKENDS: dict[str, dict[str, Any]] = {
     "in-process": {"type": "in-process"},
     "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 2},

@@ -12,13 +12,20 @@ from pathlib import Path
 import pytest
 import trio
 
-from plugin_execution import ExecutionBackend, PermissionDeniedError, Permissions
+from plugin_execution import (
+    ExecutionBackend,
+    PermissionDeniedError,
+    Permissions,
+    PluginRegistry,
+    WorkspaceManager,
+    create_execution_backend,
+)
 from plugin_execution.context import ExecutionContext
 from plugin_execution.manifest import FsPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform import fs as fs_module
 
-from .conftest import run
+from .conftest import BACKENDS, register, run
 
 SECRET = "root:$6$not-for-plugins"
 ATTEMPTS = {"attempts": 400, "seconds": 10}
@@ -217,3 +224,169 @@ async def test_symlinks_that_stay_inside_the_grants_still_work(
         assert await fs.list("alias") == ["f.txt"]
         assert await fs.write("alias/new/g.txt", "g") == 1
         assert (workspace / "real" / "new" / "g.txt").read_text() == "g"
+
+
+async def test_paths_longer_than_the_kernel_takes_are_refused_before_resolution(
+    backend: ExecutionBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Resolving a path costs the host time quadratic in its parts, on its event loop (a
+    320 KB path took ~7 s): a path the kernel would refuse anyway (over PATH_MAX) is refused
+    as it arrives, and nothing of its size reaches the host's log."""
+    for path in ("a/" * 3000, "/" + "x/" * 3000, "é" * 4097):
+        out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+        assert out["error"] == "INVALID_REQUEST", out["error"]
+        assert len(out["message"]) < 1000
+    assert all(len(record.getMessage()) < 10_000 for record in caplog.records)
+    # at the limit, a path is still taken (the kernel's answer comes back)
+    out = await run(backend, "fs_call", {"method": "read", "args": ["a/" * 2047 + "b"]})
+    assert out["error"] in ("FileNotFoundError:ENOENT", "OSError:ENAMETOOLONG"), out
+
+
+async def test_a_long_symlink_chain_is_refused_like_the_kernel_refuses_it(
+    backend: ExecutionBackend,
+) -> None:
+    """The kernel follows at most 40 symlinks in a path (ELOOP); the host's resolution of a
+    chain of 1200 planted in the workspace must end as clearly, not with an internal error."""
+    links = [[f"l{i}", f"l{i + 1}"] for i in range(1200)]
+    out = await run(backend, "fs_call", {"method": "read", "args": ["l0"], "links": links})
+    assert out["error"] == "PERMISSION_DENIED", out
+    assert "symbolic links" in out["message"]
+
+
+async def test_a_hard_link_never_turns_a_read_grant_into_a_write(
+    backend: ExecutionBackend, deputies: PluginRegistry, tmp_path: Path
+) -> None:
+    """A hard link is not a symlink: the host's walk cannot tell one apart from the file. A
+    plugin granted to read ``data/ro.txt`` links it into its workspace and asks the host to
+    write there. The kernel sandbox refuses the link (another mount under bubblewrap, no
+    ``REFER`` right under Landlock), so the host writes a new file of the workspace. Without
+    a sandbox (in-process, the worker pool) the plugin could write the file itself anyway."""
+    if backend.stats().backend != "subprocess":
+        pytest.skip("no kernel sandbox: the plugin reaches the file without the host")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ro.txt").write_text("read only")
+    register(deputies, "deputy", fs={"read": [str(data)]})
+    report = await run(backend, "link_then_write", {"target": str(data / "ro.txt")})
+    assert report["link"] != "made", report
+    assert (data / "ro.txt").read_text() == "read only"
+
+
+async def test_the_hosts_proc_magic_links_lead_nowhere(backend: ExecutionBackend) -> None:
+    """``/proc/self`` is the host's own, when the host resolves a path: its environment, its
+    fds, its root and cwd are magic links a plugin may name. Each resolves to what it points
+    at, which no grant covers: denied, never read."""
+    for path in (
+        "/proc/self/environ",
+        "/proc/thread-self/environ",
+        "/proc/self/root/etc/hostname",
+        "/proc/self/cwd/pyproject.toml",
+        "/proc/self/fd/0",
+        "/dev/fd/1",
+        "/dev/stdin",
+        f"/proc/{os.getpid()}/cmdline",
+    ):
+        out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+        assert isinstance(out, dict) and out["error"] == "PERMISSION_DENIED", (path, out)
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
+async def test_a_listing_is_bounded_like_a_transfer(
+    kind: str, deputies: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+) -> None:
+    """``ctx.fs.list`` returns every name of a directory the plugin filled itself: with
+    enough entries, more than any transfer may carry (``max_transfer_bytes``), all held by the
+    host at once. Past the limit the listing is refused (``INVALID_REQUEST``)."""
+    limit = 64 * 1024
+    links = [[f"{i:05d}" + "n" * 195, "nowhere"] for i in range(400)]  # ~80 KB of names
+    async with (
+        Platform(storage_root=tmp_path / "storage", max_transfer_bytes=limit) as platform,
+        create_execution_backend(
+            registry=deputies, workspace=workspaces, platform=platform, **BACKENDS[kind]
+        ) as backend,
+    ):
+        out = await run(backend, "fs_call", {"method": "list", "args": ["."], "links": links})
+        assert isinstance(out, dict) and out["error"] == "INVALID_REQUEST", str(out)[:200]
+        few = await run(backend, "fs_call", {"method": "list", "args": ["."], "links": links[:50]})
+        assert len(few) == 50
+
+
+async def test_a_denial_never_tells_where_the_hosts_links_lead(
+    backend: ExecutionBackend, tmp_path: Path
+) -> None:
+    """The host resolves a path with its own view of the system: ``/proc/self`` is the
+    host's, ``/proc/PID`` any process's, ``/tmp`` the host's (a sandboxed child has its own).
+    A denial that said where such a link leads would tell the plugin what its sandbox hides:
+    the host's working directory, the files it has open, another execution's workspace. It
+    names the path as asked, and its ``..`` collapsed, never a link's target."""
+    hidden = tmp_path / "hidden-target-directory"
+    hidden.mkdir()
+    elsewhere = tmp_path / "link-somewhere"
+    elsewhere.symlink_to(hidden)
+    secret_file = os.open(hidden, os.O_RDONLY)  # the host holds it open: /proc/self/fd/N
+    try:
+        for path in ("/proc/self/cwd", f"/proc/self/fd/{secret_file}", str(elsewhere)):
+            out = await run(backend, "fs_call", {"method": "read", "args": [path]})
+            assert out["error"] == "PERMISSION_DENIED", (path, out)
+            assert os.getcwd() not in out["message"], out["message"]
+            assert "hidden-target" not in out["message"], out["message"]
+        out = await run(backend, "fs_call", {"method": "read", "args": ["../../../etc/hostname"]})
+        assert "(resolves to /" in out["message"], out["message"]  # no link: said as before
+    finally:
+        os.close(secret_file)
+
+
+async def test_paths_are_resolved_on_the_plugins_file_threads_not_the_event_loop(
+    platform_only: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving a path is file work (an lstat and a readlink per part, ~1000 symlinks
+    followed at most): ~12 ms for a chain a plugin planted, ~3 ms for a 4 KB path, on the
+    host's event loop for every call, 64 calls in flight per execution. It runs where the
+    rest of ctx.fs's file work runs: on the plugin's bounded host threads, never the loop."""
+    on_loop: list[bool] = []
+    real = fs_module.resolve_path
+
+    def spy(path: str, base: str) -> str:
+        on_loop.append(trio.lowlevel.in_trio_run())
+        return real(path, base)
+
+    monkeypatch.setattr(fs_module, "resolve_path", spy)
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path).fs
+        await fs.write("d/f.txt", "x")
+        assert await fs.read("d/f.txt") == b"x"
+        assert await fs.list("d") == ["f.txt"]
+        assert await fs.exists("d/f.txt")
+        await fs.remove("d/f.txt")
+        with pytest.raises(PermissionDeniedError):
+            await fs.read("/etc/hostname")
+    assert len(on_loop) == 6 and not any(on_loop), on_loop
+
+
+async def test_a_workspace_swapped_for_a_symlink_is_not_followed_by_the_host(
+    platform_only: Platform, tmp_path: Path
+) -> None:
+    """Where a plugin can write its workspace's parent (a sandboxed pool worker's own
+    directory is the parent of its workspaces), it can replace the workspace with a symlink
+    to any directory. The host must keep treating the path it made as the workspace, not
+    what it now points at: reading and writing "in the workspace" then reaches nothing."""
+    secret_dir = tmp_path / "elsewhere"
+    secret_dir.mkdir()
+    (secret_dir / "secret.txt").write_text(SECRET)
+    workspace = (tmp_path / "ws").resolve()
+    workspace.mkdir()
+    async with platform_only:
+        fs = _context(platform_only, workspace, tmp_path / "root").fs
+        workspace.rename(tmp_path / "ws.moved")
+        workspace.symlink_to(secret_dir)
+        calls = (
+            lambda: fs.read("secret.txt"),
+            lambda: fs.write("pwned.txt", "x"),
+            lambda: fs.list("."),
+        )
+        for call in calls:
+            with pytest.raises(PermissionDeniedError):
+                await call()
+    assert sorted(os.listdir(secret_dir)) == ["secret.txt"]

@@ -25,6 +25,7 @@ from plugin_execution import (
     ExecutionBackend,
     ExecutionRequest,
     ExecutionTimeoutError,
+    PermissionDeniedError,
     PluginRegistry,
     WorkspaceManager,
     create_execution_backend,
@@ -204,6 +205,43 @@ async def test_a_gitconfig_planted_in_the_workspace_is_not_read(
     assert "PWNED" not in out["stdout"] and not marker.exists()
 
 
+@pytest.mark.parametrize("layers", ["default", "no layers"])
+async def test_a_relative_command_is_the_workspace_file_it_names_and_is_refused(
+    deputies: PluginRegistry,
+    workspaces: WorkspaceManager,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layers: str,
+) -> None:
+    """Granted ``/usr/bin/true`` by absolute path, a plugin asks for ``usr/bin/true``: from
+    the host's cwd (``/``) that is the granted file, but the command runs in the workspace,
+    where the plugin planted its own ``usr/bin/true``. The host must check what it runs: a
+    relative argv[0] names a file of the workspace, not granted, so it is refused (and the
+    planted script never runs, with or without the kernel layers)."""
+    true = os.path.realpath(shutil.which("true") or "/bin/true")
+    register(deputies, "deputy.true", shell={"allow": [true]})
+    monkeypatch.chdir("/")
+    marker = tmp_path / "planted-true-ran"
+    planted = true.lstrip("/")
+    platform = Platform(storage_root=tmp_path / "storage", shell_sandbox=layers == "default")
+    async with create_execution_backend(
+        type="subprocess", registry=deputies, workspace=workspaces, platform=platform
+    ) as backend:
+        with pytest.raises(PermissionDeniedError) as caught:
+            await shell(
+                backend,
+                "true",
+                [planted],
+                plant={planted: f"#!/bin/sh\ntouch {marker}\necho PWNED\n"},
+                executable=[planted],
+            )
+        assert caught.value.details["permission"] == "shell.allow"
+        assert not marker.exists()
+        # the granted command by its absolute path still runs: the granted file
+        out = await shell(backend, "true", [true], plant={planted: "#!/bin/sh\necho PWNED\n"})
+        assert out["returncode"] == 0 and "PWNED" not in out["stdout"]
+
+
 async def test_home_is_fresh_and_empty_not_the_workspace(backend: ExecutionBackend) -> None:
     code = "import os, json; print(json.dumps([os.getcwd(), os.environ['HOME'], os.listdir()]))"
     out = await shell(
@@ -212,6 +250,46 @@ async def test_home_is_fresh_and_empty_not_the_workspace(backend: ExecutionBacke
     cwd, home, listing = json.loads(out["stdout"])
     assert listing == [".bashrc"] and home != cwd
     assert not os.path.exists(home)  # removed after the command
+
+
+@needs("landlock")
+async def test_a_command_cannot_signal_the_host(backend: ExecutionBackend) -> None:
+    """A granted command tries to signal the host, which started it: Landlock's signal
+    scope (or bubblewrap's pid namespace, where the host's pids do not exist) refuses, and
+    the host is unharmed (it answers next)."""
+    code = (
+        "import os, sys, json\n"
+        "out = {}\n"
+        "for pid in map(int, sys.argv[1:]):\n"
+        "    try:\n"
+        "        os.kill(pid, 0); out[pid] = 'sent'\n"
+        "    except OSError as e:\n"
+        "        out[pid] = type(e).__name__\n"
+        "print(json.dumps(out))"
+    )
+    out = await shell(backend, "python", [sys.executable, "-c", code, str(os.getpid())])
+    outcomes = json.loads(out["stdout"])
+    assert set(outcomes.values()) <= {"PermissionError", "ProcessLookupError"}, outcomes
+    assert (await shell(backend, "python", [sys.executable, "-c", "print(1)"]))["stdout"] == "1\n"
+
+
+async def test_a_command_holds_no_fd_of_the_hosts(backend: ExecutionBackend) -> None:
+    """The host's listening sockets and open files (a server's, a secret's) never reach a
+    command: it holds its stdin, stdout and stderr, nothing else."""
+    code = (
+        "import os, json; print(json.dumps({n: os.readlink('/proc/self/fd/' + n) "
+        "for n in os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + n)}))"
+    )
+    secret = os.open(__file__, os.O_RDONLY)
+    try:
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            out = await shell(backend, "python", [sys.executable, "-c", code])
+    finally:
+        os.close(secret)
+    held = json.loads(out["stdout"])
+    assert sorted(held) == ["0", "1", "2"], held
 
 
 @needs("capabilities")

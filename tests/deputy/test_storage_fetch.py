@@ -13,11 +13,16 @@ from typing import Any
 import pytest
 import trio
 
-from plugin_execution import ExecutionBackend, PluginRegistry
+from plugin_execution import (
+    ExecutionBackend,
+    PluginRegistry,
+    WorkspaceManager,
+    create_execution_backend,
+)
 from plugin_execution.platform import Platform
 from plugin_execution.platform.storage import MAX_KEY_PARTS, MAX_NAMESPACE_PARTS
 
-from .conftest import register, run
+from .conftest import BACKENDS, register, run
 
 
 async def storage(backend: ExecutionBackend, method: str, *args: Any) -> Any:
@@ -158,3 +163,26 @@ async def test_a_host_header_must_name_a_granted_host(
     assert result == {"status": 200, "body": "internal.example"}
     result = await fetch(backend, "fetcher.proxied", f"{base}/private/x", Host="internal.example")
     assert result["error"] == "PERMISSION_DENIED"  # the path is still checked
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
+async def test_a_key_listing_is_bounded_like_a_transfer(
+    kind: str, deputies: PluginRegistry, workspaces: WorkspaceManager, tmp_path: Path
+) -> None:
+    """Keys last from one execution to the next: a plugin may gather any number over time,
+    then ask for all of them at once. A listing past ``max_transfer_bytes`` is refused
+    (``INVALID_REQUEST``) rather than held and sent whole."""
+    limit = 64 * 1024
+    namespace = tmp_path / "storage" / "bystander"
+    namespace.mkdir(parents=True)
+    for i in range(400):  # ~80 KB of keys, as 400 earlier puts would have left them
+        (namespace / (f"{i:05d}" + "k" * 195)).write_bytes(b"")
+    async with (
+        Platform(storage_root=tmp_path / "storage", max_transfer_bytes=limit) as platform,
+        create_execution_backend(
+            registry=deputies, workspace=workspaces, platform=platform, **BACKENDS[kind]
+        ) as backend,
+    ):
+        listed = await storage(backend, "list", "")
+        assert isinstance(listed, dict) and listed["error"] == "INVALID_REQUEST", str(listed)[:200]
+        assert len(await storage(backend, "list", "0000")) == 10  # a narrower prefix fits

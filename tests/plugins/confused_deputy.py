@@ -156,7 +156,10 @@ def read_fifo(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
 
 
 def fs_call(ctx: Any, input: dict[str, Any]) -> Any:
-    """One ``ctx.fs`` call: ``{"method": ..., "args": [...]}``; an error as its code."""
+    """One ``ctx.fs`` call: ``{"method": ..., "args": [...]}``; an error as its code. The
+    symlinks ``input["links"]`` (``[name, target]`` pairs) are made in the workspace first."""
+    for name, target in input.get("links", ()):
+        os.symlink(target, os.path.join(str(ctx.workspace), name))
     try:
         return getattr(ctx.fs, input["method"])(*input.get("args", []))
     except Exception as exc:
@@ -188,3 +191,21 @@ def fetch_call(ctx: Any, input: dict[str, Any]) -> Any:
         details = getattr(exc, "details", {})
         return {"error": _outcome(exc), "message": str(exc), "details": details}
     return {"status": response.status, "body": response.text}
+
+
+def link_then_write(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """Hard-link ``input["target"]`` (a file the plugin may read, not write) into the
+    workspace, then ask the host to write through the link: how each step ended."""
+    report: dict[str, Any] = {}
+    link = os.path.join(str(ctx.workspace), "linked")
+    try:
+        os.link(input["target"], link)
+        report["link"] = "made"
+    except Exception as exc:
+        report["link"] = _outcome(exc)
+    try:
+        ctx.fs.write("linked", "pwned by a hard link")
+        report["write"] = "written"
+    except Exception as exc:
+        report["write"] = _outcome(exc)
+    return report

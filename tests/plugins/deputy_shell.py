@@ -10,11 +10,14 @@ from typing import Any
 def shell(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
     """Plant ``input["plant"]`` (workspace-relative path -> text) in the workspace, then run
     ``input["argv"]`` through ``ctx.shell`` and read ``input["read_back"]`` (a file it made in
-    the workspace); the result as plain data (output cut to 4 KiB)."""
+    the workspace); the result as plain data (output cut to 4 KiB). The planted files named in
+    ``input["executable"]`` are made executable."""
     for name, text in input.get("plant", {}).items():
         path = ctx.workspace / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        if name in input.get("executable", ()):
+            path.chmod(0o755)
     result = ctx.shell.run(input["argv"], timeout=input.get("timeout", 30))
     back = input.get("read_back")
     return {

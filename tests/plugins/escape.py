@@ -21,6 +21,11 @@ def read_file(ctx: Any, input: dict[str, str]) -> str:
         return f.read()
 
 
+def fs_read(ctx: Any, input: dict[str, str]) -> str:
+    """The same, asking the host (``ctx.fs``)."""
+    return ctx.fs.read_text(input["path"])
+
+
 def write_file(ctx: Any, input: dict[str, str]) -> str:
     with open(input["path"], "w") as f:
         f.write(input.get("data", "escaped"))

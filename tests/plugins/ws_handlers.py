@@ -71,6 +71,22 @@ async def hold(ctx: Any, channel: Any) -> None:
         raise
 
 
+async def big(ctx: Any, channel: Any) -> None:
+    """Answers ``"SIZE COUNT"`` with COUNT binary messages of SIZE bytes, then ``"after"``,
+    then waits for the client."""
+    size, count = map(int, (await channel.receive()).split())
+    for _ in range(count):
+        await channel.send(b"x" * size)
+    await channel.send("after")
+    await channel.receive()
+
+
+async def close_with(ctx: Any, channel: Any) -> None:
+    """Closes with the code (and reason, after a space) the client sends."""
+    code, _, reason = (await channel.receive()).partition(" ")
+    await channel.close(int(code), reason)
+
+
 async def room(ctx: Any, input: Any) -> Any:
     """An events-style chat room."""
     sender = input.sender
@@ -87,6 +103,14 @@ async def room(ctx: Any, input: Any) -> Any:
             await sender.close(4001, "quit")
         elif input.message["type"] == "boom":
             raise ValueError("boom")
+        elif input.message["type"] == "raise":  # a message of the client's choosing
+            raise ValueError(input.message["payload"])
+        elif input.message["type"] == "emit":  # the sender's actions, as the plugin forges them
+            action = input.message["payload"]
+            data = dict(action["data"])
+            if "size" in action:  # a message of that many characters
+                data["data"] = "z" * action["size"]
+            await ctx.emit(action["kind"], data)
     elif input.event == "error":
         await sender.reply({"type": "error", "payload": input.error})
     return None

@@ -37,6 +37,7 @@ from .conftest import SUPPORT, needs
 PLUGINS = Path(__file__).parents[1] / "plugins"
 HANDLERS = (
     "read_file",
+    "fs_read",
     "write_file",
     "follow_symlink",
     "tcp_connect",
@@ -675,6 +676,27 @@ async def test_read_the_workspace_of_another_plugins_execution(
         denied(await attempt(pool, "read_file", {"path": str(held)}), hidden=True)
         listed = await attempt(pool, "read_file", {"path": str(held.parents[1])})
         assert listed.code in ("PERMISSION_DENIED", "HANDLER_ERROR"), listed  # no listing
+
+
+@needs("landlock")
+@pytest.mark.parametrize("start_method", ["spawn", "zygote"])
+async def test_read_the_workspace_of_another_plugins_running_child(
+    escapes: PluginRegistry, workspaces: WorkspaceManager, workspace_root: Path, start_method: str
+) -> None:
+    """On the subprocess backend too (the zygote's mount namespace shows every workspace,
+    writable; Landlock keeps each child to its own): another plugin's running execution's
+    secret is read neither directly nor through ``ctx.fs``, nor is its directory listed."""
+    escapes.register(escape_plugin("escape.victim"))
+    async with (
+        await open_backend(escapes, workspaces, start_method) as backend,
+        trio.open_nursery() as nursery,
+    ):
+        held = await secret_held(backend, workspace_root, nursery)
+        denied(await attempt(backend, "read_file", {"path": str(held)}), hidden=True)
+        asked = await attempt(backend, "fs_read", {"path": str(held)})
+        assert asked.code == "PERMISSION_DENIED" and asked.details["permission"] == "fs.read"
+        listed = await attempt(backend, "read_file", {"path": str(held.parent)})
+        assert listed.code in ("PERMISSION_DENIED", "HANDLER_ERROR"), listed
 
 
 @needs("landlock", abi=6)

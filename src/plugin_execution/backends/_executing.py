@@ -248,8 +248,8 @@ class Executor:
             plugin_id=request.plugin_id,
             handler_id=request.handler_id,
         )
-        self._stats.record_failure(error.code, duration, error.message)
-        self._observe(request, error.code, duration)
+        outcome = self._stats.record_failure(error.code, duration, error.message)
+        self._observe(request, outcome, duration)
         if raise_:
             raise error
         return ExecutionResult(

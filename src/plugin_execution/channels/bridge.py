@@ -29,7 +29,8 @@ import trio
 from .._groups import unwrap_single
 from ..errors import ExecutionError, WorkerCrashedError
 from ..protocol import ChannelClose, ChannelCredit, ChannelData, ChannelOpen
-from .channel import ChannelClosed
+from .channel import INTERNAL_ERROR, MESSAGE_TOO_BIG, ChannelClosed, sendable_close_code
+from .connection import message_size
 
 if TYPE_CHECKING:
     from ..backends.job import Job
@@ -42,6 +43,27 @@ __all__ = ["DEFAULT_WINDOW", "ChannelBridge", "run_session"]
 DEFAULT_WINDOW = 64
 _SPIN_S = 300e-6  # how long the pump polls for the worker's answer to a message it sent
 _ALONE_S = 5e-3  # ... when no other channel on the worker sent a message for this long
+
+
+class _TooBig:
+    """Stands in ``_out`` for a message from the worker over the channel's size limit, which
+    is dropped as it arrives: delivering it ends the connection with 1009."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+async def _refuse_too_big(channel: Channel, size: int) -> None:
+    """End ``channel`` with 1009 for a message of ``size`` bytes its handler sent (dropped
+    unsent), as the channel itself does for one sent to it in-process."""
+    too_big = getattr(channel, "too_big", None)
+    if too_big is not None:
+        too_big(size)
+        await trio.lowlevel.checkpoint()
+    else:
+        await channel.close(MESSAGE_TOO_BIG, "the handler sent a message over the size limit")
 
 
 class ChannelBridge:
@@ -62,7 +84,9 @@ class ChannelBridge:
         self._ack_every = max(1, window // 2)
         self._credit = window  # ChannelData the worker will still take
         self._credit_wake = trio.Event()
-        self._out: deque[str | bytes | ChannelClose] = deque()
+        self._out: deque[str | bytes | ChannelClose | _TooBig] = deque()
+        #: The largest message the channel sends (its ``max_message_size``), if it has one.
+        self._max_size: int | None = getattr(channel, "max_message_size", None)
         self._out_lot = trio.lowlevel.ParkingLot()  # pump_out, waiting for work
         self._delivering = False  # a pump is writing _out to the client
         self._consumed = 0  # messages written since credit last went back
@@ -88,7 +112,17 @@ class ChannelBridge:
                 )
             )
             return
-        self._out.append(msg.data if isinstance(msg, ChannelData) else msg)
+        item: str | bytes | ChannelClose | _TooBig
+        if isinstance(msg, ChannelData):
+            item = msg.data
+            limit = self._max_size
+            if limit is not None and len(item) > limit:
+                size = message_size(item, limit)
+                if size > limit:
+                    item = _TooBig(size)  # never held: the window bounds what is, in bytes
+        else:
+            item = msg
+        self._out.append(item)
         if not self._delivering and not self._reading_here:
             self._out_lot.unpark()
 
@@ -101,12 +135,19 @@ class ChannelBridge:
             while self._out:
                 item = self._out.popleft()
                 if isinstance(item, ChannelClose):
-                    await channel.close(item.code, item.reason)
+                    if sendable_close_code(item.code):
+                        await channel.close(item.code, item.reason)
+                    else:  # the worker's channel refuses it: this worker wrote its own frame
+                        reason = f"the handler closed with close code {item.code}, not sendable"
+                        await channel.close(INTERNAL_ERROR, reason)
                     continue
-                try:
-                    await channel.send(item)
-                except ChannelClosed:
-                    pass  # closed meanwhile: the worker's channel raises on its side
+                if isinstance(item, _TooBig):
+                    await _refuse_too_big(channel, item.size)
+                else:
+                    try:
+                        await channel.send(item)
+                    except ChannelClosed:
+                        pass  # closed meanwhile: the worker's channel raises on its side
                 self._consumed += 1
                 if self._consumed >= self._ack_every:
                     messages, self._consumed = self._consumed, 0

@@ -23,8 +23,10 @@ __all__ = [
     "TRY_AGAIN_LATER",
     "Channel",
     "ChannelClosed",
+    "check_close_code",
     "check_message",
     "clip_reason",
+    "sendable_close_code",
 ]
 
 #: WebSocket close codes (RFC 6455 section 7.4) the channels use.
@@ -105,6 +107,24 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.connection_id} {self.request_path}>"
+
+
+def sendable_close_code(code: object) -> bool:
+    """Whether ``code`` may be sent in a close frame (RFC 6455 section 7.4): 1000-1003,
+    1007-1014 and the 3000-4999 of libraries and applications; never the reserved ones
+    (1004-1006, 1015: "no status", "abnormal closure"...) nor anything else."""
+    return type(code) is int and (
+        1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    )
+
+
+def check_close_code(code: object) -> None:
+    """Raise ValueError unless ``code`` may be sent in a close frame."""
+    if not sendable_close_code(code):
+        raise ValueError(
+            f"close code {code!r} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999 "
+            "(RFC 6455 section 7.4)"
+        )
 
 
 def check_message(message: object) -> None:

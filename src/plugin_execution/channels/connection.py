@@ -36,6 +36,7 @@ from .channel import (
     TRY_AGAIN_LATER,
     Channel,
     ChannelClosed,
+    check_close_code,
     check_message,
     clip_reason,
 )
@@ -135,13 +136,33 @@ class ServerChannel(Channel):
         self.last_activity = trio.current_time()
         return message
 
+    @property
+    def max_message_size(self) -> int:
+        """The largest message, in bytes (text in UTF-8), either side may send."""
+        return self._max_message_size
+
+    def too_big(self, size: int) -> None:
+        """The handler sent a message of ``size`` bytes, over :attr:`max_message_size`: end
+        the connection with 1009, as a client's message over it does."""
+        self.end(
+            MESSAGE_TOO_BIG,
+            f"the handler sent {size} bytes, over the {self._max_message_size}-byte limit",
+        )
+
     async def send(self, message: str | bytes) -> None:
         """Send one message; waits while the client is slow to read. A checkpoint.
 
         Raises :class:`ChannelClosed` once the connection is closed (or closing), and
-        ``TypeError`` for anything but ``str`` or ``bytes``.
+        ``TypeError`` for anything but ``str`` or ``bytes``. A message over
+        :attr:`max_message_size` is not sent: it ends the connection with 1009 (see
+        :meth:`too_big`) and raises :class:`ChannelClosed`.
         """
         check_message(message)
+        size = message_size(message, self._max_message_size)
+        if size > self._max_message_size:
+            self.too_big(size)
+            await trio.lowlevel.checkpoint()
+            raise ChannelClosed(MESSAGE_TOO_BIG, self.close_reason)
         if self._closed_here or self._ending is not None:
             await trio.lowlevel.checkpoint()
             raise ChannelClosed(self.close_code, self.close_reason)
@@ -165,6 +186,7 @@ class ServerChannel(Channel):
         """Close the connection with ``code``; what was queued is sent first (within the
         close timeout). Idempotent; returns once the close is done. Not cancellable past
         the close timeout."""
+        check_close_code(code)
         if self._closed_here or self._peer_closed:
             await trio.lowlevel.checkpoint()
             return
@@ -174,8 +196,13 @@ class ServerChannel(Channel):
 
     def offer(self, message: str | bytes) -> bool:
         """Queue ``message`` without waiting (a broadcast). A full queue means the client
-        does not keep up: it is disconnected with 1013 and this returns False."""
+        does not keep up: it is disconnected with 1013 and this returns False; a message
+        over :attr:`max_message_size` ends the connection with 1009 (see :meth:`too_big`)."""
         if self._ending is not None or self._closed_here or self._peer_closed:
+            return False
+        size = message_size(message, self._max_message_size)
+        if size > self._max_message_size:
+            self.too_big(size)
             return False
         try:
             self._queue.send_nowait(message)

@@ -29,6 +29,7 @@ import time
 
 from ..errors import HandlerContractError
 from ..handlers import Handler, load_handler
+from .channel import check_close_code
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -132,7 +133,9 @@ class WSSender:
         await self._ctx.emit("ws.broadcast", {"data": data, "include_self": include_self})
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close this connection with ``code`` once the event is handled."""
+        """Close this connection with ``code`` once the event is handled. ``ValueError``
+        for a code a close frame may not carry (see ``check_close_code``)."""
+        check_close_code(code)
         await self._ctx.emit("ws.close", {"code": int(code), "reason": str(reason)})
 
 

@@ -56,6 +56,7 @@ from .channel import (
     TRY_AGAIN_LATER,
     ChannelClosed,
     clip_reason,
+    sendable_close_code,
 )
 from .connection import ServerChannel
 from .events import DISPATCH_ENTRY, encode_message, envelope, parse_envelope
@@ -429,12 +430,13 @@ class _ChannelMount:
             await _reply(conn, result.output)
         elif result.error is not None:
             error = result.error
-            log.warning(
-                "%s: the %s event of connection %s failed: %s",
+            log.warning(  # the message is the plugin's: repr keeps it on one line
+                "%s: the %s event of connection %s failed: %s %r",
                 self.path,
                 event,
                 conn.connection_id,
-                error,
+                error.code,
+                error.message,
             )
             if event != "disconnect":  # the client is still there to tell
                 reply_to = (fields.get("message") or {}).get("message_id")
@@ -453,10 +455,11 @@ class _ChannelMount:
             if isinstance(message, str | bytes):
                 await self.registry.broadcast(self.path, message, exclude=exclude)
         elif action.kind == "ws.close":
-            code = data.get("code")
-            await conn.close(
-                code if isinstance(code, int) else NORMAL_CLOSURE, str(data.get("reason", ""))
-            )
+            code = data.get("code", NORMAL_CLOSURE)
+            reason = data.get("reason", "")
+            if not sendable_close_code(code):  # emitted by the handler itself: not a sender's
+                code, reason = INTERNAL_ERROR, f"the handler closed with close code {code!r}"
+            await conn.close(code, reason if type(reason) is str else "")
 
 
 async def _reply(conn: ServerChannel, message: Any) -> None:

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -113,6 +114,17 @@ def _jsonable(value: object) -> Any:
 def dumps(value: Any, *, indent: int | None = None) -> str:
     """``value`` as JSON; bytes as ``{"$base64": ...}``, attrs classes as dicts."""
     return json.dumps(value, default=_jsonable, ensure_ascii=False, indent=indent)
+
+
+#: What a terminal may act on: C0 controls but tab and newline, DEL and the C1 controls.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` for a person's terminal: its control characters (but tab and newline)
+    shown as ``\\xNN`` escapes, so what a plugin wrote (a log line, a print, an event)
+    cannot drive the terminal: set its title, clear it, colour it, write the clipboard."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def shorten(text: str, width: int) -> str:

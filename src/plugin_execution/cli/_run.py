@@ -27,6 +27,7 @@ from ._common import (
     json_object,
     json_value,
     load_registry,
+    printable,
     prints_to_stderr,
 )
 
@@ -106,7 +107,7 @@ async def _run(registry: PluginRegistry, args: argparse.Namespace) -> ExecutionR
         if args.events:
             async with backend.open_execution(request) as execution:
                 async for event in execution.events:
-                    print(_event_line(event), file=sys.stderr, flush=True)
+                    print(printable(_event_line(event)), file=sys.stderr, flush=True)
                 result = await execution.result(raise_errors=False)
         else:
             result = await backend.execute(request, raise_errors=False)

@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import ExecutionError, InvalidRequestError
+from ..errors import InvalidRequestError
 from ..permissions import PathProblem, resolve_path
 from . import _args, _fdwalk
 from ._limits import HostThreads
@@ -31,23 +31,36 @@ if TYPE_CHECKING:
 __all__ = ["FsService"]
 
 T = TypeVar("T")
+#: The kernel's limit on a path, in bytes with its terminating NUL (ENAMETOOLONG past it).
+_PATH_MAX = 4096
+#: What each name of a listing counts against the transfer limit besides its characters
+#: (about what it takes in the reply frame).
+_LIST_ITEM_BYTES = 8
 
 
 def _real_workspace(session: PlatformSession) -> str | None:
-    """The workspace as the kernel sees it: resolved paths are compared with it."""
-    return os.path.realpath(session.workspace) if session.workspace else None
+    """The workspace as the kernel sees it (resolved paths are compared with it): its parent
+    resolved, the workspace itself never followed. A plugin that can write the parent (a
+    sandboxed pool worker's own directory holds its workspaces) may have swapped the
+    workspace for a symlink: the host keeps the path it made, whose walk then fails, and
+    never takes the symlink's target for the workspace."""
+    if not session.workspace:
+        return None
+    parent, name = os.path.split(os.path.abspath(session.workspace))
+    return os.path.join(os.path.realpath(parent), name)
 
 
 class _Checked:
-    """A path that passed the check: what it was asked as, what it resolved to, and the
-    directory the walk to it starts from."""
+    """A path that passed the check: what it was asked as, what it resolved to, the
+    directory the walk to it starts from, and what a relative path was resolved against."""
 
-    __slots__ = ("anchor", "asked", "resolved")
+    __slots__ = ("anchor", "asked", "base", "resolved")
 
-    def __init__(self, asked: str, resolved: str, anchor: str) -> None:
+    def __init__(self, asked: str, resolved: str, anchor: str, base: str) -> None:
         self.asked = asked
         self.resolved = resolved
         self.anchor = anchor
+        self.base = base
 
 
 class FsService:
@@ -57,91 +70,139 @@ class FsService:
         self.max_bytes = max_bytes
         self.threads = threads if threads is not None else HostThreads()
 
-    def _check(self, session: PlatformSession, path: Any, permission: str) -> _Checked:
+    def _checker(
+        self, session: PlatformSession, path: Any, permission: str
+    ) -> Callable[[], _Checked]:
+        """The check of ``path`` for ``permission``, to run in the host's file thread with
+        the work it guards: resolving a path is file work too (an lstat and a readlink per
+        part), kept off the event loop. What can be refused without the file system is
+        refused here, at once."""
         if type(path) is not str or not path:
             raise InvalidRequestError(f"a path must be a non-empty string, got {path!r}")
+        if len(path) >= _PATH_MAX or len(path.encode("utf-8", "surrogatepass")) >= _PATH_MAX:
+            # what the kernel refuses anyway; resolving it costs time quadratic in its parts
+            raise InvalidRequestError(
+                f"a path must be shorter than {_PATH_MAX} bytes (PATH_MAX), got "
+                f"{len(path)} characters"
+            )
         workspace = _real_workspace(session)
-        try:
-            resolved = resolve_path(path, workspace or "/nonexistent-workspace")
-        except PathProblem as exc:
-            session.deny(permission, path, str(exc))
-        anchor = session.grants.fs_anchor(resolved, workspace, write=permission == "fs.write")
-        if anchor is None:
-            session.deny(permission, _shown(path, resolved))
-        return _Checked(path, resolved, anchor)
+        base = workspace or "/nonexistent-workspace"
+        grants = session.grants
+        write = permission == "fs.write"
+
+        def check() -> _Checked:
+            try:
+                resolved = resolve_path(path, base)
+            except PathProblem as exc:
+                raise _Refused(path, str(exc)) from None
+            anchor = grants.fs_anchor(resolved, workspace, write=write)
+            if anchor is None:
+                raise _Refused(_shown(path, resolved, base))
+            return _Checked(path, resolved, anchor, base)
+
+        return check
 
     async def _run(
         self,
         session: PlatformSession,
         permission: str,
-        checked: _Checked,
-        fn: Callable[..., T],
-        *args: object,
+        path: Any,
+        fn: Callable[[_Checked], T],
     ) -> T:
-        """``fn(*args)`` on the host's file threads; a path that changed under the walk is
-        denied, a FIFO or device refused."""
+        """Check ``path`` and run ``fn(checked)`` with it, both on the host's file threads;
+        a refusal there (not granted, a path that changed under the walk) is denied here, a
+        FIFO or device refused."""
+        check = self._checker(session, path, permission)
+
+        def work() -> T:
+            checked = check()
+            try:
+                return fn(checked)
+            except _fdwalk.PathChanged:
+                raise _Refused(
+                    _shown(checked.asked, checked.resolved, checked.base),
+                    "the path changed after it was checked (a symlink appeared on it)",
+                ) from None
+            except _fdwalk.CreateRefused as exc:
+                raise _Refused(exc.path, "a parent directory that must be created") from None
+            except _fdwalk.NotRegularFile as exc:
+                raise InvalidRequestError(
+                    f"{checked.asked!r} is {exc.kind}: ctx.fs reads and writes regular files only"
+                ) from None
+            except OSError as exc:  # named as the plugin asked, not by the walk's relative parts
+                raise OSError(exc.errno, exc.strerror, checked.asked) from None
+
         try:
-            return await self.threads.run_sync(session, f"ctx.fs on {checked.asked!r}", fn, *args)
-        except _fdwalk.PathChanged:
-            session.deny(
-                permission,
-                _shown(checked.asked, checked.resolved),
-                "the path changed after it was checked (a symlink appeared on it)",
-            )
-        except _fdwalk.NotRegularFile as exc:
-            raise InvalidRequestError(
-                f"{checked.asked!r} is {exc.kind}: ctx.fs reads and writes regular files only"
-            ) from None
-        except ExecutionError:  # ExecutionTimeoutError is an OSError too (TimeoutError)
-            raise
-        except OSError as exc:  # named as the plugin asked, not by the walk's relative parts
-            raise OSError(exc.errno, exc.strerror, checked.asked) from None
+            return await self.threads.run_sync(session, f"ctx.fs on {path!r}", work)
+        except _Refused as refused:
+            session.deny(permission, refused.resource, refused.reason)
 
     async def read(self, session: PlatformSession, path: Any) -> bytes:
-        checked = self._check(session, path, "fs.read")
-        return await self._run(session, "fs.read", checked, _read, checked, self.max_bytes)
+        limit = self.max_bytes
+        return await self._run(session, "fs.read", path, lambda checked: _read(checked, limit))
 
     async def write(
         self, session: PlatformSession, path: Any, data: Any, append: bool = False
     ) -> int:
-        checked = self._check(session, path, "fs.write")
         blob = _args.data_bytes(data, "data")
         if len(blob) > self.max_bytes:
             raise InvalidRequestError(f"fs.write takes at most {self.max_bytes} bytes at once")
-        if checked.anchor == _real_workspace(session):
-            session.ensure_workspace()
         workspace = _real_workspace(session)
         grants = session.grants
 
         def may_create(directory: str) -> bool:
-            # runs in the host's thread: a pure check, the denial is raised back here
+            # runs in the host's thread: a pure check, the denial is raised back on the loop
             return grants.fs_write(directory, workspace)
 
-        try:
-            return await self._run(
-                session, "fs.write", checked, _write, checked, blob, append, may_create
-            )
-        except _fdwalk.CreateRefused as exc:
-            session.deny("fs.write", exc.path, "a parent directory that must be created")
+        def write(checked: _Checked) -> int:
+            if checked.anchor == workspace:
+                session.ensure_workspace()  # safe from a thread (WorkspaceLease.ensure)
+            return _write(checked, blob, append, may_create)
+
+        return await self._run(session, "fs.write", path, write)
 
     async def list(self, session: PlatformSession, path: Any = ".") -> list[str]:
-        checked = self._check(session, path, "fs.read")
-        return await self._run(session, "fs.read", checked, _list, checked)
+        limit = self.max_bytes
+        return await self._run(session, "fs.read", path, lambda checked: _list(checked, limit))
 
     async def exists(self, session: PlatformSession, path: Any) -> bool:
-        checked = self._check(session, path, "fs.read")
-        return await self._run(session, "fs.read", checked, _exists, checked)
+        return await self._run(session, "fs.read", path, _exists)
 
     async def remove(self, session: PlatformSession, path: Any) -> None:
         """Remove a file, or an empty directory."""
-        checked = self._check(session, path, "fs.write")
-        if checked.resolved == _real_workspace(session):
-            raise InvalidRequestError("the workspace itself cannot be removed")
-        await self._run(session, "fs.write", checked, _remove, checked)
+        workspace = _real_workspace(session)
+
+        def remove(checked: _Checked) -> None:
+            if checked.resolved == workspace:
+                raise InvalidRequestError("the workspace itself cannot be removed")
+            _remove(checked)
+
+        await self._run(session, "fs.write", path, remove)
 
 
-def _shown(path: str, resolved: str) -> str:
-    return path if resolved == path else f"{path} (resolves to {resolved})"
+class _Refused(Exception):
+    """A check made in the host's thread failed: denied (``session.deny``) on the loop."""
+
+    def __init__(self, resource: str, reason: str = "") -> None:
+        super().__init__(resource)
+        self.resource = resource
+        self.reason = reason
+
+
+def _shown(path: str, resolved: str, base: str | None = None) -> str:
+    """``path`` as a denial names it: with what it resolves to when only ``.``, ``..`` and
+    repeated slashes made the difference. Where symlinks did, their target stays unsaid: the
+    host resolved them with its own view (``/proc/self`` is the host's, ``/tmp`` too), which
+    the plugin's sandbox may hide (its cwd, the files it holds open, other workspaces)."""
+    if resolved == path:
+        return path
+    if base is not None:
+        normalized = os.path.normpath(os.path.join(base, path))
+        if normalized.startswith("//"):
+            normalized = "/" + normalized.lstrip("/")
+        if normalized != resolved:
+            return f"{path} (through a symlink)"
+    return f"{path} (resolves to {resolved})"
 
 
 # -- the blocking work, in a host thread: every fd is closed before returning ----------------
@@ -178,13 +239,26 @@ def _write(checked: _Checked, blob: bytes, append: bool, may_create: Callable[[s
         return f.write(blob)
 
 
-def _list(checked: _Checked) -> list[str]:
+def _list(checked: _Checked, limit: int) -> list[str]:
+    """The names in the directory, read a few at a time: a directory the plugin filled
+    with more names than ``limit`` bytes (a transfer's limit) is refused, never held whole."""
     parts = _fdwalk.components(checked.anchor, checked.resolved)
     fd = _fdwalk.open_dir(checked.anchor, parts, flags=os.O_RDONLY)
+    names: list[str] = []
+    size = 0
     try:
-        return sorted(os.listdir(fd))
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                size += len(entry.name) + _LIST_ITEM_BYTES
+                if size > limit:
+                    raise InvalidRequestError(
+                        f"{checked.asked!r} holds more names than the {limit}-byte limit of "
+                        "a transfer (max_transfer_bytes): list a directory with fewer entries"
+                    )
+                names.append(entry.name)
     finally:
         os.close(fd)
+    return sorted(names)
 
 
 def _exists(checked: _Checked) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import trio
 
-from ..errors import AbortedError, ExecutionTimeoutError, PermissionDeniedError
+from ..errors import AbortedError, ExecutionTimeoutError, PermissionDeniedError, clip_text
 from ..permissions import Grants, grants_for
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["Dispatcher", "Invoker", "PlatformSession", "Subscription"]
 
 log = logging.getLogger("plugin_execution.permissions")
+#: The longest resource a denial names (message, log line, details), in characters.
+_MAX_RESOURCE_CHARS = 9000
 
 # What a session needs of the objects around it, as interfaces: the platform, its event
 # subscriptions and the backend depend on sessions, so a session names none of them.
@@ -175,6 +177,7 @@ class PlatformSession:
         """Count, log and raise a :class:`PermissionDeniedError` for ``resource``."""
         if self.on_denied is not None:
             self.on_denied()
+        resource = clip_text(resource, _MAX_RESOURCE_CHARS)  # logged: never a frame's worth
         why = f": {reason}" if reason else ""
         message = (
             f"plugin {self.plugin_id!r} handler {self.handler_id!r} may not use "

@@ -102,16 +102,23 @@ class ShellService:
         return self._policy
 
     def _executable(self, session: PlatformSession, command: str) -> str:
+        """The absolute, resolved path of the file ``command`` names, once it is granted:
+        what was checked is what runs. A ``command`` with a ``/`` names a file relative to
+        where the command runs (the workspace), never to the host's own cwd; a bare name
+        is looked up on the host's ``PATH``."""
         environ = os.environ if self.environ is None else self.environ
-        found = shutil.which(command, path=environ.get("PATH", os.defpath))
+        if "/" in command:
+            workspace = session.workspace or "/nonexistent-workspace"
+            found = shutil.which(os.path.join(workspace, command))
+        else:
+            found = shutil.which(command, path=environ.get("PATH", os.defpath))
         resolved = os.path.realpath(found) if found else None
         names = {command} if "/" not in command else set()
-        if found:
-            names |= {found, resolved or found}
+        if found and resolved:
+            names |= {found, resolved, os.path.abspath(found)}
         if resolved is None or not session.grants.command(names):
             session.deny("shell.allow", command)
-        assert found is not None
-        return found
+        return resolved
 
     def _environment(self, session: PlatformSession, home: str) -> dict[str, str]:
         environ = os.environ if self.environ is None else self.environ

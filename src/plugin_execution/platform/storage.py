@@ -18,6 +18,7 @@ import os
 import tempfile
 import unicodedata
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -84,6 +85,14 @@ def check_key(value: Any) -> str:
             f"each '/'-separated part of a storage key is at most {_NAME_MAX} UTF-8 bytes"
         )
     return key
+
+
+class ListTooLong(Exception):
+    """A key listing passed its byte limit (see :meth:`FileStorage.list`)."""
+
+
+#: What each key of a listing counts against the transfer limit besides its characters.
+_LIST_ITEM_BYTES = 8
 
 
 class FileStorage:
@@ -166,11 +175,15 @@ class FileStorage:
 
         return await self._in_thread(unlink)
 
-    async def list(self, namespace: str, prefix: str) -> list[str]:
+    async def list(self, namespace: str, prefix: str, *, max_bytes: int | None = None) -> list[str]:
+        """The keys under ``prefix``, sorted. ``max_bytes``: past that many bytes of keys the
+        walk stops and :class:`ListTooLong` is raised (nothing more is held)."""
         base = self.root / namespace
+        limit = max_bytes if max_bytes is not None else float("inf")
 
         def walk() -> list[str]:
             keys = []
+            size = 0
             for directory, _dirs, files in os.walk(base):
                 rel = os.path.relpath(directory, base)
                 for name in files:
@@ -178,6 +191,9 @@ class FileStorage:
                         continue
                     key = name if rel == "." else f"{rel}/{name}"
                     if key.startswith(prefix):
+                        size += len(key) + _LIST_ITEM_BYTES
+                        if size > limit:
+                            raise ListTooLong
                         keys.append(key)
             return sorted(keys)
 
@@ -264,6 +280,18 @@ class StorageService:
         ns = self._namespace(session, namespace)
         if type(prefix) is not str:
             raise InvalidRequestError("prefix must be a string")
-        return await self._call(
-            session, prefix or "prefix ''", lambda: self.backend.list(ns, prefix)
-        )
+        backend = self.backend
+        if isinstance(backend, FileStorage):
+            listing = partial(backend.list, ns, prefix, max_bytes=self.max_bytes)
+        else:
+            listing = partial(backend.list, ns, prefix)
+        try:
+            keys = await self._call(session, prefix or "prefix ''", listing)
+        except ListTooLong:
+            keys = None
+        if keys is None or sum(len(key) + _LIST_ITEM_BYTES for key in keys) > self.max_bytes:
+            raise InvalidRequestError(
+                f"the keys under prefix {prefix[:80]!r} pass the {self.max_bytes}-byte limit of a "
+                "transfer (max_transfer_bytes): list a narrower prefix"
+            )
+        return keys

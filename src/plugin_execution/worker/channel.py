@@ -17,7 +17,13 @@ from types import MappingProxyType
 
 import trio
 
-from ..channels.channel import NORMAL_CLOSURE, Channel, ChannelClosed, check_message
+from ..channels.channel import (
+    NORMAL_CLOSURE,
+    Channel,
+    ChannelClosed,
+    check_close_code,
+    check_message,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -84,6 +90,7 @@ class WorkerChannel(Channel):
 
     async def close(self, code: int = NORMAL_CLOSURE, reason: str = "") -> None:
         """Ask the host to close the WebSocket with ``code``. Idempotent."""
+        check_close_code(code)
         if self._closed is None:
             self._closed = (code, reason)
             self._send(

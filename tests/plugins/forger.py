@@ -1,0 +1,59 @@
+"""Handlers that speak for their worker (tests/deputy/test_forged_frames.py): they write
+frames of their own making on the worker's protocol socket, as any plugin code in a worker
+process can, to see what the host takes from them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+
+
+def _protocol_socket() -> socket.socket:
+    """The worker's socket to the host (the only socket a worker child holds)."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                return socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+    raise RuntimeError("no socket found")
+
+
+def send_frame(message: dict[str, Any]) -> None:
+    body = msgpack.packb(message, use_bin_type=True)
+    with _protocol_socket() as sock:
+        sock.sendall(len(body).to_bytes(4, "big") + body)
+
+
+def forge_error(ctx: Any, input: dict[str, Any]) -> str:
+    """End this execution with the error ``input["error"]`` (its wire form, as sent)."""
+    send_frame({"t": "error", "execution_id": ctx.execution_id, "error": input["error"]})
+    return "the host took the forged error first"
+
+
+def _platform_calls() -> Any:
+    """The worker runtime's platform-call machinery, found in memory as any code can."""
+    import gc
+
+    from plugin_execution.worker.platform_calls import PlatformCalls
+
+    return next(o for o in gc.get_objects() if isinstance(o, PlatformCalls))
+
+
+def forge_call(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """Call ``env.get(input["name"])`` as execution ``input["as"]`` (not this one): the
+    outcome, the value or the error's code."""
+    calls = _platform_calls()
+    try:
+        value = calls.call(input["as"], "env", "get", [input["name"]], {})
+    except Exception as exc:
+        return {"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)}
+    return {"value": value}
+
+
+def invoke_forger(ctx: Any, input: dict[str, Any]) -> Any:
+    """The caller with the grant: invoke ``forger.thief``, which knows this execution's id."""
+    return ctx.invoke("forger.thief", "forge_call", {"as": ctx.execution_id, "name": input["name"]})
