@@ -31,6 +31,7 @@ DEPUTY_HANDLERS = (
 BACKENDS: dict[str, dict[str, Any]] = {
     "in-process": {"type": "in-process"},
     "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 2},
+    "sandboxed-pool": {"type": "worker-pool", "sandbox": True, "max_workers": 2},
     "spawn": {"type": "subprocess", "start_method": "spawn", "cancel_grace": 0.3},
     "zygote": {"type": "subprocess", "start_method": "zygote", "cancel_grace": 0.3},
 }

@@ -44,6 +44,7 @@ SECRET = "correct horse battery staple"
 BACKENDS = {
     "in-process": ("in-process", {}),
     "worker-pool": ("worker-pool", {"min_workers": 1, "max_workers": 2}),
+    "sandboxed-pool": ("worker-pool", {"sandbox": True, "max_workers": 2}),
     "spawn": ("subprocess", {"start_method": "spawn", "cancel_grace": 0.3}),
     "zygote": ("subprocess", {"start_method": "zygote", "cancel_grace": 0.3}),
 }

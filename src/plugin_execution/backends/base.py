@@ -393,7 +393,9 @@ def platform_session(backend: ExecutionBackend, job: Job) -> PlatformSession:
     """A job's platform session on ``backend``: what its ``ctx`` services are checked
     against (its permissions as resolved on the host, its workspace, its deadline)."""
     request = job.request
-    host = backend.workspaces.host_dir
+    workspace = job.workspace
+    if workspace is None and backend.workspaces.host_dir is not None:
+        workspace = f"{backend.workspaces.host_dir}/{request.execution_id}"
     return PlatformSession(
         backend.platform,
         execution_id=request.execution_id,
@@ -401,7 +403,7 @@ def platform_session(backend: ExecutionBackend, job: Job) -> PlatformSession:
         handler_id=request.handler_id,
         permissions=job.target.permissions,
         root=job.target.root,
-        workspace=f"{host}/{request.execution_id}" if host is not None else None,
+        workspace=workspace,
         deadline=job.deadline,
         context=request.context,
         backend=backend,

@@ -58,6 +58,10 @@ class Job:
     #: The capacity the job holds while it runs (a backend's slot or worker), once placed;
     #: nested invocations may borrow it (see :meth:`lent_slot`).
     slot: Any = None
+    #: Its workspace, where the backend put it somewhere of its own (the sandboxed pool:
+    #: under its worker's directory); None: the backend's workspace directory. What its
+    #: platform session (``ctx.fs``, ``ctx.shell``) takes for the workspace.
+    workspace: str | None = None
     _session: PlatformSession | None = None
     _lent: trio.Lock | None = None
 

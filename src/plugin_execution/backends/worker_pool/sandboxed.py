@@ -162,7 +162,9 @@ class SandboxedPool:
         home = self._homes.get(worker.proc) if worker.proc is not None else None
         if home is None:
             return None
-        return self.backend.workspaces._reserve(job.request.execution_id, home[0])
+        lease = self.backend.workspaces._reserve(job.request.execution_id, home[0])
+        job.workspace = os.fspath(lease)  # the host's ctx.fs and ctx.shell work there too
+        return lease
 
     async def run_job(self, job: Job, lender: Worker | None = None) -> ExecutionResult:
         """As the pool's ``_run_job``, on a worker of the job's plugin (``lender``: the one
@@ -239,6 +241,7 @@ class SandboxedPool:
         lease = self.backend.workspaces._reserve(
             validate_execution_id(job.request.execution_id), home
         )
+        job.workspace = os.fspath(lease)
         try:
             return await run_session(
                 proc,
