@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from plugin_execution import (
 from plugin_execution.manifest import Permissions, ShellPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform.shell import ShellService
-from plugin_execution.sandbox import detect
+from plugin_execution.sandbox import detect, launcher
 from plugin_execution.sandbox.capabilities import has_any as host_has_capabilities
 
 PLUGINS = Path(__file__).parents[1] / "plugins"
@@ -192,6 +193,64 @@ async def test_a_command_writes_its_workspace_and_nothing_else(
     assert out["read_back"] == "inside"  # the plugin sees (and may use) what its command made
     assert out["returncode"] == 1 and "Error" in out["stderr"]
     assert not outside.exists()
+
+
+async def test_a_workspace_swapped_for_a_symlink_lends_its_command_nothing(
+    backend: ExecutionBackend, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A sandboxed pool worker may write its workspace's parent (its own directory): it
+    moves its workspace aside, puts a symlink to a directory it may not write in its place,
+    and asks for a command, which runs in the workspace and may write there. Neither the
+    command's working directory nor its write rights follow the symlink. Where the parent is
+    not the plugin's to write (a subprocess child), the swap itself is refused."""
+    if request.node.callspec.params["backend"] in ("in-process", "worker-pool"):
+        pytest.skip("no kernel sandbox: the plugin writes anywhere itself")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    code = "open('made-by-command.txt', 'w').write('escaped')"
+    result = await backend.execute(
+        ExecutionRequest(
+            plugin_id="deputy.python",
+            handler_id="shell",
+            input={"argv": [sys.executable, "-c", code], "swap_workspace_to": str(victim)},
+        ),
+        timeout=60,
+        raise_errors=False,
+    )
+    assert not (victim / "made-by-command.txt").exists(), result
+    if result.ok:  # the swap was refused, or the command was
+        assert "swap_refused" in result.output or result.output["returncode"] != 0, result
+    else:
+        assert result.error is not None and result.error.code in ("PERMISSION_DENIED",), result
+
+
+def test_the_launcher_runs_no_command_outside_the_workspace_the_host_found(
+    tmp_path: Path,
+) -> None:
+    """The race the host's check leaves: the workspace swapped after the host found it and
+    before the command started there. The launcher compares where it starts with the
+    directory the host found, and runs nothing elsewhere; where they agree, the command runs
+    and may write there (its Landlock rule names that directory)."""
+    found, elsewhere = tmp_path / "workspace", tmp_path / "elsewhere"
+    found.mkdir()
+    elsewhere.mkdir()
+    status = found.stat()
+    code = "open('made.txt', 'w').write('x')"
+    spec = {
+        "executable": sys.executable,
+        "env": {},
+        "limits": "",
+        "sandbox": {},
+        "workspace": [str(found), status.st_dev, status.st_ino],
+    }
+    argv = launcher.argv(spec, [sys.executable, "-I", "-c", code])
+    moved = subprocess.run(argv, cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert moved.returncode == launcher.SANDBOX_FAILED, moved
+    assert "not the plugin's workspace" in moved.stderr
+    assert not (elsewhere / "made.txt").exists()
+    ran = subprocess.run(argv, cwd=found, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran
+    assert (found / "made.txt").read_text() == "x"
 
 
 @needs_git

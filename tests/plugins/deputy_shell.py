@@ -11,7 +11,19 @@ def shell(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
     """Plant ``input["plant"]`` (workspace-relative path -> text) in the workspace, then run
     ``input["argv"]`` through ``ctx.shell`` and read ``input["read_back"]`` (a file it made in
     the workspace); the result as plain data (output cut to 4 KiB). The planted files named in
-    ``input["executable"]`` are made executable."""
+    ``input["executable"]`` are made executable. With ``input["swap_workspace_to"]``, the
+    workspace is first moved aside and replaced by a symlink to that directory."""
+    swap = input.get("swap_workspace_to")
+    if (
+        swap is not None
+    ):  # the workspace becomes a symlink to ``swap`` (where its parent is writable)
+        import os
+
+        try:
+            os.rename(ctx.workspace, f"{ctx.workspace}.moved")
+            os.symlink(swap, ctx.workspace)
+        except OSError as exc:
+            return {"swap_refused": f"{type(exc).__name__}: {exc}"}
     for name, text in input.get("plant", {}).items():
         path = ctx.workspace / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..errors import ExecutionTimeoutError, InvalidRequestError
+from ..errors import ExecutionTimeoutError, InvalidRequestError, PermissionDeniedError
 from ..host.limits import WorkerLimits
 from ..manifest import Permissions
 from ..sandbox import launcher
@@ -198,12 +198,40 @@ class ShellService:
                 "env": env,
                 "limits": _limits(session.permissions),
                 "sandbox": sandbox.spec,
+                "workspace": [cwd, *_workspace_identity(cwd)],
             }
             command = sandbox.command(launcher.argv(spec, argv))
             return await _run_capped(command, sandbox, cwd, env, stdin, self.max_bytes)
         finally:
             with trio.CancelScope(shield=True):  # fd-based: safe on a tree the command made
                 await trio.to_thread.run_sync(shutil.rmtree, home, True)
+
+
+def _workspace_identity(workspace: str) -> tuple[int, int]:
+    """The device and inode of the workspace directory itself, opened from its parent
+    without following it: the launcher checks that the command starts there (see
+    ``launcher.launch``). A sandboxed pool worker may write its workspaces' parent (its own
+    directory), so it may have put a symlink to somewhere else in its workspace's place;
+    the command then never runs."""
+    parent, name = os.path.split(os.path.abspath(workspace))
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        parent_fd = os.open(os.path.realpath(parent), flags)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        try:
+            status = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise PermissionDeniedError(
+            f"the workspace is no longer the directory the host made ({exc.strerror}): "
+            "no command runs there",
+            details={"permission": "shell.allow"},
+        ) from None
+    return status.st_dev, status.st_ino
 
 
 def _command_sandbox(
