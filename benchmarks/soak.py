@@ -173,7 +173,8 @@ class Soak:
     def options(self) -> dict[str, Any]:
         if self.args.backend == "worker-pool":
             return {
-                "min_workers": self.args.workers,
+                "sandbox": self.args.sandbox,
+                "min_workers": 0 if self.args.sandbox else self.args.workers,
                 "max_workers": self.args.workers,
                 "health_check_interval": 0.5,
                 "health_check_timeout": 1.0,
@@ -464,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("execute", "map"),
         default="execute",
         help="callers of execute (cancelling some), or one backend.map of them all",
+    )
+    parser.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="worker-pool: the sandboxed pool (a worker per plugin, in its kernel sandbox)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")

@@ -36,6 +36,7 @@ def _soak(*args: str) -> dict:
     ("backend", "extra"),
     [
         ("worker-pool", ["--concurrency", "16"]),
+        ("worker-pool", ["--concurrency", "16", "--sandbox"]),
         ("subprocess", ["--concurrency", "8", "--start-method", "zygote"]),
         ("subprocess", ["--concurrency", "8", "--start-method", "spawn", "--executions", "300"]),
     ],
