@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .channel import WorkerChannel
+    from .threads import TrioLoop
 
 _CHANNEL_FRAMES = frozenset({"ch_data", "ch_credit", "ch_close"})
 _EXECUTE_FIELDS = FIELDS["execute"]
@@ -152,7 +153,13 @@ class Worker:
         try:
             while True:
                 for tag, fields in decoder:
-                    self._dispatch(tag, fields)
+                    if self._threads.loop is None and not self._in_thread:
+                        loop = self._dispatch_keeping_loop(tag, fields, me)
+                        if loop is not None:
+                            self._run_loop_here(loop)
+                            return
+                    else:
+                        self._dispatch(tag, fields)
                     job = self._inline
                     if job is not None:
                         self._inline = None
@@ -208,6 +215,36 @@ class Worker:
             if not self._in_thread:
                 os._exit(_PROTOCOL_EXIT)
             raise _Stop from None
+
+    def _dispatch_keeping_loop(self, tag: str, msg: dict[str, Any], me: int) -> TrioLoop | None:
+        """Dispatch a frame in a child that has no trio loop yet; return the loop it
+        started, if it started one, not running yet: this reader is to run it (see
+        :meth:`_run_loop_here`)."""
+        threads = self._threads
+        threads.keep_here = me
+        dispatched = False
+        try:
+            self._dispatch(tag, msg)
+            dispatched = True
+        finally:
+            threads.keep_here = None
+            loop, threads.kept = threads.kept, None
+            if loop is not None and not dispatched:
+                loop.run_on_thread()  # nobody else would run it
+        return loop
+
+    def _run_loop_here(self, loop: TrioLoop) -> None:
+        """Make a new thread the reader, and run ``loop`` on this one (until it stops).
+
+        The first async handler of a fresh child then starts on the thread that read its
+        request, as soon as trio is up, rather than once a new thread is scheduled: the
+        new reader's start is off its path (and, waiting for the GIL, it stays out of the
+        loop's way until the loop sleeps). Nothing else waits on this thread: the frames
+        left in the decoder are the new reader's."""
+        with self._lead_lock:
+            self._leader = None
+        self._threads.submit_soon(self._lead)
+        loop.run_here()
 
     def _linger_poll(self) -> None:
         """Poll the socket for up to ``Execute.linger`` seconds before sleeping in ``read``.
