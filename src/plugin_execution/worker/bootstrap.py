@@ -58,7 +58,8 @@ def prepare(spec: dict[str, Any], fd: int) -> None:
     (does not start) its worker runtime on socket ``fd``; :func:`serve` then does only the
     rest. A step that fails is left for :func:`serve`, which fails it the usual way.
     ``spec["trio"]``: the backend's last execution was async, so this one likely is too: run
-    a trio loop once here (see :func:`_warm_loop`)."""
+    a trio loop once here (see :func:`_warm_loop`), and have :func:`serve` start the worker's
+    loop as soon as the sandbox is in place."""
     try:
         from ._leftovers import become_subreaper
 
@@ -85,6 +86,7 @@ def prepare(spec: dict[str, Any], fd: int) -> None:
     _touch_ahead()
     if spec.get("trio"):
         _warm_loop()
+        _prepared["trio"] = True
 
 
 def _touch_ahead() -> None:
@@ -103,9 +105,8 @@ def _touch_ahead() -> None:
 
 
 def _warm_loop() -> None:
-    """Run a trio loop on this thread, as the first async handler's will (see
-    ``Worker._run_loop_here``), to a task that does what an async execution's does to the
-    loop (a cancel scope with a deadline, a checkpoint), then stop it.
+    """Run a trio loop on this thread, to a task that does what an async execution's does to
+    the loop (a cancel scope with a deadline, a checkpoint), then stop it.
 
     A zygote's child shares the zygote's memory copy-on-write: its first ``trio.run``
     writes to ~500 pages of it (reference counts, the allocator), a fault and a copy each:
@@ -185,4 +186,8 @@ def serve(fd: int, limits: str = "", sandbox: dict[str, Any] | None = None) -> N
         from .runtime import Worker
 
         worker = Worker(fd)
+    if _prepared.pop("trio", False):
+        # Likely async (see prepare): the loop's thread starts now, the sandbox in place,
+        # while Hello is sent, the request read and its handler imported.
+        worker.start_trio()
     worker.serve()
