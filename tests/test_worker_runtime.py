@@ -283,9 +283,8 @@ def test_async_handlers_run_on_a_loop_of_their_own_while_the_reader_reads(
     registry: PluginRegistry,
 ) -> None:
     """Async handlers run on the worker's trio loop, a thread of its own (never the reading
-    thread: glibc keeps a thread's freed memory for its next allocations, and gives the
-    main thread's back to the kernel, so on the main thread a handler sending big frames
-    paid ~2,000 page faults per 4 MiB); the reader stays the reader: a ``ping`` is answered
+    thread, a child's main thread: there a handler sending 4 MiB frames paid ~2,000 page
+    faults per frame, none on a thread of its own); the reader stays the reader: a ``ping`` is answered
     and a ``cancel`` read while they run, and sync handlers still run on it."""
     import sys
     import traceback
