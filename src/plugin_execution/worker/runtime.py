@@ -224,16 +224,11 @@ class Worker:
             raise _Stop from None
 
     def _run_loop_here(self) -> None:
-        """Make another thread the reader, and run the trio loop a frame just started (the
-        first: see ``HandlerThreads.keep_here``) on this one, until it stops.
-
-        The first async handler of a fresh child then starts on the thread that read its
-        request, as soon as trio is up, rather than once a new thread is scheduled: the
-        new reader's start is off its path (and, waiting for the GIL, it stays out of the
-        loop's way until the loop sleeps). Nothing else waits on this thread: the frames
+        """Make another thread the reader, and run the loop a frame just started (the first:
+        see ``HandlerThreads.keep_here``) on this one, until it stops: the first async
+        handler starts as soon as trio is up, not once a new thread is scheduled. The frames
         left in the decoder are the new reader's. Only in a one-shot child (``loop_here``),
-        whose allocator keeps what it frees: on the main thread it otherwise does not (see
-        ``bootstrap._keep_freed_memory``)."""
+        whose allocator keeps what it frees (``bootstrap._keep_freed_memory``)."""
         threads = self._threads
         loop, threads.kept, threads.keep_here = threads.kept, None, None
         assert loop is not None
