@@ -88,7 +88,7 @@ def prepare(spec: dict[str, Any], fd: int) -> None:
     _prepared["worker"] = Worker(fd, loop_here=True)
     _keep_freed_memory()
     _touch_ahead()
-    if spec.get("trio"):
+    if spec.get("trio") and not _setup_waiting(fd):
         _warm_loop()
 
 
@@ -129,6 +129,16 @@ def _touch_ahead() -> None:
     for _ in decoder:
         pass
     threading.Thread(target=None, daemon=True)
+
+
+def _setup_waiting(fd: int) -> bool:
+    """Whether the setup has come already: an execution waits for this child (back to back
+    after the one before), and a warm-up now would cost it more than it saves."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _warm_loop() -> None:
