@@ -96,19 +96,22 @@ async def main(rounds: int, methods: list[str]) -> dict[str, dict[str, float]]:
                     ends = label in ("off", configs[-1][0])
                     if method == ON_REQUEST and not ends:
                         continue
-                    backend = await stack.enter_async_context(
-                        create_execution_backend(
-                            type="subprocess",
-                            registry=bench_registry(),
-                            start_method=start_method,
-                            sandbox=sandbox,
-                            workspace=WorkspaceManager(Path(root) / f"{method}{label}"),
-                            fork_ahead=ahead,
+                    handlers = [("sync", "noop_sync")] + [("async", "noop")] * ends
+                    for kind, handler in handlers:
+                        # A backend per row: with one shared by two rows, the second would
+                        # run right after the first and find its child forked ahead still
+                        # starting (see "Back to back" in the README).
+                        backend = await stack.enter_async_context(
+                            create_execution_backend(
+                                type="subprocess",
+                                registry=bench_registry(),
+                                start_method=start_method,
+                                sandbox=sandbox,
+                                workspace=WorkspaceManager(Path(root) / f"{method}{label}{kind}"),
+                                fork_ahead=ahead,
+                            )
                         )
-                    )
-                    variants[f"{method}, sync, {label}"] = _bind(backend, "noop_sync")
-                    if ends:
-                        variants[f"{method}, async, {label}"] = _bind(backend, "noop")
+                        variants[f"{method}, {kind}, {label}"] = _bind(backend, handler)
             samples: dict[str, list[float]] = {}
             for name, run in variants.items():  # warm caches once, untimed
                 await run()

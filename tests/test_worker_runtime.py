@@ -81,9 +81,11 @@ class Driver:
 
 
 @contextmanager
-def reading_worker(registry: PluginRegistry) -> Iterator[tuple[Worker, Driver]]:
+def reading_worker(
+    registry: PluginRegistry, *, loop_here: bool = False
+) -> Iterator[tuple[Worker, Driver]]:
     host, child = socket.socketpair()
-    worker = Worker(child.fileno(), close=child.close)
+    worker = Worker(child.fileno(), close=child.close, loop_here=loop_here)
 
     def end(_code: int) -> None:
         raise _Ended
@@ -284,3 +286,84 @@ def test_a_context_made_by_position_is_the_one_made_by_keyword() -> None:
     by_position = ExecutionContext._positional(*args)
     for name in ExecutionContext.__slots__:  # every slot set, to the same value
         assert getattr(by_position, name) == getattr(by_keyword, name), name
+
+
+def test_async_handlers_run_on_a_loop_of_their_own_while_the_reader_reads(
+    registry: PluginRegistry,
+) -> None:
+    """Async handlers run on the worker's trio loop, a thread of its own (not the reading
+    thread, but in a one-shot child: see the next test); the reader stays the reader: a
+    ``ping`` is answered and a ``cancel`` read while they run, and sync handlers still run
+    on it."""
+    import sys
+    import traceback
+
+    with reading_worker(registry) as (worker, driver):
+        deadline = time.monotonic() + 10
+        while worker._leader is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        reader = worker._leader
+        assert reader is not None
+        sleeping = driver.fields("sleep", {"seconds": 30.0})
+        driver.sock.sendall(encode("execute", sleeping))
+        driver.sock.sendall(encode("ping", {"seq": 7}))
+        pong: list[dict[str, Any]] = []
+        while not pong:
+            for tag, message in driver.decoder:
+                if tag == "pong":
+                    pong.append(message)
+            if not pong:
+                driver.sock.settimeout(10)
+                driver.decoder.feed(driver.sock.recv(65536))
+        assert pong[0]["seq"] == 7 and pong[0]["in_flight"] == 1
+        assert worker._leader == reader
+        stack = traceback.extract_stack(sys._current_frames()[reader])
+        assert not any(frame.filename.endswith("_core/_run.py") for frame in stack)  # no loop
+        assert driver.execute("echo", "async")["output"] == "async"
+        cancel = {"execution_id": sleeping["execution_id"], "reason": "test"}
+        driver.sock.sendall(encode("cancel", cancel))
+        answer = driver.frames(1)[-1]
+        assert answer["execution_id"] == sleeping["execution_id"]
+        assert answer["error"]["code"] == "ABORTED"
+        assert driver.execute("add", {"a": 2, "b": 3})["output"] == 5
+        assert worker._leader == reader
+
+
+def test_a_one_shot_childs_first_async_handler_runs_its_loop_on_the_reading_thread(
+    registry: PluginRegistry,
+) -> None:
+    """``loop_here`` (a child forked ahead by the subprocess backend): the reader that
+    dispatches the first async execution runs the trio loop itself (the handler waits for no
+    new thread) and another thread reads from then on: a ``ping`` is answered and a
+    ``cancel`` read while async handlers run on that loop, and sync handlers still run."""
+    import sys
+    import traceback
+
+    with reading_worker(registry, loop_here=True) as (worker, driver):
+        deadline = time.monotonic() + 10
+        while worker._leader is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        first_reader = worker._leader
+        assert first_reader is not None
+        sleeping = driver.fields("sleep", {"seconds": 30.0})
+        driver.sock.sendall(encode("execute", sleeping))
+        driver.sock.sendall(encode("ping", {"seq": 7}))
+        pong: list[dict[str, Any]] = []
+        while not pong:
+            for tag, message in driver.decoder:
+                if tag == "pong":
+                    pong.append(message)
+            if not pong:
+                driver.sock.settimeout(10)
+                driver.decoder.feed(driver.sock.recv(65536))
+        assert pong[0]["seq"] == 7 and pong[0]["in_flight"] == 1
+        assert worker._leader != first_reader  # another thread reads now
+        stack = traceback.extract_stack(sys._current_frames()[first_reader])
+        assert "run_here" in [frame.name for frame in stack]  # the loop runs on the first
+        assert driver.execute("echo", "async")["output"] == "async"
+        cancel = {"execution_id": sleeping["execution_id"], "reason": "test"}
+        driver.sock.sendall(encode("cancel", cancel))
+        answer = driver.frames(1)[-1]
+        assert answer["execution_id"] == sleeping["execution_id"]
+        assert answer["error"]["code"] == "ABORTED"
+        assert driver.execute("add", {"a": 2, "b": 3})["output"] == 5

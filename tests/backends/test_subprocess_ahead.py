@@ -203,3 +203,27 @@ async def test_a_child_forked_ahead_dies_with_its_zygote(
 
         await _until(replaced, "a new zygote and a child forked ahead by it")
         assert (await backend.execute(req("add", {"a": 3, "b": 3}))).output == 6
+
+
+async def test_after_an_async_execution_children_forked_ahead_start_trio_while_they_wait(
+    registry: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    """The worker marks an async handler's result for the host alone (the caller's metadata
+    has no such key); the backend then has its next children forked ahead run a trio loop
+    once while they wait, until a sync handler's result comes. Handlers of either kind run
+    in such a child as in any other."""
+    async with _backend(registry, workspaces) as backend:
+        assert backend._ahead_spec()["trio"] is False
+        result = await backend.execute(req("echo", "first"))
+        assert result.output == "first"
+        assert "async" not in result.metadata
+        assert backend._ahead_spec()["trio"] is True
+        for handler, input, output in [
+            ("echo", "second", "second"),  # its child was forked before the hint
+            ("echo", "third", "third"),  # forked with it (unless forked on request)
+            ("add", {"a": 1, "b": 2}, 3),
+        ]:
+            result = await backend.execute(req(handler, input))
+            assert result.output == output
+            assert "async" not in result.metadata
+        assert backend._ahead_spec()["trio"] is False

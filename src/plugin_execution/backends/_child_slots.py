@@ -142,10 +142,10 @@ class ChildSlots:
                 raise BackendClosedError("the subprocess backend shut down before a slot freed")
             raise job.timeout_error(what)
 
-    async def keep_ahead(self, prepare: Mapping[str, object] | None = None) -> None:
+    async def keep_ahead(self, prepare: Callable[[], Mapping[str, object]] | None = None) -> None:
         """Keep a child forked ahead in a free slot, until cancelled (then the one left is
-        killed and reaped). ``prepare``: what it does while it waits (see
-        ``bootstrap.prepare``)."""
+        killed and reaped). ``prepare()``: what the next one does while it waits (see
+        ``bootstrap.prepare``), asked at each fork."""
         zygotes = self.zygotes
         assert zygotes is not None
         while True:
@@ -166,7 +166,8 @@ class ChildSlots:
                 continue
             self._forking = forking = trio.Event()
             try:
-                spare.child = await fork_ahead(zygote, worker_socketpair(), prepare)
+                spec = prepare() if prepare is not None else None
+                spare.child = await fork_ahead(zygote, worker_socketpair(), spec)
                 self.forked_ahead += 1
                 self._ahead = spare
             except WorkerCrashedError:  # the zygote is gone, or could not fork

@@ -159,6 +159,9 @@ class SubprocessBackend(ExecutionBackend):
             max_concurrent, zygotes=keeper if fork_ahead else None, running=lambda: self.running
         )
         self.spawned_instead_of_zygote = 0
+        # The last execution's handler was async: the next child forked ahead then starts
+        # a trio loop once while it waits (see bootstrap.prepare), off the next one's path.
+        self._last_async = False
 
     async def _start(self, nursery: trio.Nursery) -> None:
         support = await trio.to_thread.run_sync(detect)  # once per process, then cached
@@ -171,7 +174,12 @@ class SubprocessBackend(ExecutionBackend):
         if self.start_method == "zygote":
             await nursery.start(self._launcher.run)
             if self._slots.zygotes is not None:
-                nursery.start_soon(self._slots.keep_ahead, self._sandbox.ahead())
+                nursery.start_soon(self._slots.keep_ahead, self._ahead_spec)
+
+    def _ahead_spec(self) -> dict[str, Any]:
+        """What the next child forked ahead does while it waits (``bootstrap.prepare``)."""
+        assert self._sandbox is not None
+        return {**self._sandbox.ahead(), "trio": self._last_async}
 
     @property
     def zygote_restarts(self) -> int:
@@ -334,6 +342,7 @@ class SubprocessBackend(ExecutionBackend):
                     )
                 finally:
                     self._live.discard(worker)
+                self._last_async = worker.calls.last_async
                 metadata = {**result.metadata, "sandbox": list(sandbox.layers)}
                 handoff.succeed(attrs.evolve(result, metadata=metadata))
                 del job, result, run

@@ -115,6 +115,9 @@ class Calls:
         self.channels = channels
         self.executions = 0
         self.exiting = False  # it said so: an execution's error was WORKER_CRASHED
+        #: The last result came from an async handler (the worker says so in its metadata,
+        #: which the caller does not see): the subprocess backend's hint for its next child.
+        self.last_async = False
         self.nursery: trio.Nursery | None = None  # where deadlines' cancels and calls run
         self._kill = kill
         self._crash_error = crash_error
@@ -250,6 +253,8 @@ class Calls:
             return error
         if not pending.done:
             return self._crash_error()
+        metadata = value.metadata
+        self.last_async = metadata.pop("async", False) is True
         return ExecutionResult(
             execution_id=job.request.execution_id,
             ok=True,
@@ -257,7 +262,7 @@ class Calls:
             duration_s=time.perf_counter() - job.started,
             backend=backend,
             worker_id=self.worker_id,
-            metadata=value.metadata,
+            metadata=metadata,
         )
 
     async def collect(

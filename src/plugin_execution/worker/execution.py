@@ -297,7 +297,9 @@ class Executions:
                     channel.end()
                     self._channels.pop(channel.connection_id, None)
         if not scope.cancelled_caught:
-            self._finish(msg["execution_id"], output=output, started=started, warm=warm)
+            self._finish(
+                msg["execution_id"], output=output, started=started, warm=warm, on_loop=True
+            )
         elif run.ctx.cancelled:
             self._finish(msg["execution_id"], error=AbortedError("cancelled by the host"))
         else:
@@ -329,11 +331,12 @@ class Executions:
         error: ExecutionError | None = None,
         started: float = 0.0,
         warm: bool = False,
+        on_loop: bool = False,
     ) -> None:
         """Send the execution's answer (its result, else its error); then let the batch it
-        belongs to, if any, go on to its next member."""
+        belongs to, if any, go on to its next member. ``on_loop``: an async handler's."""
         try:
-            self._answer(execution_id, output, error, started, warm)
+            self._answer(execution_id, output, error, started, warm, on_loop)
         finally:
             ended = self._ended.pop(execution_id, None)
             if ended is not None:
@@ -346,6 +349,7 @@ class Executions:
         error: ExecutionError | None,
         started: float,
         warm: bool,
+        on_loop: bool = False,
     ) -> None:
         self.stdout.finish(execution_id)
         self.stderr.finish(execution_id)
@@ -370,6 +374,8 @@ class Executions:
                     "workspace_id": execution_id if used else None,
                 },
             }
+            if on_loop:  # for the host alone (see Calls.outcome): it ran on the trio loop
+                message["metadata"]["async"] = True
             try:
                 self._send_message(message, "output")
                 return

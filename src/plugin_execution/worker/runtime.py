@@ -74,13 +74,21 @@ class Worker:
     ~6 ms of imports. ``close`` releases the fd when serving ends (default ``os.close``).
     ``in_thread``: a thread of the host process (the pool's ``thread`` kind), not a child;
     it runs no handler on its reading thread and ends by returning, not by exiting.
+    ``loop_here``: the reader that dispatches the first request needing the trio loop runs
+    the loop itself (see :meth:`_run_loop_here`): a one-shot child's (``bootstrap.prepare``).
     """
 
     def __init__(
-        self, fd: int, *, in_thread: bool = False, close: Callable[[], None] | None = None
+        self,
+        fd: int,
+        *,
+        in_thread: bool = False,
+        close: Callable[[], None] | None = None,
+        loop_here: bool = False,
     ) -> None:
         self._fd = fd
         self._in_thread = in_thread
+        self._loop_here = loop_here and not in_thread
         self._writer = FrameWriter(fd, close if close is not None else lambda: os.close(fd))
         self.send = self._writer.send  # how every part of the worker writes a frame
         self._started = time.monotonic()
@@ -149,10 +157,16 @@ class Worker:
         decoder = self._decoder
         me = self._leader = threading.get_ident()
         fd = self._fd
+        threads = self._threads
+        if threads.loop is None and self._loop_here:
+            threads.keep_here = me  # a loop a frame starts is this thread's to run
         try:
             while True:
                 for tag, fields in decoder:
                     self._dispatch(tag, fields)
+                    if threads.kept is not None:
+                        self._run_loop_here()
+                        return
                     job = self._inline
                     if job is not None:
                         self._inline = None
@@ -208,6 +222,20 @@ class Worker:
             if not self._in_thread:
                 os._exit(_PROTOCOL_EXIT)
             raise _Stop from None
+
+    def _run_loop_here(self) -> None:
+        """Make another thread the reader, and run the loop a frame just started (the first:
+        see ``HandlerThreads.keep_here``) on this one, until it stops: the first async
+        handler starts as soon as trio is up, not once a new thread is scheduled. The frames
+        left in the decoder are the new reader's. Only in a one-shot child (``loop_here``),
+        whose allocator keeps what it frees (``bootstrap._keep_freed_memory``)."""
+        threads = self._threads
+        loop, threads.kept, threads.keep_here = threads.kept, None, None
+        assert loop is not None
+        with self._lead_lock:
+            self._leader = None
+        threads.submit_soon(self._lead)
+        loop.run_here()
 
     def _linger_poll(self) -> None:
         """Poll the socket for up to ``Execute.linger`` seconds before sleeping in ``read``.
@@ -270,7 +298,7 @@ class Worker:
             for member in members:
                 if type(member) is not dict or member.keys() != _EXECUTE_FIELDS:
                     raise WireError("'batch' message: a member is not an execute's fields")
-            self._on_executor(self._executions.batch(members))
+            self._on_executor(self._unkept(self._executions.batch(members)))
             if self._inline is not None:  # runs on this reading thread: then may linger
                 self._linger = msg["linger"]
         elif tag == "preply":
@@ -291,7 +319,7 @@ class Worker:
                 },
             )
         elif tag == "warmup":
-            self._on_executor(lambda: self._executions.warmup(msg))
+            self._on_executor(self._unkept(lambda: self._executions.warmup(msg)))
         elif tag == "shutdown":
             self._exit(0)
 
@@ -367,6 +395,17 @@ class Worker:
                 channel.deliver(tag, msg)
 
     # -- where sync jobs run ----------------------------------------------------------------
+
+    def _unkept(self, job: Callable[[], None]) -> Callable[[], None]:
+        """``job``, which may wait for the trio loop it starts (a batch's async member, an
+        async warm-up hook): the loop must then run on a thread of its own, even when the
+        job runs on the reader that would keep it (see ``_lead``)."""
+
+        def run() -> None:
+            self._threads.keep_here = None
+            job()
+
+        return run
 
     def _on_executor(self, job: Callable[[], None]) -> None:
         """Run a sync handler's job off the reading path: on the reader itself when it is a

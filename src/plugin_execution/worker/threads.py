@@ -4,8 +4,10 @@ Threads, not an event loop, so a child that runs only sync handlers never import
 
 - a sync handler runs on an executor thread (one per concurrent execution, reused), or on
   the reading thread itself (see ``Worker._lead``), which is an executor thread too;
-- async handlers, channel sessions and async warm-up hooks share one trio loop on a thread
-  of its own, started on first need.
+- async handlers, channel sessions and async warm-up hooks share one trio loop, started on
+  first need: on a thread of its own, or (a one-shot child's reader, see
+  ``Worker._run_loop_here``) on the thread that needed it, which hands its reading to
+  another thread.
 
 Standard library only at import time: worker children load this module at start-up.
 """
@@ -50,15 +52,16 @@ class Executor(threading.Thread):
 
 
 class TrioLoop:
-    """One trio loop on its own thread, for async handlers; started on first need.
+    """One trio loop for async handlers, on a thread of its own; started on first need.
 
     Starting it does not wait for the loop to run: what :meth:`start_soon` is given
     meanwhile is started by the loop itself once it runs (the first async handler of a
     fresh child pays no thread hand-offs for the start). ``token`` and ``nursery`` wait for
-    the loop.
+    the loop. ``thread`` False: no thread is started; whoever made it calls
+    :meth:`run_here` (or :meth:`run_on_thread`) next.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, thread: bool = True) -> None:
         import trio
 
         self.trio = trio
@@ -77,8 +80,18 @@ class TrioLoop:
                 self._ready.set()
                 await trio.sleep_forever()
 
+        self._main = main
+        if thread:
+            self.run_on_thread()
+
+    def run_on_thread(self) -> None:
+        """Run the loop on a new thread (not waiting for it to run)."""
         # Not threading.Thread().start(), which waits for the thread to run (see Worker._lead).
-        _thread.start_new_thread(trio.run, (main,))
+        _thread.start_new_thread(self.trio.run, (self._main,))
+
+    def run_here(self) -> None:
+        """Run the loop on the calling thread, until :meth:`stop`."""
+        self.trio.run(self._main)
 
     @property
     def token(self) -> Any:
@@ -120,13 +133,17 @@ class HandlerThreads:
     """A worker's executor threads (idle ones wait in a queue) and its trio loop.
 
     ``loop`` is None until :meth:`start_loop` first runs: a worker that never runs async
-    code never imports trio.
+    code never imports trio. While ``keep_here`` names a thread, a loop that thread starts
+    is made but not run: it waits in ``kept`` for that thread to run it (see
+    ``Worker._lead``).
     """
 
     def __init__(self) -> None:
         self.idle: SimpleQueue[Executor] = SimpleQueue()
         self.stopped = threading.Event()
         self.loop: TrioLoop | None = None
+        self.keep_here: int | None = None
+        self.kept: TrioLoop | None = None
         self._loop_lock = threading.Lock()
 
     def executor(self) -> Executor:
@@ -136,11 +153,27 @@ class HandlerThreads:
         except Empty:
             return Executor(self.idle, self.stopped)
 
+    def submit_soon(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on an idle executor thread, or on a new one, started without waiting
+        for it to run (``threading.Thread.start`` waits: a thread switch or two)."""
+        try:
+            self.idle.get_nowait().submit(job)
+        except Empty:
+            _thread.start_new_thread(self._new_executor, (job,))
+
+    def _new_executor(self, job: Callable[[], None]) -> None:
+        executor = Executor(self.idle, self.stopped, start=False)
+        executor.submit(job)
+        executor.run()
+
     def start_loop(self) -> TrioLoop:
         """The trio loop, started on the first call (from any thread)."""
         with self._loop_lock:
             if self.loop is None:
-                self.loop = TrioLoop()
+                here = self.keep_here is not None and self.keep_here == threading.get_ident()
+                self.loop = TrioLoop(thread=not here)
+                if here:
+                    self.kept = self.loop
             return self.loop
 
     def stop(self) -> None:
