@@ -36,6 +36,9 @@ BACKENDS: dict[str, dict[str, Any]] = {
     "zygote": {"type": "subprocess", "start_method": "zygote", "cancel_grace": 0.3},
 }
 
+#: The backends whose plugins run in a kernel sandbox (a test of what the sandbox stops).
+SANDBOXED = ["sandboxed-pool", "spawn", "zygote"]
+
 
 def register(registry: PluginRegistry, plugin_id: str, **permissions: Any) -> None:
     registry.register(

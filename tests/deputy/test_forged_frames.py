@@ -126,17 +126,14 @@ def _nested(depth: int) -> Any:
     return value
 
 
-async def test_an_invoked_plugin_cannot_call_as_its_caller(
-    backend: ExecutionBackend, request: pytest.FixtureRequest
-) -> None:
+@pytest.mark.parametrize("backend", ["spawn", "zygote", "sandboxed-pool"], indirect=True)
+async def test_an_invoked_plugin_cannot_call_as_its_caller(backend: ExecutionBackend) -> None:
     """``forger`` may read ``FORGER_SECRET`` and invokes ``forger.thief``, which may not, with
     its own execution id. The thief's platform calls made in the caller's name are refused:
     the caller does not run in the thief's process (a child of its own on the subprocess
     backend, a worker of its own plugin on the sandboxed pool). On the unsandboxed pool an
     invocation may run on its caller's worker, one process: the host cannot tell their
-    frames apart (docs/permissions.md, "Threat model")."""
-    if request.node.callspec.params["backend"] == "worker-pool":
-        pytest.skip("unsandboxed pool: an invocation may share its caller's process")
+    frames apart (docs/permissions.md, "Threat model"): not run there."""
     result = await backend.execute(
         ExecutionRequest(plugin_id="forger", handler_id="invoke", input={"name": "FORGER_SECRET"}),
         timeout=60,

@@ -25,7 +25,7 @@ from plugin_execution.manifest import FsPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform import fs as fs_module
 
-from .conftest import BACKENDS, register, run
+from .conftest import BACKENDS, SANDBOXED, register, run
 
 SECRET = "root:$6$not-for-plugins"
 ATTEMPTS = {"attempts": 400, "seconds": 10}
@@ -253,6 +253,7 @@ async def test_a_long_symlink_chain_is_refused_like_the_kernel_refuses_it(
     assert "symbolic links" in out["message"]
 
 
+@pytest.mark.parametrize("backend", SANDBOXED, indirect=True)
 async def test_a_hard_link_never_turns_a_read_grant_into_a_write(
     backend: ExecutionBackend, deputies: PluginRegistry, tmp_path: Path
 ) -> None:
@@ -260,9 +261,8 @@ async def test_a_hard_link_never_turns_a_read_grant_into_a_write(
     plugin granted to read ``data/ro.txt`` links it into its workspace and asks the host to
     write there. The kernel sandbox refuses the link (another mount under bubblewrap, no
     ``REFER`` right under Landlock), so the host writes a new file of the workspace. Without
-    a sandbox (in-process, the worker pool) the plugin could write the file itself anyway."""
-    if backend.stats().backend != "subprocess":
-        pytest.skip("no kernel sandbox: the plugin reaches the file without the host")
+    a sandbox (in-process, the unsandboxed pool) the plugin could write the file itself
+    anyway: the sandboxed backends only."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "ro.txt").write_text("read only")

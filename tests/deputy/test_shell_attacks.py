@@ -37,6 +37,8 @@ from plugin_execution.platform.shell import ShellService
 from plugin_execution.sandbox import detect, launcher
 from plugin_execution.sandbox.capabilities import has_any as host_has_capabilities
 
+from .conftest import SANDBOXED
+
 PLUGINS = Path(__file__).parents[1] / "plugins"
 #: The output limit of these tests' platform (``max_transfer_bytes``).
 CAP = 4 * 1024 * 1024
@@ -195,16 +197,16 @@ async def test_a_command_writes_its_workspace_and_nothing_else(
     assert not outside.exists()
 
 
+@pytest.mark.parametrize("backend", SANDBOXED, indirect=True)
 async def test_a_workspace_swapped_for_a_symlink_lends_its_command_nothing(
-    backend: ExecutionBackend, request: pytest.FixtureRequest, tmp_path: Path
+    backend: ExecutionBackend, tmp_path: Path
 ) -> None:
     """A sandboxed pool worker may write its workspace's parent (its own directory): it
     moves its workspace aside, puts a symlink to a directory it may not write in its place,
     and asks for a command, which runs in the workspace and may write there. Neither the
     command's working directory nor its write rights follow the symlink. Where the parent is
-    not the plugin's to write (a subprocess child), the swap itself is refused."""
-    if request.node.callspec.params["backend"] in ("in-process", "worker-pool"):
-        pytest.skip("no kernel sandbox: the plugin writes anywhere itself")
+    not the plugin's to write (a subprocess child), the swap itself is refused. The
+    sandboxed backends only: without a sandbox the plugin writes anywhere itself."""
     victim = tmp_path / "victim"
     victim.mkdir()
     code = "open('made-by-command.txt', 'w').write('escaped')"
