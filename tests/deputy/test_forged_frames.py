@@ -20,13 +20,11 @@ from plugin_execution import (
 from plugin_execution.errors import MAX_MESSAGE_CHARS, MAX_TEXT_CHARS
 from plugin_execution.protocol import MAX_ID_LENGTH
 
+from .conftest import BACKENDS, SANDBOXED
+
 PLUGINS = Path(__file__).parents[1] / "plugins"
-BACKENDS: dict[str, dict[str, Any]] = {
-    "worker-pool": {"type": "worker-pool", "min_workers": 1, "max_workers": 2},
-    "spawn": {"type": "subprocess", "start_method": "spawn", "cancel_grace": 0.3},
-    "zygote": {"type": "subprocess", "start_method": "zygote", "cancel_grace": 0.3},
-    "sandboxed-pool": {"type": "worker-pool", "max_workers": 2, "sandbox": True},
-}
+#: The deputy suite's backends where a plugin runs in a process of its own.
+PROCESS_BACKENDS = {name: options for name, options in BACKENDS.items() if name != "in-process"}
 MiB = 1024 * 1024
 
 
@@ -58,12 +56,12 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
     return registry
 
 
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=list(PROCESS_BACKENDS))
 async def backend(
     request: pytest.FixtureRequest, forgers: PluginRegistry, workspaces: WorkspaceManager
 ) -> AsyncIterator[ExecutionBackend]:
     async with create_execution_backend(
-        registry=forgers, workspace=workspaces, **BACKENDS[request.param]
+        registry=forgers, workspace=workspaces, **PROCESS_BACKENDS[request.param]
     ) as backend:
         yield backend
 
@@ -126,7 +124,7 @@ def _nested(depth: int) -> Any:
     return value
 
 
-@pytest.mark.parametrize("backend", ["spawn", "zygote", "sandboxed-pool"], indirect=True)
+@pytest.mark.parametrize("backend", SANDBOXED, indirect=True)
 async def test_an_invoked_plugin_cannot_call_as_its_caller(backend: ExecutionBackend) -> None:
     """``forger`` may read ``FORGER_SECRET`` and invokes ``forger.thief``, which may not, with
     its own execution id. The thief's platform calls made in the caller's name are refused:
