@@ -178,19 +178,9 @@ class FrameEncoder:
         return _framed(message["t"], payload, max_frame_size)
 
     def _parts(self, message: dict[str, Any], big: str, max_frame_size: int) -> bytes | list[bytes]:
-        tag = message["t"]
-        try:
-            parts = pack_parts(message, big)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+        parts = _checked_parts(message, big, max_frame_size)
         if parts is None:
             return self.encode_message(message, max_frame_size=max_frame_size)
-        size = int.from_bytes(parts[0][:_HEADER_SIZE], "big")
-        if size > max_frame_size:
-            raise WireError(
-                f"cannot send {tag!r}: its frame of {size} bytes is over the "
-                f"{max_frame_size}-byte limit"
-            )
         return parts
 
 
@@ -237,18 +227,27 @@ def encode_parts(
     if type(value) is not bytes or len(value) < BIG:  # the usual case: a small frame
         return encode(tag, fields, max_frame_size=max_frame_size)
     _check_fields(tag, fields.keys())
-    try:
-        parts = pack_parts({"t": tag, **fields}, key)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+    parts = _checked_parts({"t": tag, **fields}, key, max_frame_size)
     if parts is None:
         return encode(tag, fields, max_frame_size=max_frame_size)
-    size = int.from_bytes(parts[0][:_HEADER_SIZE], "big")
-    if size > max_frame_size:
-        raise WireError(
-            f"cannot send {tag!r}: its frame of {size} bytes is over the "
-            f"{max_frame_size}-byte limit"
-        )
+    return parts
+
+
+def _checked_parts(message: dict[str, Any], key: str, max_frame_size: int) -> list[bytes] | None:
+    """:func:`pack_parts` of ``message`` (a whole message, ``"t"`` first), its frame held to
+    ``max_frame_size``; None when ``message[key]`` is not big after all (encode it whole)."""
+    tag = message["t"]
+    try:
+        parts = pack_parts(message, key)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"cannot encode {tag!r}: {_clip(str(exc))}") from exc
+    if parts is not None:
+        size = int.from_bytes(parts[0][:_HEADER_SIZE], "big")
+        if size > max_frame_size:
+            raise WireError(
+                f"cannot send {tag!r}: its frame of {size} bytes is over the "
+                f"{max_frame_size}-byte limit"
+            )
     return parts
 
 
