@@ -66,6 +66,16 @@ class Driver:
         )
         return self.frames(1)[-1]
 
+    def ping(self, seq: int) -> dict[str, Any]:
+        """Send a ``ping`` and return its ``pong`` (frames read meanwhile are dropped)."""
+        self.sock.sendall(encode("ping", {"seq": seq}))
+        while True:
+            for tag, message in self.decoder:
+                if tag == "pong":
+                    return message
+            self.sock.settimeout(10)
+            self.decoder.feed(self.sock.recv(65536))
+
     def frames(self, answers: int) -> list[dict[str, Any]]:
         """Every frame read until ``answers`` results or errors came, each with its tag
         and the time it was read."""
@@ -78,6 +88,13 @@ class Driver:
                     return frames
             self.sock.settimeout(10)
             self.decoder.feed(self.sock.recv(65536))
+
+
+def wait_for_reader(worker: Worker) -> None:
+    """Until a thread of ``worker`` reads its socket (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while worker._leader is None and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 @contextmanager
@@ -299,23 +316,13 @@ def test_async_handlers_run_on_a_loop_of_their_own_while_the_reader_reads(
     import traceback
 
     with reading_worker(registry) as (worker, driver):
-        deadline = time.monotonic() + 10
-        while worker._leader is None and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_for_reader(worker)
         reader = worker._leader
         assert reader is not None
         sleeping = driver.fields("sleep", {"seconds": 30.0})
         driver.sock.sendall(encode("execute", sleeping))
-        driver.sock.sendall(encode("ping", {"seq": 7}))
-        pong: list[dict[str, Any]] = []
-        while not pong:
-            for tag, message in driver.decoder:
-                if tag == "pong":
-                    pong.append(message)
-            if not pong:
-                driver.sock.settimeout(10)
-                driver.decoder.feed(driver.sock.recv(65536))
-        assert pong[0]["seq"] == 7 and pong[0]["in_flight"] == 1
+        pong = driver.ping(7)
+        assert pong["seq"] == 7 and pong["in_flight"] == 1
         assert worker._leader == reader
         stack = traceback.extract_stack(sys._current_frames()[reader])
         assert not any(frame.filename.endswith("_core/_run.py") for frame in stack)  # no loop
@@ -340,23 +347,13 @@ def test_a_one_shot_childs_first_async_handler_runs_its_loop_on_the_reading_thre
     import traceback
 
     with reading_worker(registry, loop_here=True) as (worker, driver):
-        deadline = time.monotonic() + 10
-        while worker._leader is None and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_for_reader(worker)
         first_reader = worker._leader
         assert first_reader is not None
         sleeping = driver.fields("sleep", {"seconds": 30.0})
         driver.sock.sendall(encode("execute", sleeping))
-        driver.sock.sendall(encode("ping", {"seq": 7}))
-        pong: list[dict[str, Any]] = []
-        while not pong:
-            for tag, message in driver.decoder:
-                if tag == "pong":
-                    pong.append(message)
-            if not pong:
-                driver.sock.settimeout(10)
-                driver.decoder.feed(driver.sock.recv(65536))
-        assert pong[0]["seq"] == 7 and pong[0]["in_flight"] == 1
+        pong = driver.ping(7)
+        assert pong["seq"] == 7 and pong["in_flight"] == 1
         assert worker._leader != first_reader  # another thread reads now
         stack = traceback.extract_stack(sys._current_frames()[first_reader])
         assert "run_here" in [frame.name for frame in stack]  # the loop runs on the first
