@@ -28,7 +28,7 @@ from ._limits import HostThreads
 if TYPE_CHECKING:
     from .session import PlatformSession
 
-__all__ = ["FsService"]
+__all__ = ["FsService", "resolve_parent"]
 
 T = TypeVar("T")
 #: The kernel's limit on a path, in bytes with its terminating NUL (ENAMETOOLONG past it).
@@ -44,9 +44,13 @@ def _real_workspace(session: PlatformSession) -> str | None:
     sandboxed pool worker's own directory holds its workspaces) may have swapped the
     workspace for a symlink: the host keeps the path it made, whose walk then fails, and
     never takes the symlink's target for the workspace."""
-    if not session.workspace:
-        return None
-    parent, name = os.path.split(os.path.abspath(session.workspace))
+    return resolve_parent(session.workspace) if session.workspace else None
+
+
+def resolve_parent(path: str) -> str:
+    """``path`` with its parent directory resolved and its own last part kept as it is,
+    never followed (the workspace, which its plugin may have swapped for a symlink)."""
+    parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(os.path.realpath(parent), name)
 
 

@@ -43,6 +43,7 @@ from ..sandbox import launcher
 from ..sandbox.policy import ChildSandbox, SandboxPolicy, check_layers
 from ..sandbox.support import detect
 from . import _args
+from .fs import resolve_parent
 
 if TYPE_CHECKING:
     from .session import PlatformSession
@@ -213,10 +214,10 @@ def _workspace_identity(workspace: str) -> tuple[int, int]:
     ``launcher.launch``). A sandboxed pool worker may write its workspaces' parent (its own
     directory), so it may have put a symlink to somewhere else in its workspace's place;
     the command then never runs."""
-    parent, name = os.path.split(os.path.abspath(workspace))
+    parent, name = os.path.split(resolve_parent(workspace))
     flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
     try:
-        parent_fd = os.open(os.path.realpath(parent), flags)
+        parent_fd = os.open(parent, flags)
         try:
             fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent_fd)
         finally:
