@@ -399,7 +399,10 @@ class Worker:
     def _unkept(self, job: Callable[[], None]) -> Callable[[], None]:
         """``job``, which may wait for the trio loop it starts (a batch's async member, an
         async warm-up hook): the loop must then run on a thread of its own, even when the
-        job runs on the reader that would keep it (see ``_lead``)."""
+        job runs on the reader that would keep it (see ``_lead``). As it is where no reader
+        keeps a loop (a pool worker's every batch)."""
+        if self._threads.keep_here is None:
+            return job
 
         def run() -> None:
             self._threads.keep_here = None
