@@ -460,7 +460,7 @@ def test_the_execution_span_is_a_child_of_the_asyncio_callers_span(
     exporter = InMemorySpanExporter()
     provider = sdk_trace.TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
 
     async def main() -> None:
         tracer = provider.get_tracer("host")

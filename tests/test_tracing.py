@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,11 +25,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """A tracer provider for this test only (the global one can be set once per process)."""
+    """A tracer provider for this test only. ``set_tracer_provider`` works once per process,
+    so the API's global is patched instead (it is what ``get_tracer_provider`` returns)."""
     exporter = InMemorySpanExporter()
     provider = sdk_trace.TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     yield exporter
     provider.shutdown()
 
@@ -42,6 +46,21 @@ async def test_no_provider_no_spans(registry: PluginRegistry) -> None:
             ExecutionRequest(plugin_id="tests.sample", handler_id="echo", input=1)
         )
     assert result.output == 1
+
+
+@pytest.mark.parametrize("variable", [None, "sdk_tracer_provider"])
+def test_a_provider_named_by_the_environment_is_used(variable: str | None) -> None:
+    """opentelemetry makes the provider ``OTEL_PYTHON_TRACER_PROVIDER`` names on first use;
+    tracing must not skip that step while no provider is set."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_PYTHON_TRACER_PROVIDER"}
+    if variable is not None:
+        env["OTEL_PYTHON_TRACER_PROVIDER"] = variable
+    code = "from plugin_execution import tracing; print(tracing.enabled())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(variable is not None)
 
 
 @pytest.mark.parametrize("backend_type", ["in-process", "worker-pool"])
