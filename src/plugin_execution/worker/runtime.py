@@ -404,6 +404,8 @@ async def _loop_reader(
     trio = loop.trio
     fd = worker._fd
     outcome: BaseException | None = None
+    if handback is None:  # the handler's task first (the loop runs early tasks in any order)
+        await trio.lowlevel.checkpoint()
     os.set_blocking(fd, False)
     try:
         while True:
