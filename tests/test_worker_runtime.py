@@ -114,9 +114,11 @@ def reading_worker(
     def lead() -> None:
         # Whichever thread reads when the host goes: this one, or an executor thread that
         # took over reading from a handler that ran long (see Worker._stop_leading).
+        # A one-shot child's loop reads too (see Worker._run_loop_here): _Ended comes out of
+        # trio.run in the loop's nursery's group.
         try:
             read()
-        except _Ended:
+        except* _Ended:
             ended.set()
 
     worker._lead = lead  # type: ignore[method-assign]
@@ -341,8 +343,9 @@ def test_a_one_shot_childs_first_async_handler_runs_its_loop_on_the_reading_thre
 ) -> None:
     """``loop_here`` (a child forked ahead by the subprocess backend): the reader that
     dispatches the first async execution runs the trio loop itself (the handler waits for no
-    new thread) and another thread reads from then on: a ``ping`` is answered and a
-    ``cancel`` read while async handlers run on that loop, and sync handlers still run."""
+    new thread) and the loop reads the socket from then on (no thread starts for it): a
+    ``ping`` is answered and a ``cancel`` read while async handlers run on that loop, and
+    sync handlers still run (on an executor thread)."""
     import sys
     import traceback
 
@@ -354,7 +357,7 @@ def test_a_one_shot_childs_first_async_handler_runs_its_loop_on_the_reading_thre
         driver.sock.sendall(encode("execute", sleeping))
         pong = driver.ping(7)
         assert pong["seq"] == 7 and pong["in_flight"] == 1
-        assert worker._leader != first_reader  # another thread reads now
+        assert worker._leader is None  # no thread reads now: the loop does
         stack = traceback.extract_stack(sys._current_frames()[first_reader])
         assert "run_here" in [frame.name for frame in stack]  # the loop runs on the first
         assert driver.execute("echo", "async")["output"] == "async"

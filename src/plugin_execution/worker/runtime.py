@@ -224,17 +224,22 @@ class Worker:
             raise _Stop from None
 
     def _run_loop_here(self) -> None:
-        """Make another thread the reader, and run the loop a frame just started (the first:
-        see ``HandlerThreads.keep_here``) on this one, until it stops: the first async
-        handler starts as soon as trio is up, not once a new thread is scheduled. The frames
-        left in the decoder are the new reader's. Only in a one-shot child (``loop_here``),
-        whose allocator keeps what it frees (``bootstrap._keep_freed_memory``)."""
+        """Run the loop a frame just started (the first: see ``HandlerThreads.keep_here``)
+        on this thread, until it stops, and have the loop read the socket from now on (see
+        ``_loop_reader``), the frames left in the decoder first: the first async handler
+        starts as soon as trio is up, and no thread is started for reading. A new reading
+        thread cost the handler 0.4-1.5 ms here (it took the GIL while trio started, on a
+        busy 2-vCPU machine). The price: an async handler that blocks the loop delays
+        ``Ping`` and ``Cancel`` until it yields (the host kills a child that does not
+        answer its ``Cancel`` in time; a host that dies takes its zygote, which kills its
+        children). Only in a one-shot child (``loop_here``), whose allocator keeps what it
+        frees (``bootstrap._keep_freed_memory``)."""
         threads = self._threads
         loop, threads.kept, threads.keep_here = threads.kept, None, None
         assert loop is not None
         with self._lead_lock:
             self._leader = None
-        threads.submit_soon(self._lead)
+        loop.start_soon(_loop_reader, self, self._decoder, None)
         loop.run_here()
 
     def _linger_poll(self) -> None:
@@ -345,42 +350,10 @@ class Worker:
         loop = self._threads.loop
         assert loop is not None  # started when the first channel opened
         handback: SimpleQueue[BaseException | None] = SimpleQueue()
-        loop.start_soon(self._loop_reader, decoder, handback)
+        loop.start_soon(_loop_reader, self, decoder, handback)
         outcome = handback.get()
         if outcome is not None:
             raise outcome
-
-    async def _loop_reader(
-        self, decoder: FrameDecoder, handback: SimpleQueue[BaseException | None]
-    ) -> None:
-        loop = self._threads.loop
-        assert loop is not None
-        trio = loop.trio
-        fd = self._fd
-        outcome: BaseException | None = None
-        os.set_blocking(fd, False)
-        try:
-            while self._channels:
-                try:
-                    data = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
-                    continue
-                except OSError:
-                    data = b""
-                if not data:
-                    self._exit(0)
-                decoder.feed(data)
-                for tag, fields in decoder:
-                    self._dispatch(tag, fields)
-                if self._channel_batch:
-                    batch, self._channel_batch = self._channel_batch, []
-                    self._deliver_channels(batch)
-        except (_Stop, WireError) as exc:
-            outcome = exc
-        finally:
-            os.set_blocking(fd, True)
-            handback.put(outcome)
 
     def _flush_channels(self) -> None:
         """Hand this read's channel frames to the trio loop in one wake-up, in order."""
@@ -417,3 +390,54 @@ class Worker:
             self._inline = job
         else:
             self._threads.executor().submit(job)
+
+
+async def _loop_reader(
+    worker: Worker, decoder: FrameDecoder, handback: SimpleQueue[BaseException | None] | None
+) -> None:
+    """Read and dispatch frames on the trio loop: while channels are open (``handback``:
+    see ``Worker._read_on_loop``), or for good (``handback`` None: the loop a one-shot
+    child's reader runs itself, see ``Worker._run_loop_here``), the frames left in the
+    decoder first."""
+    loop = worker._threads.loop
+    assert loop is not None
+    trio = loop.trio
+    fd = worker._fd
+    outcome: BaseException | None = None
+    if handback is None:  # the handler's task first (the loop runs early tasks in any order)
+        await trio.lowlevel.checkpoint()
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            for tag, fields in decoder:
+                worker._dispatch(tag, fields)
+            if worker._channel_batch:
+                batch, worker._channel_batch = worker._channel_batch, []
+                worker._deliver_channels(batch)
+            if handback is not None and not worker._channels:
+                break
+            try:
+                big = decoder.big_view()
+                if big is not None:
+                    count = os.readv(fd, (big,))
+                    decoder.big_filled(count)
+                    if count:
+                        continue
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                worker._exit(0)
+            decoder.feed(data)
+    except (_Stop, WireError) as exc:
+        if handback is None:  # no thread to hand it to: as _lead does
+            os.write(2, f"plugin_execution worker: bad frame from the host: {exc}\n".encode())
+            os._exit(_PROTOCOL_EXIT)
+        outcome = exc
+    finally:
+        if handback is not None:
+            os.set_blocking(fd, True)
+            handback.put(outcome)

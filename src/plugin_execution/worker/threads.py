@@ -6,8 +6,8 @@ Threads, not an event loop, so a child that runs only sync handlers never import
   the reading thread itself (see ``Worker._lead``), which is an executor thread too;
 - async handlers, channel sessions and async warm-up hooks share one trio loop, started on
   first need: on a thread of its own, or (a one-shot child's reader, see
-  ``Worker._run_loop_here``) on the thread that needed it, which hands its reading to
-  another thread.
+  ``Worker._run_loop_here``) on the thread that needed it, the loop then reading the
+  socket itself.
 
 Standard library only at import time: worker children load this module at start-up.
 """
