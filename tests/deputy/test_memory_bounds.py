@@ -95,7 +95,7 @@ def plugins() -> PluginRegistry:
         "emit_blobs_nowait",
         "forge_pcalls",
         "invoke_many",
-        "quick",
+        "hold",
     )
     registry.register(
         {
@@ -302,21 +302,44 @@ async def test_huge_execution_ids_are_a_protocol_error(
             assert all(proc.calls._calls == {} for proc in _procs(backend))
 
 
-@pytest.mark.parametrize("kind", ["worker-pool", "subprocess"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "worker-pool",
+        pytest.param(
+            "subprocess",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="found 2026-12-05: the host also holds each running invocation's "
+                "packed Execute frame, not counted: peak ~140-200 MiB, not 64 + slack",
+            ),
+        ),
+    ],
+)
 async def test_platform_calls_in_flight_are_bounded_in_bytes(
     kind: str, plugins: PluginRegistry, workspaces: WorkspaceManager, platform: Platform
 ) -> None:
-    """40 ``ctx.invoke`` at once, each with a 4 MiB input, while the invocations run one at a
-    time on the caller's slot: the host would hold all 160 MiB of their calls. Past 64 MiB of
-    calls in flight for the execution, a call is refused at once."""
+    """40 ``ctx.invoke`` at once, each with a 4 MiB input: the host would hold all 160 MiB of
+    their calls. Past 64 MiB of calls in flight for the execution, a call is refused at once.
+
+    The first invocation holds the slot until 10 calls were refused, so none ends while the
+    calls arrive, however slowly a loaded machine sends them: at most 16 fit (64 MiB), the
+    rest are refused."""
     async with _open(kind, plugins, workspaces, platform) as backend:
-        many = {"plugin": PLUGIN, "handler": "quick", "count": 40, "input": bytes(4 * MiB)}
+        held = {"until": "refused", "pad": bytes(4 * MiB)}
+        many = {
+            **{"plugin": PLUGIN, "handler": "hold", "count": 40, "input": held},
+            "release": ["refused", 10],
+        }
         with host_memory() as growth:
             outcomes = (await backend.execute(run("invoke_many", many))).output
-        assert "quick" in outcomes
-        assert outcomes.count("INVALID_REQUEST") >= 10
-        assert set(outcomes) == {"quick", "INVALID_REQUEST"}
-        within(growth, 64 * MiB)
+            # A result comes back before its child is reaped: wait for the invoked children.
+            with trio.fail_after(30):
+                while backend.stats().details.get("active_subprocesses"):
+                    await trio.sleep(0.01)
+        assert 1 <= outcomes.count("held") <= 16
+        assert outcomes.count("INVALID_REQUEST") == 40 - outcomes.count("held")
         # Finished executions keep nothing big: not even in the worker's deadline heap,
         # which holds them until their deadline passes (or it is compacted).
         assert growth.current <= 16 * MiB, f"{growth.current / MiB:.1f} MiB still held"
+        within(growth, 64 * MiB)

@@ -95,6 +95,15 @@ def quick(ctx: Any, input: Any) -> str:
     return "quick"
 
 
+def hold(ctx: Any, input: dict[str, Any]) -> str:
+    """Hold its slot until the cache has ``input["until"]`` (at most 20 s), then return
+    "held": the invocations behind it stay in flight meanwhile."""
+    deadline = time.monotonic() + 20
+    while ctx.cache.get(input["until"]) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "held"
+
+
 async def invoke(ctx: Any, input: dict[str, Any]) -> Any:
     """``ctx.invoke(plugin, handler, input)``."""
     return await ctx.invoke(input["plugin"], input["handler"], input.get("input"))
@@ -107,18 +116,25 @@ def invoke_sync(ctx: Any, input: dict[str, Any]) -> Any:
 
 async def invoke_many(ctx: Any, input: dict[str, Any]) -> list[Any]:
     """``count`` invocations at once, from one execution: their outputs, or for those that
-    failed their error codes."""
+    failed their error codes. With ``release`` (``[key, n]``): once ``n`` have failed, set
+    ``key`` in the cache (what :func:`hold` waits for)."""
     import trio
 
     from plugin_execution import ExecutionError
 
     results: list[Any] = [None] * input["count"]
+    release_key, release_after = input.get("release") or (None, 0)
+    failed = 0
 
     async def one(i: int) -> None:
+        nonlocal failed
         try:
             results[i] = await ctx.invoke(input["plugin"], input["handler"], input.get("input"))
         except ExecutionError as exc:
             results[i] = exc.code
+            failed += 1
+            if failed == release_after:
+                await ctx.cache.set(release_key, True)
 
     async with trio.open_nursery() as nursery:
         for i in range(input["count"]):
