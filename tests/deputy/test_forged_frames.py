@@ -42,6 +42,7 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
             "handlers": [
                 {"id": "error", "entry": "forger:forge_error"},
                 {"id": "invoke", "entry": "forger:invoke_forger"},
+                {"id": "flood", "entry": "forger:flood"},
             ],
             "permissions": {"env": {"read": ["FORGER_SECRET"]}, "invoke": {"allow": ["forger.*"]}},
         }
@@ -139,3 +140,19 @@ async def test_an_invoked_plugin_cannot_call_as_its_caller(backend: ExecutionBac
     out = result.output
     assert out.get("value") != SECRET, out
     assert out["error"] == "ABORTED" and "not running here" in out["message"], out
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_a_flood_of_frames_never_keeps_the_deadline_from_firing(
+    backend: ExecutionBackend,
+) -> None:
+    """A worker that keeps its socket full (frames the host reads and drops, written faster
+    than the host decodes them) must not keep the host reading forever: the host's other
+    tasks, its deadlines among them, still run. The flood's own timeout fires (the worker is
+    stopped), long before the flood would end by itself."""
+    result = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="flood", input={"seconds": 8}),
+        timeout=1,
+        raise_errors=False,
+    )
+    assert result.error is not None and result.error.code == "TIMEOUT", result

@@ -57,3 +57,26 @@ def forge_call(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
 def invoke_forger(ctx: Any, input: dict[str, Any]) -> Any:
     """The caller with the grant: invoke ``forger.thief``, which knows this execution's id."""
     return ctx.invoke("forger.thief", "forge_call", {"as": ctx.execution_id, "name": input["name"]})
+
+
+def flood(ctx: Any, input: dict[str, Any]) -> str:
+    """Keep the worker's socket full of frames the host reads and drops (results for an
+    execution nobody runs) for up to ``input["seconds"]``, as fast as the host takes them."""
+    import time
+
+    one = msgpack.packb(
+        {
+            "t": "result",
+            "execution_id": "nobody",
+            "output": None,
+            "duration_s": 0.0,
+            "metadata": {},
+        },
+        use_bin_type=True,
+    )
+    block = (len(one).to_bytes(4, "big") + one) * 2048
+    end = time.monotonic() + input["seconds"]
+    with _protocol_socket() as sock:
+        while time.monotonic() < end:
+            sock.sendall(block)
+    return "the host let the flood run its course"
