@@ -29,6 +29,8 @@ MiB = 1024 * 1024
 
 
 SECRET = "the caller's secret"
+#: An error a worker is served with (the forged one's frame, well formed): the next call.
+SERVED = {"code": "HANDLER_ERROR", "message": "served"}
 
 
 @pytest.fixture
@@ -43,6 +45,9 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
                 {"id": "error", "entry": "forger:forge_error"},
                 {"id": "invoke", "entry": "forger:invoke_forger"},
                 {"id": "flood", "entry": "forger:flood"},
+                {"id": "forge_result", "entry": "forger:forge_result"},
+                {"id": "half_frame", "entry": "forger:half_frame"},
+                {"id": "lose_socket", "entry": "forger:lose_socket"},
             ],
             "permissions": {"env": {"read": ["FORGER_SECRET"]}, "invoke": {"allow": ["forger.*"]}},
         }
@@ -52,6 +57,13 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
             "id": "forger.thief",
             "root": str(PLUGINS),
             "handlers": [{"id": "forge_call", "entry": "forger:forge_call"}],
+        }
+    )
+    registry.register(
+        {
+            "id": "victim",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "genuine", "entry": "forger:genuine"}],
         }
     )
     return registry
@@ -156,3 +168,60 @@ async def test_a_flood_of_frames_never_keeps_the_deadline_from_firing(
         raise_errors=False,
     )
     assert result.error is not None and result.error.code == "TIMEOUT", result
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_a_forged_result_never_answers_another_plugins_execution(
+    backend: ExecutionBackend,
+) -> None:
+    """The forger knows the id of ``victim``'s running execution and writes a result for it
+    on its own worker's socket: the host takes answers on a worker's socket only for the
+    executions it runs there, so the victim's caller gets the victim's own answer."""
+    request = ExecutionRequest(plugin_id="victim", handler_id="genuine", input=None)
+    async with backend.open_execution(request) as execution:
+        async for event in execution.events:
+            if event.kind == "started":
+                break
+        forger = await backend.execute(
+            ExecutionRequest(
+                plugin_id="forger",
+                handler_id="forge_result",
+                input={"for": request.execution_id},
+            ),
+            timeout=60,
+        )
+        assert forger.output == "sent"
+        (Path(event.data["workspace"]) / "go").touch()
+        result = await execution.result()
+    assert result.output == "genuine", result
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_a_frame_begun_and_never_finished_still_times_out(
+    backend: ExecutionBackend,
+) -> None:
+    """Slowloris on the pipe: a frame's length and one byte of it, then silence. The host
+    waits for the rest no longer than the execution's deadline, and the next execution is
+    served (by a new worker)."""
+    result = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="half_frame", input={"size": 1 << 20}),
+        timeout=0.5,
+        raise_errors=False,
+    )
+    assert result.error is not None and result.error.code == "TIMEOUT", result
+    assert (await forged_error(backend, SERVED)).code == "HANDLER_ERROR"
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_a_handler_that_puts_dev_null_over_its_socket_crashes_only_itself(
+    backend: ExecutionBackend,
+) -> None:
+    """dup2 of /dev/null over the worker's socket: the host sees the connection end, the
+    caller gets ``WORKER_CRASHED`` (never a result read from elsewhere), the next is served."""
+    lost = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="lose_socket", input=None),
+        timeout=60,
+        raise_errors=False,
+    )
+    assert lost.error is not None and lost.error.code == "WORKER_CRASHED", lost
+    assert (await forged_error(backend, SERVED)).code == "HANDLER_ERROR"

@@ -80,3 +80,51 @@ def flood(ctx: Any, input: dict[str, Any]) -> str:
         while time.monotonic() < end:
             sock.sendall(block)
     return "the host let the flood run its course"
+
+
+def forge_result(ctx: Any, input: dict[str, Any]) -> str:
+    """Answer execution ``input["for"]`` (someone else's) with a result of this plugin's making."""
+    send_frame(
+        {
+            "t": "result",
+            "execution_id": input["for"],
+            "output": "forged",
+            "duration_s": 0.0,
+            "metadata": {},
+        }
+    )
+    return "sent"
+
+
+def genuine(ctx: Any, input: Any) -> str:
+    """Say where this execution's workspace is, wait for a ``go`` file there, then answer."""
+    import time
+
+    ctx.emit_nowait("started", {"workspace": str(ctx.workspace)})
+    end = time.monotonic() + 30
+    while not (ctx.workspace / "go").exists() and time.monotonic() < end:
+        time.sleep(0.01)
+    return "genuine"
+
+
+def half_frame(ctx: Any, input: dict[str, Any]) -> str:
+    """Begin a frame of ``input["size"]`` bytes, send a few of them, then go silent."""
+    import time
+
+    with _protocol_socket() as sock:
+        sock.sendall(input["size"].to_bytes(4, "big") + b"\x85")
+        time.sleep(60)
+    return "the host waited for the rest of the frame"
+
+
+def lose_socket(ctx: Any, input: Any) -> str:
+    """Put /dev/null where the worker's socket was (dup2 over its fd), then return."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, int(name))
+                os.close(null)
+        except OSError:
+            continue
+    return "the host took an answer from a worker without a socket"
