@@ -48,6 +48,7 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
                 {"id": "forge_result", "entry": "forger:forge_result"},
                 {"id": "half_frame", "entry": "forger:half_frame"},
                 {"id": "lose_socket", "entry": "forger:lose_socket"},
+                {"id": "bomb", "entry": "forger:bomb"},
             ],
             "permissions": {"env": {"read": ["FORGER_SECRET"]}, "invoke": {"allow": ["forger.*"]}},
         }
@@ -224,4 +225,23 @@ async def test_a_handler_that_puts_dev_null_over_its_socket_crashes_only_itself(
         raise_errors=False,
     )
     assert lost.error is not None and lost.error.code == "WORKER_CRASHED", lost
+    assert (await forged_error(backend, SERVED)).code == "HANDLER_ERROR"
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_a_frame_of_tiny_values_never_decodes_to_many_times_its_size(
+    backend: ExecutionBackend,
+) -> None:
+    """A msgpack bomb: a result of 3 Mi empty maps is a 3 MiB frame, well under the frame
+    limit, but a dict of ~64 bytes each once decoded (a 64 MiB frame of them, ~4.6 GB of
+    the host's memory and seconds of its event loop). The host decodes at most
+    ``MAX_FRAME_VALUES`` values from one frame: past that, the frame is a protocol error
+    and the worker is dropped."""
+    result = await backend.execute(
+        ExecutionRequest(plugin_id="forger", handler_id="bomb", input={"count": 3 << 20}),
+        timeout=60,
+        raise_errors=False,
+    )
+    assert result.error is not None and result.error.code == "WORKER_CRASHED", result
+    assert "values" in result.error.message, result.error.message
     assert (await forged_error(backend, SERVED)).code == "HANDLER_ERROR"

@@ -128,3 +128,18 @@ def lose_socket(ctx: Any, input: Any) -> str:
         except OSError:
             continue
     return "the host took an answer from a worker without a socket"
+
+
+def bomb(ctx: Any, input: dict[str, Any]) -> str:
+    """Answer this execution with a result whose output is ``input["count"]`` empty maps:
+    one byte each on the wire, a dict of ~64 bytes each once decoded."""
+    count = input["count"]
+    output = b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+    head = msgpack.packb(
+        {"t": "result", "execution_id": ctx.execution_id, "duration_s": 0.0, "metadata": {}},
+        use_bin_type=True,
+    )
+    body = bytes([head[0] + 1]) + head[1:] + msgpack.packb("output") + output
+    with _protocol_socket() as sock:
+        sock.sendall(len(body).to_bytes(4, "big") + body)
+    return "the host took a result of its own making"
