@@ -62,6 +62,22 @@ def forgers(monkeypatch: pytest.MonkeyPatch) -> PluginRegistry:
     )
     registry.register(
         {
+            "id": "forger.broker",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "read_env", "entry": "forger:read_env"}],
+            "permissions": {"env": {"read": ["FORGER_SECRET"]}},
+        }
+    )
+    registry.register(
+        {
+            "id": "asker",
+            "root": str(PLUGINS),
+            "handlers": [{"id": "ask", "entry": "forger:ask"}],
+            "permissions": {"invoke": {"allow": ["forger.broker"]}},
+        }
+    )
+    registry.register(
+        {
             "id": "victim",
             "root": str(PLUGINS),
             "handlers": [{"id": "genuine", "entry": "forger:genuine"}],
@@ -245,3 +261,33 @@ async def test_a_frame_of_tiny_values_never_decodes_to_many_times_its_size(
     assert result.error is not None and result.error.code == "WORKER_CRASHED", result
     assert "values" in result.error.message, result.error.message
     assert (await forged_error(backend, SERVED)).code == "HANDLER_ERROR"
+
+
+@pytest.mark.parametrize("backend", ["sandboxed-pool", "spawn"], indirect=True)
+async def test_an_invoked_plugin_runs_with_its_own_grants_never_its_callers(
+    backend: ExecutionBackend,
+) -> None:
+    """The documented semantics of ``invoke.allow``: ``asker``, which may not read
+    ``FORGER_SECRET`` but may invoke ``forger.broker``, which may, gets what the broker's
+    handler returns (the grant to invoke is the operator's delegation), never the grant
+    itself: its own read is still refused, and a plugin it may not invoke is refused. The
+    other way round, an invoked plugin never gets its caller's grants:
+    ``test_an_invoked_plugin_cannot_call_as_its_caller``."""
+    result = await backend.execute(
+        ExecutionRequest(
+            plugin_id="asker",
+            handler_id="ask",
+            input={"plugin": "forger.broker", "name": "FORGER_SECRET"},
+        ),
+        timeout=60,
+    )
+    assert result.output == {"own": {"error": "PERMISSION_DENIED"}, "via": SECRET}, result
+    thief = await backend.execute(
+        ExecutionRequest(
+            plugin_id="asker",
+            handler_id="ask",
+            input={"plugin": "forger.thief", "name": "FORGER_SECRET"},
+        ),
+        timeout=60,
+    )
+    assert thief.output["via"] == {"error": "PERMISSION_DENIED"}, thief  # not granted to asker

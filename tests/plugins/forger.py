@@ -143,3 +143,20 @@ def bomb(ctx: Any, input: dict[str, Any]) -> str:
     with _protocol_socket() as sock:
         sock.sendall(len(body).to_bytes(4, "big") + body)
     return "the host took a result of its own making"
+
+
+def read_env(ctx: Any, input: dict[str, Any]) -> Any:
+    """``ctx.env.get(input["name"])``, or the error's code."""
+    try:
+        return ctx.env.get(input["name"])
+    except Exception as exc:
+        return {"error": getattr(exc, "code", type(exc).__name__)}
+
+
+def ask(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
+    """Read ``input["name"]`` itself, then through ``input["plugin"]``'s ``read_env``."""
+    try:
+        via = ctx.invoke(input["plugin"], "read_env", {"name": input["name"]})
+    except Exception as exc:
+        via = {"error": getattr(exc, "code", type(exc).__name__)}
+    return {"own": read_env(ctx, input), "via": via}
