@@ -38,6 +38,7 @@ __all__ = [
     "Grants",
     "PathProblem",
     "UrlPattern",
+    "confined_grants",
     "grants_for",
     "parse_connect_pattern",
     "parse_service_grant",
@@ -124,6 +125,67 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def _absolute(patterns: Iterable[str], root: str | None) -> list[str]:
+    """Grant patterns made absolute (relative ones are relative to the plugin's root, and
+    mean nothing without one) and normalised."""
+    paths = []
+    for pattern in patterns:
+        if not os.path.isabs(pattern):
+            if root is None:
+                continue
+            pattern = os.path.join(root, pattern)
+        paths.append(os.path.normpath(pattern))
+    return paths
+
+
+def _location(path: str) -> str:
+    """Where ``path`` is: its parent resolved, not the path itself (whoever may write the
+    parent may swap the last name for a symlink)."""
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(path)
+
+
+def confined_grants(
+    read: Iterable[str], write: Iterable[str], root: str | None
+) -> tuple[list[str], list[str]]:
+    """``fs.read`` and ``fs.write`` as absolute patterns, less every grant whose path goes
+    through a directory the plugin may write (a write grant without glob characters).
+
+    Such a grant adds nothing to the directory's own (which covers everything under it),
+    except through what is there when the grant is resolved, and that is the plugin's to
+    change: a plugin that may write ``/shared`` and read ``/shared/data/**`` could swap
+    ``shared/data`` for a symlink to ``/`` and have the host (and the kernel's rules of its
+    next child) resolve the read grant to the whole disk. Dropped, it cannot. The host's
+    checks and the sandbox's rules take their grants from here."""
+    reads, writes = _absolute(read, root), _absolute(write, root)
+    writable = [
+        (i, where)
+        for i, path in enumerate(writes)
+        if not _GLOB_CHARS & set(path)
+        for where in {os.path.realpath(path), _location(path)}
+    ]
+    if not writable:
+        return reads, writes
+
+    def planted(pattern: str, own: int | None = None) -> bool:
+        segments = pattern.split("/")
+        literal = 0
+        while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
+            literal += 1
+        # Each directory a name of the pattern is looked up in, as it resolves now: those
+        # above the last name of a plain path; those down to the literal part of a glob.
+        for end in range(1, min(literal, len(segments) - 1) + 1):
+            where = os.path.realpath("/".join(segments[:end]) or "/")
+            if any(i != own and _under(where, w) for i, w in writable):
+                return True
+        return False
+
+    return (
+        [p for p in reads if not planted(p)],
+        [p for i, p in enumerate(writes) if not planted(p, i)],
+    )
+
+
 def _path_grants(patterns: Iterable[str], root: str | None) -> list[tuple[str, str]]:
     """``(prefix, regex body)`` of each path grant: the resolved literal directory part of
     the pattern (where a walk to a matching path starts) and the regex of the whole. Literal
@@ -181,8 +243,9 @@ class Grants:
     def __init__(self, permissions: Permissions, root: str | None) -> None:
         self.permissions = permissions
         self.root = os.path.realpath(root) if root else None
-        read = _path_grants(permissions.fs.read, self.root)
-        write = _path_grants(permissions.fs.write, self.root)
+        reads, writes = confined_grants(permissions.fs.read, permissions.fs.write, self.root)
+        read = _path_grants(reads, self.root)
+        write = _path_grants(writes, self.root)
         self._read = _compile_paths(read)
         self._write = _compile_paths(write)
         self._read_anchors = _anchors(read + write)
