@@ -442,3 +442,72 @@ async def test_a_grant_beneath_a_writable_directory_cannot_be_pointed_elsewhere(
     assert got["ctx.fs"] == "PERMISSION_DENIED", got
     if request.node.callspec.params["backend"] in SANDBOXED:  # the others are trusted code
         assert got["direct"] != SECRET, got
+
+
+ROOTER = '''
+import os
+
+
+def swap_root(ctx, input):
+    """Swap this plugin's own root (its directory may be written) for a symlink to
+    ``input["target"]``, then read ``shadow`` there: through ``ctx.fs`` and directly."""
+    root = input["root"]
+    os.rename(root, root + ".moved")
+    os.symlink(input["target"], root)
+    got = {}
+    try:
+        got["ctx.fs"] = ctx.fs.read_text(os.path.join(root, "shadow"))
+    except Exception as exc:
+        got["ctx.fs"] = getattr(exc, "code", type(exc).__name__)
+    try:
+        with open(os.path.join(root, "shadow")) as f:
+            got["direct"] = f.read()
+    except OSError as exc:
+        got["direct"] = type(exc).__name__
+    return got
+'''
+
+
+@pytest.fixture
+def rooter(deputies: PluginRegistry, tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """``rooter``'s root lies in ``plugins``, which it may write; ``secret`` is outside."""
+    base = PLUGINS.parent / f".rooter-{os.getpid()}-{tmp_path.name}"
+    dirs = {
+        "plugins": base / "plugins",
+        "root": base / "plugins" / "rooter",
+        "secret": base / "secret",
+    }
+    dirs["root"].mkdir(parents=True)
+    (dirs["root"] / f"rooter_{tmp_path.name.replace('-', '_')}.py").write_text(ROOTER)
+    dirs["secret"].mkdir()
+    (dirs["secret"] / "shadow").write_text(SECRET)
+    (dirs["secret"] / "shadow").chmod(0o600)
+    module = f"rooter_{tmp_path.name.replace('-', '_')}"
+    deputies.register(
+        {
+            "id": "rooter",
+            "root": str(dirs["root"]),
+            "handlers": [{"id": "swap_root", "entry": f"{module}:swap_root"}],
+            "permissions": {"fs": {"write": [str(dirs["plugins"])]}},
+        }
+    )
+    yield dirs
+    shutil.rmtree(base)
+
+
+async def test_a_root_beneath_a_writable_directory_cannot_be_pointed_elsewhere(
+    rooter: dict[str, Path], backend: ExecutionBackend, request: pytest.FixtureRequest
+) -> None:
+    """A plugin's own root is readable by it; a plugin that may write the root's directory
+    swaps the root for a symlink to a directory it may not read. The host takes the root as
+    it resolves when its grants are first compiled: it must not take the symlink's target
+    for the plugin's own files (the write grant covers the real root anyway)."""
+    got = await run(
+        backend,
+        "swap_root",
+        {"root": str(rooter["root"]), "target": str(rooter["secret"])},
+        plugin="rooter",
+    )
+    assert got["ctx.fs"] == "PERMISSION_DENIED", got
+    if request.node.callspec.params["backend"] in SANDBOXED:  # the others are trusted code
+        assert got["direct"] != SECRET, got
