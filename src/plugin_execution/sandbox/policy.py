@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
-from ..permissions import confined_grants
+from ..permissions import confined_grants, confined_root
 from . import bubblewrap, capabilities
 from .support import OPTIONAL_LAYERS, SandboxSupport
 
@@ -249,8 +249,8 @@ def _paths(permissions: Permissions, root: str | None) -> tuple[list[str], list[
     """What ``permissions`` let a child read (its root first) and write, as existing paths."""
     reads, writes = confined_grants(permissions.fs.read, permissions.fs.write, root)
     read = _expand(reads, root)
-    if root is not None:
-        read.insert(0, root)
+    if root is not None and confined_root(root, permissions.fs.write) is not None:
+        read.insert(0, root)  # else a write grant covers it, which the plugin may not swap
     if permissions.network.connect:
         read.extend(NETWORK_READ)
     return read, _expand(writes, root)
