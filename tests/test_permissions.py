@@ -13,6 +13,7 @@ from plugin_execution.manifest import FsPermissions, NetworkPermissions
 from plugin_execution.permissions import (
     PathProblem,
     confined_grants,
+    confined_root,
     grants_for,
     parse_connect_pattern,
     parse_service_grant,
@@ -268,3 +269,12 @@ def test_grants_beneath_a_writable_directory_are_dropped(tmp_path: Path) -> None
     assert confined_grants(["in", "/abs"], [], None) == (["/abs"], [])  # nothing to drop
     # a grant reached through the operator's symlink into a writable directory is dropped too
     assert confined_grants([f"{data}/link/z"], [f"{data}/out"], None)[0] == []
+
+
+def test_a_root_beneath_a_writable_directory_is_left_to_that_grant(tmp_path: Path) -> None:
+    data = tmp_path.resolve()
+    root = f"{data}/plugins/p"
+    assert confined_root(root, [f"{data}/plugins"]) is None
+    assert confined_root(root, ["."]) == root  # its own files: the root itself, not above it
+    assert confined_root(root, [f"{data}/other", f"{data}/plugins/*.log"]) == root
+    assert confined_root(None, [f"{data}"]) is None
