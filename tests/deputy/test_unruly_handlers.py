@@ -52,15 +52,18 @@ async def test_a_result_bigger_than_a_frame_fails_alone(backend: ExecutionBacken
     """65 MiB of result, over the 64 MiB frame: the caller gets an error saying so, and
     the plugin's next execution is served."""
     result = await call(backend, "huge_result", {"mib": 65})
-    assert result.error is not None, result
+    assert result.error is not None and result.error.code == "INVALID_REQUEST", result
+    assert "over the 67108864-byte limit" in result.error.message
     assert (await call(backend, "hello")).output == "hello"
     assert (await call(backend, "hello", plugin="bystander")).output == "hello"
 
 
 async def test_every_fd_taken_stays_the_plugins_problem(backend: ExecutionBackend) -> None:
     """A handler takes every fd its process may open and keeps them: it ends, the next
-    execution of the plugin gets an answer (on the sandboxed pool, the same worker may have
-    no fd left: an error then, never a hang), and other plugins are served as ever."""
+    execution of the plugin gets an answer (the same worker, on the sandboxed pool: it needs
+    no new fd to serve one; an error would do, never a hang), and other plugins are served
+    as ever. (The sandboxed pool sets no ``open_files`` limit unless asked: its worker may
+    take as many as the host's own limit.)"""
     taken = await call(backend, "take_every_fd")
     assert taken.ok and taken.output > 100, taken
     after = await call(backend, "hello")
