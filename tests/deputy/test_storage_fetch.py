@@ -149,6 +149,11 @@ async def test_a_host_header_must_name_a_granted_host(
         {"Forwarded": "host=127.0.0.1"},
         {"X-Original-URL": "/private/secret"},
         {"X-Rewrite-URL": "/private/secret"},
+        # servers behind CGI/WSGI (and some frameworks) read X_Forwarded_Host as
+        # X-Forwarded-Host: the same header to them
+        {"X_Forwarded_Host": "internal.example"},
+        {"x_host": "internal.example"},
+        {"X_Original_URL": "/private/secret"},
     ]
     before = len(seen)
     for headers in refused:
