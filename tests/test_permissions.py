@@ -12,6 +12,8 @@ from plugin_execution import ManifestError, Permissions, load_manifest
 from plugin_execution.manifest import FsPermissions, NetworkPermissions
 from plugin_execution.permissions import (
     PathProblem,
+    confined_grants,
+    confined_root,
     grants_for,
     parse_connect_pattern,
     parse_service_grant,
@@ -112,7 +114,9 @@ def test_fs_anchor_is_where_the_granting_rule_starts(tmp_path: Path) -> None:
     assert anchor(f"{data}/in/a.csv", ws, write=False) == f"{data}/in"
     assert anchor(f"{data}/in/a.txt", ws, write=False) is None
     assert anchor(f"{data}/all/x/y", ws, write=False) == f"{data}/all"
-    assert anchor(f"{data}/out/deep/er/f", ws, write=True) == f"{data}/out/deep/er"
+    # out/deep/er lies beneath out, which the plugin may write: the walk starts at out, and
+    # never follows what the plugin could have put at deep or er (see confined_grants)
+    assert anchor(f"{data}/out/deep/er/f", ws, write=True) == f"{data}/out"
     assert anchor(f"{data}/out/f", ws, write=False) == f"{data}/out"  # write grants read
     assert anchor(f"{data}/in/a.csv", ws, write=True) is None
     for path in ("/ws/a", f"{root}/m.py", f"{data}/in/a.csv", f"{data}/in/b.txt", "/etc"):
@@ -238,3 +242,39 @@ allow = ["acme.*"]
     assert manifest.permissions.network.fetch == ("https://api.example.com/v1/*",)
     spec = manifest.handler("h")
     assert spec is not None and manifest.permissions_for(spec).platform == ("cache",)
+
+
+def test_grants_beneath_a_writable_directory_are_dropped(tmp_path: Path) -> None:
+    """A grant beneath a directory the plugin may write (a write grant without globs) adds
+    nothing but what the plugin can plant there; it is dropped, however it is spelled.
+    Grants elsewhere, and beneath glob write grants (which give no directory), stay."""
+    data = tmp_path.resolve()
+    (data / "link").symlink_to(data / "out")  # the operator's: a way into out
+    reads, writes = confined_grants(
+        [
+            f"{data}/out/data/**",
+            f"{data}/out/x",
+            f"{data}/out/../out/y",
+            f"{data}/link/z",
+            "out/rel/*",
+            f"{data}/in",
+            f"{data}/logs/a",
+            f"{data}/output",
+        ],
+        [f"{data}/out", f"{data}/out/deep", f"{data}/logs/*.log", f"{data}/w"],
+        f"{data}",
+    )
+    assert reads == [f"{data}/in", f"{data}/logs/a", f"{data}/output"]
+    assert writes == [f"{data}/out", f"{data}/logs/*.log", f"{data}/w"]
+    assert confined_grants(["in", "/abs"], [], None) == (["/abs"], [])  # nothing to drop
+    # a grant reached through the operator's symlink into a writable directory is dropped too
+    assert confined_grants([f"{data}/link/z"], [f"{data}/out"], None)[0] == []
+
+
+def test_a_root_beneath_a_writable_directory_is_left_to_that_grant(tmp_path: Path) -> None:
+    data = tmp_path.resolve()
+    root = f"{data}/plugins/p"
+    assert confined_root(root, [f"{data}/plugins"]) is None
+    assert confined_root(root, ["."]) == root  # its own files: the root itself, not above it
+    assert confined_root(root, [f"{data}/other", f"{data}/plugins/*.log"]) == root
+    assert confined_root(None, [f"{data}"]) is None

@@ -397,6 +397,56 @@ def test_a_frame_of_exactly_the_limit_is_accepted() -> None:
         receive(Connection("worker", max_frame_size=len(data) - 5), data)
 
 
+def counted_host(max_values: int) -> Connection:
+    conn = Connection("host", max_frame_values=max_values)
+    assert receive(conn, Connection("worker").send(HELLO)) == [HELLO]
+    return conn
+
+
+def result_frame(output: Any) -> bytes:
+    return packed(
+        {"t": "result", "execution_id": "e", "output": output, "duration_s": 0.0, "metadata": {}}
+    )
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        [{}] * 200,  # the bomb: one byte each on the wire, a dict each decoded
+        [[[]]] * 100,
+        {str(i): [] for i in range(150)},
+        ["ab"] * 300,  # a flat array over the bound: refused from its header
+        [b"x" * 300],  # (not: few values, many bytes; see below)
+    ],
+    ids=["empty maps", "nested arrays", "a map of arrays", "a flat array", "control"],
+)
+def test_a_frame_decodes_to_a_bounded_number_of_values(output: Any) -> None:
+    """Values (maps and arrays with their members) decoded from one frame are counted, so
+    a small frame of tiny values (~1 byte each, up to ~64 decoded) cannot make the host
+    build far more than its size; the frame limit alone would allow ~72 times it."""
+    data = result_frame(output)
+    conn = counted_host(256)
+    if output == [b"x" * 300]:
+        assert [m.output for m in receive(conn, data)] == [output]  # type: ignore[attr-defined]
+        return
+    with pytest.raises(ProtocolError, match="more than 256 values"):
+        receive(conn, data)
+
+
+def test_frames_under_the_value_bound_decode_whatever_they_hold() -> None:
+    """A frame of exactly the bound's count decodes; frames of fewer bytes than half the
+    bound cannot hold more values, and are not counted (the usual frame costs nothing)."""
+    # the result's map (5 members and itself) and metadata (1): 7; the output 124 arrays (1
+    # each) and itself (125): 256 in all
+    output = [[]] * 124
+    assert [m.output for m in receive(counted_host(256), result_frame(output))] == [output]  # type: ignore[attr-defined]
+    with pytest.raises(ProtocolError, match="more than 255 values"):
+        receive(counted_host(255), result_frame(output))
+    small = [{}] * 40  # 2 * its frame's size under the bound: never counted
+    assert len(result_frame(small)) * 2 < 256
+    assert [m.output for m in receive(counted_host(256), result_frame(small))] == [small]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("cut", "error"),
     [

@@ -38,6 +38,8 @@ __all__ = [
     "Grants",
     "PathProblem",
     "UrlPattern",
+    "confined_grants",
+    "confined_root",
     "grants_for",
     "parse_connect_pattern",
     "parse_service_grant",
@@ -124,6 +126,86 @@ def _glob_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def _absolute(patterns: Iterable[str], root: str | None) -> list[str]:
+    """Grant patterns made absolute (relative ones are relative to the plugin's root, and
+    mean nothing without one) and normalised."""
+    paths = []
+    for pattern in patterns:
+        if not os.path.isabs(pattern):
+            if root is None:
+                continue
+            pattern = os.path.join(root, pattern)
+        paths.append(os.path.normpath(pattern))
+    return paths
+
+
+def _location(path: str) -> str:
+    """Where ``path`` is: its parent resolved, not the path itself (whoever may write the
+    parent may swap the last name for a symlink)."""
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(path)
+
+
+def _writable(writes: list[str]) -> list[tuple[int, str]]:
+    """The directories the plugin may write (its write grants without glob characters, by
+    index), each where it is and where it resolves to."""
+    return [
+        (i, where)
+        for i, path in enumerate(writes)
+        if not _GLOB_CHARS & set(path)
+        for where in {os.path.realpath(path), _location(path)}
+    ]
+
+
+def _planted(pattern: str, writable: list[tuple[int, str]], own: int | None = None) -> bool:
+    """Whether ``pattern`` (absolute) goes through a directory of ``writable`` (but its own
+    entry, ``own``): one a name of it is looked up in, as it resolves now: those above the
+    last name of a plain path; those down to the literal part of a glob."""
+    segments = pattern.split("/")
+    literal = 0
+    while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
+        literal += 1
+    for end in range(1, min(literal, len(segments) - 1) + 1):
+        where = os.path.realpath("/".join(segments[:end]) or "/")
+        if any(i != own and _under(where, w) for i, w in writable):
+            return True
+    return False
+
+
+def confined_grants(
+    read: Iterable[str], write: Iterable[str], root: str | None
+) -> tuple[list[str], list[str]]:
+    """``fs.read`` and ``fs.write`` as absolute patterns, less every grant whose path goes
+    through a directory the plugin may write (a write grant without glob characters).
+
+    Such a grant adds nothing to the directory's own (which covers everything under it),
+    except through what is there when the grant is resolved, and that is the plugin's to
+    change: a plugin that may write ``/shared`` and read ``/shared/data/**`` could swap
+    ``shared/data`` for a symlink to ``/`` and have the host (and the kernel's rules of its
+    next child) resolve the read grant to the whole disk. Dropped, it cannot. The host's
+    checks and the sandbox's rules take their grants from here (and the plugin's root from
+    :func:`confined_root`)."""
+    reads, writes = _absolute(read, root), _absolute(write, root)
+    writable = _writable(writes)
+    if not writable:
+        return reads, writes
+    return (
+        [p for p in reads if not _planted(p, writable)],
+        [p for i, p in enumerate(writes) if not _planted(p, writable, i)],
+    )
+
+
+def confined_root(root: str | None, write: Iterable[str]) -> str | None:
+    """The plugin's ``root`` resolved, or None when its path goes through a directory the
+    plugin may write (see :func:`confined_grants`): what it resolves to is then the
+    plugin's choice, and the write grant lets it read that directory anyway."""
+    if root is None:
+        return None
+    root = os.path.normpath(root)
+    writable = _writable(_absolute(write, root))
+    return None if writable and _planted(root, writable) else os.path.realpath(root)
+
+
 def _path_grants(patterns: Iterable[str], root: str | None) -> list[tuple[str, str]]:
     """``(prefix, regex body)`` of each path grant: the resolved literal directory part of
     the pattern (where a walk to a matching path starts) and the regex of the whole. Literal
@@ -180,9 +262,10 @@ class Grants:
 
     def __init__(self, permissions: Permissions, root: str | None) -> None:
         self.permissions = permissions
-        self.root = os.path.realpath(root) if root else None
-        read = _path_grants(permissions.fs.read, self.root)
-        write = _path_grants(permissions.fs.write, self.root)
+        self.root = confined_root(root or None, permissions.fs.write)
+        reads, writes = confined_grants(permissions.fs.read, permissions.fs.write, root or None)
+        read = _path_grants(reads, self.root)
+        write = _path_grants(writes, self.root)
         self._read = _compile_paths(read)
         self._write = _compile_paths(write)
         self._read_anchors = _anchors(read + write)

@@ -431,3 +431,42 @@ async def test_a_failed_event_logs_one_line_whatever_the_plugin_said(
     logged = [r.getMessage() for r in caplog.records if "event of connection" in r.getMessage()]
     assert logged and "all clear" in logged[0], logged
     assert not any("\n" in line or "\x1b" in line for line in logged), logged
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/ws/plugins/tests.ws/echo",  # the route itself: refused by authorize (401)
+        "/v1/ws/plugins/tests.ws/echo?token=x",
+        "/v1/ws/plugins/tests.ws/echo/",
+        "/v1/ws/plugins/tests.ws//echo",
+        "//v1/ws/plugins/tests.ws/echo",
+        "/v1/ws/plugins/tests.ws/./echo",
+        "/v1/ws/plugins/x/../tests.ws/echo",
+        "/v1/ws/plugins/tests.ws/%65cho",
+        "/v1/ws/plugins/tests.ws%2fecho",
+        "/V1/WS/PLUGINS/TESTS.WS/ECHO",
+        "/v1/ws/plugins/tests.ws/echo;x",
+        "/v1/ws/plugins/tests.ws/echo%00",
+        "/v1/ws/plugins/tests.ws/echo#x",
+        "/v1/ws/plugins/tests.ws\\echo",
+        "http://127.0.0.1/v1/ws/plugins/tests.ws/echo",
+    ],
+)
+async def test_no_spelling_of_a_path_gets_past_authorize(serve, path) -> None:  # type: ignore[no-untyped-def]
+    """A route is found by its exact path, and its ``authorize`` hook runs for every
+    handshake it gets: another spelling of the path (encoded, doubled or trailing slashes,
+    dot segments, case, parameters, an absolute URL) finds no route (404) or the route's
+    own refusal (401), never a session."""
+    asked: list[str] = []
+
+    def authorize(request: Any) -> bool:
+        asked.append(request.path)
+        return False
+
+    async with serve("in-process", authorize=authorize) as served:
+        async with await RawClient.connect(served.port) as client:
+            status, _ = await client.handshake(request(path))
+        assert status in (400, 401, 404), (path, status)
+        assert served.registry.count() == 0
+        assert (status == 401) == bool(asked), (path, status, asked)

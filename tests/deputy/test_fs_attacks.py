@@ -6,7 +6,9 @@ one sandboxed with both start methods; each attack is bounded in attempts and ti
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from plugin_execution.manifest import FsPermissions
 from plugin_execution.platform import Platform
 from plugin_execution.platform import fs as fs_module
 
-from .conftest import BACKENDS, SANDBOXED, register, run
+from .conftest import BACKENDS, PLUGINS, SANDBOXED, register, run
 
 SECRET = "root:$6$not-for-plugins"
 ATTEMPTS = {"attempts": 400, "seconds": 10}
@@ -390,3 +392,122 @@ async def test_a_workspace_swapped_for_a_symlink_is_not_followed_by_the_host(
             with pytest.raises(PermissionDeniedError):
                 await call()
     assert sorted(os.listdir(secret_dir)) == ["secret.txt"]
+
+
+@pytest.fixture
+def planter(deputies: PluginRegistry, tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """``planter`` may write ``shared`` and read ``shared/data/**``; ``secret`` is outside
+    both. Outside /tmp (which bubblewrap hides), for the kernel to have a say too."""
+    base = PLUGINS.parent / f".planted-{os.getpid()}-{tmp_path.name}"
+    dirs = {"shared": base / "shared", "secret": base / "secret"}
+    (dirs["shared"] / "data").mkdir(parents=True)
+    dirs["secret"].mkdir()
+    (dirs["secret"] / "shadow").write_text(SECRET)
+    (dirs["secret"] / "shadow").chmod(0o600)
+    deputies.register(
+        {
+            "id": "planter",
+            "root": str(PLUGINS),
+            "handlers": [
+                {"id": name, "entry": f"confused_deputy:{name}"}
+                for name in ("plant_link", "read_planted")
+            ],
+            "permissions": {
+                "fs": {"write": [str(dirs["shared"])], "read": [f"{dirs['shared']}/data/**"]}
+            },
+        }
+    )
+    yield dirs
+    shutil.rmtree(base)
+
+
+async def test_a_grant_beneath_a_writable_directory_cannot_be_pointed_elsewhere(
+    planter: dict[str, Path], backend: ExecutionBackend, request: pytest.FixtureRequest
+) -> None:
+    """A plugin may write ``shared`` and read ``shared/data/**``: it swaps ``shared/data``
+    (its to change) for a symlink to a directory it may not read, then reads through it.
+    Grants are resolved when they are used (the host's checks, the kernel's rules at the
+    next execution): followed, the symlink would carry the read grant to its target. A grant
+    beneath a directory the plugin may write grants nothing that directory does not, so it
+    is not followed out of it: the host never reads the secret for it, nor lets the kernel
+    (where there is a kernel sandbox)."""
+    granted = planter["shared"] / "data"
+    await run(
+        backend,
+        "plant_link",
+        {"granted": str(granted), "target": str(planter["secret"])},
+        plugin="planter",
+    )
+    got = await run(backend, "read_planted", {"path": str(granted / "shadow")}, plugin="planter")
+    assert got["ctx.fs"] == "PERMISSION_DENIED", got
+    if request.node.callspec.params["backend"] in SANDBOXED:  # the others are trusted code
+        assert got["direct"] != SECRET, got
+
+
+ROOTER = '''
+import os
+
+
+def swap_root(ctx, input):
+    """Swap this plugin's own root (its directory may be written) for a symlink to
+    ``input["target"]``, then read ``shadow`` there: through ``ctx.fs`` and directly."""
+    root = input["root"]
+    os.rename(root, root + ".moved")
+    os.symlink(input["target"], root)
+    got = {}
+    try:
+        got["ctx.fs"] = ctx.fs.read_text(os.path.join(root, "shadow"))
+    except Exception as exc:
+        got["ctx.fs"] = getattr(exc, "code", type(exc).__name__)
+    try:
+        with open(os.path.join(root, "shadow")) as f:
+            got["direct"] = f.read()
+    except OSError as exc:
+        got["direct"] = type(exc).__name__
+    return got
+'''
+
+
+@pytest.fixture
+def rooter(deputies: PluginRegistry, tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """``rooter``'s root lies in ``plugins``, which it may write; ``secret`` is outside."""
+    base = PLUGINS.parent / f".rooter-{os.getpid()}-{tmp_path.name}"
+    dirs = {
+        "plugins": base / "plugins",
+        "root": base / "plugins" / "rooter",
+        "secret": base / "secret",
+    }
+    dirs["root"].mkdir(parents=True)
+    (dirs["root"] / f"rooter_{tmp_path.name.replace('-', '_')}.py").write_text(ROOTER)
+    dirs["secret"].mkdir()
+    (dirs["secret"] / "shadow").write_text(SECRET)
+    (dirs["secret"] / "shadow").chmod(0o600)
+    module = f"rooter_{tmp_path.name.replace('-', '_')}"
+    deputies.register(
+        {
+            "id": "rooter",
+            "root": str(dirs["root"]),
+            "handlers": [{"id": "swap_root", "entry": f"{module}:swap_root"}],
+            "permissions": {"fs": {"write": [str(dirs["plugins"])]}},
+        }
+    )
+    yield dirs
+    shutil.rmtree(base)
+
+
+async def test_a_root_beneath_a_writable_directory_cannot_be_pointed_elsewhere(
+    rooter: dict[str, Path], backend: ExecutionBackend, request: pytest.FixtureRequest
+) -> None:
+    """A plugin's own root is readable by it; a plugin that may write the root's directory
+    swaps the root for a symlink to a directory it may not read. The host takes the root as
+    it resolves when its grants are first compiled: it must not take the symlink's target
+    for the plugin's own files (the write grant covers the real root anyway)."""
+    got = await run(
+        backend,
+        "swap_root",
+        {"root": str(rooter["root"]), "target": str(rooter["secret"])},
+        plugin="rooter",
+    )
+    assert got["ctx.fs"] == "PERMISSION_DENIED", got
+    if request.node.callspec.params["backend"] in SANDBOXED:  # the others are trusted code
+        assert got["direct"] != SECRET, got

@@ -149,6 +149,11 @@ async def test_a_host_header_must_name_a_granted_host(
         {"Forwarded": "host=127.0.0.1"},
         {"X-Original-URL": "/private/secret"},
         {"X-Rewrite-URL": "/private/secret"},
+        # servers behind CGI/WSGI (and some frameworks) read X_Forwarded_Host as
+        # X-Forwarded-Host: the same header to them
+        {"X_Forwarded_Host": "internal.example"},
+        {"x_host": "internal.example"},
+        {"X_Original_URL": "/private/secret"},
     ]
     before = len(seen)
     for headers in refused:
@@ -186,3 +191,44 @@ async def test_a_key_listing_is_bounded_like_a_transfer(
         listed = await storage(backend, "list", "")
         assert isinstance(listed, dict) and listed["error"] == "INVALID_REQUEST", str(listed)[:200]
         assert len(await storage(backend, "list", "0000")) == 10  # a narrower prefix fits
+
+
+@pytest.mark.parametrize("backend", ["in-process", "sandboxed-pool"], indirect=True)
+async def test_no_spelling_of_a_namespace_or_key_reaches_another_plugins(
+    backend: ExecutionBackend, tmp_path: Path
+) -> None:
+    """``bystander`` (granted its own storage) names ``deputy``'s namespace in every way it
+    can think of, and keys that climb out of its own: each is refused, and nothing is
+    written outside ``bystander``'s directory."""
+    root = tmp_path / "storage"
+    namespaces = [
+        "deputy",
+        "Deputy",
+        "bystander/../deputy",
+        "bystander/..",
+        "bystander/.",
+        "bystander/",
+        "/deputy",
+        "bystanderx",
+        "bystander\x00/x",
+        "bystander/x\x00",
+        "\uff42ystander",
+        "bystander\uff0f..\uff0fdeputy",
+        "b" * 100_000,
+    ]
+    for namespace in namespaces:
+        result = await storage(backend, "put_in", namespace, "k", "x")
+        assert result["error"] in ("PERMISSION_DENIED", "INVALID_REQUEST"), (namespace, result)
+    keys = [
+        "../deputy/k",
+        "x/../../deputy/k",
+        "/etc/k",
+        "k\x00",
+        "\uff0e\uff0e/deputy/k",
+        "x\uff0f..\uff0f..",
+        "",
+    ]
+    for key in keys:
+        result = await storage(backend, "put", key, "x")
+        assert result["error"] == "INVALID_REQUEST", (key, result)
+    assert [p.relative_to(root).parts[0] for p in root.rglob("*")] in ([], ["bystander"])

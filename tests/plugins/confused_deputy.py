@@ -209,3 +209,28 @@ def link_then_write(ctx: Any, input: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:
         report["write"] = _outcome(exc)
     return report
+
+
+def plant_link(ctx: Any, input: dict[str, str]) -> str:
+    """Swap ``input["granted"]`` (a directory a read grant names, beneath a directory this
+    plugin may write) for a symlink to ``input["target"]``, directly (no ``ctx``)."""
+    granted = input["granted"]
+    if os.path.isdir(granted) and not os.path.islink(granted):
+        os.rename(granted, granted + ".moved")
+    os.symlink(input["target"], granted)
+    return os.readlink(granted)
+
+
+def read_planted(ctx: Any, input: dict[str, str]) -> dict[str, str]:
+    """Read ``input["path"]`` directly and through ``ctx.fs``: what each got, or the error."""
+    got: dict[str, str] = {}
+    try:
+        with open(input["path"]) as f:
+            got["direct"] = f.read()
+    except OSError as exc:
+        got["direct"] = type(exc).__name__
+    try:
+        got["ctx.fs"] = ctx.fs.read_text(input["path"])
+    except Exception as exc:
+        got["ctx.fs"] = getattr(exc, "code", type(exc).__name__)
+    return got

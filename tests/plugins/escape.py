@@ -188,3 +188,54 @@ def remember(ctx: Any, input: str) -> list[str]:
     """Keep ``input`` in the worker's memory; return all it kept (state across executions)."""
     _remembered.append(input)
     return list(_remembered)
+
+
+def peek_memory(ctx: Any, input: dict[str, int]) -> dict[str, str]:
+    """Read ``size`` bytes at ``address`` in process ``pid`` (the host) every way Linux
+    offers: ``/proc/<pid>/mem``, ``process_vm_readv``, ``ptrace`` (``PTRACE_SEIZE``, which
+    does not stop it, then detach), and take its fd 0 with ``pidfd_getfd``. What each got:
+    the bytes read as text, or the errno's name."""
+    import ctypes
+    import errno
+
+    pid, address, size = input["pid"], input["address"], input["size"]
+    libc = ctypes.CDLL(None, use_errno=True)
+    got: dict[str, str] = {}
+
+    def failed() -> str:
+        return errno.errorcode.get(ctypes.get_errno(), "?")
+
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as mem:
+            mem.seek(address)
+            got["proc_mem"] = mem.read(size).decode(errors="replace")
+    except OSError as exc:
+        got["proc_mem"] = errno.errorcode.get(exc.errno or 0, "?")
+
+    class IOVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    buffer = ctypes.create_string_buffer(size)
+    local, remote = IOVec(ctypes.addressof(buffer), size), IOVec(address, size)
+    iovecs = [ctypes.c_void_p, ctypes.c_ulong]
+    libc.process_vm_readv.argtypes = [ctypes.c_int, *iovecs, *iovecs, ctypes.c_ulong]
+    count = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    got["process_vm_readv"] = buffer.raw[:count].decode(errors="replace") if count > 0 else failed()
+
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(0x4206, pid, None, None) == 0:  # PTRACE_SEIZE
+        libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+        got["ptrace"] = "attached"
+    else:
+        got["ptrace"] = failed()
+
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    if pidfd < 0:
+        got["pidfd_getfd"] = failed()
+    else:
+        stolen = libc.syscall(438, pidfd, 0, 0)  # pidfd_getfd
+        got["pidfd_getfd"] = "took fd 0" if stolen >= 0 else failed()
+        if stolen >= 0:
+            os.close(stolen)
+        os.close(pidfd)
+    return got

@@ -55,6 +55,7 @@ HANDLERS = (
     "hold_secret",
     "linger",
     "remember",
+    "peek_memory",
 )
 #: Where the attempts run: the subprocess backend's two start methods, and the sandboxed pool.
 BACKENDS = ("spawn", "zygote", "pool")
@@ -328,6 +329,46 @@ async def test_kill_a_host_process(sandboxed: ExecutionBackend) -> None:
         denied(await attempt(sandboxed, "kill_pid", {"pid": os.getpid(), "signal": 0}), hidden=True)
     finally:
         await stop_victim(victim)
+
+
+async def peek_at_the_host(backend: ExecutionBackend) -> dict[str, str]:
+    """What ``peek_memory`` got of a secret in this process's (the host's) memory."""
+    import ctypes
+
+    held = ctypes.create_string_buffer(SECRET.encode())
+    result = await backend.execute(
+        ExecutionRequest(
+            plugin_id="escape",
+            handler_id="peek_memory",
+            input={"pid": os.getpid(), "address": ctypes.addressof(held), "size": len(SECRET)},
+        ),
+        timeout=20,
+    )
+    got: dict[str, str] = result.output
+    return got
+
+
+async def test_control_without_the_sandbox_the_hosts_memory_is_read(
+    escapes: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    """The attempts work where nothing stops them (a root host's child with every
+    capability): they are real."""
+    if not has_capabilities():
+        pytest.skip("the host holds no CAP_SYS_PTRACE to lend its children")
+    async with await open_backend(escapes, workspaces, "spawn", sandbox=False) as backend:
+        got = await peek_at_the_host(backend)
+    assert got["proc_mem"] == got["process_vm_readv"] == SECRET, got
+    assert got["ptrace"] == "attached" and got["pidfd_getfd"] == "took fd 0", got
+
+
+async def test_read_the_hosts_memory_or_take_its_fds(sandboxed: ExecutionBackend) -> None:
+    """``/proc/<host>/mem``, ``process_vm_readv``, ``ptrace``, ``pidfd_getfd``: each refused
+    (no ``CAP_SYS_PTRACE``, Landlock's ptrace scope, seccomp) or the host not even there
+    (bubblewrap's pid namespace: ``ESRCH``, ``ENOENT``)."""
+    got = await peek_at_the_host(sandboxed)
+    assert SECRET not in str(got), got
+    refused = {"EPERM", "EACCES", "ESRCH", "ENOENT", "ENOSYS"}
+    assert set(got.values()) <= refused, got
 
 
 @needs("landlock")

@@ -38,6 +38,13 @@ __all__ = ["Reply", "WorkerConnection"]
 # bigger than this is read straight into a buffer of its own (see Connection.big_view).
 _READ_SIZE = 65536
 _SPIN_BACKOFF = 16
+# What a reader takes in without a trip through the scheduler: a worker that keeps its
+# socket full (written faster than the host decodes) would otherwise keep the reader in its
+# loop, and the whole host (deadlines, other workers, channels) waiting, for as long as it
+# likes. 1024 messages (tiny ones: about a millisecond of decoding) or 16 MiB (big ones: a
+# few milliseconds of copying); a round trip takes far less.
+_READ_BEFORE_YIELD = 16 << 20
+_MESSAGES_BEFORE_YIELD = 1024
 _YIELD_EVERY = 0.001  # s: at least this often, an answer got by polling yields to the run
 
 
@@ -165,6 +172,8 @@ class WorkerConnection:
         conn = self.protocol
         until = 0.0  # when spinning ends (see _poll)
         spun = False
+        unyielded = 0  # bytes read since the last trip through the scheduler
+        dispatched = 0  # messages handled since then
         try:
             while (reply is None or not reply.done) and not self.lost.is_set():
                 if self.fd_closed:
@@ -182,6 +191,7 @@ class WorkerConnection:
                             continue
                     if isinstance(polled, bool):
                         await self._park(fd)
+                        unyielded = dispatched = 0
                         continue
                     data = polled
                     spun = True
@@ -193,17 +203,24 @@ class WorkerConnection:
                         else:
                             count = os.readv(fd, (big,))
                             conn.big_filled(count)
+                            unyielded += count
                             data = b"" if not count else None
                     except BlockingIOError:
                         await self._park(fd)
+                        unyielded = dispatched = 0
                         continue
                 if data is not None:
                     conn.receive_data(data)
+                    unyielded += len(data)
                 while (msg := conn.next_message()) is not None:
                     self.dispatch(msg)
+                    dispatched += 1
                 if data == b"":
                     reason = "the worker closed its connection"
                     break
+                if unyielded >= _READ_BEFORE_YIELD or dispatched >= _MESSAGES_BEFORE_YIELD:
+                    unyielded = dispatched = 0
+                    await trio.lowlevel.checkpoint()
         except trio.ClosedResourceError:
             pass  # wake_reader woke us: the worker is gone
         except ProtocolError as exc:

@@ -10,7 +10,8 @@ Headers that tell a server or a shared reverse proxy which host to route to are 
 the URL, at every hop: ``Host``, ``X-Forwarded-Host``, ``X-Host``, ``X-Original-Host`` and
 ``X-Forwarded-Server`` must name a host that ``network.fetch`` grants for this scheme, port
 and path; ``Forwarded``, ``X-Original-URL`` and ``X-Rewrite-URL`` (which route by a URL or
-path the host cannot check) are refused outright.
+path the host cannot check) are refused outright. A name is compared with ``_`` read as
+``-`` (``X_Forwarded_Host``), as CGI and WSGI servers read it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class FetchService:
         if not session.grants.url(scheme, url.host.lower(), port, decoded):
             session.deny("network.fetch", shown)
         for name, value in headers:
-            key = name.strip().lower()
+            # CGI and WSGI servers (and frameworks on them) read X_Forwarded_Host as
+            # X-Forwarded-Host: one header to them, so one here.
+            key = name.strip().lower().replace("_", "-")
             if key in _ROUTING_HEADERS:
                 session.deny(
                     "network.fetch",

@@ -25,6 +25,7 @@ from __future__ import annotations
 from ._connection import Connection as Connection
 from ._connection import ProtocolError as ProtocolError
 from ._messages import DEFAULT_MAX_FRAME_SIZE as DEFAULT_MAX_FRAME_SIZE
+from ._messages import DEFAULT_MAX_FRAME_VALUES as DEFAULT_MAX_FRAME_VALUES
 from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._messages import MESSAGE_TYPES as MESSAGE_TYPES
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
@@ -51,6 +52,7 @@ from ._messages import Warmup as Warmup
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_FRAME_VALUES",
     "MAX_ID_LENGTH",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",

@@ -199,6 +199,42 @@ def structure_result(data: object) -> Result | None:
     return result
 
 
+class TooManyValues(ValueError):
+    """A frame holds more values than :func:`unpack_counted` may decode."""
+
+
+def unpack_counted(payload: bytes | bytearray | memoryview, max_values: int) -> Any:
+    """``msgpack.unpackb(payload)``, counting each map and array as it is decoded, itself
+    and its members (so a nested one counts twice): raises :class:`TooManyValues` as soon as
+    the count passes ``max_values``, and for a map or array declaring more members than
+    that, before any is made. So what a hostile frame makes the host build stays bounded: a
+    value is ~1 byte on the wire and up to ~64 decoded, and no more than ``max_values`` of
+    them are made (plus the members of the last container, at most as many again)."""
+    left = max_values
+
+    def counted(value: Any) -> Any:
+        nonlocal left
+        left -= len(value) + 1
+        if left < 0:
+            raise TooManyValues(f"a frame holds more than {max_values} values")
+        return value
+
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=False,
+            list_hook=counted,
+            object_hook=counted,
+            max_array_len=max_values,
+            max_map_len=max_values,
+        )
+    except ValueError as exc:
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
+            raise TooManyValues(f"a frame holds more than {max_values} values") from None
+        raise
+
+
 def pack_plain(value: Any) -> bytes:
     """msgpack of plain data, without the converter's hook (the hot paths' encoding)."""
     packed: bytes = msgpack.packb(value, use_bin_type=True)

@@ -16,9 +16,19 @@ import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 from ..converter import converter
 from ..worker._wire import FrameBuffer, pack_parts
-from ._codec import CODECS, clip, fast_structure, pack_plain, problems, structure_result
+from ._codec import (
+    CODECS,
+    TooManyValues,
+    clip,
+    fast_structure,
+    pack_plain,
+    problems,
+    structure_result,
+    unpack_counted,
+)
 from ._messages import (
     DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_FRAME_VALUES,
     PEER,
     PROTOCOL_VERSION,
     SENT_BY,
@@ -62,12 +72,23 @@ class Connection(FrameBuffer):
 
     error = ProtocolError
 
-    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_frame_values: int = DEFAULT_MAX_FRAME_VALUES,
+    ) -> None:
         if role not in PEER:
             raise ValueError(f"role must be 'host' or 'worker', not {role!r}")
         if not 0 < max_frame_size < 2 ** (8 * _HEADER_SIZE):
             raise ValueError(f"max_frame_size must be in 1..2**32-1, not {max_frame_size}")
+        if max_frame_values < 1:
+            raise ValueError(f"max_frame_values must be >= 1, not {max_frame_values}")
         super().__init__(max_frame_size)
+        #: The most maps, arrays and members decoded from one frame (see
+        #: :data:`DEFAULT_MAX_FRAME_VALUES`).
+        self.max_frame_values = max_frame_values
         self.role: Final = role
         self._sends = SENT_BY[role]
         self._receives = SENT_BY[PEER[role]]
@@ -165,7 +186,12 @@ class Connection(FrameBuffer):
 
     def _decode(self, payload: bytearray | memoryview) -> Message:
         try:
-            data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            if 2 * len(payload) <= self.max_frame_values:  # too small to hold more
+                data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            else:
+                data = unpack_counted(payload, self.max_frame_values)
+        except TooManyValues as exc:
+            raise ProtocolError(f"a frame of {len(payload)} bytes: {exc}") from None
         except Exception as exc:  # msgpack raises a zoo of ValueError/TypeError subclasses
             raise ProtocolError(f"a frame is not valid msgpack: {clip(str(exc))}") from exc
         if self._fast_results:  # a greeted host: a worker's answer, its usual frame

@@ -17,6 +17,12 @@ from ..errors import ExecutionError
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME_SIZE: Final = 64 * 1024 * 1024
+#: The most values (maps and arrays, each counted with its members) a host decodes from one
+#: frame. A value can take one byte on the wire and ~64 once decoded (an empty map is a
+#: dict): without a bound, a 64 MiB frame a worker wrote itself is ~4.6 GB of the host's
+#: memory and seconds of its event loop. Past it, the frame is a :class:`ProtocolError`.
+#: Frames of less than half this many bytes cannot hold more, and are decoded uncounted.
+DEFAULT_MAX_FRAME_VALUES: Final = 1 << 21
 #: The longest id a frame may carry, in characters: execution, plugin, handler and channel
 #: ids and a platform call's service and method names. Real ids are at most 128 characters
 #: (see ``types.py``); a longer one is a :class:`ProtocolError` when received, so a worker

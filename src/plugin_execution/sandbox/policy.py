@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
+from ..permissions import confined_grants, confined_root
 from . import bubblewrap, capabilities
 from .support import OPTIONAL_LAYERS, SandboxSupport
 
@@ -246,12 +247,13 @@ class SandboxPolicy:
 
 def _paths(permissions: Permissions, root: str | None) -> tuple[list[str], list[str]]:
     """What ``permissions`` let a child read (its root first) and write, as existing paths."""
-    read = _expand(permissions.fs.read, root)
-    if root is not None:
-        read.insert(0, root)
+    reads, writes = confined_grants(permissions.fs.read, permissions.fs.write, root)
+    read = _expand(reads, root)
+    if root is not None and confined_root(root, permissions.fs.write) is not None:
+        read.insert(0, root)  # else a write grant covers it, which the plugin may not swap
     if permissions.network.connect:
         read.extend(NETWORK_READ)
-    return read, _expand(permissions.fs.write, root)
+    return read, _expand(writes, root)
 
 
 def _inside(path: str, directories: Iterable[str]) -> bool:
