@@ -19,7 +19,7 @@ from plugin_execution import (
     PluginRegistry,
     ValidationError,
 )
-from plugin_execution.handlers import import_entry, load_handler
+from plugin_execution.handlers import Handler, import_entry, load_handler
 from plugin_execution.registry import ENTRY_POINT_GROUP
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -295,7 +295,7 @@ def test_import_entry_malformed(entry: str) -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("sample:not_a_handler", "is a int, not a handler"),
+        ("sample:not_a_handler", "is an int, not a handler"),
         ("sample:NoExecute", "is a NoExecute, not a handler"),
         ("sample:Point", "could not be instantiated without arguments"),
     ],
@@ -305,6 +305,65 @@ def test_load_handler_contract_errors(entry: str, message: str) -> None:
         load_handler(entry)
     assert info.value.code == "HANDLER_CONTRACT_ERROR"
     assert info.value.details["entry"] == entry
+
+
+def _takes_ctx_only(ctx):  # type: ignore[no-untyped-def]
+    return None
+
+
+def _takes_three(ctx, input, extra):  # type: ignore[no-untyped-def]
+    return None
+
+
+async def _takes_required_keyword(ctx, input, *, mode):  # type: ignore[no-untyped-def]
+    return None
+
+
+class _ExecuteWithoutInput:
+    def execute(self, ctx):  # type: ignore[no-untyped-def]
+        return None
+
+
+@pytest.mark.parametrize(
+    ("target", "shown"),
+    [
+        (_takes_ctx_only, "(ctx)"),
+        (_takes_three, "(ctx, input, extra)"),
+        (_takes_required_keyword, "(ctx, input, *, mode)"),
+        (_ExecuteWithoutInput, "(ctx)"),
+        (lambda: None, "()"),
+    ],
+)
+def test_a_handler_that_cannot_take_ctx_and_input_is_a_contract_error(
+    target: object, shown: str
+) -> None:
+    # A user whose handler has the wrong signature gets told so when it is loaded, not a
+    # TypeError from the runtime's frames as a HANDLER_ERROR.
+    with pytest.raises(HandlerContractError) as info:
+        Handler("mod:handler", target)
+    message = info.value.message
+    assert f"takes {shown}" in message and "(ctx, input)" in message, message
+    assert info.value.details["entry"] == "mod:handler"
+
+
+def _extra_defaulted(ctx, input, extra=None, *, mode="x"):  # type: ignore[no-untyped-def]
+    return input
+
+
+def _star_args(*args):  # type: ignore[no-untyped-def]
+    return args[1]
+
+
+class _Callable:
+    def __call__(self, ctx, input):  # type: ignore[no-untyped-def]
+        return input
+
+
+@pytest.mark.parametrize(
+    "target", [_extra_defaulted, _star_args, _Callable(), lambda ctx, input, **kw: input]
+)
+def test_signatures_that_can_take_ctx_and_input_load(target: object) -> None:
+    assert Handler("mod:handler", target).call(None, 7) == 7
 
 
 async def test_async_and_sync_functions() -> None:
