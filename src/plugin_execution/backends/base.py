@@ -23,7 +23,7 @@ import trio
 
 from .._groups import unwrap_all_of
 from ..context import NULL_SINK
-from ..errors import BackendClosedError, ExecutionError
+from ..errors import BackendClosedError, ExecutionError, InvalidRequestError
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..run_many import Batches, MapResults, Requests, run_many
@@ -44,6 +44,15 @@ __all__ = ["Attachment", "ExecutionBackend", "Job"]
 _State = Literal["new", "running", "closing", "closed"]
 
 _MiB = 1024 * 1024
+
+
+def _check_request(request: object) -> None:
+    """Raise a clear InvalidRequestError unless ``request`` is an ExecutionRequest."""
+    if not isinstance(request, ExecutionRequest):
+        raise InvalidRequestError(
+            f"expected an ExecutionRequest, got a {type(request).__name__}: build one with "
+            "ExecutionRequest(plugin_id=..., handler_id=..., input=...)"
+        )
 
 
 class ExecutionBackend(abc.ABC):
@@ -221,8 +230,11 @@ class ExecutionBackend(abc.ABC):
         ``timeout`` (seconds) overrides the request's. On failure raises an
         :class:`ExecutionError` subclass, or with ``raise_errors=False`` returns a result
         with ``ok=False`` and ``error`` set. Cancelling the call cancels the execution
-        wherever it runs, then raises :class:`trio.Cancelled` as usual.
+        wherever it runs, then raises :class:`trio.Cancelled` as usual. Something else than
+        an :class:`ExecutionRequest` raises :class:`InvalidRequestError` either way.
         """
+        if type(request) is not ExecutionRequest:
+            _check_request(request)
         return await self._execute(request, timeout, NULL_SINK, raise_errors)
 
     async def run_channel(
@@ -351,6 +363,7 @@ class ExecutionBackend(abc.ABC):
     ) -> AsyncIterator[Execution]:
         """:meth:`open_execution` of a ``target`` given directly (not looked up in the
         registry), e.g. the events-style adapter of a WebSocket channel."""
+        _check_request(request)
         self._check_running()
 
         def run(sink: EventSink) -> Awaitable[ExecutionResult]:
