@@ -6,6 +6,8 @@ that used to end in a bare exception from deep inside (or a message that did not
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from plugin_execution import (
@@ -37,3 +39,21 @@ async def test_execute_of_something_else_than_a_request(
         # Not a result even with raise_errors=False: there is no execution to report on.
         with pytest.raises(InvalidRequestError):
             await backend.execute(request_, raise_errors=False)  # type: ignore[arg-type]
+
+
+def test_the_trio_backend_entered_from_asyncio(registry: PluginRegistry) -> None:
+    async def main() -> None:
+        async with create_execution_backend(type="in-process", registry=registry):
+            pass  # pragma: no cover
+
+    with pytest.raises(RuntimeError, match="plugin_execution.asyncio.create_execution_backend"):
+        asyncio.run(main())
+
+
+async def test_the_asyncio_backend_entered_from_trio(registry: PluginRegistry) -> None:
+    from plugin_execution import asyncio as pe_asyncio
+
+    backend = pe_asyncio.create_execution_backend(type="in-process", registry=registry)
+    with pytest.raises(RuntimeError, match="plugin_execution.create_execution_backend"):
+        async with backend:
+            pass  # pragma: no cover

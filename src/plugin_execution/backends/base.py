@@ -46,6 +46,18 @@ _State = Literal["new", "running", "closing", "closed"]
 _MiB = 1024 * 1024
 
 
+def _check_trio() -> None:
+    """Raise a clear RuntimeError when entered outside trio (from asyncio, most likely)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise RuntimeError(
+            "this backend runs on trio, and no trio run is active here: from asyncio "
+            "(FastAPI, aiohttp...), use plugin_execution.asyncio.create_execution_backend "
+            "(docs/asyncio.md)"
+        ) from None
+
+
 def _check_request(request: object) -> None:
     """Raise a clear InvalidRequestError unless ``request`` is an ExecutionRequest."""
     if not isinstance(request, ExecutionRequest):
@@ -103,6 +115,7 @@ class ExecutionBackend(abc.ABC):
         at start: ``WorkerCrashedError``), not a group of them (see ``unwrap_all_of``)."""
         if self._state != "new":
             raise BackendClosedError(f"{self.name} backend was already started; make a new one")
+        _check_trio()
         self._state = "running"
         with unwrap_all_of(ExecutionError):
             try:
