@@ -90,7 +90,7 @@ def _signature_problem(fn: Any) -> str | None:
     offset = 1 if getattr(fn, "__self__", None) is not None else 0
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
     if code is None and not hasattr(fn, "__name__"):  # an object with __call__
-        code = getattr(getattr(type(fn), "__call__", None), "__code__", None)
+        code = getattr(type(fn).__call__, "__code__", None)
         offset = 1
     if code is None:
         return None
