@@ -11,7 +11,6 @@ import asyncio
 import pytest
 
 from plugin_execution import (
-    ExecutionRequest,
     InvalidRequestError,
     PluginRegistry,
     WorkspaceManager,
@@ -46,7 +45,7 @@ def test_the_trio_backend_entered_from_asyncio(registry: PluginRegistry) -> None
         async with create_execution_backend(type="in-process", registry=registry):
             pass  # pragma: no cover
 
-    with pytest.raises(RuntimeError, match="plugin_execution.asyncio.create_execution_backend"):
+    with pytest.raises(RuntimeError, match=r"plugin_execution\.asyncio\.create_execution_backend"):
         asyncio.run(main())
 
 
@@ -54,6 +53,36 @@ async def test_the_asyncio_backend_entered_from_trio(registry: PluginRegistry) -
     from plugin_execution import asyncio as pe_asyncio
 
     backend = pe_asyncio.create_execution_backend(type="in-process", registry=registry)
-    with pytest.raises(RuntimeError, match="plugin_execution.create_execution_backend"):
+    with pytest.raises(RuntimeError, match=r"plugin_execution\.create_execution_backend"):
         async with backend:
             pass  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("backend_type", "options", "expected"),
+    [
+        # a typo: the close match is suggested, and the options are listed
+        (
+            "worker-pool",
+            {"max_worker": 3},
+            "unknown option 'max_worker'.*did you mean 'max_workers'",
+        ),
+        ("subprocess", {"memory": 512}, "unknown option 'memory'.*did you mean 'memory_mb'"),
+        # an option of another backend: the user is told which one has it
+        ("in-process", {"max_workers": 3}, "'max_workers'.*an option of the worker-pool backend"),
+        # a value of the wrong type names the option, not an operator of the comparison
+        ("worker-pool", {"max_workers": "4"}, "max_workers must be a number, got the str '4'"),
+    ],
+)
+def test_bad_backend_options(
+    registry: PluginRegistry, backend_type: str, options: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=expected) as info:
+        create_execution_backend(type=backend_type, registry=registry, **options)
+    assert "unexpected keyword argument" not in info.value.message
+    assert "not supported between" not in info.value.message
+
+
+def test_a_backend_type_typo_suggests_the_type(registry: PluginRegistry) -> None:
+    with pytest.raises(InvalidRequestError, match="did you mean 'worker-pool'"):
+        create_execution_backend(type="worker_pool", registry=registry)
