@@ -12,10 +12,12 @@ import pytest
 
 from plugin_execution import (
     InvalidRequestError,
+    ManifestError,
     PluginRegistry,
     WorkspaceManager,
     create_execution_backend,
 )
+from plugin_execution.manifest import manifest_from_dict
 
 P = "tests.sample"
 
@@ -86,3 +88,28 @@ def test_bad_backend_options(
 def test_a_backend_type_typo_suggests_the_type(registry: PluginRegistry) -> None:
     with pytest.raises(InvalidRequestError, match="did you mean 'worker-pool'"):
         create_execution_backend(type="worker_pool", registry=registry)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"id": "a.b", "handlers": {"h": {"entry": "m:f", "timout": 5}}},
+            r"unknown key 'timout' \(did you mean 'timeout'.*@ manifest\.handlers\[0\]",
+        ),
+        (
+            {"id": "a.b", "handler": {"h": {"entry": "m:f"}}},
+            r"unknown key 'handler' \(did you mean 'handlers'.*@ manifest",
+        ),
+        (
+            {"id": "a.b", "permissions": {"platfrom": ["cache"]}},
+            r"unknown key 'platfrom' \(did you mean 'platform'.*@ manifest\.permissions",
+        ),
+    ],
+)
+def test_a_misspelt_manifest_key_suggests_the_right_one(
+    data: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ManifestError, match=expected) as info:
+        manifest_from_dict(data)
+    assert "Extra fields in constructor" not in info.value.message
