@@ -361,6 +361,19 @@ def test_demo_selected_backend_in_process(capsys: pytest.CaptureFixture[str]) ->
     assert "6765" in out  # fib(20)
 
 
+def test_demo_backends_comma_separated_as_bench_takes_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # bench takes --backends a,b; a user who wrote the same for demo got "invalid choice"
+    status, out, _ = run_main(capsys, "demo", "--backends", "in-process,in-process")
+    assert status == 0
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["in-process"] * 4
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["demo", "--backends", "in-process,nope"])
+    assert info.value.code == 2
+    assert "'nope'" in capsys.readouterr().err
+
+
 def test_output_bytes_are_base64() -> None:
     assert json.loads(_common.dumps({"b": b"\x00\xff"})) == {"b": {"$base64": "AP8="}}
 
