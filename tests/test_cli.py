@@ -420,3 +420,18 @@ def test_serve_without_channels_is_an_error(
     monkeypatch.setattr(PluginRegistry, "from_entry_points", classmethod(lambda cls: cls()))
     assert cli.main(["serve", "--port", "0"]) == cli.EXIT_FAILED
     assert "no discovered plugin declares a channel" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    # `bench --help` listed --input, --context and --executions with no word on them
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {action.option_strings[-1]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
