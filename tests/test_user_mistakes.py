@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from plugin_execution import (
+    ExecutionRequest,
     InvalidRequestError,
     ManifestError,
     PluginRegistry,
@@ -113,3 +114,21 @@ def test_a_misspelt_manifest_key_suggests_the_right_one(
     with pytest.raises(ManifestError, match=expected) as info:
         manifest_from_dict(data)
     assert "Extra fields in constructor" not in info.value.message
+
+
+async def test_an_unserializable_output_reads_the_same_on_every_backend(
+    registry: PluginRegistry, workspaces: WorkspaceManager
+) -> None:
+    # The worker's said "(plain data only): WireError: cannot encode 'result': ...", naming
+    # an internal message instead of what a handler may return.
+    messages = []
+    for backend_type, options in [("in-process", {}), ("worker-pool", {"min_workers": 1})]:
+        async with create_execution_backend(
+            type=backend_type, registry=registry, workspace=workspaces, **options
+        ) as backend:
+            request = ExecutionRequest(plugin_id=P, handler_id="unserializable")
+            result = await backend.execute(request, raise_errors=False)
+            assert result.error is not None and result.error.code == "INVALID_REQUEST"
+            messages.append(result.error.message)
+    assert messages[0] == messages[1]
+    assert "dict, list, str, bytes" in messages[1] and "WireError" not in messages[1]
