@@ -68,7 +68,7 @@ async def test_the_asyncio_backend_entered_from_trio(registry: PluginRegistry) -
         (
             "worker-pool",
             {"max_worker": 3},
-            "unknown option 'max_worker'.*did you mean 'max_workers'",
+            r"unknown option 'max_worker'.*did you mean 'max_workers'\?",
         ),
         ("subprocess", {"memory": 512}, "unknown option 'memory'.*did you mean 'memory_mb'"),
         # an option of another backend: the user is told which one has it

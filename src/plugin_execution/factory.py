@@ -68,7 +68,7 @@ def _unknown_option(type: str, name: str, known: dict[str, inspect.Parameter]) -
     message = f"unknown option {name!r} for the {type} backend"
     close = difflib.get_close_matches(name, known, n=1)
     if close:
-        message += f"; did you mean {close[0]!r}"
+        message += f" (did you mean {close[0]!r}?)"
     else:
         for other in ("in-process", "worker-pool", "subprocess"):
             if other != type and name in _options(_backend_class(other)):
