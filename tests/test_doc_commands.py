@@ -9,6 +9,7 @@ the ``serve --config`` example is loaded as serve's options.
 
 from __future__ import annotations
 
+import ast
 import io
 import re
 import shlex
@@ -84,3 +85,46 @@ def test_documented_serve_config_loads(where: str, text: str, tmp_path: Path) ->
     config = tmp_path / "serve.toml"
     config.write_text(text)
     load_options({}, config=config)
+
+
+def _documented_options() -> list[tuple[str, dict[str, object]]]:
+    """The options docs/backends.md lists, by backend type, with the defaults it gives.
+
+    In-process and subprocess: the ``| option | default | meaning |`` table of their section;
+    the worker pool: the keywords of the ``create_execution_backend(type="worker-pool", ...)``
+    call its section shows.
+    """
+    text = (ROOT / "docs" / "backends.md").read_text()
+    sections = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, re.S | re.M))
+    found = []
+    for title, backend_type in [("In-process", "in-process"), ("Subprocess", "subprocess")]:
+        rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", sections[title], re.M)
+        found.append((backend_type, {name: ast.literal_eval(default) for name, default in rows}))
+    call = re.search(r"^create_execution_backend\(\n(.*?)^\)", sections["Worker pool"], re.S | re.M)
+    assert call is not None
+    keywords = ast.parse(f"f({call.group(1)})").body[0].value.keywords  # type: ignore[attr-defined]
+    options = {k.arg: ast.literal_eval(k.value) for k in keywords if k.arg not in ("registry",)}
+    found.append(("worker-pool", {k: v for k, v in options.items() if k != "type"}))
+    return found
+
+
+@pytest.mark.parametrize(("backend_type", "documented"), _documented_options())
+def test_documented_backend_options_are_the_real_ones(
+    backend_type: str, documented: dict[str, object]
+) -> None:
+    from plugin_execution.factory import _backend_class, _options
+
+    real = _options(_backend_class(backend_type))
+    real.pop(
+        "max_event_bytes"
+    )  # every backend's, documented once under "What every backend shares"
+    assert set(documented) <= set(real), (
+        f"documented, but not an option: {set(documented) - set(real)}"
+    )
+    wrong = {
+        name: (value, real[name].default)
+        for name, value in documented.items()
+        if real[name].default != value
+    }
+    assert wrong == {}, f"documented default != real default: {wrong}"
+    assert set(real) - set(documented) == set(), "options missing from docs/backends.md"
