@@ -65,7 +65,7 @@ def _options(cls: type[ExecutionBackend]) -> dict[str, inspect.Parameter]:
 
 def _unknown_option(type: str, name: str, known: dict[str, inspect.Parameter]) -> str:
     """What to tell a user who passed option ``name``, which the ``type`` backend lacks."""
-    message = f"unknown option {name!r} for the {type} backend"
+    message = f"bad option for the {type} backend: unknown option {name!r}"
     close = difflib.get_close_matches(name, known, n=1)
     if close:
         message += f" (did you mean {close[0]!r}?)"
