@@ -366,6 +366,17 @@ def test_signatures_that_can_take_ctx_and_input_load(target: object) -> None:
     assert Handler("mod:handler", target).call(None, 7) == 7
 
 
+@pytest.mark.parametrize("bad", [[3, 4], "3,4", 7, None])
+def test_typed_input_that_is_not_a_mapping_says_so(bad: object) -> None:
+    # [3, 4] for Point(x, y) read "invalid value for type, expected int @ input.x"
+    with pytest.raises(ValidationError) as info:
+        load_handler("sample:typed").call(None, bad)
+    message = info.value.message
+    assert "expected int" not in message, message
+    assert f"a mapping of Point's fields, got {type(bad).__name__}" in message, message
+    assert info.value.field == "input"
+
+
 async def test_async_and_sync_functions() -> None:
     echo = load_handler("sample:echo")
     add = load_handler("sample:add")

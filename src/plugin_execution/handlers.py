@@ -224,9 +224,19 @@ class Handler:
         return hook() if callable(hook) else None
 
     def _structure_input(self, input: Any) -> Any:
+        from collections.abc import Mapping
+
         import cattrs
 
         from .converter import converter
+
+        if not isinstance(input, Mapping):  # cattrs would blame the first field instead
+            name = self._input_type.__name__
+            raise ValidationError(
+                f"input does not match {name}: expected a mapping of {name}'s fields, got "
+                f"{type(input).__name__} @ input",
+                details={"field": "input"},
+            )
 
         try:
             return converter.structure(input, self._input_type)
