@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from plugin_execution import (
     InvalidRequestError,
     ManifestError,
     PluginRegistry,
+    WorkspaceError,
     WorkspaceManager,
     create_execution_backend,
 )
@@ -146,3 +148,15 @@ def test_a_context_that_is_not_plain_data_is_refused_as_input_is(value: object) 
 def test_a_plain_context_is_kept_as_given() -> None:
     context = {"host": "cli", "tenant": 7, "config": {"retries": [1, 2.5, None, b"x"]}}
     assert ExecutionRequest(plugin_id=P, handler_id="echo", context=context).context == context
+
+
+async def test_a_workspace_root_that_is_a_file(registry: PluginRegistry, tmp_path: Path) -> None:
+    # read "cannot use ... as the workspace root: File exists"
+    (tmp_path / "ws").write_text("")
+    backend = create_execution_backend(
+        type="in-process", registry=registry, workspace=tmp_path / "ws"
+    )
+    with pytest.raises(WorkspaceError, match="is not a directory") as info:
+        async with backend:
+            pass  # pragma: no cover
+    assert "File exists" not in info.value.message
