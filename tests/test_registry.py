@@ -285,6 +285,27 @@ def test_import_entry_module_raising_at_import(tmp_path: Path, clean_sys_path: N
     assert "kaboom at import" in err.details["traceback"]
 
 
+def test_a_plugin_module_not_found_says_where_it_was_looked_for(
+    tmp_path: Path, clean_sys_path: None
+) -> None:
+    # registry.register(PluginManifest(...)) without root= read only "No module named 'pe_x'"
+    with pytest.raises(HandlerNotFoundError) as info:
+        import_entry("pe_nowhere.handlers:run")
+    assert "No module named 'pe_nowhere'" in info.value.message
+    assert "the plugin has no root" in info.value.message
+    with pytest.raises(HandlerNotFoundError) as info:
+        import_entry("pe_nowhere.handlers:run", str(tmp_path))
+    assert f"not under the plugin's root {tmp_path}" in info.value.message
+    # a module the plugin imports that is missing is the plugin's business: no hint
+    (tmp_path / "pe_needs_dep.py").write_text("import pe_not_installed_dep\n")
+    try:
+        with pytest.raises(HandlerNotFoundError) as info:
+            import_entry("pe_needs_dep:run", str(tmp_path))
+    finally:
+        sys.modules.pop("pe_needs_dep", None)
+    assert "root" not in info.value.message
+
+
 @pytest.mark.parametrize("entry", ["nocolon", "mod:", ":attr"])
 def test_import_entry_malformed(entry: str) -> None:
     with pytest.raises(HandlerNotFoundError, match="is not of the form") as info:

@@ -54,7 +54,7 @@ def import_entry(entry: str, root: str | None = None) -> Any:
             raise
         raise HandlerNotFoundError(
             f"entry {entry!r}: module {module_name!r} failed to import: "
-            f"{type(exc).__name__}: {safe_text(exc)}",
+            f"{type(exc).__name__}: {safe_text(exc)}{_where(exc, module_name, root)}",
             details={"entry": entry, "traceback": format_traceback(exc)},
         ) from None
     for name in attr_path.split("."):
@@ -66,6 +66,19 @@ def import_entry(entry: str, root: str | None = None) -> Any:
                 details={"entry": entry},
             ) from None
     return obj
+
+
+def _where(exc: BaseException, module_name: str, root: str | None) -> str:
+    """Where the entry's own module was looked for, when that is what was not found."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if not missing or not (module_name + ".").startswith(missing + "."):
+        return ""  # found, or what is missing is something the plugin imports
+    if root is None:
+        return (
+            "; the plugin has no root: give its manifest one (the directory holding "
+            f"{missing.partition('.')[0]!r}), or install the plugin"
+        )
+    return f"; it is not under the plugin's root {root}"
 
 
 def _is_async(fn: Any) -> bool:
