@@ -435,3 +435,17 @@ def test_every_option_of_every_command_has_help() -> None:
         if action.option_strings and not action.help
     ]
     assert bare == []
+
+
+def test_input_from_an_empty_stdin_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "--input -" with nothing piped read "not valid JSON (Expecting value: ...): "
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "tests.sample", "echo", "--input", "-", *SAMPLE])
+    assert info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "stdin was empty" in err and "Expecting value" not in err
