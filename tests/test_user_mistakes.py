@@ -7,7 +7,6 @@ that used to end in a bare exception from deep inside (or a message that did not
 from __future__ import annotations
 
 import asyncio
-import datetime
 from pathlib import Path
 
 import pytest
@@ -135,19 +134,6 @@ async def test_an_unserializable_output_reads_the_same_on_every_backend(
             messages.append(result.error.message)
     assert messages[0] == messages[1]
     assert "dict, list, str, bytes" in messages[1] and "WireError" not in messages[1]
-
-
-@pytest.mark.parametrize("value", [datetime.datetime(2026, 1, 2), {1, 2}, object()])
-def test_a_context_that_is_not_plain_data_is_refused_as_input_is(value: object) -> None:
-    # A datetime in the context reached an in-process handler as a datetime and a worker's
-    # as a float timestamp (a set: a set, or a list): refused up front now, as input is.
-    with pytest.raises(InvalidRequestError, match="context is not serializable"):
-        ExecutionRequest(plugin_id=P, handler_id="echo", context={"when": value})
-
-
-def test_a_plain_context_is_kept_as_given() -> None:
-    context = {"host": "cli", "tenant": 7, "config": {"retries": [1, 2.5, None, b"x"]}}
-    assert ExecutionRequest(plugin_id=P, handler_id="echo", context=context).context == context
 
 
 async def test_a_workspace_root_that_is_a_file(registry: PluginRegistry, tmp_path: Path) -> None:

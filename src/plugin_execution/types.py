@@ -91,15 +91,7 @@ def _to_context(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidRequestError(f"context must be a mapping; got {type(value).__name__}")
-    context = dict(value)
-    for item in context.values():  # the usual context (ids, a host name) costs a type() each
-        if type(item) not in _SCALARS:
-            check_serializable(context, "context")  # a worker would get it converted
-            break
-    return context
-
-
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+    return dict(value)
 
 
 _check_plugin_id = _check_id(_ID, "plugin_id", remember=True)
