@@ -361,6 +361,19 @@ def test_demo_selected_backend_in_process(capsys: pytest.CaptureFixture[str]) ->
     assert "6765" in out  # fib(20)
 
 
+def test_demo_backends_comma_separated_as_bench_takes_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # bench takes --backends a,b; a user who wrote the same for demo got "invalid choice"
+    status, out, _ = run_main(capsys, "demo", "--backends", "in-process,in-process")
+    assert status == 0
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["in-process"] * 4
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["demo", "--backends", "in-process,nope"])
+    assert info.value.code == 2
+    assert "'nope'" in capsys.readouterr().err
+
+
 def test_output_bytes_are_base64() -> None:
     assert json.loads(_common.dumps({"b": b"\x00\xff"})) == {"b": {"$base64": "AP8="}}
 
@@ -407,3 +420,32 @@ def test_serve_without_channels_is_an_error(
     monkeypatch.setattr(PluginRegistry, "from_entry_points", classmethod(lambda cls: cls()))
     assert cli.main(["serve", "--port", "0"]) == cli.EXIT_FAILED
     assert "no discovered plugin declares a channel" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    # `bench --help` listed --input, --context and --executions with no word on them
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {action.option_strings[-1]}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert bare == []
+
+
+def test_input_from_an_empty_stdin_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "--input -" with nothing piped read "not valid JSON (Expecting value: ...): "
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["run", "tests.sample", "echo", "--input", "-", *SAMPLE])
+    assert info.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "stdin was empty" in err and "Expecting value" not in err

@@ -203,12 +203,12 @@ def test_manifest_from_dict_accepts_the_keyed_form() -> None:
         ),
         pytest.param(
             'id = "p"\n[handlers.h]\nentry = "m:f"\nretries = 3\n',
-            r"retries @ manifest\.handlers\[0\]",
+            r"unknown key 'retries' .*@ manifest\.handlers\[0\]",
             id="unknown-handler-key",
         ),
         pytest.param(
             'id = "p"\n[permissions.network]\nlisten = ["*"]\n',
-            r"listen @ manifest\.permissions\.network",
+            r"unknown key 'listen' .*@ manifest\.permissions\.network",
             id="unknown-permission-key",
         ),
         pytest.param(
@@ -270,7 +270,7 @@ def test_every_problem_is_listed(tmp_path: Path) -> None:
         load_manifest(path)
     message = info.value.message
     assert "extra" in message
-    assert "handlers[1]" in message and " x " in message.replace(":", " ")
+    assert "handlers[1]" in message and "unknown key 'x'" in message
 
 
 def test_manifest_error_carries_the_plugin_id_when_known(tmp_path: Path) -> None:

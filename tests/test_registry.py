@@ -19,7 +19,7 @@ from plugin_execution import (
     PluginRegistry,
     ValidationError,
 )
-from plugin_execution.handlers import import_entry, load_handler
+from plugin_execution.handlers import Handler, import_entry, load_handler
 from plugin_execution.registry import ENTRY_POINT_GROUP
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -285,6 +285,27 @@ def test_import_entry_module_raising_at_import(tmp_path: Path, clean_sys_path: N
     assert "kaboom at import" in err.details["traceback"]
 
 
+def test_a_plugin_module_not_found_says_where_it_was_looked_for(
+    tmp_path: Path, clean_sys_path: None
+) -> None:
+    # registry.register(PluginManifest(...)) without root= read only "No module named 'pe_x'"
+    with pytest.raises(HandlerNotFoundError) as info:
+        import_entry("pe_nowhere.handlers:run")
+    assert "No module named 'pe_nowhere'" in info.value.message
+    assert "the plugin has no root" in info.value.message
+    with pytest.raises(HandlerNotFoundError) as info:
+        import_entry("pe_nowhere.handlers:run", str(tmp_path))
+    assert f"not under the plugin's root {tmp_path}" in info.value.message
+    # a module the plugin imports that is missing is the plugin's business: no hint
+    (tmp_path / "pe_needs_dep.py").write_text("import pe_not_installed_dep\n")
+    try:
+        with pytest.raises(HandlerNotFoundError) as info:
+            import_entry("pe_needs_dep:run", str(tmp_path))
+    finally:
+        sys.modules.pop("pe_needs_dep", None)
+    assert "root" not in info.value.message
+
+
 @pytest.mark.parametrize("entry", ["nocolon", "mod:", ":attr"])
 def test_import_entry_malformed(entry: str) -> None:
     with pytest.raises(HandlerNotFoundError, match="is not of the form") as info:
@@ -295,7 +316,7 @@ def test_import_entry_malformed(entry: str) -> None:
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("sample:not_a_handler", "is a int, not a handler"),
+        ("sample:not_a_handler", "is an int, not a handler"),
         ("sample:NoExecute", "is a NoExecute, not a handler"),
         ("sample:Point", "could not be instantiated without arguments"),
     ],
@@ -305,6 +326,76 @@ def test_load_handler_contract_errors(entry: str, message: str) -> None:
         load_handler(entry)
     assert info.value.code == "HANDLER_CONTRACT_ERROR"
     assert info.value.details["entry"] == entry
+
+
+def _takes_ctx_only(ctx):  # type: ignore[no-untyped-def]
+    return None
+
+
+def _takes_three(ctx, input, extra):  # type: ignore[no-untyped-def]
+    return None
+
+
+async def _takes_required_keyword(ctx, input, *, mode):  # type: ignore[no-untyped-def]
+    return None
+
+
+class _ExecuteWithoutInput:
+    def execute(self, ctx):  # type: ignore[no-untyped-def]
+        return None
+
+
+@pytest.mark.parametrize(
+    ("target", "shown"),
+    [
+        (_takes_ctx_only, "(ctx)"),
+        (_takes_three, "(ctx, input, extra)"),
+        (_takes_required_keyword, "(ctx, input, *, mode)"),
+        (_ExecuteWithoutInput, "(ctx)"),
+        (lambda: None, "()"),
+    ],
+)
+def test_a_handler_that_cannot_take_ctx_and_input_is_a_contract_error(
+    target: object, shown: str
+) -> None:
+    # A user whose handler has the wrong signature gets told so when it is loaded, not a
+    # TypeError from the runtime's frames as a HANDLER_ERROR.
+    with pytest.raises(HandlerContractError) as info:
+        Handler("mod:handler", target)
+    message = info.value.message
+    assert f"takes {shown}" in message and "(ctx, input)" in message, message
+    assert info.value.details["entry"] == "mod:handler"
+
+
+def _extra_defaulted(ctx, input, extra=None, *, mode="x"):  # type: ignore[no-untyped-def]
+    return input
+
+
+def _star_args(*args):  # type: ignore[no-untyped-def]
+    return args[1]
+
+
+class _Callable:
+    def __call__(self, ctx, input):  # type: ignore[no-untyped-def]
+        return input
+
+
+@pytest.mark.parametrize(
+    "target", [_extra_defaulted, _star_args, _Callable(), lambda ctx, input, **kw: input]
+)
+def test_signatures_that_can_take_ctx_and_input_load(target: object) -> None:
+    assert Handler("mod:handler", target).call(None, 7) == 7
+
+
+@pytest.mark.parametrize("bad", [[3, 4], "3,4", 7, None])
+def test_typed_input_that_is_not_a_mapping_says_so(bad: object) -> None:
+    # [3, 4] for Point(x, y) read "invalid value for type, expected int @ input.x"
+    with pytest.raises(ValidationError) as info:
+        load_handler("sample:typed").call(None, bad)
+    message = info.value.message
+    assert "expected int" not in message, message
+    assert f"a mapping of Point's fields, got {type(bad).__name__}" in message, message
+    assert info.value.field == "input"
 
 
 async def test_async_and_sync_functions() -> None:

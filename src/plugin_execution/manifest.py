@@ -7,6 +7,7 @@ A malformed manifest raises :class:`~plugin_execution.errors.ManifestError` nami
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -279,9 +280,18 @@ def _keyed_list(value: Any) -> Any:
 def _describe(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        keys = [field.name for field in attrs.fields(exc.cl)]
+        return "; ".join(_unknown_key(extra, keys) for extra in sorted(exc.extra_fields))
     if str(exc):
         return str(exc)
     return cattrs.v.format_exception(exc, type_)
+
+
+def _unknown_key(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key {key!r} ({hint}keys here: {', '.join(keys)})"
 
 
 def manifest_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None) -> PluginManifest:

@@ -20,6 +20,7 @@ missing or empty is one inline syscall; anything else runs in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -410,8 +411,12 @@ class WorkspaceManager:
             if problem is None and stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(root, 0o700)
         except OSError as exc:
+            why = exc.strerror
+            if isinstance(exc, FileExistsError) or exc.errno == errno.ENOTDIR:
+                why = "it (or a parent) exists and is not a directory"
             raise WorkspaceError(
-                f"cannot use {root} as the workspace root: {exc.strerror}",
+                f"cannot use {root} as the workspace root: {why}; pass a directory this "
+                "process may create and write, as workspace= or WorkspaceManager(root=...)",
                 details={"path": root, "error": exc.strerror},
             ) from exc
         if problem is not None:

@@ -9,6 +9,7 @@ finished (the execution stopped, counted ``ABORTED``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -94,6 +95,13 @@ class AsyncioBackend:
             raise BackendClosedError(
                 f"{self.backend.name} backend was already started; make a new one"
             )
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "this backend runs on asyncio, and no asyncio loop is running here: from "
+                "trio, use plugin_execution.create_execution_backend"
+            ) from None
         run = await _guest.acquire()
         try:
             self._held = await run.enter(self.backend)

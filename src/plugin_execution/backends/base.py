@@ -23,7 +23,7 @@ import trio
 
 from .._groups import unwrap_all_of
 from ..context import NULL_SINK
-from ..errors import BackendClosedError, ExecutionError
+from ..errors import BackendClosedError, ExecutionError, InvalidRequestError
 from ..platform import Platform, PlatformSession
 from ..registry import PluginRegistry, ResolvedHandler
 from ..run_many import Batches, MapResults, Requests, run_many
@@ -44,6 +44,27 @@ __all__ = ["Attachment", "ExecutionBackend", "Job"]
 _State = Literal["new", "running", "closing", "closed"]
 
 _MiB = 1024 * 1024
+
+
+def _check_trio() -> None:
+    """Raise a clear RuntimeError when entered outside trio (from asyncio, most likely)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise RuntimeError(
+            "this backend runs on trio, and no trio run is active here: from asyncio "
+            "(FastAPI, aiohttp...), use plugin_execution.asyncio.create_execution_backend "
+            "(docs/asyncio.md)"
+        ) from None
+
+
+def _check_request(request: object) -> None:
+    """Raise a clear InvalidRequestError unless ``request`` is an ExecutionRequest."""
+    if not isinstance(request, ExecutionRequest):
+        raise InvalidRequestError(
+            f"expected an ExecutionRequest, got a {type(request).__name__}: build one with "
+            "ExecutionRequest(plugin_id=..., handler_id=..., input=...)"
+        )
 
 
 class ExecutionBackend(abc.ABC):
@@ -94,6 +115,7 @@ class ExecutionBackend(abc.ABC):
         at start: ``WorkerCrashedError``), not a group of them (see ``unwrap_all_of``)."""
         if self._state != "new":
             raise BackendClosedError(f"{self.name} backend was already started; make a new one")
+        _check_trio()
         self._state = "running"
         with unwrap_all_of(ExecutionError):
             try:
@@ -221,8 +243,11 @@ class ExecutionBackend(abc.ABC):
         ``timeout`` (seconds) overrides the request's. On failure raises an
         :class:`ExecutionError` subclass, or with ``raise_errors=False`` returns a result
         with ``ok=False`` and ``error`` set. Cancelling the call cancels the execution
-        wherever it runs, then raises :class:`trio.Cancelled` as usual.
+        wherever it runs, then raises :class:`trio.Cancelled` as usual. Something else than
+        an :class:`ExecutionRequest` raises :class:`InvalidRequestError` either way.
         """
+        if type(request) is not ExecutionRequest:
+            _check_request(request)
         return await self._execute(request, timeout, NULL_SINK, raise_errors)
 
     async def run_channel(
@@ -351,6 +376,7 @@ class ExecutionBackend(abc.ABC):
     ) -> AsyncIterator[Execution]:
         """:meth:`open_execution` of a ``target`` given directly (not looked up in the
         registry), e.g. the events-style adapter of a WebSocket channel."""
+        _check_request(request)
         self._check_running()
 
         def run(sink: EventSink) -> Awaitable[ExecutionResult]:

@@ -59,16 +59,35 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bench.add_argument("plugin_id", metavar="PLUGIN_ID")
     bench.add_argument("handler_id", metavar="HANDLER_ID")
-    bench.add_argument("--input", default={}, type=json_value, metavar="JSON")
-    bench.add_argument("--context", type=json_object, default={}, metavar="JSON")
+    bench.add_argument(
+        "--input",
+        default={},
+        type=json_value,
+        metavar="JSON",
+        help="the input of every execution, as JSON (default {})",
+    )
+    bench.add_argument(
+        "--context",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help='the context descriptor, a JSON object (default host: "cli")',
+    )
     bench.add_argument(
         "--backends",
         type=_backend_list,
         default=["in-process", "worker-pool", "subprocess"],
         metavar="LIST",
-        help="comma-separated (default in-process,worker-pool,subprocess)",
+        help="comma-separated, e.g. in-process,subprocess (default "
+        "in-process,worker-pool,subprocess)",
     )
-    bench.add_argument("--executions", type=_positive_int, default=1000, metavar="N")
+    bench.add_argument(
+        "--executions",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="executions per backend and concurrency (default 1000)",
+    )
     bench.add_argument(
         "--concurrency",
         type=_int_list,

@@ -59,6 +59,8 @@ def json_value(text: str) -> Any:
     """An argparse type: JSON text (``-``: read from stdin)."""
     if text == "-":
         text = sys.stdin.read()
+        if not text.strip():
+            raise argparse.ArgumentTypeError("'-' reads JSON from stdin, and stdin was empty")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

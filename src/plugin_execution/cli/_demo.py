@@ -44,11 +44,23 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument(
         "--backends",
         nargs="+",
-        choices=BACKEND_TYPES,
+        type=_backend_names,
         metavar="TYPE",
-        help=f"backends to try (default: all but auto; choose from {', '.join(BACKEND_TYPES)})",
+        help="backends to try, space- or comma-separated (default: all but auto; choose from "
+        f"{', '.join(BACKEND_TYPES)})",
     )
     demo.set_defaults(func=_cmd_demo)
+
+
+def _backend_names(text: str) -> list[str]:
+    """``in-process`` or ``in-process,subprocess`` (as ``bench --backends`` takes them)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in BACKEND_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"unknown backend {name!r}; choose from {', '.join(BACKEND_TYPES)}"
+            )
+    return names
 
 
 @attrs.frozen
@@ -64,7 +76,8 @@ class DemoRow:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    types: list[str] = args.backends or [t for t in BACKEND_TYPES if t != "auto"]
+    requested = [name for names in args.backends or () for name in names]
+    types = list(dict.fromkeys(requested)) or [t for t in BACKEND_TYPES if t != "auto"]
     registry = PluginRegistry.from_entry_points()
     if DEMO_PLUGIN not in registry:  # running from a source tree without entry points
         from ..examples.manifest import manifest

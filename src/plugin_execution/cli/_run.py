@@ -67,8 +67,18 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="JSON",
         help='the context descriptor, a JSON object (default host: "cli")',
     )
-    run.add_argument("--backend", choices=BACKEND_TYPES, default="auto")
-    run.add_argument("--timeout", type=_seconds, metavar="S", help="time limit in seconds")
+    run.add_argument(
+        "--backend",
+        choices=BACKEND_TYPES,
+        default="auto",
+        help="where to run it (default auto: in-process; docs/backends.md)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="time limit in seconds (default: the handler's, else 30)",
+    )
     run.add_argument(
         "--events",
         action="store_true",

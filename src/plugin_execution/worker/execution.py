@@ -380,9 +380,11 @@ class Executions:
                 self._send_message(message, "output")
                 return
             except BaseException as exc:  # msgpack's errors, or what a hostile value raised
-                error = _InvalidRequest(
-                    f"the handler's output is not serializable (plain data only): "
-                    f"{type(exc).__name__}: {safe_text(exc)}"
+                cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                error = _InvalidRequest(  # worded as in-process (types.check_serializable)
+                    "the handler's output is not serializable (plain data only: dict, list, "
+                    f"str, bytes, int, float, bool, None): {type(cause).__name__}: "
+                    f"{safe_text(cause)}"
                 )
         # Bounded plain data, whatever the error holds: sending it cannot fail.
         self._send("error", {"execution_id": execution_id, "error": plain_error(error)})
