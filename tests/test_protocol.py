@@ -1201,3 +1201,44 @@ def test_unsent_is_what_follows_the_bytes_written(parts: list[bytes], data: st.D
     rest = _wire.unsent(parts, sent)
     assert b"".join(rest) == whole[sent:]
     assert all(len(piece) for piece in rest)
+
+
+def _held_after(pack: Any) -> int:
+    """Bytes still allocated after ``pack()`` ran and its result was dropped."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        pack()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_big_frame_leaves_no_big_packer_buffer_behind() -> None:
+    """A kept msgpack Packer holds its buffer at about twice the largest payload it packed:
+    one 4 MiB input would cost its connection 8 MiB for good (a worker's, for the life of
+    the worker). After a big payload, host connections and workers' encoders take a new one."""
+    host = Connection("host")
+    encoder = _wire.FrameEncoder()
+    big = {"blob": bytes(4 << 20)}  # a dict: packed whole by the kept packer
+    senders = {
+        "execute": lambda: host.send_execute(
+            execution_id="e",
+            plugin_id="p",
+            handler_id="h",
+            entry="m:f",
+            root=None,
+            input=big,
+            context={},
+            workspace=None,
+            timeout=None,
+        ),
+        "ch_data": lambda: host.send_channel_data("c", big["blob"].decode("latin-1")),
+        "worker frame": lambda: encoder.encode_message({"t": "result", "output": big}),
+    }
+    for name, send in senders.items():
+        assert _held_after(send) < 1 << 20, name

@@ -302,20 +302,7 @@ async def test_huge_execution_ids_are_a_protocol_error(
             assert all(proc.calls._calls == {} for proc in _procs(backend))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "worker-pool",
-        pytest.param(
-            "subprocess",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="found 2026-12-05: the host also holds each running invocation's "
-                "packed Execute frame, not counted: peak ~140-200 MiB, not 64 + slack",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["worker-pool", "subprocess"])
 async def test_platform_calls_in_flight_are_bounded_in_bytes(
     kind: str, plugins: PluginRegistry, workspaces: WorkspaceManager, platform: Platform
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Final
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 from ..converter import converter
-from ..worker._wire import FrameBuffer, pack_parts
+from ..worker._wire import PACKER_KEEP, FrameBuffer, pack_parts
 from ._codec import (
     CODECS,
     TooManyValues,
@@ -103,8 +103,10 @@ class Connection(FrameBuffer):
 
     def pack_plain(self, value: Any) -> bytes:
         """msgpack of plain data, as ``_codec.pack_plain`` (the hot paths' encoding), with
-        this connection's packer."""
+        this connection's packer; after a big payload, a new packer (see ``PACKER_KEEP``)."""
         packed: bytes = self._pack(value)
+        if len(packed) > PACKER_KEEP:
+            self._pack = msgpack.Packer(use_bin_type=True).pack
         return packed
 
     @property
@@ -254,7 +256,7 @@ class Connection(FrameBuffer):
         }
         try:
             parts = pack_parts(fields, "input") if type(input) is bytes else None
-            payload: bytes = self._pack(fields) if parts is None else parts[0]
+            payload: bytes = self.pack_plain(fields) if parts is None else parts[0]
         except (TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"cannot encode 'execute': {clip(str(exc))}") from exc
         size = len(payload) if parts is None else int.from_bytes(payload[:_HEADER_SIZE], "big")
@@ -298,7 +300,7 @@ class Connection(FrameBuffer):
                 f"cannot encode 'ch_data': channel_id is str and data str or bytes, not "
                 f"{type(channel_id).__name__} and {type(data).__name__}"
             )
-        payload: bytes = self._pack({"t": ChannelData.tag, "channel_id": channel_id, "data": data})
+        payload = self.pack_plain({"t": ChannelData.tag, "channel_id": channel_id, "data": data})
         if len(payload) > self.max_frame_size:
             raise ProtocolError(
                 f"cannot send 'ch_data': its frame of {len(payload)} bytes is over the "

@@ -47,6 +47,10 @@ _HEADER_SIZE = 4
 #: ``bytes`` value of at least this size is written from where it lies (see pack_parts).
 BIG = 1 << 16
 _KEEP = 8 << 20  # the largest big-frame buffer kept for the next one
+#: A kept msgpack ``Packer`` keeps its buffer at about twice the largest payload it ever
+#: packed (a fresh one holds 256 KiB). After a payload bigger than this, its keeper takes a
+#: new Packer, so one big frame's memory is not held for the life of the connection.
+PACKER_KEEP = 256 << 10
 _BIN32 = b"\xc6"  # msgpack's bin 32 header byte: what packb writes for bytes >= 64 KiB
 
 # tag -> the message's field names; every frame carries all of them.
@@ -169,6 +173,8 @@ class FrameEncoder:
                     # A Packer that raises drops what it had packed of the value: nothing
                     # is left over for the next frame.
                     payload: bytes = self._packer.pack(message)
+                    if len(payload) > PACKER_KEEP:
+                        self._packer = msgpack.Packer(use_bin_type=True)
                 finally:
                     in_use.release()
             else:
