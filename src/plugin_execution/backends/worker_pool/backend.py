@@ -61,7 +61,8 @@ class WorkerPoolBackend(ExecutionBackend):
     (workers failing on their own only: not those killed by their work);
     ``crash_breaker_threshold`` [5] worker-killing executions in a row quarantine a plugin
     for ``crash_breaker_cooldown`` [30 s] (``PluginQuarantinedError``; 0 or None: off);
-    ``memory_mb`` / ``open_files`` limits per worker; ``env``: extra environment variables
+    ``memory_mb`` / ``open_files`` limits per worker (``open_files`` 1024 when sandboxed,
+    else none, unless given); ``env``: extra environment variables
     for the workers (they get a minimal base environment, never the host's secrets);
     ``launcher``: a :class:`~plugin_execution.host.handle.WorkerLauncher` starting the
     workers instead (another kind of worker; ``kind``, ``env`` and the limits then do not

@@ -62,6 +62,13 @@ class SandboxedPoolHost(PoolParts, Protocol):
     def _is_running(self) -> bool: ...
 
 
+#: ``RLIMIT_NOFILE`` of a sandboxed worker when the pool's ``open_files`` is not given: an
+#: untrusted plugin's process may not take as many fds as the host's own limit allows. Above
+#: the subprocess backend's 256 per child: a warm worker serves executions one after another
+#: and, with ``max_concurrency_per_worker``, several at once.
+SANDBOXED_OPEN_FILES = 1024
+
+
 class SandboxedPool:
     """The sandboxed pool's own parts, made by :class:`~.backend.WorkerPoolBackend` when
     ``sandbox`` is on (the unsandboxed pool has none of it): its launcher (spawned workers,
@@ -81,7 +88,7 @@ class SandboxedPool:
         self._sandbox_option = sandbox
         self._sandbox: SandboxPolicy | None = None
         self._memory_mb = memory_mb
-        self._open_files = open_files
+        self._open_files = SANDBOXED_OPEN_FILES if open_files is None else open_files
         self._pool_env = env
         #: Each live worker's own directory and the layers it runs under.
         self._homes: dict[WorkerHandle, tuple[str, tuple[str, ...]]] = {}
