@@ -153,9 +153,19 @@ def test_connect_patterns() -> None:
     assert parse_connect_pattern("db.internal:5432") == ("db.internal", 5432)
     assert parse_connect_pattern("*:443") == ("*", 443)
     assert parse_connect_pattern("[::1]:*") == ("[::1]", None)
-    for bad in ("db.internal", "http://db:1", "db:port"):
+    # A port in other scripts' digits (Arabic-Indic, fullwidth) is not one: str.isdigit
+    # says yes and int() reads them as 80 and 443.
+    for bad in (
+        "db.internal",
+        "http://db:1",
+        "db:port",
+        "db:\u0668\u0660",
+        "db:\uff14\uff14\uff13",
+    ):
         with pytest.raises(ValueError):
             parse_connect_pattern(bad)
+    with pytest.raises(ValueError):
+        parse_url_pattern("https://example.com:\u0668\u0660/x")
 
 
 def test_service_grants() -> None:

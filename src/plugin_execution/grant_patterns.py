@@ -121,6 +121,6 @@ def _split_port(text: str, authority: str, default: int | None) -> tuple[str, in
         return host.lower(), default
     if port_text == "*":
         return host.lower(), None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"{text!r}: port {port_text!r} is not a number in 1..65535 or '*'")
     return host.lower(), int(port_text)
