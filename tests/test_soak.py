@@ -6,10 +6,10 @@ while handlers crash, hang, fork and blow their quotas and a saboteur kills work
 
 The runs are short, so the saboteur strikes twice as often as the soak's default (every
 0.5 s on average): about as many faults from outside as a run of 1,000 executions gets. With
-the fixed seed, 400 executions plan every kind (and 6-7 crashes and memory kills, one more
-than the crash breaker's threshold, so its quarantine is reached too); the spawned children
-of ``--start-method spawn`` cost the most, so that run plans 200 (every kind again). The
-long soak stays ``benchmarks/soak.py``.
+the fixed seed, 400 executions plan every kind (and 6-7 crashes and as many memory kills,
+past the crash breaker's threshold of 5 in a row, so its quarantine usually comes into play
+too); the spawned children of ``--start-method spawn`` cost the most, so that run plans 200
+(every kind again). The long soak stays ``benchmarks/soak.py``.
 """
 
 from __future__ import annotations
