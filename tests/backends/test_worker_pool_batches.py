@@ -140,7 +140,10 @@ async def test_leaving_the_block_stops_the_batches_in_flight(
     registry: PluginRegistry, workspaces: WorkspaceManager, batches: list[int]
 ) -> None:
     requests = [req("sleep", {"seconds": 30}) for _ in range(64)]
-    async with pool(registry, workspaces, min_workers=2, max_workers=2) as backend:
+    # A generous cancel_grace: 32 cancelled sleeps are acknowledged at once, and a worker a
+    # loaded machine keeps waiting past the file's 0.3 s would be killed, not cancelled.
+    options = {"min_workers": 2, "max_workers": 2, "cancel_grace": 10.0}
+    async with pool(registry, workspaces, **options) as backend:
         with trio.fail_after(20):
             async with backend.map(requests, concurrency=32):
                 await trio.sleep(0.5)

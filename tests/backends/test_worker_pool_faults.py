@@ -228,7 +228,7 @@ async def test_many_crashes_and_kills_do_not_exhaust_restart_intensity(
             await crashes_counted(backend, 12)
             for _ in range(4):  # one at a time: a timeout spent queued would kill nothing
                 await full_strength(backend, 2)
-                await one(req("spin"), 1.0)
+                await one(req("spin"), 0.5)
             # A kill is counted by its slot once it has closed the killed worker, after the
             # caller got its TIMEOUT; the slot then starts its replacement. Back at full
             # strength, the last kill is counted too.
@@ -437,7 +437,7 @@ async def test_a_timed_out_worker_is_handed_nothing_while_it_is_killed(
 
                 async def spin() -> None:
                     with pytest.raises(ExecutionTimeoutError):
-                        await backend.execute(req("spin"), timeout=1.0)
+                        await backend.execute(req("spin"), timeout=0.5)
 
                 nursery.start_soon(spin)
                 await trio.sleep(0.05)
