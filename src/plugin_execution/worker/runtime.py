@@ -63,6 +63,22 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _read_into(decoder: FrameDecoder, fd: int) -> bool:
+    """Read what the host sent into ``decoder`` (a big frame's rest straight into its own
+    buffer); False at the end of the stream. OSError as ``os.read`` raises it."""
+    big = decoder.big_view()
+    if big is not None:
+        count = os.readv(fd, (big,))
+        decoder.big_filled(count)
+        if count:
+            return True
+    data = os.read(fd, _READ_SIZE)
+    if not data:
+        return False
+    decoder.feed(data)
+    return True
+
+
 class _Stop(Exception):
     """Ends an in-thread worker's serve loop."""
 
@@ -203,18 +219,11 @@ class Worker:
                     # switch per round trip (~a third of the worker's CPU); poll() is not
                     # woken by it.
                     self._poller.poll()
-                    big = decoder.big_view()
-                    if big is not None:
-                        count = os.readv(fd, (big,))
-                        decoder.big_filled(count)
-                        if count:
-                            continue
-                    data = os.read(fd, _READ_SIZE)
+                    more = _read_into(decoder, fd)
                 except OSError:
-                    data = b""
-                if not data:
+                    more = False
+                if not more:
                     self._exit(0)
-                decoder.feed(data)
         except WireError as exc:
             # Only a host bug gets here; say so on stderr (the host shows its tail in the
             # WorkerCrashedError) rather than dying with a traceback.
@@ -417,21 +426,14 @@ async def _loop_reader(
             if handback is not None and not worker._channels:
                 break
             try:
-                big = decoder.big_view()
-                if big is not None:
-                    count = os.readv(fd, (big,))
-                    decoder.big_filled(count)
-                    if count:
-                        continue
-                data = os.read(fd, _READ_SIZE)
+                more = _read_into(decoder, fd)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
                 continue
             except OSError:
-                data = b""
-            if not data:
+                more = False
+            if not more:
                 worker._exit(0)
-            decoder.feed(data)
     except (_Stop, WireError) as exc:
         if handback is None:  # no thread to hand it to: as _lead does
             os.write(2, f"plugin_execution worker: bad frame from the host: {exc}\n".encode())
