@@ -157,14 +157,20 @@ def _writable(writes: list[str]) -> list[tuple[int, str]]:
     ]
 
 
+def _literal_length(segments: list[str]) -> int:
+    """How many leading ``segments`` of a path are literal (have no glob characters)."""
+    literal = 0
+    while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
+        literal += 1
+    return literal
+
+
 def _planted(pattern: str, writable: list[tuple[int, str]], own: int | None = None) -> bool:
     """Whether ``pattern`` (absolute) goes through a directory of ``writable`` (but its own
     entry, ``own``): one a name of it is looked up in, as it resolves now: those above the
     last name of a plain path; those down to the literal part of a glob."""
     segments = pattern.split("/")
-    literal = 0
-    while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
-        literal += 1
+    literal = _literal_length(segments)
     for end in range(1, min(literal, len(segments) - 1) + 1):
         where = os.path.realpath("/".join(segments[:end]) or "/")
         if any(i != own and _under(where, w) for i, w in writable):
@@ -213,15 +219,9 @@ def _path_grants(patterns: Iterable[str], root: str | None) -> list[tuple[str, s
     it is compared with do); relative grants are relative to the plugin's root, and mean
     nothing without one."""
     grants = []
-    for pattern in patterns:
-        if not os.path.isabs(pattern):
-            if root is None:
-                continue
-            pattern = os.path.join(root, pattern)
-        segments = os.path.normpath(pattern).split("/")
-        literal = 0
-        while literal < len(segments) and not _GLOB_CHARS & set(segments[literal]):
-            literal += 1
+    for pattern in _absolute(patterns, root):
+        segments = pattern.split("/")
+        literal = _literal_length(segments)
         prefix = os.path.realpath("/".join(segments[:literal]) or "/")
         rest = "/".join(segments[literal:])
         if rest:
