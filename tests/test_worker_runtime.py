@@ -307,6 +307,27 @@ def test_a_context_made_by_position_is_the_one_made_by_keyword() -> None:
         assert getattr(by_position, name) == getattr(by_keyword, name), name
 
 
+def start_sleeping(driver: Driver) -> dict[str, Any]:
+    """Start a 30 s async ``sleep``; a ``ping`` is answered while it runs. Its fields."""
+    sleeping = driver.fields("sleep", {"seconds": 30.0})
+    driver.sock.sendall(encode("execute", sleeping))
+    pong = driver.ping(7)
+    assert pong["seq"] == 7 and pong["in_flight"] == 1
+    return sleeping
+
+
+def serve_beside_then_cancel(driver: Driver, sleeping: dict[str, Any]) -> None:
+    """While ``sleeping`` runs an async handler is served beside it; a ``cancel`` ends it
+    ABORTED; then a sync handler is served."""
+    assert driver.execute("echo", "async")["output"] == "async"
+    cancel = {"execution_id": sleeping["execution_id"], "reason": "test"}
+    driver.sock.sendall(encode("cancel", cancel))
+    answer = driver.frames(1)[-1]
+    assert answer["execution_id"] == sleeping["execution_id"]
+    assert answer["error"]["code"] == "ABORTED"
+    assert driver.execute("add", {"a": 2, "b": 3})["output"] == 5
+
+
 def test_async_handlers_run_on_a_loop_of_their_own_while_the_reader_reads(
     registry: PluginRegistry,
 ) -> None:
@@ -321,20 +342,11 @@ def test_async_handlers_run_on_a_loop_of_their_own_while_the_reader_reads(
         wait_for_reader(worker)
         reader = worker._leader
         assert reader is not None
-        sleeping = driver.fields("sleep", {"seconds": 30.0})
-        driver.sock.sendall(encode("execute", sleeping))
-        pong = driver.ping(7)
-        assert pong["seq"] == 7 and pong["in_flight"] == 1
+        sleeping = start_sleeping(driver)
         assert worker._leader == reader
         stack = traceback.extract_stack(sys._current_frames()[reader])
         assert not any(frame.filename.endswith("_core/_run.py") for frame in stack)  # no loop
-        assert driver.execute("echo", "async")["output"] == "async"
-        cancel = {"execution_id": sleeping["execution_id"], "reason": "test"}
-        driver.sock.sendall(encode("cancel", cancel))
-        answer = driver.frames(1)[-1]
-        assert answer["execution_id"] == sleeping["execution_id"]
-        assert answer["error"]["code"] == "ABORTED"
-        assert driver.execute("add", {"a": 2, "b": 3})["output"] == 5
+        serve_beside_then_cancel(driver, sleeping)
         assert worker._leader == reader
 
 
@@ -353,17 +365,8 @@ def test_a_one_shot_childs_first_async_handler_runs_its_loop_on_the_reading_thre
         wait_for_reader(worker)
         first_reader = worker._leader
         assert first_reader is not None
-        sleeping = driver.fields("sleep", {"seconds": 30.0})
-        driver.sock.sendall(encode("execute", sleeping))
-        pong = driver.ping(7)
-        assert pong["seq"] == 7 and pong["in_flight"] == 1
+        sleeping = start_sleeping(driver)
         assert worker._leader is None  # no thread reads now: the loop does
         stack = traceback.extract_stack(sys._current_frames()[first_reader])
         assert "run_here" in [frame.name for frame in stack]  # the loop runs on the first
-        assert driver.execute("echo", "async")["output"] == "async"
-        cancel = {"execution_id": sleeping["execution_id"], "reason": "test"}
-        driver.sock.sendall(encode("cancel", cancel))
-        answer = driver.frames(1)[-1]
-        assert answer["execution_id"] == sleeping["execution_id"]
-        assert answer["error"]["code"] == "ABORTED"
-        assert driver.execute("add", {"a": 2, "b": 3})["output"] == 5
+        serve_beside_then_cancel(driver, sleeping)
