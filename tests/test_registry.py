@@ -380,8 +380,20 @@ class _Callable:
         return input
 
 
+class _CallableWithDefaults:
+    def __call__(self, ctx, input, extra=None, *, mode="x"):  # type: ignore[no-untyped-def]
+        return input
+
+
 @pytest.mark.parametrize(
-    "target", [_extra_defaulted, _star_args, _Callable(), lambda ctx, input, **kw: input]
+    "target",
+    [
+        _extra_defaulted,
+        _star_args,
+        _Callable(),
+        _CallableWithDefaults(),
+        lambda ctx, input, **kw: input,
+    ],
 )
 def test_signatures_that_can_take_ctx_and_input_load(target: object) -> None:
     assert Handler("mod:handler", target).call(None, 7) == 7

@@ -100,18 +100,18 @@ def _signature_problem(fn: Any) -> str | None:
     Read from the code object, without ``inspect`` (~13 ms in a fresh child); a callable
     whose code we cannot see (a builtin, a partial) is given the benefit of the doubt.
     """
+    func = getattr(fn, "__func__", fn)  # a bound method's function
     offset = 1 if getattr(fn, "__self__", None) is not None else 0
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if code is None and not hasattr(fn, "__name__"):  # an object with __call__
-        code = getattr(type(fn).__call__, "__code__", None)
-        offset = 1
+    if not hasattr(func, "__code__") and not hasattr(fn, "__name__"):  # an object with __call__
+        func, offset = type(fn).__call__, 1
+    code = getattr(func, "__code__", None)
     if code is None:
         return None
     flags = code.co_flags
     positional = code.co_varnames[offset : code.co_argcount]
     keyword_only = code.co_varnames[code.co_argcount : code.co_argcount + code.co_kwonlyargcount]
-    defaults = getattr(getattr(fn, "__func__", fn), "__defaults__", None) or ()
-    kwdefaults = getattr(getattr(fn, "__func__", fn), "__kwdefaults__", None) or {}
+    defaults = getattr(func, "__defaults__", None) or ()
+    kwdefaults = getattr(func, "__kwdefaults__", None) or {}
     required = len(positional) - len(defaults)
     fits = (len(positional) >= 2 or bool(flags & _CO_VARARGS)) and required <= 2
     if fits and all(name in kwdefaults for name in keyword_only):
