@@ -17,6 +17,7 @@ from ._common import (
     EXIT_OK,
     UsageError,
     add_plugin_path,
+    backend_names,
     dumps,
     json_object,
     json_value,
@@ -42,12 +43,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _backend_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in BACKEND_TYPES or name == "auto"]
-    if unknown or not names:
-        choices = ", ".join(t for t in BACKEND_TYPES if t != "auto")
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {choices}")
-    return names
+    return backend_names(text, [t for t in BACKEND_TYPES if t != "auto"])
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

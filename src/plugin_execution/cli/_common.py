@@ -55,6 +55,18 @@ class UsageError(Exception):
 # -- arguments ------------------------------------------------------------------------------
 
 
+def backend_names(text: str, choices: Sequence[str]) -> list[str]:
+    """An argparse type's body: ``in-process`` or ``in-process,subprocess``, each one of
+    ``choices``."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(choices)}"
+        )
+    return names
+
+
 def json_value(text: str) -> Any:
     """An argparse type: JSON text (``-``: read from stdin)."""
     if text == "-":

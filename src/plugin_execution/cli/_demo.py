@@ -19,7 +19,7 @@ from ..errors import InvalidRequestError
 from ..factory import BACKEND_TYPES, create_execution_backend
 from ..registry import PluginRegistry
 from ..types import ExecutionRequest, ExecutionResult
-from ._common import EXIT_FAILED, EXIT_OK, PROG, dumps, shorten
+from ._common import EXIT_FAILED, EXIT_OK, PROG, backend_names, dumps, shorten
 
 __all__ = ["DEMO_CALLS", "DEMO_PLUGIN", "DemoRow", "add_parser"]
 
@@ -54,13 +54,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _backend_names(text: str) -> list[str]:
     """``in-process`` or ``in-process,subprocess`` (as ``bench --backends`` takes them)."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    for name in names:
-        if name not in BACKEND_TYPES:
-            raise argparse.ArgumentTypeError(
-                f"unknown backend {name!r}; choose from {', '.join(BACKEND_TYPES)}"
-            )
-    return names
+    return backend_names(text, BACKEND_TYPES)
 
 
 @attrs.frozen
